@@ -1,0 +1,174 @@
+"""Continuous batching for Bark's two causal stages (semantic, coarse).
+
+How this works:
+- each held request owns one KV-cache slot; slots ``0..n-1`` are always the
+  held requests (a leaving request's slot is filled by moving the last one in);
+- a slot is either waiting for a prefill (a new request, or a coarse window
+  boundary) or decoding;
+- ``step`` runs one batched decode over the decoding slots and one batched,
+  right-padded prefill over the waiting ones, then samples one token for every
+  slot with that request's own generator. Both forwards produce exactly one
+  new token per slot, so a request that joins mid-flight simply starts with a
+  prefill row in the next step.
+Subclasses say what a prefill contains, which tokens are allowed, and when a
+request is done.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .engine import EngineOptions, StageEngine
+from .modeling import CausalLM
+from .sampling import draw_uniform
+from .types import StageResult
+
+
+@dataclass
+class Slot:
+    """Per-request decoding state; subclasses keep their bookkeeping in ``state``."""
+
+    request: object
+    generator: torch.Generator
+    position: int = 0  # tokens in the cache; the next decode writes here
+    last_token: int = 0
+    needs_prefill: bool = True
+    state: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+
+class CausalEngine(StageEngine):
+    """Shared slot, prefill and decode machinery of the semantic and coarse engines."""
+
+    def __init__(self, options: EngineOptions, model: CausalLM, max_len: int):
+        super().__init__(options)
+        self.model = model
+        self.max_len = min(max_len, model.block_size)
+        self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
+        self.slots: list[Slot] = []
+        self._ready: list[StageResult] = []
+        self.last_step: dict[str, float] = {}
+
+    # -- interface -------------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self.slots) + len(self._ready)
+
+    def modules_for_accounting(self):
+        return [self.model]
+
+    def admit(self, request) -> None:
+        assert self.free > 0, "admit() called on a full engine"
+        slot = self._new_slot(request)
+        if slot is None:
+            return
+        self.slots.append(slot)
+
+    def cancel(self, request_id: str) -> bool:
+        for i, slot in enumerate(self.slots):
+            if slot.request.request_id == request_id:
+                self._release(i)
+                return True
+        return False
+
+    @torch.inference_mode()
+    def step(self) -> list[StageResult]:
+        results, self._ready = self._ready, []
+        if not self.slots:
+            return results
+        t0 = time.perf_counter()
+        rows, logits = self._forward()
+        tokens = self._select([self.slots[i] for i in rows], logits).tolist()
+        finished = []
+        for i, tok in zip(rows, tokens):
+            slot = self.slots[i]
+            slot.last_token = tok
+            if self._advance(slot, tok):
+                finished.append(i)
+        for i in sorted(finished, reverse=True):
+            results.append(StageResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
+                                       timings={"latency_s": time.perf_counter() - self.slots[i].started}))
+            self._release(i)
+        self.last_step = {"batch": float(len(rows)), "step_s": time.perf_counter() - t0}
+        return results
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _new_slot(self, request) -> Slot | None:
+        """Validate a request and build its slot (None if it finished on admission)."""
+
+    @abc.abstractmethod
+    def _prefill_embeds(self, slots: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded prompt embeddings (B, T, C) and lengths (B,) of slots awaiting a prefill."""
+
+    @abc.abstractmethod
+    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+        """Next token (R,) for each slot from its logits (R, V)."""
+
+    @abc.abstractmethod
+    def _advance(self, slot: Slot, token: int) -> bool:
+        """Record a sampled token; True when the request is done."""
+
+    @abc.abstractmethod
+    def _output(self, slot: Slot) -> np.ndarray:
+        """The finished request's output array."""
+
+    # -- machinery -------------------------------------------------------------------------------
+    def _finish_now(self, request_id: str, output: np.ndarray) -> None:
+        self._ready.append(StageResult(request_id, output=output))
+
+    def _forward(self) -> tuple[list[int], torch.Tensor]:
+        decode_rows = [i for i, s in enumerate(self.slots) if not s.needs_prefill]
+        prefill_rows = [i for i, s in enumerate(self.slots) if s.needs_prefill]
+        parts_rows, parts_logits = [], []
+        if decode_rows:
+            n = decode_rows[-1] + 1  # slots 0..n-1; prefill rows among them decode a throwaway token
+            toks = torch.tensor([s.last_token if not s.needs_prefill else 0 for s in self.slots[:n]],
+                                device=self.device)
+            pos = torch.tensor([s.position if not s.needs_prefill else 0 for s in self.slots[:n]],
+                               device=self.device)
+            out = self.model.decode(toks, pos, self.cache)  # (n, V)
+            parts_rows += decode_rows
+            parts_logits.append(out[decode_rows])
+            for i in decode_rows:
+                self.slots[i].position += 1
+        if prefill_rows:
+            waiting = [self.slots[i] for i in prefill_rows]
+            embeds, lengths = self._prefill_embeds(waiting)
+            slots = torch.tensor(prefill_rows, device=self.device)
+            parts_logits.append(self.model.prefill(embeds, lengths.to(self.device), self.cache, slots))
+            parts_rows += prefill_rows
+            for slot, n in zip(waiting, lengths.tolist()):
+                slot.position, slot.needs_prefill = n, False
+        return parts_rows, torch.cat(parts_logits).float()
+
+    def _release(self, i: int) -> None:
+        last = len(self.slots) - 1
+        if i != last:
+            self.cache.move(last, i)
+            self.slots[i] = self.slots[last]
+        self.slots.pop()
+
+    def _uniform(self, slots: list[Slot]) -> torch.Tensor:
+        return draw_uniform([s.generator for s in slots], [1] * len(slots), self.device)
+
+
+def _new_cache(model: CausalLM, n_slots: int, max_len: int, dtype, device):
+    from .modeling import SlotKVCache
+
+    hidden = model.lm_head.weight.shape[1]
+    return SlotKVCache(len(model.layers), n_slots, model.n_heads, max_len, hidden // model.n_heads, dtype, device)
+
+
+def pad_right(rows: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (T_i, C) tensors right-padded to the longest. -> (B, T, C), lengths (B,)"""
+    lengths = torch.tensor([r.shape[0] for r in rows])
+    out = rows[0].new_full((len(rows), int(lengths.max()), rows[0].shape[-1]), value)
+    for i, r in enumerate(rows):
+        out[i, : r.shape[0]] = r
+    return out, lengths

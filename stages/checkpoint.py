@@ -1,0 +1,124 @@
+"""Random-weight Bark checkpoints in the exact Hugging Face layout.
+
+Real weights cannot be downloaded everywhere (CI has no hub), so tests and
+benchmarks write their own checkpoints with transformers' own Bark classes:
+config.json, generation_config.json (the hub's shape, sub-configs as dicts),
+model.safetensors, a real BERT WordPiece tokenizer trained on a small
+multilingual corpus, and speaker_embeddings/ presets. ``small`` and ``large``
+have the shapes of suno/bark-small and suno/bark.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .constants import BarkSpec
+
+# (hidden, layers, heads) of the three GPTs; the codec's (hidden_size, num_filters, lstm layers).
+SIZES = {
+    "tiny": {"gpt": (32, 2, 2), "codec": (32, 4, 1), "vocab": 2000},
+    "small": {"gpt": (768, 12, 12), "codec": (128, 32, 2), "vocab": 8000},
+    "large": {"gpt": (1024, 24, 16), "codec": (128, 32, 2), "vocab": 8000},
+}
+PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6", "v2/de_speaker_3", "v2/zh_speaker_1")
+CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
+
+
+def bark_config(size: str, spec: BarkSpec):
+    from transformers import BarkConfig, EncodecConfig
+
+    hidden, layers, heads = SIZES[size]["gpt"]
+    c_hidden, c_filters, c_lstm = SIZES[size]["codec"]
+    common = dict(hidden_size=hidden, num_layers=layers, num_heads=heads, block_size=1024, bias=False)
+    semantic = dict(common, input_vocab_size=spec.semantic_infer_token + 1,
+                    output_vocab_size=spec.semantic_vocab_size + 48)
+    coarse_vocab = spec.semantic_vocab_size + spec.n_coarse_codebooks * spec.codebook_size + 48
+    coarse = dict(common, input_vocab_size=coarse_vocab, output_vocab_size=coarse_vocab)
+    fine = dict(common, input_vocab_size=spec.codebook_size + 32, output_vocab_size=spec.codebook_size + 32,
+                n_codes_total=spec.n_fine_codebooks, n_codes_given=1)
+    codec = EncodecConfig(hidden_size=c_hidden, num_filters=c_filters, num_lstm_layers=c_lstm,
+                          sampling_rate=spec.sample_rate, codebook_size=spec.codebook_size)
+    return BarkConfig(semantic_config=semantic, coarse_acoustics_config=coarse, fine_acoustics_config=fine,
+                      codec_config=codec.to_dict())
+
+
+def _randomize(model, spec: BarkSpec, gen: torch.Generator) -> None:
+    """Make random weights behave like a trained Bark where the algorithm relies on it."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        # A trained coarse model never predicts past the second codebook; Bark samples
+        # strictly inside each codebook, so zero those rows (logit 0 never wins the argmax).
+        model.coarse_acoustics.lm_head.weight[spec.semantic_vocab_size + 2 * spec.codebook_size:] = 0
+        for layer in model.codec_model.quantizer.layers:
+            cb = layer.codebook
+            cb.embed.copy_(torch.randn(cb.embed.shape, generator=gen))
+            cb.embed_avg.copy_(cb.embed)
+            cb.cluster_size.fill_(1.0)
+            cb.inited.fill_(1.0)
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """Train a cased multilingual BERT WordPiece tokenizer and save it in HF format."""
+    from tokenizers import BertWordPieceTokenizer
+
+    tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    lines = CORPUS.read_text(encoding="utf-8").splitlines()
+    tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, limit_alphabet=2000,
+                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    from transformers import BertTokenizer  # the tokenizers-backed BERT tokenizer in transformers 5
+
+    fast = BertTokenizer(vocab=tok.get_vocab(), do_lower_case=False, strip_accents=False,
+                         tokenize_chinese_chars=True, model_max_length=512)
+    fast.save_pretrained(str(directory))
+
+
+def random_voice(spec: BarkSpec, rng: np.random.Generator, n_semantic: int) -> dict[str, np.ndarray]:
+    n_frames = int(n_semantic * spec.semantic_to_coarse_ratio / spec.n_coarse_codebooks)
+    return {
+        "semantic_prompt": rng.integers(0, spec.semantic_vocab_size, n_semantic, dtype=np.int64),
+        "coarse_prompt": rng.integers(0, spec.codebook_size, (spec.n_coarse_codebooks, n_frames), dtype=np.int64),
+        "fine_prompt": rng.integers(0, spec.codebook_size, (spec.n_fine_codebooks, n_frames)).astype(np.int32),
+    }
+
+
+def write_speaker_embeddings(directory: Path, spec: BarkSpec, rng: np.random.Generator) -> None:
+    index: dict = {"repo_or_path": str(directory)}
+    for name in PRESETS:
+        voice = random_voice(spec, rng, int(rng.integers(200, 340)))
+        entry = {}
+        for key, arr in voice.items():
+            rel = f"speaker_embeddings/{name}_{key}.npy"
+            (directory / rel).parent.mkdir(parents=True, exist_ok=True)
+            np.save(directory / rel, arr, allow_pickle=False)
+            entry[key] = rel
+        index[name] = entry
+    (directory / "speaker_embeddings_path.json").write_text(json.dumps(index, indent=2))
+
+
+def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
+    """Write a random Bark checkpoint that transformers' BarkModel/BarkProcessor load."""
+    from transformers import BarkModel
+
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {', '.join(SIZES)}, got {size!r}")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    spec = BarkSpec()
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    gen = torch.Generator().manual_seed(seed)
+    model = BarkModel(bark_config(size, spec))
+    _randomize(model, spec, gen)
+    model.to(torch_dtype)
+    model.config.save_pretrained(str(directory))
+    model.save_pretrained(str(directory), safe_serialization=True)
+    # transformers 5 cannot save a BarkGenerationConfig; write the hub's shape ourselves.
+    (directory / "generation_config.json").write_text(json.dumps(spec.to_generation_config(), indent=2))
+    write_tokenizer(directory, SIZES[size]["vocab"])
+    write_speaker_embeddings(directory, spec, np.random.default_rng(seed))
+    return directory

@@ -1,0 +1,100 @@
+"""Coarse stage: semantic tokens (+ voice histories) -> EnCodec codebooks 0 and 1.
+
+How this works: Bark generates the coarse tokens in sliding windows of 60.
+Each window is a fresh prompt (re-prefill): up to 256 semantic tokens around
+the current position (padded), the coarse-infer token, and the last 630
+coarse tokens (voice history + generated so far). Inside a window tokens
+alternate between codebook 0 and codebook 1, each restricted to its own 1024
+ids. Window re-prefills of different requests are batched together; a request
+at a window boundary simply waits for a prefill row in the next step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import tokens as T
+from .causal import CausalEngine, Slot, pad_right
+from .constants import BarkSpec
+from .engine import EngineOptions, check_int_array
+from .modeling import CausalLM
+from .sampling import sample_rows, stage_generator
+from .types import CoarseRequest
+from .weights import Checkpoint, load_module
+
+
+class CoarseEngine(CausalEngine):
+    name = "coarse"
+
+    def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
+        max_len = spec.max_coarse_input_length + 1 + spec.max_coarse_history + spec.sliding_window_len
+        super().__init__(options, model, max_len)
+        self.spec = spec
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "CoarseEngine":
+        cfg = ckpt.submodel_config("coarse")
+        model = load_module(lambda: CausalLM(cfg), ckpt.state_dict("coarse"), options.torch_dtype(),
+                            options.torch_device())
+        return cls(options, model, ckpt.spec)
+
+    def _new_slot(self, req: CoarseRequest) -> Slot | None:
+        spec = self.spec
+        sem = check_int_array("semantic_tokens", req.semantic_tokens, 1, 0, spec.semantic_vocab_size, min_len=0,
+                              max_len=spec.max_semantic_tokens)
+        voice = req.voice
+        if voice is not None:
+            check_int_array("voice semantic_prompt", voice.semantic, 1, 0, spec.semantic_vocab_size)
+            check_int_array("voice coarse_prompt", voice.coarse, 2, 0, spec.codebook_size, rows=spec.n_coarse_codebooks)
+        sem_hist, coarse_hist = T.coarse_histories(voice and voice.semantic, voice and voice.coarse, spec)
+        target = T.coarse_output_length(len(sem), spec)
+        if target == 0:
+            self._finish_now(req.request_id, np.zeros((spec.n_coarse_codebooks, 0), dtype=np.int32))
+            return None
+        state = {
+            "semantic_all": np.concatenate([sem_hist, sem.astype(np.int64)]),
+            "coarse_all": list(coarse_hist),
+            "base": len(sem_hist),
+            "n_history": len(coarse_hist),
+            "target": target,
+            "window_left": 0,
+            "in_window": 0,
+        }
+        return Slot(request=req, generator=stage_generator(req.seed, self.name), state=state)
+
+    def _prefill_embeds(self, slots: list[Slot]):
+        rows = []
+        for slot in slots:
+            st = slot.state
+            generated = len(st["coarse_all"]) - st["n_history"]
+            plan = T.coarse_window_plan(st["base"], generated, st["target"], self.spec)
+            coarse_all = np.asarray(st["coarse_all"], dtype=np.int64)
+            ids = T.coarse_window_input(st["semantic_all"], coarse_all, plan, self.spec)
+            st["window_left"], st["in_window"] = plan.n_new, 0
+            rows.append(self.model.input_embeds_layer(torch.from_numpy(ids).to(self.device)))  # (L_i, C)
+        return pad_right(rows)
+
+    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+        spec = self.spec
+        lo = torch.tensor([T.coarse_token_range(s.state["in_window"], spec)[0] for s in slots], device=logits.device)
+        cols = lo[:, None] + torch.arange(spec.codebook_size, device=logits.device)[None, :]  # (R, 1024)
+        allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
+        picked = sample_rows(allowed, [s.request.sampling for s in slots], self._uniform(slots))
+        return picked + lo
+
+    def _advance(self, slot: Slot, token: int) -> bool:
+        st = slot.state
+        st["coarse_all"].append(token)
+        st["in_window"] += 1
+        st["window_left"] -= 1
+        if len(st["coarse_all"]) - st["n_history"] >= st["target"]:
+            return True
+        if st["window_left"] == 0:
+            slot.needs_prefill = True
+        return False
+
+    def _output(self, slot: Slot) -> np.ndarray:
+        st = slot.state
+        generated = np.asarray(st["coarse_all"][st["n_history"]:], dtype=np.int64)
+        return T.unflatten_coarse(generated, self.spec).astype(np.int32)  # (2, T)

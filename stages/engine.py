@@ -1,0 +1,145 @@
+"""The one interface every stage engine implements, and the in-process driver.
+
+An engine holds up to ``capacity`` requests. ``admit`` validates a request and
+takes it in; ``step`` advances every held request by one iteration (a token
+for the causal stages, a window for fine, a decode for codec) and returns the
+requests that finished in it. Between two steps new requests may join: this is
+the iteration-level ("continuous") batching the serving layer drives.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .types import InvalidRequestError, StageResult
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine runs: where, in which precision, how many requests at once."""
+
+    device: str = "cpu"
+    dtype: str = "float32"
+    capacity: int = 8
+    torch_threads: int | None = None
+    cpu_offload: bool = False
+
+    def torch_dtype(self) -> torch.dtype:
+        return parse_dtype(self.dtype)
+
+    def torch_device(self) -> torch.device:
+        return parse_device(self.device)
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {name!r}: choose float32, bfloat16 or float16") from None
+
+
+def parse_device(name: str) -> torch.device:
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InvalidRequestError(f"unknown device {name!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidRequestError(f"device {name!r} requested but CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    return dev
+
+
+class StageEngine(abc.ABC):
+    """A stage that batches the requests it holds."""
+
+    name: str = "stage"
+
+    def __init__(self, options: EngineOptions):
+        self.options = options
+        self.device = options.torch_device()
+        self.dtype = options.torch_dtype()
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+
+    @property
+    def capacity(self) -> int:
+        return self.options.capacity
+
+    @property
+    @abc.abstractmethod
+    def num_active(self) -> int:
+        """Requests held now."""
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.num_active
+
+    @abc.abstractmethod
+    def admit(self, request) -> None:
+        """Validate and take in one request; raises InvalidRequestError for a bad one."""
+
+    @abc.abstractmethod
+    def step(self) -> list[StageResult]:
+        """Advance every held request one iteration; return those that finished."""
+
+    @abc.abstractmethod
+    def cancel(self, request_id: str) -> bool:
+        """Drop a held request; True if it was held."""
+
+    def weight_bytes(self) -> int:
+        return sum(p.numel() * p.element_size() for m in self.modules_for_accounting() for p in m.parameters())
+
+    def modules_for_accounting(self) -> list[torch.nn.Module]:
+        return []
+
+    def run(self, requests: Iterable) -> list[StageResult]:
+        """Run requests to completion in arrival order, admitting whenever a place frees up."""
+        return list(self.iter_run(requests))
+
+    def iter_run(self, requests: Iterable) -> Iterator[StageResult]:
+        pending = deque(requests)
+        order = [r.request_id for r in pending]
+        done: dict[str, StageResult] = {}
+        while pending or self.num_active:
+            while pending and self.free > 0:
+                req = pending.popleft()
+                try:
+                    self.admit(req)
+                except InvalidRequestError as exc:
+                    done[req.request_id] = StageResult(req.request_id, error=exc)
+            if self.num_active:
+                for res in self.step():
+                    done[res.request_id] = res
+        for rid in order:
+            yield done[rid]
+
+
+def check_int_array(name: str, arr, ndim: int, lo: int, hi: int, rows: int | None = None,
+                    min_len: int = 1, max_len: int | None = None) -> np.ndarray:
+    """Validate an integer token array's rank, rows, length and value range [lo, hi)."""
+    if not isinstance(arr, np.ndarray):
+        raise InvalidRequestError(f"{name} must be a numpy array, got {type(arr).__name__}")
+    if arr.dtype.kind not in "iu":
+        raise InvalidRequestError(f"{name} must hold integers, got dtype {arr.dtype}")
+    if arr.ndim != ndim:
+        raise InvalidRequestError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
+    if rows is not None and arr.shape[0] != rows:
+        raise InvalidRequestError(f"{name} must have {rows} rows, got shape {arr.shape}")
+    length = arr.shape[-1]
+    if length < min_len or (max_len is not None and length > max_len):
+        bound = f"[{min_len}, {max_len}]" if max_len is not None else f">= {min_len}"
+        raise InvalidRequestError(f"{name} length must be {bound}, got {length}")
+    if arr.size and (arr.min() < lo or arr.max() >= hi):
+        raise InvalidRequestError(f"{name} values must be in [{lo}, {hi}), got [{arr.min()}, {arr.max()}]")
+    return arr

@@ -1,0 +1,107 @@
+"""Fine stage: coarse codebooks (+ voice fine history) -> all 8 codebooks.
+
+How this works: the non-causal fine model fills codebooks 2..7 over windows
+of 1024 frames that advance by 512 (history first, padding with 1024 after,
+see ``tokens.fine_plan``). One ``step`` takes the current window of every
+held request, stacks them into one (B, 1024, 8) batch, and runs the six
+codebook passes on it; a request leaves after its last window. Every window is
+exactly 1024 long, so batches need no padding and the work is large GEMMs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from . import tokens as T
+from .constants import BarkSpec
+from .engine import EngineOptions, StageEngine, check_int_array
+from .modeling import FineLM
+from .sampling import draw_uniform, sample_rows, stage_generator
+from .types import FineRequest, StageResult
+from .weights import Checkpoint, load_module
+
+
+@dataclass
+class _FineJob:
+    request: FineRequest
+    plan: T.FinePlan
+    sequence: torch.Tensor  # (L, 8) on the engine's device
+    generator: torch.Generator
+    window: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+
+class FineEngine(StageEngine):
+    name = "fine"
+
+    def __init__(self, options: EngineOptions, model: FineLM, spec: BarkSpec):
+        super().__init__(options)
+        self.model, self.spec = model, spec
+        self.jobs: list[_FineJob] = []
+        self.last_step: dict[str, float] = {}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "FineEngine":
+        cfg = ckpt.submodel_config("fine")
+        state = ckpt.state_dict("fine")
+        n_given = cfg.get("n_codes_given", 1)
+        for i in range(cfg.get("n_codes_total", 8) - n_given):  # tied heads are not stored
+            state.setdefault(f"lm_heads.{i}.weight", state[f"input_embeds_layers.{i + n_given}.weight"])
+        model = load_module(lambda: FineLM(cfg), state, options.torch_dtype(), options.torch_device())
+        return cls(options, model, ckpt.spec)
+
+    @property
+    def num_active(self) -> int:
+        return len(self.jobs)
+
+    def modules_for_accounting(self):
+        return [self.model]
+
+    def admit(self, req: FineRequest) -> None:
+        spec = self.spec
+        codes = check_int_array("coarse_codes", req.coarse_codes, 2, 0, spec.codebook_size,
+                                rows=spec.n_coarse_codebooks, min_len=0)
+        fine_hist = None
+        if req.voice is not None:
+            fine_hist = check_int_array("voice fine_prompt", req.voice.fine, 2, 0, spec.codebook_size,
+                                        rows=spec.n_fine_codebooks)
+        plan = T.fine_plan(codes, fine_hist, spec)
+        seq = torch.from_numpy(plan.sequence).to(self.device)
+        self.jobs.append(_FineJob(req, plan, seq, stage_generator(req.seed, self.name)))
+
+    def cancel(self, request_id: str) -> bool:
+        n = len(self.jobs)
+        self.jobs = [j for j in self.jobs if j.request.request_id != request_id]
+        return len(self.jobs) != n
+
+    @torch.inference_mode()
+    def step(self) -> list[StageResult]:
+        if not self.jobs:
+            return []
+        t0 = time.perf_counter()
+        spec, win = self.spec, self.spec.max_fine_input_length
+        windows = [j.plan.windows[j.window] for j in self.jobs]
+        batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(self.jobs, windows)])  # (B, 1024, 8)
+        for codebook in range(spec.n_coarse_codebooks, spec.n_fine_codebooks):
+            logits = self.model(batch, codebook)[:, :, : spec.codebook_size].float()  # (B, 1024, 1024)
+            for i, (job, w) in enumerate(zip(self.jobs, windows)):
+                rows = logits[i, w.fill_from:]  # (N, 1024)
+                uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
+                batch[i, w.fill_from:, codebook] = sample_rows(rows, [job.request.sampling] * rows.shape[0], uniform)
+        results, keep = [], []
+        for i, (job, w) in enumerate(zip(self.jobs, windows)):
+            job.sequence[w.start: w.start + win] = batch[i]
+            job.window += 1
+            if job.window < len(job.plan.windows):
+                keep.append(job)
+                continue
+            out = T.fine_output(job.plan, job.sequence.cpu().numpy()).astype(np.int32)  # (8, T)
+            results.append(StageResult(job.request.request_id, output=out,
+                                       timings={"latency_s": time.perf_counter() - job.started}))
+        self.jobs = keep
+        self.last_step = {"batch": float(len(windows)), "step_s": time.perf_counter() - t0}
+        return results

@@ -1,0 +1,179 @@
+"""Bark's transformers, rewritten for serving: SDPA attention and a static, slot-indexed KV cache.
+
+Parameter names equal those of transformers' Bark sub-models, so a state dict
+read from a Hugging Face checkpoint loads as is.
+
+How the causal models run (semantic and coarse):
+- the engine owns a :class:`SlotKVCache` with one row ("slot") per request it holds;
+- ``prefill`` runs a right-padded batch of whole prompts from position 0 and
+  writes their keys/values into the given slots;
+- ``decode`` advances slots ``0..n-1`` by one token each, every slot at its own
+  position; the attention mask hides everything after each slot's position, so
+  a slot never sees another request's or its own stale entries.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SlotKVCache:
+    """Keys and values of every layer for ``n_slots`` requests. (layers, slots, heads, max_len, head_dim)"""
+
+    def __init__(self, n_layers: int, n_slots: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
+        shape = (n_layers, n_slots, n_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+
+    @property
+    def n_slots(self) -> int:
+        return self.k.shape[1]
+
+    def nbytes(self) -> int:
+        return 2 * self.k.numel() * self.k.element_size()
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` onto ``dst`` (the engine compacts its slots this way)."""
+        self.k[:, dst].copy_(self.k[:, src])
+        self.v[:, dst].copy_(self.v[:, src])
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, bias: bool):
+        super().__init__()
+        self.n_heads = n_heads
+        self.head_dim = hidden // n_heads
+        self.att_proj = nn.Linear(hidden, 3 * hidden, bias=bias)
+        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "_KVWriter | None") -> torch.Tensor:
+        q, k, v = self.att_proj(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
+        q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
+        if kv is not None:
+            k, v = kv(k, v)  # (B, H, S, D)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(x.shape)  # (B, T, C)
+        return self.out_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden: int, bias: bool):
+        super().__init__()
+        self.in_proj = nn.Linear(hidden, 4 * hidden, bias=bias)
+        self.out_proj = nn.Linear(4 * hidden, hidden, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.in_proj(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, bias: bool, norm_bias: bool):
+        super().__init__()
+        self.layernorm_1 = nn.LayerNorm(hidden, bias=norm_bias)
+        self.attn = SelfAttention(hidden, n_heads, bias)
+        self.layernorm_2 = nn.LayerNorm(hidden, bias=norm_bias)
+        self.mlp = MLP(hidden, bias)
+
+    def forward(self, x, mask, kv=None):
+        x = x + self.attn(self.layernorm_1(x), mask, kv)
+        return x + self.mlp(self.layernorm_2(x))
+
+
+class _KVWriter:
+    """Called by one layer's attention with its fresh keys/values; returns what to attend to."""
+
+    def __init__(self, cache: SlotKVCache, layer: int, slots: torch.Tensor | None, positions: torch.Tensor | None,
+                 span: int):
+        self.cache, self.layer, self.slots, self.positions, self.span = cache, layer, slots, positions, span
+
+    def __call__(self, k: torch.Tensor, v: torch.Tensor):
+        ck, cv = self.cache.k[self.layer], self.cache.v[self.layer]  # (N, H, L, D)
+        if self.positions is None:  # prefill from position 0 into arbitrary slots
+            t = k.shape[2]
+            ck[self.slots, :, :t] = k
+            cv[self.slots, :, :t] = v
+            return k, v
+        n = k.shape[0]  # decode: slots 0..n-1, one token each at its own position
+        rows = torch.arange(n, device=k.device)
+        ck[rows, :, self.positions] = k[:, :, 0]
+        cv[rows, :, self.positions] = v[:, :, 0]
+        return ck[:n, :, : self.span], cv[:n, :, : self.span]
+
+
+class CausalLM(nn.Module):
+    """Bark's GPT (semantic or coarse): weights named as transformers' BarkCausalModel."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden, bias = cfg["hidden_size"], cfg.get("bias", True)
+        self.n_heads = cfg["num_heads"]
+        self.block_size = cfg["block_size"]
+        self.input_embeds_layer = nn.Embedding(cfg["input_vocab_size"], hidden)
+        self.position_embeds_layer = nn.Embedding(cfg["block_size"], hidden)
+        self.layers = nn.ModuleList(Block(hidden, self.n_heads, bias, bias) for _ in range(cfg["num_layers"]))
+        self.layernorm_final = nn.LayerNorm(hidden, bias=bias)
+        self.lm_head = nn.Linear(hidden, cfg["output_vocab_size"], bias=False)
+
+    def _run(self, x, positions, mask, writers, last_index):
+        x = x + self.position_embeds_layer(positions)  # (B, T, C)
+        for layer, writer in zip(self.layers, writers):
+            x = layer(x, mask, writer)
+        x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
+        return self.lm_head(self.layernorm_final(x))  # (B, V)
+
+    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor):
+        """Prompts (B, T, C), right-padded to T; logits of each prompt's last token. -> (B, V)"""
+        b, t, _ = embeds.shape
+        dev = embeds.device
+        pos = torch.arange(t, device=dev)
+        causal = pos[None, :] <= pos[:, None]  # (T, T)
+        valid = pos[None, :] < lengths[:, None]  # (B, T) keys inside the prompt
+        mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, T)
+        writers = [_KVWriter(cache, i, slots, None, t) for i in range(len(self.layers))]
+        return self._run(embeds, pos[None].expand(b, t), mask, writers, lengths - 1)
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache):
+        """One token (n,) for each of slots 0..n-1 at its position (n,). -> logits (n, V)"""
+        n = tokens.shape[0]
+        span = int(positions.max().item()) + 1
+        keys = torch.arange(span, device=tokens.device)
+        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (n, 1, 1, S)
+        writers = [_KVWriter(cache, i, None, positions, span) for i in range(len(self.layers))]
+        x = self.input_embeds_layer(tokens)[:, None, :]  # (n, 1, C)
+        return self._run(x, positions[:, None], mask, writers, torch.zeros(n, dtype=torch.long, device=x.device))
+
+
+class FineLM(nn.Module):
+    """Bark's non-causal fine model: weights named as transformers' BarkFineModel."""
+
+    def __init__(self, cfg: dict):
+        super().__init__()
+        hidden, bias = cfg["hidden_size"], cfg.get("bias", True)
+        self.n_codes_total = cfg.get("n_codes_total", 8)
+        self.n_codes_given = cfg.get("n_codes_given", 1)
+        vocab_in, vocab_out = cfg["input_vocab_size"], cfg["output_vocab_size"]
+        self.input_embeds_layers = nn.ModuleList(nn.Embedding(vocab_in, hidden) for _ in range(self.n_codes_total))
+        self.position_embeds_layer = nn.Embedding(cfg["block_size"], hidden)
+        # The fine model's layer norms always carry a bias (as in Bark and transformers).
+        self.layers = nn.ModuleList(Block(hidden, cfg["num_heads"], bias, True) for _ in range(cfg["num_layers"]))
+        self.layernorm_final = nn.LayerNorm(hidden)
+        n_heads = self.n_codes_total - self.n_codes_given
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab_out, bias=False) for _ in range(n_heads))
+
+    def forward(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
+        """Predict codebook ``codebook`` from codebooks 0..codebook of codes (B, T, 8). -> logits (B, T, V)"""
+        x = self.input_embeds_layers[0](codes[:, :, 0])  # (B, T, C)
+        for i in range(1, codebook + 1):
+            x = x + self.input_embeds_layers[i](codes[:, :, i])
+        t = codes.shape[1]
+        x = x + self.position_embeds_layer(torch.arange(t, device=codes.device))[None]
+        for layer in self.layers:
+            x = layer(x, None)
+        return self.lm_heads[codebook - self.n_codes_given](self.layernorm_final(x))  # (B, T, V)

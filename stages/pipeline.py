@@ -1,0 +1,102 @@
+"""All four stages in one process: the CLI's ``synth``, the parity tests and the in-process benchmark.
+
+Each stage runs the whole list of requests through its engine, batching up to
+its capacity, before the next stage starts. The served app (serving/) runs
+the same engines as four deployments that overlap instead.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .codec import CodecEngine
+from .coarse import CoarseEngine
+from .constants import BarkSpec
+from .engine import EngineOptions, StageEngine
+from .fine import FineEngine
+from .semantic import SemanticEngine
+from .text import TextPreparer
+from .types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, SemanticRequest, StageResult,
+                    VoicePrompt)
+from .voices import VoiceLibrary
+from .weights import Checkpoint
+
+ENGINES = {"semantic": SemanticEngine, "coarse": CoarseEngine, "fine": FineEngine, "codec": CodecEngine}
+
+
+@dataclass
+class Generation:
+    """Everything one text produced: the tokens of every stage and the waveform."""
+
+    request_id: str
+    semantic: np.ndarray  # (T_s,)
+    coarse: np.ndarray  # (2, T)
+    fine: np.ndarray  # (8, T)
+    audio: np.ndarray  # (T * 320,) float32 at sample_rate
+    sample_rate: int
+    seed: int
+
+    def as_voice(self, name: str | None = None) -> VoicePrompt:
+        """This generation as a history prompt (Bark's save-as-prompt)."""
+        return VoicePrompt(self.semantic.astype(np.int64), self.coarse.astype(np.int64),
+                           self.fine.astype(np.int64), name=name)
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, result: StageResult):
+        super().__init__(f"{stage} stage failed for {result.request_id}: {result.error}")
+        self.stage, self.result = stage, result
+
+
+def load_engines(ckpt: Checkpoint, options: EngineOptions | dict[str, EngineOptions],
+                 stages: Sequence[str] = tuple(ENGINES)) -> dict[str, StageEngine]:
+    """Load the requested stage engines; each reads only its own sub-model."""
+    per_stage = options if isinstance(options, dict) else {s: options for s in stages}
+    return {s: ENGINES[s].from_checkpoint(ckpt, per_stage[s]) for s in stages}
+
+
+class BarkPipeline:
+    def __init__(self, text: TextPreparer, voices: VoiceLibrary, engines: dict[str, StageEngine], spec: BarkSpec):
+        self.text, self.voices, self.engines, self.spec = text, voices, engines, spec
+
+    @classmethod
+    def from_pretrained(cls, model: str, options: EngineOptions | dict[str, EngineOptions] = EngineOptions(),
+                        preset_dirs: Sequence[str] = (), allow_voice_paths: bool = True) -> "BarkPipeline":
+        ckpt = Checkpoint.open(model)
+        voices = VoiceLibrary(ckpt.spec, ckpt, list(preset_dirs), allow_paths=allow_voice_paths)
+        return cls(TextPreparer.from_checkpoint(ckpt), voices, load_engines(ckpt, options), ckpt.spec)
+
+    def generate(self, texts: str | Sequence[str], voices=None,
+                 params: GenerationParams | Sequence[GenerationParams] = GenerationParams()) -> list[Generation]:
+        """Synthesize each text (one generation each: split long text first). Voices/params: one or one per text."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        n = len(texts)
+        voices = list(voices) if isinstance(voices, (list, tuple)) else [voices] * n
+        params = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        if len(voices) != n or len(params) != n:
+            raise ValueError("voices and params must be one value or one per text")
+        prompts = [self.voices.resolve(v) for v in voices]
+        seeds = [p.seed if p.seed is not None else secrets.randbits(62) for p in params]
+        ids = [f"r{i}" for i in range(n)]
+        sem = self._run("semantic", [
+            SemanticRequest(ids[i], self.text.encode(texts[i]), prompts[i], params[i].semantic, params[i].min_eos_p,
+                            params[i].max_semantic_tokens, seeds[i]) for i in range(n)])
+        coarse = self._run("coarse", [CoarseRequest(ids[i], sem[i], prompts[i], params[i].coarse, seeds[i])
+                                      for i in range(n)])
+        fine = self._run("fine", [FineRequest(ids[i], coarse[i], prompts[i], params[i].fine, seeds[i])
+                                  for i in range(n)])
+        audio = self._run("codec", [CodecRequest(ids[i], fine[i]) for i in range(n)])
+        return [Generation(ids[i], sem[i], coarse[i], fine[i], audio[i], self.spec.sample_rate, seeds[i])
+                for i in range(n)]
+
+    def _run(self, stage: str, requests: list) -> list[np.ndarray]:
+        outputs = []
+        for res in self.engines[stage].run(requests):
+            if not res.ok:
+                raise StageFailed(stage, res)
+            outputs.append(res.output)
+        return outputs

@@ -1,0 +1,80 @@
+"""Semantic stage: text ids (+ voice semantic history) -> semantic tokens.
+
+How this works: the prompt is Bark's "merged context": for each of 256
+positions the embedding of the (offset, padded) text token plus the embedding
+of the voice's semantic history token, then the semantic-infer token, 257
+positions in all, the same length for every request. Decoding allows the
+10,000 semantic tokens and EOS; it stops at EOS, when EOS is more likely than
+``min_eos_p``, or after ``max_new_tokens`` (768 at most).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import tokens as T
+from .causal import CausalEngine, Slot
+from .constants import BarkSpec
+from .engine import EngineOptions, check_int_array
+from .modeling import CausalLM
+from .sampling import sample_rows, stage_generator
+from .types import InvalidRequestError, SemanticRequest
+from .weights import Checkpoint, load_module
+
+
+class SemanticEngine(CausalEngine):
+    name = "semantic"
+
+    def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
+        super().__init__(options, model, spec.max_input_semantic_length + 1 + spec.max_semantic_tokens)
+        self.spec = spec
+        self.text_vocab = model.input_embeds_layer.num_embeddings - spec.text_encoding_offset
+        assert spec.semantic_eos_token == spec.semantic_vocab_size, "EOS must follow the semantic vocabulary"
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "SemanticEngine":
+        cfg = ckpt.submodel_config("semantic")
+        model = load_module(lambda: CausalLM(cfg), ckpt.state_dict("semantic"), options.torch_dtype(),
+                            options.torch_device())
+        return cls(options, model, ckpt.spec)
+
+    def _new_slot(self, req: SemanticRequest) -> Slot:
+        spec = self.spec
+        check_int_array("text_ids", req.text_ids, 1, 0, self.text_vocab, max_len=spec.max_input_semantic_length)
+        if not (1 <= req.max_new_tokens <= spec.max_semantic_tokens):
+            raise InvalidRequestError(f"max_new_tokens must be in [1, {spec.max_semantic_tokens}]")
+        history = None
+        if req.voice is not None:
+            history = check_int_array("voice semantic_prompt", req.voice.semantic, 1, 0, spec.semantic_vocab_size)
+        prompt = np.stack([T.text_window(req.text_ids, spec), T.semantic_history_window(history, spec)])
+        return Slot(request=req, generator=stage_generator(req.seed, self.name),
+                    state={"prompt": prompt, "tokens": []})
+
+    def _prefill_embeds(self, slots: list[Slot]):
+        spec = self.spec
+        ids = torch.from_numpy(np.stack([s.state["prompt"] for s in slots])).to(self.device)  # (B, 2, 256)
+        emb = self.model.input_embeds_layer
+        merged = emb(ids[:, 0]) + emb(ids[:, 1])  # (B, 256, C)
+        infer = emb(torch.full((len(slots), 1), spec.semantic_infer_token, device=self.device))  # (B, 1, C)
+        embeds = torch.cat([merged, infer], dim=1)  # (B, 257, C)
+        return embeds, torch.full((len(slots),), embeds.shape[1])
+
+    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+        eos = self.spec.semantic_eos_token
+        allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS
+        reqs = [s.request for s in slots]
+        picked = sample_rows(allowed, [r.sampling for r in reqs], self._uniform(slots))
+        thresholds = torch.tensor([r.min_eos_p if r.min_eos_p is not None else 2.0 for r in reqs],
+                                  device=logits.device)
+        p_eos = torch.softmax(allowed, dim=-1)[:, eos]  # (R,)
+        return torch.where(p_eos > thresholds, torch.full_like(picked, eos), picked)
+
+    def _advance(self, slot: Slot, token: int) -> bool:
+        if token == self.spec.semantic_eos_token:
+            return True
+        slot.state["tokens"].append(token)
+        return len(slot.state["tokens"]) >= slot.request.max_new_tokens
+
+    def _output(self, slot: Slot) -> np.ndarray:
+        return np.asarray(slot.state["tokens"], dtype=np.int32)  # (T_s,)

