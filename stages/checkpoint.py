@@ -25,6 +25,7 @@ SIZES = {
     "large": {"gpt": (1024, 24, 16), "codec": (128, 32, 2), "vocab": 8000},
 }
 PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6", "v2/de_speaker_3", "v2/zh_speaker_1")
+WEIGHT_STD = 0.2  # peakier attention than 0.02, so outputs depend on the text and the voice
 CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 
 
@@ -49,9 +50,11 @@ def bark_config(size: str, spec: BarkSpec):
 def _randomize(model, spec: BarkSpec, gen: torch.Generator) -> None:
     """Make random weights behave like a trained Bark where the algorithm relies on it."""
     with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        for sub in (model.semantic, model.coarse_acoustics, model.fine_acoustics):
+            for p in sub.parameters():
+                if p.dim() >= 2:
+                    p.copy_(torch.randn(p.shape, generator=gen) * WEIGHT_STD)
+        # The codec keeps transformers' initialisation (its weight norms make audible, varied output).
         # A trained coarse model never predicts past the second codebook; Bark samples
         # strictly inside each codebook, so zero those rows (logit 0 never wins the argmax).
         model.coarse_acoustics.lm_head.weight[spec.semantic_vocab_size + 2 * spec.codebook_size:] = 0
