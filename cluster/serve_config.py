@@ -1,0 +1,63 @@
+"""Render a :class:`BarkConfig` as a Ray Serve config file (``serve deploy`` / RayService serveConfigV2).
+
+One deployment entry per stage, the orchestrator and the batch worker, each
+with its replicas (or autoscaling), queue limits and ``ray_actor_options``
+whose custom resource ``bark_pool_<pool>`` pins it to its pool. The whole
+BarkConfig travels as the application's ``args``, so the replicas build
+their engines from the same values. The Helm chart renders the same
+structure from its ``bark:`` values (tests/helm checks that both agree).
+"""
+
+from __future__ import annotations
+
+from serving.config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
+from stages.constants import STAGES
+
+IMPORT_PATH = "serving.app:build_app"
+POOL_RESOURCE_UNITS = 1  # each replica takes one unit of its pool's resource
+
+
+def deployment_entry(name: str, p: Placement) -> dict:
+    """One ``deployments:`` item of the Serve config."""
+    options: dict = {"num_cpus": p.num_cpus}
+    if p.num_gpus:
+        options["num_gpus"] = p.num_gpus
+    if p.pool_resource:
+        options["resources"] = {p.pool_resource: POOL_RESOURCE_UNITS}
+    entry: dict = {"name": name}
+    if p.autoscaling is not None:
+        entry["autoscaling_config"] = p.autoscaling.model_dump(mode="json")
+    else:
+        entry["num_replicas"] = p.num_replicas
+    entry["max_ongoing_requests"] = p.max_ongoing_requests
+    entry["max_queued_requests"] = p.max_queued_requests
+    entry["ray_actor_options"] = options
+    return entry
+
+
+def deployment_entries(cfg: BarkConfig) -> list[dict]:
+    entries = [deployment_entry(INGRESS_NAME, cfg.orchestrator)]
+    entries += [deployment_entry(DEPLOYMENT_NAMES[s], cfg.stage(s)) for s in STAGES]
+    if cfg.batch.enabled:
+        entries.append(deployment_entry(BATCH_WORKER_NAME, cfg.batch.worker))
+    return entries
+
+
+def render_serve_config(cfg: BarkConfig) -> dict:
+    """The Serve config document (a dict ready for yaml.safe_dump)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": cfg.http_host, "port": cfg.http_port},
+        "applications": [{
+            "name": cfg.app_name,
+            "route_prefix": "/",
+            "import_path": IMPORT_PATH,
+            "args": cfg.model_dump(mode="json"),
+            "deployments": deployment_entries(cfg),
+        }],
+    }
+
+
+def pool_resources(cfg: BarkConfig, units_per_pool: int = 64) -> dict[str, float]:
+    """Custom resources a single local node advertises so that every pool fits on it."""
+    return {f"bark_pool_{pool}": float(units_per_pool) for pool in cfg.pools()}

@@ -1,0 +1,168 @@
+"""The one configuration file of a bark-serve deployment (YAML, validated with pydantic).
+
+The same file drives ``bark-serve up`` (local Ray), the rendered Ray Serve
+config (``bark-serve render-config``, ``serve deploy``) and the Helm chart
+(its ``bark:`` value block has this schema). Profiles live in
+serving/configs/: ``local-cpu`` (the default), ``pipelined-gpu`` (one GPU pool
+per stage) and ``single-gpu`` (all stages on one GPU, optional CPU offload).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from stages.constants import STAGES
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+POOL_RESOURCE_PREFIX = "bark_pool_"
+DEPLOYMENT_NAMES = {"semantic": "SemanticServer", "coarse": "CoarseServer", "fine": "FineServer",
+                    "codec": "CodecServer"}
+INGRESS_NAME = "Orchestrator"
+BATCH_WORKER_NAME = "BatchWorker"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Autoscaling(_Strict):
+    """Ray Serve autoscaling_config of one deployment."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(10.0, ge=0)
+    downscale_delay_s: float = Field(120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("autoscaling.max_replicas must be >= min_replicas")
+        return self
+
+
+class Placement(_Strict):
+    """Where replicas run: their pool (a Ray custom resource) and what they reserve there."""
+
+    pool: str | None = None  # None: no pool resource (runs anywhere, e.g. the head)
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Autoscaling | None = None
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+    max_queued_requests: int = Field(256, ge=-1)  # -1: unbounded (Ray Serve's default)
+
+    @property
+    def pool_resource(self) -> str | None:
+        return f"{POOL_RESOURCE_PREFIX}{self.pool}" if self.pool else None
+
+
+class StageConfig(Placement):
+    """One stage deployment: placement plus how its engine runs."""
+
+    max_batch: int = Field(8, ge=1, le=512)  # requests the engine holds (decodes) at once
+    batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # an idle loop waits this long to gather a batch
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    cpu_offload: bool = False  # accelerate CPU offload: weights on CPU, moved to the GPU per forward
+
+
+class OrchestratorConfig(Placement):
+    max_ongoing_requests: int = Field(256, ge=1)
+    max_queued_requests: int = Field(512, ge=-1)
+    max_text_chars: int = Field(20_000, ge=1)
+    max_body_bytes: int = Field(2_000_000, ge=1024)
+    segment_max_tokens: int = Field(200, ge=8, le=256)  # long text is split into segments of at most this
+    request_timeout_s: float = Field(900.0, gt=0)
+    api_keys_env: str | None = None  # env var holding comma-separated API keys; None or unset: no auth
+    retry_after_s: int = Field(2, ge=1)
+
+
+class BatchConfig(_Strict):
+    """Durable batch jobs (Redis). Off unless enabled."""
+
+    enabled: bool = False
+    redis_url: str | None = None  # redis://[:password@]host:port/db or rediss:// for TLS
+    redis_password_env: str | None = None  # env var holding the password (e.g. from a Secret)
+    redis_tls_ca_file: str | None = None
+    results_dir: str | None = None  # None: results live in Redis with result_ttl_s
+    result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
+    workers: int = Field(1, ge=1)
+    max_in_flight: int = Field(8, ge=1)  # items one worker has in the pipeline at once
+    claim_timeout_s: float = Field(300.0, gt=0)  # an item held longer by a silent worker is reclaimed
+    max_attempts: int = Field(3, ge=1)
+    worker: Placement = Placement(num_cpus=0.25, max_ongoing_requests=4)
+
+
+class BarkConfig(_Strict):
+    """The whole deployment."""
+
+    app_name: str = "bark"
+    model: str = "suno/bark-small"
+    voices_dir: str | None = None  # extra directory of suno-style .npz presets
+    voice_aliases: dict[str, str] = Field(default_factory=lambda: {
+        "alloy": "v2/en_speaker_6", "echo": "v2/en_speaker_1", "fable": "v2/en_speaker_3",
+        "onyx": "v2/en_speaker_0", "nova": "v2/en_speaker_9", "shimmer": "v2/en_speaker_2"})
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(8000, ge=1, le=65535)
+    orchestrator: OrchestratorConfig = OrchestratorConfig()
+    semantic: StageConfig = StageConfig(pool="semantic")
+    coarse: StageConfig = StageConfig(pool="coarse")
+    fine: StageConfig = StageConfig(pool="fine", max_batch=4)
+    codec: StageConfig = StageConfig(pool="codec", max_batch=8)
+    batch: BatchConfig = BatchConfig()
+
+    def stage(self, name: str) -> StageConfig:
+        if name not in STAGES:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def pools(self) -> dict[str, list[str]]:
+        """Pool name -> deployments placed on it."""
+        out: dict[str, list[str]] = {}
+        for name in STAGES:
+            pool = self.stage(name).pool
+            if pool:
+                out.setdefault(pool, []).append(DEPLOYMENT_NAMES[name])
+        for dep, placement in ((INGRESS_NAME, self.orchestrator), (BATCH_WORKER_NAME, self.batch.worker)):
+            if placement.pool:
+                out.setdefault(placement.pool, []).append(dep)
+        return out
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing or invalid (the CLI exits with code 2)."""
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> BarkConfig:
+    """Read a YAML config (a path or a profile name in serving/configs/); None gives the local-cpu profile."""
+    data: dict = {}
+    if path is None:
+        path = CONFIG_DIR / "local-cpu.yaml"
+    path = Path(path)
+    if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        path = CONFIG_DIR / f"{path}.yaml"
+    if not path.exists():
+        raise ConfigError(f"config file {str(path)!r} not found (profiles: {', '.join(profiles())})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    return parse_config({**data, **(overrides or {})}, source=str(path))
+
+
+def parse_config(data: dict, source: str = "config") -> BarkConfig:
+    try:
+        return BarkConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError(f"{source} is invalid: " + "; ".join(lines)) from None
+
+
+def profiles() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
