@@ -17,11 +17,11 @@ import torch
 from . import tokens as T
 from .causal import CausalEngine, Slot, pad_right
 from .constants import BarkSpec
-from .engine import EngineOptions, check_int_array
+from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM
 from .sampling import sample_rows, stage_generator
 from .types import CoarseRequest
-from .weights import Checkpoint, load_module
+from .weights import Checkpoint
 
 
 class CoarseEngine(CausalEngine):
@@ -35,8 +35,7 @@ class CoarseEngine(CausalEngine):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "CoarseEngine":
         cfg = ckpt.submodel_config("coarse")
-        model = load_module(lambda: CausalLM(cfg), ckpt.state_dict("coarse"), options.torch_dtype(),
-                            options.torch_device())
+        model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("coarse"))
         return cls(options, model, ckpt.spec)
 
     def _new_slot(self, req: CoarseRequest) -> Slot | None:

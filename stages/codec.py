@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from .constants import BarkSpec
-from .engine import EngineOptions, StageEngine, check_int_array
+from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .types import CodecRequest, StageResult
-from .weights import Checkpoint, CheckpointError, load_module
+from .weights import Checkpoint, CheckpointError
 
 _LEGACY_WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
 
@@ -61,7 +61,7 @@ class CodecEngine(StageEngine):
             if key.startswith(("quantizer.", "decoder.")):
                 head, _, leaf = key.rpartition(".")
                 state[f"{head}.{_LEGACY_WEIGHT_NORM[leaf]}" if leaf in _LEGACY_WEIGHT_NORM else key] = value
-        model = load_module(lambda: _Codec(config), state, options.torch_dtype(), options.torch_device(),
+        model = load_for(options, lambda: _Codec(config), state,
                             on_meta=False)
         return cls(options, model, ckpt.spec)
 

@@ -41,6 +41,31 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16: bfloat16 matmuls run faster than float32 on this CPU."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_device(name: str = "auto") -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(parse_device(name))
+
+
+def resolve_dtype(name: str, device: str) -> str:
+    """'auto' is bfloat16 where it is fast (CUDA with bf16, or a CPU with AMX/AVX512-BF16), else float32."""
+    if name != "auto":
+        parse_dtype(name)
+        return name
+    if device.startswith("cuda"):
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+
+
 def parse_dtype(name: str) -> torch.dtype:
     try:
         return _DTYPES[str(name).lower()]
@@ -123,6 +148,20 @@ class StageEngine(abc.ABC):
                     done[res.request_id] = res
         for rid in order:
             yield done[rid]
+
+
+def load_for(options: EngineOptions, factory, state: dict, **kwargs) -> torch.nn.Module:
+    """Load a sub-model where the options say; with cpu_offload its weights stay in host memory
+    (accelerate moves each layer's weights to the execution device for its forward)."""
+    from .weights import load_module
+
+    if not options.cpu_offload:
+        return load_module(factory, state, options.torch_dtype(), options.torch_device(), **kwargs)
+    from accelerate import cpu_offload
+
+    module = load_module(factory, state, options.torch_dtype(), torch.device("cpu"), **kwargs)
+    cpu_offload(module, execution_device=options.torch_device())
+    return module
 
 
 def check_int_array(name: str, arr, ndim: int, lo: int, hi: int, rows: int | None = None,

@@ -18,11 +18,11 @@ import torch
 
 from . import tokens as T
 from .constants import BarkSpec
-from .engine import EngineOptions, StageEngine, check_int_array
+from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .modeling import FineLM
 from .sampling import draw_uniform, sample_rows, stage_generator
 from .types import FineRequest, StageResult
-from .weights import Checkpoint, load_module
+from .weights import Checkpoint
 
 
 @dataclass
@@ -49,9 +49,12 @@ class FineEngine(StageEngine):
         cfg = ckpt.submodel_config("fine")
         state = ckpt.state_dict("fine")
         n_given = cfg.get("n_codes_given", 1)
-        for i in range(cfg.get("n_codes_total", 8) - n_given):  # tied heads are not stored
-            state.setdefault(f"lm_heads.{i}.weight", state[f"input_embeds_layers.{i + n_given}.weight"])
-        model = load_module(lambda: FineLM(cfg), state, options.torch_dtype(), options.torch_device())
+        tied = cfg.get("tie_word_embeddings", True)
+        for i in range(cfg.get("n_codes_total", 8) - n_given):  # tied heads are not stored (or not used)
+            key = f"lm_heads.{i}.weight"
+            if tied or key not in state:
+                state[key] = state[f"input_embeds_layers.{i + n_given}.weight"]
+        model = load_for(options, lambda: FineLM(cfg), state)
         return cls(options, model, ckpt.spec)
 
     @property

@@ -166,6 +166,13 @@ class FineLM(nn.Module):
         self.layernorm_final = nn.LayerNorm(hidden)
         n_heads = self.n_codes_total - self.n_codes_given
         self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab_out, bias=False) for _ in range(n_heads))
+        self.tied = cfg.get("tie_word_embeddings", True)
+
+    def tie_weights(self) -> None:
+        """Head i predicts codebook i + n_given and shares that codebook's input embedding (as Bark does)."""
+        if self.tied:
+            for i, head in enumerate(self.lm_heads):
+                head.weight = self.input_embeds_layers[i + self.n_codes_given].weight
 
     def forward(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Predict codebook ``codebook`` from codebooks 0..codebook of codes (B, T, 8). -> logits (B, T, V)"""

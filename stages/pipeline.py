@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -17,6 +17,7 @@ from .codec import CodecEngine
 from .coarse import CoarseEngine
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine
+from .longform import carry_voice, segment_seed, split_text
 from .fine import FineEngine
 from .semantic import SemanticEngine
 from .text import TextPreparer
@@ -100,3 +101,27 @@ class BarkPipeline:
                 raise StageFailed(stage, res)
             outputs.append(res.output)
         return outputs
+
+    def synthesize(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
+                   max_segment_tokens: int | None = None, on_segment=None) -> Generation:
+        """Any length of text: split into segments, each continuing the previous one's voice.
+
+        The tokens of all segments are concatenated (so ``as_voice`` saves the whole generation)
+        and so is the audio. ``on_segment(i, n)`` is called after each segment (progress).
+        """
+        segments = split_text(text, self.text.count, max_segment_tokens or self.text.max_tokens)
+        if not segments:
+            self.text.encode(text)  # raises the empty-text error
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        history = self.voices.resolve(voice)
+        parts = []
+        for i, segment in enumerate(segments):
+            gen = self.generate(segment, history, replace(params, seed=segment_seed(seed, i)))[0]
+            parts.append(gen)
+            history = carry_voice(history, gen.semantic, gen.coarse, gen.fine, self.spec)
+            if on_segment is not None:
+                on_segment(i + 1, len(segments))
+        return Generation("r0", np.concatenate([g.semantic for g in parts]),
+                          np.concatenate([g.coarse for g in parts], axis=1),
+                          np.concatenate([g.fine for g in parts], axis=1),
+                          np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed)

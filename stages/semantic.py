@@ -16,11 +16,11 @@ import torch
 from . import tokens as T
 from .causal import CausalEngine, Slot
 from .constants import BarkSpec
-from .engine import EngineOptions, check_int_array
+from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM
 from .sampling import sample_rows, stage_generator
 from .types import InvalidRequestError, SemanticRequest
-from .weights import Checkpoint, load_module
+from .weights import Checkpoint
 
 
 class SemanticEngine(CausalEngine):
@@ -35,8 +35,7 @@ class SemanticEngine(CausalEngine):
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "SemanticEngine":
         cfg = ckpt.submodel_config("semantic")
-        model = load_module(lambda: CausalLM(cfg), ckpt.state_dict("semantic"), options.torch_dtype(),
-                            options.torch_device())
+        model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("semantic"))
         return cls(options, model, ckpt.spec)
 
     def _new_slot(self, req: SemanticRequest) -> Slot:

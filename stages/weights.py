@@ -129,19 +129,21 @@ def _hub_file(repo_id: str, relpath: str, required: bool) -> Path | None:
 
     try:
         return Path(hf_hub_download(repo_id, relpath))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"hub model {repo_id!r} not found") from None
+    except LocalEntryNotFoundError as exc:  # offline, or the hub unreachable (before EntryNotFound: a subclass)
+        if not required and relpath != "config.json":
+            return None
+        raise CheckpointError(
+            f"cannot fetch {relpath} of {repo_id!r}: the Hugging Face hub is unreachable and it is not cached "
+            f"(set HF_HOME to a cache that holds it, or pass a local checkpoint directory): {exc}"
+        ) from None
     except EntryNotFoundError:
         if required:
             raise CheckpointError(f"hub model {repo_id!r} has no {relpath}") from None
         return None
-    except RepositoryNotFoundError:
-        raise CheckpointError(f"hub model {repo_id!r} not found") from None
-    except (LocalEntryNotFoundError, OSError) as exc:
-        if not required and relpath != "config.json":
-            return None
-        raise CheckpointError(
-            f"cannot fetch {relpath} of {repo_id!r} from the Hugging Face hub and it is not cached "
-            f"(offline? set HF_HOME to a cache holding it, or pass a local directory): {exc}"
-        ) from None
+    except OSError as exc:
+        raise CheckpointError(f"cannot fetch {relpath} of {repo_id!r}: {exc}") from None
 
 
 def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
@@ -181,4 +183,6 @@ def load_module(module_factory, state: dict[str, torch.Tensor], dtype: torch.dty
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
     module.load_state_dict(state, assign=on_meta)
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)

@@ -1,0 +1,239 @@
+"""Types of durable batch jobs: wire-level item model, stored records, states, Redis key layout.
+
+How an item travels::
+
+    POST /v1/batches ──parse_items──▶ ItemRecord (msgpack in Redis) ──worker claims──▶ Lease
+        ──BatchItem──▶ synthesize(item) ──SynthesisResult──▶ result record (written once)
+
+User input is checked here (``parse_item``): a malformed item becomes an
+``ItemRecord`` with ``error`` set, which the store records as failed at once,
+so it fails alone while the rest of the job runs.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
+MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
+               "opus": "audio/ogg"}
+# Item ids name files on the client (DIR/<id>.<format>), so they stay filename-safe.
+ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
+JOB_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
+BATCH_PRIORITY = "batch"
+
+
+class ItemState(str, enum.Enum):
+    """Where one item is. SUCCEEDED, FAILED and CANCELLED are terminal."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (ItemState.SUCCEEDED, ItemState.FAILED, ItemState.CANCELLED)
+
+
+class JobState(str, enum.Enum):
+    """Where a job is, derived from its counts (only CANCELLED is stored)."""
+
+    QUEUED = "queued"  # no item started yet
+    RUNNING = "running"
+    COMPLETED = "completed"  # every item succeeded or failed
+    CANCELLED = "cancelled"
+
+
+class ErrorType(str, enum.Enum):
+    """Why an item failed (the ``type`` of its error)."""
+
+    INVALID_ITEM = "invalid_item"  # rejected at submission or by synthesize (InvalidRequestError)
+    SYNTHESIS_ERROR = "synthesis_error"  # raised max_attempts times
+    WORKER_LOST = "worker_lost"  # its worker vanished max_attempts times (a poison item)
+
+
+class ItemIn(BaseModel):
+    """One item as a client sends it (a JSONL line or a msgpack map)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = None
+    text: str
+    voice: str | None = Field(None, max_length=256)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "wav"
+    options: dict[str, Any] = Field(default_factory=dict)  # per-stage temperatures etc., passed through
+
+
+class InvalidBatchError(ValueError):
+    """The submission as a whole is unusable (HTTP 422), as opposed to one bad item."""
+
+
+@dataclass(frozen=True)
+class ItemRecord:
+    """An item as stored (msgpack) in Redis; ``error`` set means it failed validation."""
+
+    id: str
+    index: int  # its line (JSONL) or list position (msgpack) in the submission
+    text: str = ""
+    voice: str | None = None
+    seed: int | None = None
+    format: str = "wav"
+    options: dict = field(default_factory=dict)
+    error: str | None = None
+
+    def pack(self) -> bytes:
+        return msgpack.packb(asdict(self), use_bin_type=True)
+
+    @classmethod
+    def unpack(cls, data: bytes) -> "ItemRecord":
+        return cls(**msgpack.unpackb(data, raw=False))
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """What the worker hands to ``synthesize``: one validated item of one job."""
+
+    job_id: str
+    item_id: str
+    text: str
+    voice: str | None
+    seed: int | None
+    format: str
+    options: dict
+    attempt: int = 1
+    priority: str = BATCH_PRIORITY  # stage servers schedule batch work behind interactive requests
+
+
+@dataclass(frozen=True)
+class SynthesisResult:
+    """What ``synthesize`` returns: audio already encoded in ``item.format``."""
+
+    audio: bytes
+    sample_rate: int
+    duration_s: float
+    media_type: str
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class QueueEntry:
+    """One delivery of a work-stream entry: which item of which job."""
+
+    entry_id: str
+    job_id: str
+    item_id: str
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A claimed item: the entry that carries it, its attempt number and its record."""
+
+    entry: QueueEntry
+    attempt: int
+    record: ItemRecord
+
+    def batch_item(self) -> BatchItem:
+        r = self.record
+        return BatchItem(job_id=self.entry.job_id, item_id=r.id, text=r.text, voice=r.voice,
+                         seed=r.seed, format=r.format, options=dict(r.options), attempt=self.attempt)
+
+
+@dataclass(frozen=True)
+class BatchKeys:
+    """The Redis key layout (one place; the Lua scripts build the same names from the prefix).
+
+    ``{p}:queue`` stream + group ``{p}:workers``: work entries {job, item}.
+    ``{p}:dead`` stream: dead-lettered items {job, item, reason} (capped).
+    ``{p}:jobkey:{key}`` string: idempotency key -> job id.
+    ``{p}:job:{id}`` hash: meta (msgpack), cancelled flag, counts, timestamps.
+    ``{p}:job:{id}:items`` hash item id -> ItemRecord (msgpack).
+    ``{p}:job:{id}:state`` hash item id -> ItemState value.
+    ``{p}:job:{id}:attempts`` hash item id -> attempt number.
+    ``{p}:job:{id}:results`` stream: one entry per finished item (the resume cursor is its id).
+    """
+
+    prefix: str = "bark"
+
+    @property
+    def queue(self) -> str:
+        return f"{self.prefix}:queue"
+
+    @property
+    def group(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    def jobkey(self, key: str) -> str:
+        return f"{self.prefix}:jobkey:{key}"
+
+    def job(self, job_id: str, part: str = "") -> str:
+        """``part`` is one of "", "items", "state", "attempts", "results"."""
+        return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
+
+
+def _one_line(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    return "; ".join(parts)
+
+
+def item_id_of(raw: Any, index: int) -> str:
+    """The item's id: the client's (string or integer) or its line index; InvalidBatchError if unusable."""
+    value = raw.get("id") if isinstance(raw, dict) else None
+    if value is None:
+        return str(index)
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise InvalidBatchError(f"item {index}: id must be a string or an integer")
+    text = str(value)
+    if not ITEM_ID_RE.match(text):
+        raise InvalidBatchError(f"item {index}: id {text[:40]!r} must match {ITEM_ID_RE.pattern}")
+    return text
+
+
+def parse_item(raw: Any, index: int, max_text_chars: int, parse_error: str | None = None) -> ItemRecord:
+    """Validate one raw item. Never raises for a bad item: the record carries ``error`` instead."""
+    item_id = item_id_of(raw, index)
+    if parse_error is not None:
+        return ItemRecord(id=item_id, index=index, error=parse_error)
+    if not isinstance(raw, dict):
+        return ItemRecord(id=item_id, index=index, error=f"item {index}: expected an object")
+    try:
+        item = ItemIn.model_validate(raw)
+    except ValidationError as exc:
+        return ItemRecord(id=item_id, index=index, error=f"item {index}: {_one_line(exc)}")
+    if not item.text.strip():
+        return ItemRecord(id=item_id, index=index, error=f"item {index}: text is empty")
+    if len(item.text) > max_text_chars:
+        return ItemRecord(id=item_id, index=index,
+                          error=f"item {index}: text has {len(item.text)} characters (max {max_text_chars})")
+    return ItemRecord(id=item_id, index=index, text=item.text, voice=item.voice, seed=item.seed,
+                      format=item.format, options=item.options)
+
+
+def check_unique(records: list[ItemRecord]) -> None:
+    """Item ids are unique within a submission (they are the idempotency keys)."""
+    seen: set[str] = set()
+    dups = []
+    for r in records:
+        if r.id in seen:
+            dups.append(r.id)
+        seen.add(r.id)
+    if dups:
+        shown = ", ".join(repr(d) for d in dups[:5])
+        raise InvalidBatchError(f"duplicate item ids in the submission: {shown}"
+                                + (f" and {len(dups) - 5} more" if len(dups) > 5 else ""))

@@ -1,0 +1,107 @@
+"""``bark-serve``: the command line.
+
+Subcommands: synth (in-process), make-checkpoint, up (serve locally), say
+(HTTP client), render-config, voices, bench, batch. Bad arguments and bad
+input end with one line on stderr and exit code 2, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from stages.types import InvalidRequestError
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A user error the CLI reports in one line with exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse prints the whole usage otherwise)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _float_or_none(value: str):
+    return None if value.lower() in ("none", "off") else float(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import cli_commands as cmd
+
+    parser = _Parser(prog="bark-serve", description="Serve Suno's Bark text-to-speech at scale.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("synth", help="synthesize speech in this process and write an audio file",
+                       description="Synthesize TEXT with all four Bark stages in this process. Long text is split "
+                                   "at sentence boundaries; each segment continues the previous one's voice.")
+    p.add_argument("text", help="the text to speak (multilingual; ♪ for music, cues like [laughter])")
+    p.add_argument("-o", "--output", required=True, help="output file: .wav, .flac, .mp3, .ogg/.opus or .pcm")
+    _add_model_args(p)
+    p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer) or a .npz file")
+    p.add_argument("--voices-dir", action="append", default=[], help="extra directory of suno-style .npz presets")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same output)")
+    p.add_argument("--temperature", type=float,
+                   help="temperature of every stage; 0 is greedy (default: Bark's 0.7 / 0.7 / 0.5)")
+    for stage in ("semantic", "coarse", "fine"):
+        p.add_argument(f"--{stage}-temperature", type=float, help=f"temperature of the {stage} stage only")
+    p.add_argument("--top-k", type=int, help="top-k sampling in the semantic and coarse stages")
+    p.add_argument("--top-p", type=float, help="nucleus sampling in the semantic and coarse stages")
+    p.add_argument("--min-eos-p", type=_float_or_none, default=0.2,
+                   help="stop when end-of-speech is this likely (default 0.2; 'none' to disable)")
+    p.add_argument("--max-semantic-tokens", type=int, default=768,
+                   help="cap on semantic tokens per segment (768, about 15 s)")
+    p.add_argument("--save-voice", metavar="FILE.npz", help="also save the generated tokens as a voice preset")
+    p.set_defaults(func=cmd.synth)
+
+    p = sub.add_parser("make-checkpoint", help="write a random-weight Bark checkpoint (Hugging Face layout)")
+    p.add_argument("directory")
+    p.add_argument("--size", choices=["tiny", "small", "large"], default="tiny",
+                   help="tiny for tests; small/large have the shapes of suno/bark-small and suno/bark")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(func=cmd.make_checkpoint)
+
+    p = sub.add_parser("voices", help="list the voice presets of a checkpoint")
+    p.add_argument("--model", default="suno/bark-small")
+    p.add_argument("--voices-dir", action="append", default=[])
+    p.set_defaults(func=cmd.voices)
+
+    p = sub.add_parser("render-config", help="print the Ray Serve config (serve deploy / RayService) of a config")
+    p.add_argument("--config", help="YAML config file or profile name (default: local-cpu)")
+    p.add_argument("--model", help="override the config's model")
+    p.set_defaults(func=cmd.render_config)
+
+    for register in cmd.EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="suno/bark-small", help="hub id (suno/bark, suno/bark-small) or local directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weights and activations (auto: bfloat16 where fast, else float32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--cpu-offload", action="store_true",
+                   help="keep weights in host memory and move them to the GPU layer by layer (small GPUs)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serving.config import ConfigError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (InvalidRequestError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:
+        print(f"bark-serve {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"bark-serve {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

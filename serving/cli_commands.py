@@ -1,0 +1,94 @@
+"""Handlers of the in-process CLI commands (synth, make-checkpoint, voices, render-config)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.types import GenerationParams, InvalidRequestError, SamplingParams
+
+
+def _engine_options(args, capacity: int = 4):
+    from stages.engine import EngineOptions, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return EngineOptions(device=device, dtype=resolve_dtype(args.dtype, device), capacity=capacity,
+                         cpu_offload=args.cpu_offload)
+
+
+def _generation_params(args) -> GenerationParams:
+    defaults = GenerationParams()
+    stages = {}
+    for stage in ("semantic", "coarse", "fine"):
+        temp = getattr(args, f"{stage}_temperature")
+        if temp is None:
+            temp = args.temperature if args.temperature is not None else getattr(defaults, stage).temperature
+        top_k, top_p = (args.top_k, args.top_p) if stage != "fine" else (None, None)
+        stages[stage] = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p)
+    return GenerationParams(**stages, min_eos_p=args.min_eos_p, max_semantic_tokens=args.max_semantic_tokens,
+                            seed=args.seed)
+
+
+def synth(args) -> int:
+    from tqdm import tqdm
+
+    from stages.pipeline import BarkPipeline
+    from stages.voices import save_npz
+
+    from .audio import encode, format_for_path
+
+    fmt = format_for_path(args.output)
+    params = _generation_params(args)
+    if args.save_voice and not args.save_voice.endswith(".npz"):
+        raise InvalidRequestError("--save-voice must name a .npz file")
+    t0 = time.perf_counter()
+    pipe = BarkPipeline.from_pretrained(args.model, _engine_options(args), preset_dirs=args.voices_dir)
+    t_load = time.perf_counter() - t0
+    with tqdm(total=None, desc="segments", unit="seg", disable=None, file=sys.stderr) as bar:
+        def progress(done, total):
+            bar.total = total
+            bar.update(1)
+
+        gen = pipe.synthesize(args.text, args.voice, params, on_segment=progress)
+    Path(args.output).write_bytes(encode(gen.audio, gen.sample_rate, fmt))
+    if args.save_voice:
+        save_npz(gen.as_voice(), args.save_voice)
+    seconds = len(gen.audio) / gen.sample_rate
+    print(f"wrote {args.output}: {seconds:.2f} s of audio at {gen.sample_rate} Hz, seed {gen.seed} "
+          f"(load {t_load:.1f} s, generate {time.perf_counter() - t0 - t_load:.1f} s)"
+          + (f"; voice saved to {args.save_voice}" if args.save_voice else ""))
+    return 0
+
+
+def make_checkpoint(args) -> int:
+    from stages.checkpoint import make_checkpoint as make
+
+    path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype)
+    print(f"wrote a random {args.size} Bark checkpoint to {path}")
+    return 0
+
+
+def voices(args) -> int:
+    from stages.voices import VoiceLibrary
+    from stages.weights import Checkpoint
+
+    ckpt = Checkpoint.open(args.model)
+    for name in VoiceLibrary(ckpt.spec, ckpt, args.voices_dir).names():
+        print(name)
+    return 0
+
+
+def render_config(args) -> int:
+    from cluster.serve_config import render_serve_config
+
+    from .config import load_config
+
+    cfg = load_config(args.config, {"model": args.model} if args.model else None)
+    yaml.safe_dump(render_serve_config(cfg), sys.stdout, sort_keys=False)
+    return 0
+
+
+EXTRA_COMMANDS: list = []  # registrars of commands defined elsewhere (serving/up.py, bench, batch)

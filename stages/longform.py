@@ -1,0 +1,85 @@
+"""Long text: split at sentence boundaries into segments that fit one generation, chain the voice.
+
+Bark's long-form recipe generates sentence by sentence and uses each
+segment's full output (semantic, coarse and fine tokens) as the history
+prompt of the next, so the voice carries over. A sentence longer than a
+segment is cut at clause punctuation, then between words.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import numpy as np
+
+from .constants import BarkSpec
+from .types import VoicePrompt
+
+_SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|(?<=[。！？])")
+_CLAUSE_END = re.compile(r"(?<=[,;:，；：—])\s*")
+
+
+def _pieces(text: str, pattern: re.Pattern) -> list[str]:
+    return [p.strip() for p in pattern.split(text) if p and p.strip()]
+
+
+def _split_words(sentence: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
+    out, cur = [], ""
+    for word in sentence.split(" "):
+        cand = f"{cur} {word}".strip()
+        if cur and count(cand) > max_tokens:
+            out.append(cur)
+            cand = word
+        while count(cand) > max_tokens:  # one "word" longer than a segment (e.g. CJK without spaces)
+            cut = max(1, len(cand) // 2)
+            while cut > 1 and count(cand[:cut]) > max_tokens:
+                cut //= 2
+            out.append(cand[:cut])
+            cand = cand[cut:]
+        cur = cand
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _fit(piece: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
+    if count(piece) <= max_tokens:
+        return [piece]
+    out = []
+    for clause in _pieces(piece, _CLAUSE_END):
+        out += [clause] if count(clause) <= max_tokens else _split_words(clause, count, max_tokens)
+    return out
+
+
+def split_text(text: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
+    """Segments of at most ``max_tokens`` tokens, cut at sentence ends where possible, packed greedily."""
+    units = []
+    for sentence in _pieces(" ".join(text.split()), _SENTENCE_END):
+        units += _fit(sentence, count, max_tokens)
+    segments, cur = [], ""
+    for unit in units:
+        cand = f"{cur} {unit}".strip()
+        if cur and count(cand) > max_tokens:
+            segments.append(cur)
+            cand = unit
+        cur = cand
+    if cur:
+        segments.append(cur)
+    return segments
+
+
+def carry_voice(previous: VoicePrompt | None, semantic: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
+                spec: BarkSpec) -> VoicePrompt | None:
+    """The history prompt for the next segment: this segment's output, unless too short to be one."""
+    if len(semantic) < 2 or coarse.shape[-1] < 2 or fine.shape[-1] < 1:
+        return previous
+    return VoicePrompt(np.asarray(semantic, dtype=np.int64), np.asarray(coarse, dtype=np.int64),
+                       np.asarray(fine, dtype=np.int64), name="carried")
+
+
+def segment_seed(seed: int, index: int) -> int:
+    """A distinct, reproducible seed for each segment of one request."""
+    if index == 0:
+        return int(seed)
+    return int(np.random.SeedSequence([int(seed), index]).generate_state(1, np.uint64)[0] >> 1)
