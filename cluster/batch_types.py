@@ -237,3 +237,43 @@ def check_unique(records: list[ItemRecord]) -> None:
         shown = ", ".join(repr(d) for d in dups[:5])
         raise InvalidBatchError(f"duplicate item ids in the submission: {shown}"
                                 + (f" and {len(dups) - 5} more" if len(dups) > 5 else ""))
+
+
+# Lua helpers shared by every script (cluster/jobs.py, cluster/queue.py). Scripts build
+# job keys from the prefix as BatchKeys does, so they need a standalone Redis (or
+# Sentinel), not Redis Cluster. Every script takes ARGV[1..3] = prefix, ttl, now.
+LUA_PRELUDE = """
+local P, TTL, NOW = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local function jk(jid, part)
+  if part then return P .. ':job:' .. jid .. ':' .. part end
+  return P .. ':job:' .. jid
+end
+-- every write refreshes the TTL of the whole job, so results expire TTL after the last activity
+local function touch(jid)
+  local h = jk(jid)
+  redis.call('EXPIRE', h, TTL)
+  for _, part in ipairs({'items', 'state', 'attempts', 'results'}) do redis.call('EXPIRE', jk(jid, part), TTL) end
+  local key = redis.call('HGET', h, 'jobkey')
+  if key and key ~= '' then redis.call('EXPIRE', P .. ':jobkey:' .. key, TTL) end
+end
+local function terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
+local function settle(jid)
+  local v = redis.call('HMGET', jk(jid), 'total', 'succeeded', 'failed', 'cancelled')
+  if tonumber(v[1]) == tonumber(v[2]) + tonumber(v[3]) + tonumber(v[4]) then
+    redis.call('HSET', jk(jid), 'finished_at', NOW)
+  end
+end
+local function ack(queue, group, entry)
+  redis.call('XACK', queue, group, entry)
+  redis.call('XDEL', queue, entry)
+end
+-- st is the item's current non-terminal state ('queued' or 'running'), a count field of the job hash
+local function fail_item(jid, iid, st, attempt, reason, etype)
+  redis.call('HINCRBY', jk(jid), st, -1)
+  redis.call('HINCRBY', jk(jid), 'failed', 1)
+  redis.call('HSET', jk(jid, 'state'), iid, 'failed')
+  redis.call('XADD', jk(jid, 'results'), '*', 'id', iid, 'state', 'failed', 'attempts', attempt,
+             'error', reason, 'error_type', etype)
+  settle(jid)
+end
+"""

@@ -118,7 +118,7 @@ class VoiceLibrary:
     def _load_named(self, key: str) -> VoicePrompt:
         if key in self._hf_index:
             return self._load_hf(key)
-        for d in self.preset_dirs:
+        for d in self.preset_dirs if not os.path.isabs(key) else ():  # names only, never absolute paths
             path = (d / (key if key.endswith(".npz") else key + ".npz")).resolve()
             if d in path.parents and path.is_file():
                 return load_npz(path, self.spec, name=key)

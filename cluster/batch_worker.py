@@ -1,0 +1,242 @@
+"""BatchWorkerLoop: claims batch items from Redis and synthesizes them, at most max_in_flight at once.
+
+How this works: one asyncio loop per worker. Each turn it heartbeats the
+items it holds (so a slow item is not taken over, and items whose job was
+cancelled or that another worker took over are stopped), takes over stale
+items of dead workers (XAUTOCLAIM), then reads new items for its free slots,
+blocking briefly on the stream when idle. Each item runs as its own task:
+``synthesize(item)`` (injected; in production it calls the orchestrator with
+``priority="batch"``), then the guarded finish script writes the result once
+or requeues/fails the item. Because the worker never holds more than
+``max_in_flight`` items, a large job cannot flood the stage servers ahead of
+interactive requests.
+
+Redis outages are survived: the loop backs off and retries, and a finished
+item keeps retrying its write until Redis is back (the write is guarded, so a
+retry after a lost reply is harmless).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from cluster.batch_types import BatchItem, ErrorType, Lease, SynthesisResult
+from cluster.queue import Heartbeat, Outcome, WorkQueue
+from stages.types import InvalidRequestError
+
+log = logging.getLogger("bark.batch.worker")
+
+Synthesize = Callable[[BatchItem], Awaitable[SynthesisResult]]
+REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
+MAX_BACKOFF_S = 2.0
+
+
+@dataclass
+class WorkerStats:
+    """Counters of one worker loop (for logs, metrics and tests)."""
+
+    leased: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    retried: int = 0
+    discarded: int = 0  # results not written: duplicate, cancelled, stale or gone
+    stopped: int = 0  # items stopped by a heartbeat verdict (cancelled or taken over)
+    redis_errors: int = 0
+
+
+def default_consumer_name() -> str:
+    """Unique per process: a restarted worker is a new consumer, and its predecessor's items are reclaimed."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class BatchWorkerLoop:
+    """Claims items from the work queue and runs ``synthesize`` on each, ≤ ``max_in_flight`` at once.
+
+    ``run()`` until ``stop()``; ``stop(grace_s)`` lets in-flight items finish for
+    ``grace_s`` and gives the rest back to the queue without using up an attempt.
+    """
+
+    def __init__(self, queue: WorkQueue, synthesize: Synthesize, *, max_in_flight: int = 8,
+                 claim_timeout_s: float = 300.0, consumer: str | None = None, block_ms: int | None = None):
+        self.queue = queue
+        self.synthesize = synthesize
+        self.max_in_flight = max_in_flight
+        self.claim_timeout_s = claim_timeout_s
+        self.consumer = consumer or default_consumer_name()
+        # Heartbeats well inside the claim timeout; reclaim checks often enough to notice dead workers.
+        self.heartbeat_s = claim_timeout_s / 3
+        self.reclaim_s = min(claim_timeout_s / 2, 10.0)
+        self.block_ms = block_ms if block_ms is not None else int(min(500, self.heartbeat_s * 1000))
+        self.stats = WorkerStats()
+        self._tasks: dict[asyncio.Task, Lease] = {}
+        self._committing: set[asyncio.Task] = set()
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._grace_s = 30.0
+        self._running = False
+        self._reclaim_cursor = "0-0"
+
+    @classmethod
+    def from_config(cls, queue: WorkQueue, synthesize: Synthesize, cfg, consumer: str | None = None) -> "BatchWorkerLoop":
+        """Build from a :class:`serving.config.BatchConfig`."""
+        return cls(queue, synthesize, max_in_flight=cfg.max_in_flight, claim_timeout_s=cfg.claim_timeout_s,
+                   consumer=consumer)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def run(self) -> None:
+        """Work until :meth:`stop` is called (or the task is cancelled: then in-flight items are released)."""
+        failures = 0
+        self._running = True
+        next_heartbeat = next_reclaim = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                try:
+                    if failures:
+                        await self.queue.ensure_group()  # Redis may have come back empty
+                    now = time.monotonic()
+                    if now >= next_heartbeat:
+                        await self._heartbeat()
+                        next_heartbeat = now + self.heartbeat_s
+                    if now >= next_reclaim and self._free():
+                        await self._reclaim()
+                        next_reclaim = now + self.reclaim_s
+                    await self._fill_or_wait()
+                    failures = 0
+                except REDIS_DOWN as exc:
+                    failures += 1
+                    self.stats.redis_errors += 1
+                    if failures == 1:
+                        log.warning("batch worker %s: Redis unavailable (%s); retrying", self.consumer, exc)
+                    await asyncio.sleep(min(0.05 * 2 ** failures, MAX_BACKOFF_S))
+        except asyncio.CancelledError:
+            self._grace_s = 0.0  # cancelled from outside: give items back now, do not wait for them
+            raise
+        finally:
+            try:
+                await self._shutdown(self._grace_s)
+            finally:
+                self._finished.set()
+
+    def request_stop(self, grace_s: float = 30.0) -> None:
+        """Ask the loop to stop: no new claims; in-flight items get ``grace_s`` to finish, the rest are released."""
+        self._grace_s = grace_s
+        self._stop.set()
+
+    async def stop(self, grace_s: float = 30.0) -> None:
+        """:meth:`request_stop` and wait until :meth:`run` has returned (call it from another task)."""
+        self.request_stop(grace_s)
+        if self._running:
+            await self._finished.wait()
+
+    def _free(self) -> int:
+        return self.max_in_flight - len(self._tasks)
+
+    async def _fill_or_wait(self) -> None:
+        free = self._free()
+        if free > 0:
+            # Block only when nothing is running: a finished task must not wait for the read to return.
+            block = self.block_ms if not self._tasks else min(self.block_ms, 100)
+            for lease in await self.queue.claim(self.consumer, free, block_ms=block):
+                self._spawn(lease)
+        else:
+            await asyncio.wait(list(self._tasks), timeout=self.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
+
+    async def _reclaim(self) -> None:
+        self._reclaim_cursor, leases = await self.queue.reclaim(
+            self.consumer, self._free(), int(self.claim_timeout_s * 1000), start=self._reclaim_cursor)
+        for lease in leases:
+            log.info("batch worker %s: took over item %s/%s (attempt %d)", self.consumer,
+                     lease.entry.job_id, lease.entry.item_id, lease.attempt)
+            self._spawn(lease)
+
+    async def _heartbeat(self) -> None:
+        held = {t: lease for t, lease in self._tasks.items() if t not in self._committing}
+        verdicts = await self.queue.heartbeat(self.consumer, list(held.values()))
+        for task, lease in held.items():
+            if verdicts.get(lease.entry.entry_id, Heartbeat.OK) is not Heartbeat.OK and not task.done():
+                self.stats.stopped += 1
+                task.cancel()  # cancelled job or taken over: its result would be discarded anyway
+
+    def _spawn(self, lease: Lease) -> None:
+        self.stats.leased += 1
+        task = asyncio.create_task(self._process(lease), name=f"batch-item-{lease.entry.item_id}")
+        self._tasks[task] = lease
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.pop(task, None)
+        self._committing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("batch worker %s: item task crashed: %r", self.consumer, task.exception())
+
+    async def _process(self, lease: Lease) -> None:
+        item = lease.batch_item()
+        try:
+            result = await self.synthesize(item)
+            if not isinstance(result, SynthesisResult) or not isinstance(result.audio, (bytes, bytearray)):
+                raise TypeError(f"synthesize returned {type(result).__name__}, expected SynthesisResult")
+        except asyncio.CancelledError:
+            raise
+        except InvalidRequestError as exc:  # the item itself is bad: retrying cannot help
+            outcome = await self._commit(lambda: self.queue.fail(lease, str(exc), ErrorType.INVALID_ITEM, retry=False))
+        except Exception as exc:  # anything else may be transient (a replica restarting, a timeout)
+            reason = f"{type(exc).__name__}: {exc}".strip()
+            outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.SYNTHESIS_ERROR, retry=True))
+        else:
+            outcome = await self._commit(lambda: self.queue.complete(lease, result, worker=self.consumer))
+        self._count(outcome)
+
+    async def _commit(self, write: Callable[[], Awaitable[Outcome]]) -> Outcome | None:
+        """Run the guarded write, retrying while Redis is down (until stop's grace runs out)."""
+        self._committing.add(asyncio.current_task())
+        failures = 0
+        while True:
+            try:
+                return await write()
+            except REDIS_DOWN as exc:
+                failures += 1
+                self.stats.redis_errors += 1
+                if self._stop.is_set() and failures > 20:
+                    log.warning("batch worker %s: giving up a write (%s); the item will be reclaimed", self.consumer, exc)
+                    return None
+                await asyncio.sleep(min(0.05 * 2 ** failures, MAX_BACKOFF_S))
+
+    def _count(self, outcome: Outcome | None) -> None:
+        if outcome is Outcome.OK:
+            self.stats.succeeded += 1
+        elif outcome is Outcome.FAILED:
+            self.stats.failed += 1
+        elif outcome is Outcome.RETRIED:
+            self.stats.retried += 1
+        else:
+            self.stats.discarded += 1
+
+    async def _shutdown(self, grace_s: float) -> None:
+        """Let in-flight items finish for ``grace_s``; release what is left so others pick it up at once."""
+        if self._tasks and grace_s > 0:
+            await asyncio.wait(list(self._tasks), timeout=grace_s)
+        leftover = [(t, lease) for t, lease in self._tasks.items() if t not in self._committing]
+        for task, _ in leftover:
+            task.cancel()
+        if leftover:
+            await asyncio.gather(*(t for t, _ in leftover), return_exceptions=True)
+        for _, lease in leftover:
+            try:
+                await self.queue.release(lease)
+            except REDIS_DOWN:
+                pass  # not released: it is reclaimed after claim_timeout_s instead
+        if self._tasks:  # tasks mid-write: let them land
+            await asyncio.wait(list(self._tasks), timeout=5.0)

@@ -1,0 +1,281 @@
+"""The work queue: a Redis stream with one consumer group, and the leases on its entries.
+
+How this works: each queued item is one stream entry {job, item}. A worker
+reads new entries with XREADGROUP (they enter its pending list) and takes
+over entries idle longer than ``claim_timeout_s`` with XAUTOCLAIM (their
+worker died). Either way the ``_START`` script turns a delivery into a lease:
+it bumps the item's attempt number, marks it running, and skips entries whose
+job was cancelled, expired or already finished. An item delivered more than
+``max_attempts`` times (its workers keep dying) fails and is dead-lettered.
+
+A live worker heartbeats its entries (XCLAIM JUSTID to itself resets their
+idle time) so that a slow item is not taken over; the heartbeat also tells it
+which of its items were cancelled or taken over, so it can stop them.
+
+``_FINISH`` is the only way an item leaves the queue, and it is guarded by
+the item's state inside one script: a result is written only while the item
+is not terminal, so a late duplicate (a reclaimed item finishing twice) can
+never write twice. Failures and releases act only for the current attempt,
+so a stale holder cannot requeue an item someone else holds. Acked entries
+are deleted, which keeps the stream as long as the backlog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from cluster.batch_types import LUA_PRELUDE, BatchKeys, ErrorType, ItemRecord, Lease, QueueEntry, SynthesisResult
+
+DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream is for operators, not a store: keep it bounded
+_LEASE_PRELUDE = LUA_PRELUDE + f"local DEAD_MAXLEN = {DEAD_LETTER_MAXLEN}\n"
+
+_START = _LEASE_PRELUDE + """
+local queue, group, dead, max_attempts = ARGV[4], ARGV[5], ARGV[6], tonumber(ARGV[7])
+local out = {}
+for i = 8, #ARGV, 3 do
+  local e, jid, iid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local st = redis.call('HGET', jk(jid, 'state'), iid)
+  if redis.call('EXISTS', jk(jid)) == 0 or not st or terminal(st) then
+    ack(queue, group, e)
+  elseif redis.call('HGET', jk(jid), 'status') == 'cancelled' then
+    redis.call('HSET', jk(jid, 'state'), iid, 'cancelled')
+    ack(queue, group, e)
+  else
+    local att = redis.call('HINCRBY', jk(jid, 'attempts'), iid, 1)
+    if att > max_attempts then
+      local reason = 'gave up after ' .. (att - 1) .. ' attempts: the worker was lost each time'
+      fail_item(jid, iid, st, att - 1, reason, 'worker_lost')
+      redis.call('XADD', dead, 'MAXLEN', '~', DEAD_MAXLEN, '*', 'job', jid, 'item', iid, 'reason', reason)
+      ack(queue, group, e)
+    else
+      if st == 'queued' then
+        redis.call('HINCRBY', jk(jid), 'queued', -1)
+        redis.call('HINCRBY', jk(jid), 'running', 1)
+        redis.call('HSET', jk(jid, 'state'), iid, 'running')
+      end
+      redis.call('HSETNX', jk(jid), 'started_at', NOW)
+      out[#out + 1] = {e, att, redis.call('HGET', jk(jid, 'items'), iid)}
+    end
+    touch(jid)
+  end
+end
+return out
+"""
+
+# ARGV[4..]: queue group dead jid iid entry attempt mode max_attempts f1 f2 f3
+_FINISH = _LEASE_PRELUDE + """
+local queue, group, dead, jid, iid, e = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
+local attempt, mode, max_attempts = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
+local st = redis.call('HGET', jk(jid, 'state'), iid)
+if redis.call('EXISTS', jk(jid)) == 0 or not st then ack(queue, group, e) return 'gone' end
+if terminal(st) then ack(queue, group, e) return 'duplicate' end
+if redis.call('HGET', jk(jid), 'status') == 'cancelled' then
+  redis.call('HSET', jk(jid, 'state'), iid, 'cancelled')
+  ack(queue, group, e)
+  touch(jid)
+  return 'cancelled'
+end
+if mode == 'ok' then  -- the first result wins, whichever attempt produced it
+  redis.call('HINCRBY', jk(jid), st, -1)
+  redis.call('HINCRBY', jk(jid), 'succeeded', 1)
+  redis.call('HINCRBY', jk(jid), 'processed', 1)
+  redis.call('HSET', jk(jid, 'state'), iid, 'succeeded')
+  redis.call('XADD', jk(jid, 'results'), '*', 'id', iid, 'state', 'succeeded', 'attempts', attempt,
+             'meta', ARGV[13], ARGV[14], ARGV[15])
+  ack(queue, group, e)
+  settle(jid)
+  touch(jid)
+  return 'ok'
+end
+if tonumber(redis.call('HGET', jk(jid, 'attempts'), iid)) ~= attempt then return 'stale' end
+if mode == 'release' or (mode == 'retry' and attempt < max_attempts) then
+  if mode == 'release' then redis.call('HINCRBY', jk(jid, 'attempts'), iid, -1) end
+  if st == 'running' then
+    redis.call('HINCRBY', jk(jid), 'running', -1)
+    redis.call('HINCRBY', jk(jid), 'queued', 1)
+  end
+  redis.call('HSET', jk(jid, 'state'), iid, 'queued')
+  redis.call('XADD', queue, '*', 'job', jid, 'item', iid)
+  ack(queue, group, e)
+  touch(jid)
+  if mode == 'release' then return 'released' end
+  return 'retried'
+end
+redis.call('HINCRBY', jk(jid), 'processed', 1)
+fail_item(jid, iid, st, attempt, ARGV[13], ARGV[14])
+if ARGV[14] ~= 'invalid_item' then
+  redis.call('XADD', dead, 'MAXLEN', '~', DEAD_MAXLEN, '*', 'job', jid, 'item', iid, 'reason', ARGV[13])
+end
+ack(queue, group, e)
+touch(jid)
+return 'failed'
+"""
+
+# ARGV[4..]: queue group consumer, then (entry, jid, iid) triples
+_HEARTBEAT = LUA_PRELUDE + """
+local queue, group, consumer = ARGV[4], ARGV[5], ARGV[6]
+local out = {}
+for i = 7, #ARGV, 3 do
+  local e, jid, iid = ARGV[i], ARGV[i + 1], ARGV[i + 2]
+  local mine = redis.call('XPENDING', queue, group, e, e, 1, consumer)
+  if #mine == 0 then
+    out[#out + 1] = 'lost'
+  elseif redis.call('EXISTS', jk(jid)) == 0 or redis.call('HGET', jk(jid), 'status') == 'cancelled' then
+    local st = redis.call('HGET', jk(jid, 'state'), iid)
+    if st and not terminal(st) then redis.call('HSET', jk(jid, 'state'), iid, 'cancelled') end
+    ack(queue, group, e)
+    out[#out + 1] = 'cancelled'
+  else
+    redis.call('XCLAIM', queue, group, consumer, 0, e, 'JUSTID')
+    out[#out + 1] = 'ok'
+  end
+end
+return out
+"""
+
+
+class Outcome(str, enum.Enum):
+    """What finishing a lease did."""
+
+    OK = "ok"  # the result was written (this attempt was the first to finish)
+    DUPLICATE = "duplicate"  # another attempt had finished the item: nothing written
+    CANCELLED = "cancelled"  # the job was cancelled: result discarded
+    GONE = "gone"  # the job expired or vanished
+    STALE = "stale"  # the item was taken over by a newer attempt: nothing done
+    RETRIED = "retried"  # requeued for another attempt
+    RELEASED = "released"  # requeued without using up an attempt (worker shutdown)
+    FAILED = "failed"  # marked failed with its reason
+
+
+class Heartbeat(str, enum.Enum):
+    OK = "ok"  # still ours; its idle time was reset
+    LOST = "lost"  # taken over by another worker or finished elsewhere: stop working on it
+    CANCELLED = "cancelled"  # its job was cancelled (entry acked): stop working on it
+
+
+class WorkQueue:
+    """Stream + consumer group + leases (asyncio). ``max_attempts`` counts deliveries of one item."""
+
+    def __init__(self, client: aioredis.Redis, *, keys: BatchKeys = BatchKeys(), max_attempts: int = 3,
+                 result_ttl_s: int = 7 * 24 * 3600, results_dir: str | None = None, clock=time.time):
+        self.redis = client
+        self.keys = keys
+        self.max_attempts = max_attempts
+        self.ttl = int(result_ttl_s)
+        self.results_dir = Path(results_dir) if results_dir else None
+        self.clock = clock
+        self._start = client.register_script(_START)
+        self._finish = client.register_script(_FINISH)
+        self._heartbeat = client.register_script(_HEARTBEAT)
+
+    def _base(self) -> list:
+        return [self.keys.prefix, self.ttl, repr(self.clock())]
+
+    async def ensure_group(self) -> None:
+        """Create the consumer group if missing (from the stream's start, so nothing is missed)."""
+        try:
+            await self.redis.xgroup_create(self.keys.queue, self.keys.group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    async def claim(self, consumer: str, count: int, block_ms: int = 0) -> list[Lease]:
+        """Read up to ``count`` new entries (waiting up to ``block_ms`` for the first) and lease them."""
+        got = await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.queue: ">"}, count=count,
+                                          block=block_ms or None)
+        entries = [_entry(eid, f) for _, msgs in (got or []) for eid, f in msgs if f]
+        return await self._lease(entries)
+
+    async def reclaim(self, consumer: str, count: int, min_idle_ms: int, start: str = "0-0") -> tuple[str, list[Lease]]:
+        """Take over up to ``count`` entries idle for ``min_idle_ms`` (their worker died). Returns (next cursor, leases)."""
+        nxt, msgs, *_ = await self.redis.xautoclaim(self.keys.queue, self.keys.group, consumer, min_idle_ms,
+                                                    start_id=start, count=count)
+        entries = [_entry(eid, f) for eid, f in msgs if f]
+        return nxt.decode() if isinstance(nxt, bytes) else str(nxt), await self._lease(entries)
+
+    async def _lease(self, entries: list[QueueEntry]) -> list[Lease]:
+        if not entries:
+            return []
+        args = [*self._base(), self.keys.queue, self.keys.group, self.keys.dead, self.max_attempts]
+        for e in entries:
+            args += [e.entry_id, e.job_id, e.item_id]
+        by_id = {e.entry_id: e for e in entries}
+        out = await self._start(args=args)
+        return [Lease(entry=by_id[eid.decode()], attempt=int(att), record=ItemRecord.unpack(spec))
+                for eid, att, spec in out]
+
+    async def heartbeat(self, consumer: str, leases: Sequence[Lease]) -> dict[str, Heartbeat]:
+        """Keep this consumer's leases alive; entry id -> verdict (LOST/CANCELLED: stop that item)."""
+        if not leases:
+            return {}
+        args = [*self._base(), self.keys.queue, self.keys.group, consumer]
+        for lease in leases:
+            args += [lease.entry.entry_id, lease.entry.job_id, lease.entry.item_id]
+        out = await self._heartbeat(args=args)
+        return {lease.entry.entry_id: Heartbeat(v.decode()) for lease, v in zip(leases, out)}
+
+    async def _run_finish(self, lease: Lease, mode: str, *extra) -> Outcome:
+        e = lease.entry
+        args = [*self._base(), self.keys.queue, self.keys.group, self.keys.dead, e.job_id, e.item_id,
+                e.entry_id, lease.attempt, mode, self.max_attempts, *extra]
+        return Outcome((await self._finish(args=args)).decode())
+
+    async def complete(self, lease: Lease, result: SynthesisResult, worker: str = "") -> Outcome:
+        """Write the item's result once (audio in Redis, or a file in results_dir) and ack it."""
+        r = lease.record
+        meta = {"index": r.index, "format": r.format, "voice": r.voice, "seed": r.seed,
+                "media_type": result.media_type, "sample_rate": result.sample_rate,
+                "duration_s": result.duration_s, "timings": dict(result.timings), "bytes": len(result.audio),
+                "worker": worker, "finished_at": self.clock()}
+        if self.results_dir is None:
+            return await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "audio", result.audio)
+        path = await asyncio.to_thread(self._write_file, lease, result.audio)
+        outcome = await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "path", str(path))
+        if outcome is not Outcome.OK:  # another attempt's file is the result: drop ours
+            await asyncio.to_thread(path.unlink, True)
+        return outcome
+
+    def _write_file(self, lease: Lease, audio: bytes) -> Path:
+        # One file per attempt: a late duplicate never overwrites the file the result points to.
+        folder = self.results_dir / lease.entry.job_id
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{lease.record.id}.a{lease.attempt}.{lease.record.format}"
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(audio)
+        os.replace(tmp, path)
+        return path
+
+    async def fail(self, lease: Lease, reason: str, error_type: ErrorType, retry: bool) -> Outcome:
+        """Requeue the item (``retry`` and attempts left) or mark it failed with ``reason``."""
+        return await self._run_finish(lease, "retry" if retry else "fail", reason[:2000], error_type.value)
+
+    async def release(self, lease: Lease) -> Outcome:
+        """Give the item back untouched (worker shutdown): requeued, the attempt not counted."""
+        return await self._run_finish(lease, "release")
+
+    async def dead_letters(self, count: int = 100) -> list[dict]:
+        """The newest dead-lettered items (exhausted retries or lost workers), newest first."""
+        rows = await self.redis.xrevrange(self.keys.dead, count=count)
+        return [{k.decode(): v.decode() for k, v in fields.items()} | {"entry": eid.decode()} for eid, fields in rows]
+
+    async def backlog(self) -> tuple[int, int]:
+        """(entries in the stream, entries delivered but not yet acked)."""
+        length = await self.redis.xlen(self.keys.queue)
+        try:
+            pending = (await self.redis.xpending(self.keys.queue, self.keys.group))["pending"]
+        except ResponseError:
+            pending = 0
+        return length, pending
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> QueueEntry:
+    return QueueEntry(entry_id=entry_id.decode(), job_id=fields[b"job"].decode(), item_id=fields[b"item"].decode())
