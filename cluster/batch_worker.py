@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cluster.batch_types import BatchItem, ErrorType, Lease, SynthesisResult
@@ -99,13 +100,15 @@ class BatchWorkerLoop:
     async def run(self) -> None:
         """Work until :meth:`stop` is called (or the task is cancelled: then in-flight items are released)."""
         failures = 0
+        need_group = True
         self._running = True
         next_heartbeat = next_reclaim = time.monotonic()
         try:
             while not self._stop.is_set():
                 try:
-                    if failures:
-                        await self.queue.ensure_group()  # Redis may have come back empty
+                    if need_group:  # at start, and whenever Redis came back without the group
+                        await self.queue.ensure_group()
+                        need_group = False
                     now = time.monotonic()
                     if now >= next_heartbeat:
                         await self._heartbeat()
@@ -121,6 +124,10 @@ class BatchWorkerLoop:
                     if failures == 1:
                         log.warning("batch worker %s: Redis unavailable (%s); retrying", self.consumer, exc)
                     await asyncio.sleep(min(0.05 * 2 ** failures, MAX_BACKOFF_S))
+                except ResponseError as exc:
+                    if "NOGROUP" not in str(exc):
+                        raise
+                    need_group = True
         except asyncio.CancelledError:
             self._grace_s = 0.0  # cancelled from outside: give items back now, do not wait for them
             raise

@@ -202,7 +202,13 @@ class JobStore:
         await self.ensure_group()
         meta = msgpack.packb({"job_key": job_key, "submitted_at": self.clock()})
         job_id, created = await self._create(args=[*self._base(), f"b_{uuid.uuid4().hex}", job_key or "", meta])
-        job_id = job_id.decode()
+        return await self.add_items(job_id.decode(), records, created=bool(created))
+
+    async def add_items(self, job_id: str, records: Sequence[ItemRecord], created: bool = False) -> SubmitResult:
+        """Add items to an existing job; ids it already has are not enqueued again.
+
+        Raises JobNotFound, or JobCancelled (a cancelled job takes no more items).
+        """
         added = dups = invalid = 0
         conflicts: list[str] = []
         for start in range(0, len(records), ADD_CHUNK):
@@ -219,7 +225,7 @@ class JobStore:
         job = await self.get(job_id)
         if job is None:
             raise JobNotFound(job_id)
-        return SubmitResult(job=job, created=bool(created), added=added, duplicates=dups,
+        return SubmitResult(job=job, created=created, added=added, duplicates=dups,
                             invalid=invalid, conflicts=conflicts)
 
     async def get(self, job_id: str) -> JobInfo | None:

@@ -75,6 +75,7 @@ class StageConfig(Placement):
 class OrchestratorConfig(Placement):
     max_ongoing_requests: int = Field(256, ge=1)
     max_queued_requests: int = Field(512, ge=-1)
+    max_active_requests: int = Field(64, ge=1)  # synthesizing at once per replica; more get 429 + Retry-After
     max_text_chars: int = Field(20_000, ge=1)
     max_body_bytes: int = Field(2_000_000, ge=1024)
     segment_max_tokens: int = Field(200, ge=8, le=256)  # long text is split into segments of at most this

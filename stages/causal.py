@@ -52,7 +52,6 @@ class CausalEngine(StageEngine):
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
         self.slots: list[Slot] = []
         self._ready: list[StageResult] = []
-        self.last_step: dict[str, float] = {}
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -94,7 +93,7 @@ class CausalEngine(StageEngine):
             results.append(StageResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
                                        timings={"latency_s": time.perf_counter() - self.slots[i].started}))
             self._release(i)
-        self.last_step = {"batch": float(len(rows)), "step_s": time.perf_counter() - t0}
+        self.last_step = {"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": time.perf_counter() - t0}
         return results
 
     # -- subclass hooks --------------------------------------------------------------------------

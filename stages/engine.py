@@ -94,6 +94,7 @@ class StageEngine(abc.ABC):
         self.options = options
         self.device = options.torch_device()
         self.dtype = options.torch_dtype()
+        self.last_step: dict[str, float] = {}  # batch, tokens, step_s of the latest step (for metrics)
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
 

@@ -42,7 +42,6 @@ class FineEngine(StageEngine):
         super().__init__(options)
         self.model, self.spec = model, spec
         self.jobs: list[_FineJob] = []
-        self.last_step: dict[str, float] = {}
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "FineEngine":
@@ -106,5 +105,6 @@ class FineEngine(StageEngine):
             results.append(StageResult(job.request.request_id, output=out,
                                        timings={"latency_s": time.perf_counter() - job.started}))
         self.jobs = keep
-        self.last_step = {"batch": float(len(windows)), "step_s": time.perf_counter() - t0}
+        frames = float(sum(win - w.fill_from for w in windows))
+        self.last_step = {"batch": float(len(windows)), "tokens": frames, "step_s": time.perf_counter() - t0}
         return results

@@ -1,0 +1,64 @@
+"""Request bodies of the HTTP API (pydantic), and their translation to generation parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stages import constants as C
+from stages.types import GenerationParams, SamplingParams
+
+
+class BarkOptions(BaseModel):
+    """Bark's knobs, accepted by both APIs (OpenAI-style requests carry them as extra fields)."""
+
+    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed and input, same audio")
+    temperature: float | None = Field(None, ge=0, le=100, description="every stage; 0 is greedy")
+    semantic_temperature: float | None = Field(None, ge=0, le=100)
+    coarse_temperature: float | None = Field(None, ge=0, le=100)
+    fine_temperature: float | None = Field(None, ge=0, le=100)
+    top_k: int | None = Field(None, ge=1, description="semantic and coarse stages")
+    top_p: float | None = Field(None, gt=0, le=1, description="semantic and coarse stages")
+    min_eos_p: float | None = Field(C.DEFAULT_MIN_EOS_P, gt=0, le=1, description="null disables the EOS threshold")
+    max_semantic_tokens: int = Field(C.MAX_SEMANTIC_TOKENS, ge=1, le=C.MAX_SEMANTIC_TOKENS,
+                                     description="cap per segment (768 is about 15 s)")
+
+    def generation_params(self) -> GenerationParams:
+        defaults = GenerationParams()
+        stages = {}
+        for stage in ("semantic", "coarse", "fine"):
+            temp = getattr(self, f"{stage}_temperature")
+            if temp is None:
+                temp = self.temperature if self.temperature is not None else getattr(defaults, stage).temperature
+            k, p = (self.top_k, self.top_p) if stage != "fine" else (None, None)
+            stages[stage] = SamplingParams(temperature=temp, top_k=k, top_p=p)
+        return GenerationParams(**stages, min_eos_p=self.min_eos_p, max_semantic_tokens=self.max_semantic_tokens,
+                                seed=self.seed)
+
+
+class SpeechRequest(BarkOptions):
+    """POST /v1/audio/speech: OpenAI's audio API, plus Bark's options as extra fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., description="bark, tts-1, tts-1-hd, gpt-4o-mini-tts or the served checkpoint's name")
+    input: str = Field(..., description="the text to speak")
+    voice: str = Field(..., description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
+    speed: float = Field(1.0, ge=0.25, le=4.0)
+    instructions: str | None = Field(None, description="accepted for compatibility; Bark has no instructions")
+    stream_format: Literal["audio", "sse"] | None = None
+
+
+class TTSRequest(BarkOptions):
+    """POST /v1/tts: the native API (JSON or msgpack)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str
+    voice: str | dict[str, Any] | None = Field(None, description="preset name, or arrays: semantic_prompt, "
+                                                                  "coarse_prompt, fine_prompt")
+    format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "wav"
+    stream: bool = False
+    priority: Literal["interactive", "batch"] = "interactive"

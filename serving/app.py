@@ -1,0 +1,40 @@
+"""The Ray Serve application: four stage deployments and the orchestrator, from one BarkConfig.
+
+``serve run serving.app:build_app`` / a Serve config's ``import_path`` call
+:func:`build_app` with the config as ``args``; ``bark-serve up`` calls it too.
+"""
+
+from __future__ import annotations
+
+from ray.serve import Application
+
+from cluster.serve_config import deployment_entry
+from stages.constants import STAGES
+
+from .config import DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
+from .orchestrator import Orchestrator
+from .stage_server import StageServer, load_engine
+
+
+def _options(name: str, placement) -> dict:
+    entry = deployment_entry(name, placement)
+    entry.pop("name")
+    return entry
+
+
+def build_app(args: dict | BarkConfig, engine_factory=load_engine) -> Application:
+    """Serve application builder; ``engine_factory`` is injectable for tests."""
+    cfg = args if isinstance(args, BarkConfig) else parse_config(dict(args or {}))
+    data = cfg.model_dump(mode="json")
+    stages = {}
+    for stage in STAGES:
+        name = DEPLOYMENT_NAMES[stage]
+        stages[stage] = StageServer.options(name=name, **_options(name, cfg.stage(stage))).bind(
+            stage, data, engine_factory)
+    batch = None
+    if cfg.batch.enabled:
+        from .batch_app import batch_store_factory
+
+        batch = batch_store_factory(cfg)
+    ingress = Orchestrator.options(name=INGRESS_NAME, **_options(INGRESS_NAME, cfg.orchestrator))
+    return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch)

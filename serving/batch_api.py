@@ -1,0 +1,336 @@
+"""HTTP API of durable batch jobs: ``batch_router(store_factory)`` -> a FastAPI APIRouter.
+
+Endpoints (mounted under ``/v1/batches``):
+
+``POST /v1/batches``
+    Body: JSONL (``application/jsonl`` or ``application/x-ndjson``; one item
+    object a line, blank lines skipped) or msgpack (``application/msgpack``: an
+    array of item maps). Item fields: ``id`` (optional, default the 0-based
+    line/array index), ``text``, ``voice``, ``seed``, ``format``
+    (wav|flac|pcm|mp3|opus, default wav), ``options`` (dict, passed through).
+    Idempotency: ``Idempotency-Key`` header (or ``?job_key=``) names the job:
+    the same key returns the same job and adds only item ids it lacks; ids
+    already there (queued, done or failed) are not enqueued again, and an id
+    resent with other content is listed in ``conflicts`` and left alone. A
+    cancelled job releases its key. Malformed items fail alone (reason in
+    their result); the whole body is refused only when it cannot be read (400),
+    has an unsupported type (415), is too large or has too many items (413), or
+    has no items, duplicate or unusable ids (422). Answers 202 with the job.
+``GET /v1/batches/{id}``
+    Status (queued|running|completed|cancelled), counts by item state,
+    ``rate_items_per_s`` and ``eta_s``.
+``GET /v1/batches/{id}/results?after=CURSOR&limit=N&follow=true&wait_s=S``
+    Streams finished items (succeeded and failed) in finishing order, JSONL
+    with base64 audio by default, or a stream of msgpack maps with raw audio
+    bytes when ``Accept: application/msgpack``. Every record carries its
+    ``cursor``; pass the last one as ``after`` to resume. ``follow=true``
+    keeps the stream open until the job is finished (or ``wait_s``). The last
+    record is ``{"type": "end", "cursor", "status", "complete"}``; ``complete``
+    true means the job is finished and every result up to it was sent.
+``DELETE /v1/batches/{id}``
+    Cancels: queued items never run, in-flight results are discarded; the job
+    ends ``cancelled``. A finished job is left as it is.
+
+Errors are OpenAI-style ``{"error": {"message", "type", "code"}}``, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import inspect
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from redis.exceptions import RedisError
+
+from cluster.batch_types import JOB_ID_RE, JOB_KEY_RE, InvalidBatchError, ItemRecord, ItemState, JobState
+from cluster.batch_types import check_unique, parse_item
+from cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
+from cluster.redis_conn import RedisUnavailable
+
+log = logging.getLogger("bark.batch.api")
+
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "application/jsonlines")
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+CURSOR_CHARS = set("0123456789-")
+FINISHED = (JobState.COMPLETED, JobState.CANCELLED)
+
+StoreFactory = Callable[[], "JobStore | Awaitable[JobStore]"]
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """What one submission and one results stream may be."""
+
+    max_body_bytes: int = 64 * 1024 * 1024
+    max_items: int = 100_000
+    max_text_chars: int = 20_000  # as OrchestratorConfig.max_text_chars
+    follow_max_s: float = 300.0  # a followed stream ends after this; the client resumes from its cursor
+    page_size: int = 64  # results read from Redis at once
+
+
+class ApiError(Exception):
+    """An answer other than 2xx, carried to the endpoint's edge."""
+
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type = status, message, code, type_
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": "2"} if self.status == 503 else None
+        return JSONResponse({"error": {"message": self.message, "type": self.type, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+def _guard(endpoint):
+    """Turn every failure of an endpoint into an OpenAI-style error response."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except ApiError as exc:
+            return exc.response()
+        except (RedisError, RedisUnavailable, OSError) as exc:
+            log.warning("batch API: Redis unavailable: %s", exc)
+            return ApiError(503, "the batch job store (Redis) is unavailable; retry later", "store_unavailable",
+                            "service_unavailable").response()
+        except Exception:  # a bug: log it here, answer without the trace
+            log.exception("batch API: internal error")
+            return ApiError(500, "internal error", "internal_error", "server_error").response()
+
+    return wrapper
+
+
+class _StoreCache:
+    """One store per event loop: asyncio Redis clients belong to the loop that made them."""
+
+    def __init__(self, factory: StoreFactory):
+        self.factory = factory
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._store: JobStore | None = None
+
+    async def get(self) -> JobStore:
+        loop = asyncio.get_running_loop()
+        if self._store is None or self._loop is not loop:
+            store = self.factory()
+            self._store = await store if inspect.isawaitable(store) else store
+            self._loop = loop
+        return self._store
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes", "body_too_large")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise ApiError(413, f"body exceeds the limit of {limit} bytes", "body_too_large")
+    return bytes(body)
+
+
+def _jsonl_items(body: bytes) -> list[tuple[int, Any, str | None]]:
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "JSONL body is not valid UTF-8", "invalid_body") from None
+    out = []
+    for index, line in enumerate(text.split("\n")):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            out.append((index, json.loads(line), None))
+        except ValueError as exc:  # this line fails alone
+            out.append((index, None, f"item {index} (line {index + 1}): not valid JSON ({exc})"))
+    return out
+
+
+def _msgpack_items(body: bytes) -> list[tuple[int, Any, str | None]]:
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=False)
+    except Exception:  # msgpack raises several unrelated types for bad input
+        raise ApiError(400, "body is not valid msgpack", "invalid_body") from None
+    if not isinstance(data, list):
+        raise ApiError(400, "a msgpack body must be an array of item maps", "invalid_body")
+    return [(index, raw, None) for index, raw in enumerate(data)]
+
+
+def parse_submission(body: bytes, content_type: str, limits: BatchLimits) -> list[ItemRecord]:
+    """Validate a whole submission; ApiError for the body as a whole, failed records for bad items."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype in JSONL_TYPES:
+        raws = _jsonl_items(body)
+    elif ctype in MSGPACK_TYPES:
+        raws = _msgpack_items(body)
+    else:
+        raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'!r}: use application/jsonl, "
+                            "application/x-ndjson or application/msgpack", "unsupported_media_type")
+    if not raws:
+        raise ApiError(422, "the submission has no items", "invalid_items")
+    if len(raws) > limits.max_items:
+        raise ApiError(413, f"{len(raws)} items exceed the limit of {limits.max_items} per submission; "
+                            "split them over several submissions with the same Idempotency-Key", "too_many_items")
+    try:
+        records = [parse_item(raw, index, limits.max_text_chars, error) for index, raw, error in raws]
+        check_unique(records)
+    except InvalidBatchError as exc:
+        raise ApiError(422, str(exc), "invalid_items") from None
+    return records
+
+
+def _job_id(job_id: str) -> str:
+    if not JOB_ID_RE.match(job_id):
+        raise ApiError(404, f"no batch job {job_id[:80]!r}", "job_not_found")
+    return job_id
+
+
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, f"no batch job {job_id!r} (unknown, or expired)", "job_not_found")
+
+
+async def _result_dict(rec: ResultRecord) -> dict:
+    out: dict = {"type": "result", "cursor": rec.cursor, "id": rec.item_id, "state": rec.state.value,
+                 "attempts": rec.attempts}
+    if rec.state is not ItemState.SUCCEEDED:
+        out["error"] = {"message": rec.error, "type": rec.error_type}
+        return out
+    out.update(rec.meta)
+    audio = rec.audio
+    if rec.path is not None:
+        try:
+            audio = await asyncio.to_thread(Path(rec.path).read_bytes)
+        except OSError:
+            out["error"] = {"message": f"result file {rec.path} is missing", "type": "result_missing"}
+    out["audio"] = audio
+    return out
+
+
+def _query(request: Request) -> tuple[str, int, bool, float]:
+    q = request.query_params
+    after = q.get("after", "0") or "0"
+    if not set(after) <= CURSOR_CHARS or after.count("-") > 1 or after.startswith("-"):
+        raise ApiError(400, f"after={after[:40]!r} is not a cursor (use the 'cursor' of a result record)",
+                       "invalid_cursor")
+    try:
+        limit = int(q.get("limit", "0")) or 10**12
+        wait_s = float(q.get("wait_s", "0"))
+    except ValueError:
+        raise ApiError(400, "limit must be an integer and wait_s a number", "invalid_parameter") from None
+    if limit < 0 or wait_s < 0:
+        raise ApiError(400, "limit and wait_s must not be negative", "invalid_parameter")
+    follow = q.get("follow", "false").lower() in ("1", "true", "yes")
+    return after, limit, follow, wait_s
+
+
+async def _results(store: JobStore, job_id: str, after: str, limit: int, follow: bool, wait_s: float,
+                   encode: Callable[[dict], bytes], limits: BatchLimits) -> AsyncIterator[bytes]:
+    cursor, sent, final = after, 0, False
+    deadline = time.monotonic() + (min(wait_s, limits.follow_max_s) if wait_s else limits.follow_max_s)
+    try:
+        while sent < limit:
+            page = await store.results(job_id, after=cursor, count=min(limits.page_size, limit - sent))
+            if not page:
+                if not follow or final or time.monotonic() > deadline:
+                    break
+                info = await store.get(job_id)
+                # the finishing script writes the result before the state turns final: one last read settles it
+                final = info is None or info.state in FINISHED
+                if not final:
+                    await store.results(job_id, after=cursor, count=1, block_ms=500)  # wait for the next result
+                continue
+            for rec in page:
+                yield encode(await _result_dict(rec))
+                cursor, sent = rec.cursor, sent + 1
+        info = await store.get(job_id)
+        status = info.state.value if info else "expired"
+        tail = not await store.results(job_id, after=cursor, count=1) if info else True
+        yield encode({"type": "end", "cursor": cursor, "status": status,
+                      "complete": bool(info is None or info.state in FINISHED) and tail})
+    except (RedisError, OSError) as exc:  # the status line is gone: tell the client in-band, it resumes
+        log.warning("batch API: results stream of %s broke: %s", job_id, exc)
+        yield encode({"type": "error", "cursor": cursor,
+                      "error": {"message": "the job store became unavailable; resume from cursor",
+                                "type": "service_unavailable", "code": "store_unavailable"}})
+
+
+def _encoder(request: Request) -> tuple[Callable[[dict], bytes], str]:
+    accept = request.headers.get("accept", "").lower()
+    if any(t in accept for t in MSGPACK_TYPES):
+        return (lambda d: msgpack.packb(d, use_bin_type=True)), "application/msgpack"
+
+    def jsonl(d: dict) -> bytes:
+        if isinstance(d.get("audio"), (bytes, bytearray)):
+            d = {**d, "audio": base64.b64encode(d["audio"]).decode("ascii")}
+        return (json.dumps(d, separators=(",", ":")) + "\n").encode()
+
+    return jsonl, "application/jsonl"
+
+
+def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimits(),
+                 dependencies: Sequence[Any] = (), prefix: str = "/v1/batches") -> APIRouter:
+    """The batch-job endpoints over the store that ``store_factory()`` returns (a JobStore, or an awaitable of one).
+
+    The factory is called once per event loop. ``dependencies`` (e.g. the API-key check) apply to every route.
+    """
+    router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=["batches"])
+    stores = _StoreCache(store_factory)
+
+    @router.post("", status_code=202)
+    @_guard
+    async def create_batch(request: Request) -> Response:
+        job_key = request.headers.get("idempotency-key") or request.query_params.get("job_key")
+        if job_key is not None and not JOB_KEY_RE.match(job_key):
+            raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
+                           "invalid_idempotency_key")
+        body = await read_body(request, limits.max_body_bytes)
+        records = parse_submission(body, request.headers.get("content-type", ""), limits)
+        store = await stores.get()
+        try:
+            result = await store.submit(records, job_key=job_key)
+        except (JobCancelled, JobNotFound):  # the keyed job was cancelled or expired while we added to it
+            raise ApiError(409, "the job was cancelled or expired during submission; resubmit", "job_conflict")
+        return JSONResponse(result.to_dict(), status_code=202,
+                            headers={"Location": f"{prefix}/{result.job.job_id}"})
+
+    @router.get("/{job_id}")
+    @_guard
+    async def get_batch(job_id: str) -> Response:
+        info = await (await stores.get()).get(_job_id(job_id))
+        if info is None:
+            raise _not_found(job_id)
+        return JSONResponse(info.to_dict())
+
+    @router.get("/{job_id}/results")
+    @_guard
+    async def get_results(job_id: str, request: Request) -> Response:
+        after, limit, follow, wait_s = _query(request)
+        store = await stores.get()
+        if await store.get(_job_id(job_id)) is None:
+            raise _not_found(job_id)
+        encode, media_type = _encoder(request)
+        stream = _results(store, job_id, after, limit, follow, wait_s, encode, limits)
+        return StreamingResponse(stream, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+    @router.delete("/{job_id}")
+    @_guard
+    async def cancel_batch(job_id: str) -> Response:
+        info = await (await stores.get()).cancel(_job_id(job_id))
+        if info is None:
+            raise _not_found(job_id)
+        return JSONResponse(info.to_dict())
+
+    return router

@@ -1,0 +1,69 @@
+"""Errors of the HTTP API, answered OpenAI-style: ``{"error": {"message", "type", "code"}}``."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fastapi.responses import JSONResponse
+
+from stages.text import TextTooLongError
+from stages.types import InvalidRequestError
+from stages.voices import UnknownVoiceError
+
+from .scheduler import QueueFull, StageError
+from .synthesis import TextTooLarge
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error",
+                 retry_after: int | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code, self.type, self.retry_after = status, message, code, type_, retry_after
+
+    def response(self) -> JSONResponse:
+        headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
+        body = {"error": {"message": self.message, "type": self.type, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def overloaded(message: str, retry_after: int, status: int = 503) -> APIError:
+    code = "rate_limited" if status == 429 else "overloaded"
+    return APIError(status, message, code, "server_error" if status == 503 else "rate_limit_error", retry_after)
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The original exception of a Ray task/actor error (whose str() is a whole remote traceback)."""
+    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
+        exc = exc.cause
+    return exc
+
+
+def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
+    """Map whatever a request raised (possibly across Ray) to the answer the client gets."""
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    if isinstance(exc, APIError):
+        return exc
+    exc = unwrap(exc)
+    if isinstance(exc, TextTooLarge):
+        return APIError(413, str(exc), "input_too_large")
+    if isinstance(exc, UnknownVoiceError):
+        return APIError(400, str(exc), "voice_not_found")
+    if isinstance(exc, TextTooLongError):
+        return APIError(400, str(exc), "input_too_long")
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), "invalid_request")
+    if isinstance(exc, (QueueFull, BackPressureError)):
+        return overloaded("the server is at capacity; retry shortly", retry_after)
+    if isinstance(exc, DeploymentUnavailableError):
+        return overloaded("a pipeline stage is unavailable; retry shortly", retry_after)
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return APIError(504, "the request took longer than the server's timeout", "timeout", "server_error")
+    if isinstance(exc, StageError):
+        log.error("stage error: %s", exc)
+        return APIError(500, "a pipeline stage failed while processing this request", "stage_error", "server_error")
+    log.error("unexpected error", exc_info=exc)
+    return APIError(500, "internal error", "internal_error", "server_error")

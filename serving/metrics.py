@@ -1,0 +1,83 @@
+"""Prometheus metrics through Ray (ray.serve.metrics): scraped from each node's metrics export port.
+
+Stage replicas (tag ``stage``):
+- ``bark_stage_queue_length`` (gauge): requests waiting for a place in the batch
+- ``bark_stage_batch_size`` (histogram): requests per engine step
+- ``bark_stage_step_seconds`` (histogram): duration of one engine step
+- ``bark_stage_tokens_total`` (counter): tokens (semantic/coarse), frames (fine/codec) produced;
+  its rate is tokens/s
+- ``bark_stage_request_seconds`` (histogram): queue + work time of one request in the stage
+- ``bark_stage_requests_total`` (counter, tag ``outcome`` ok|error)
+Orchestrator:
+- ``bark_request_seconds`` (histogram, tag ``api``): whole request latency
+- ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
+- ``bark_audio_seconds_total`` (counter): seconds of audio produced
+- ``bark_http_errors_total`` (counter, tag ``code``)
+Ray Serve adds deployment, replica and application tags.
+"""
+
+from __future__ import annotations
+
+LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
+BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+
+
+class StageMetrics:
+    """The scheduler's metrics sink for one stage replica."""
+
+    def __init__(self, stage: str):
+        from ray.serve.metrics import Counter, Gauge, Histogram
+
+        tags = {"stage": stage}
+        self._queue = Gauge("bark_stage_queue_length", "Requests waiting in the stage queue", tag_keys=("stage",))
+        self._batch = Histogram("bark_stage_batch_size", "Requests per engine step", boundaries=BATCH_BUCKETS,
+                                tag_keys=("stage",))
+        self._step = Histogram("bark_stage_step_seconds", "Engine step duration", boundaries=LATENCY_BUCKETS,
+                               tag_keys=("stage",))
+        self._tokens = Counter("bark_stage_tokens_total", "Tokens or frames produced", tag_keys=("stage",))
+        self._latency = Histogram("bark_stage_request_seconds", "Time of a request in the stage",
+                                  boundaries=LATENCY_BUCKETS, tag_keys=("stage",))
+        self._requests = Counter("bark_stage_requests_total", "Requests finished by the stage",
+                                 tag_keys=("stage", "outcome"))
+        self._tags = tags
+        self._stage = stage
+
+    def queue_length(self, n: int) -> None:
+        self._queue.set(n, tags=self._tags)
+
+    def step(self, batch: float, tokens: float, seconds: float) -> None:
+        if batch:
+            self._batch.observe(batch, tags=self._tags)
+        self._step.observe(seconds, tags=self._tags)
+        if tokens:
+            self._tokens.inc(tokens, tags=self._tags)
+
+    def request_done(self, latency_s: float, ok: bool) -> None:
+        self._latency.observe(latency_s, tags=self._tags)
+        self._requests.inc(1, tags={"stage": self._stage, "outcome": "ok" if ok else "error"})
+
+
+class RequestMetrics:
+    """The orchestrator's request-level metrics."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Histogram
+
+        self._latency = Histogram("bark_request_seconds", "Whole request latency", boundaries=LATENCY_BUCKETS,
+                                  tag_keys=("api",))
+        self._ttfa = Histogram("bark_time_to_first_audio_seconds", "Time to the first audio chunk",
+                               boundaries=LATENCY_BUCKETS)
+        self._audio = Counter("bark_audio_seconds_total", "Seconds of audio produced")
+        self._errors = Counter("bark_http_errors_total", "Error answers", tag_keys=("code",))
+
+    def request(self, api: str, seconds: float) -> None:
+        self._latency.observe(seconds, tags={"api": api})
+
+    def first_audio(self, seconds: float) -> None:
+        self._ttfa.observe(seconds)
+
+    def audio(self, seconds: float) -> None:
+        self._audio.inc(seconds)
+
+    def error(self, code: int) -> None:
+        self._errors.inc(1, tags={"code": str(code)})

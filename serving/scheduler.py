@@ -1,0 +1,204 @@
+"""The batching loop inside every stage replica: plain asyncio, testable without Ray or torch.
+
+How this works:
+- ``submit`` puts a request in a priority queue (interactive before batch,
+  then arrival order) and awaits its future;
+- one loop task admits queued requests whenever the engine has room, then
+  runs ``engine.step()`` in a worker thread (so the event loop keeps
+  accepting requests), and resolves the futures of the requests that finished;
+- when the engine is idle the loop sleeps until a request arrives, then waits
+  ``batch_wait_s`` so that a burst is admitted together;
+- a bad request fails alone (``admit`` raises, or its result carries an
+  error); if a whole step fails, the requests it held fail and the loop goes
+  on: the replica never dies for a request;
+- a caller that goes away (cancelled await) has its request dropped from the
+  queue or cancelled in the engine between two steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from stages.types import InvalidRequestError, StageResult
+
+log = logging.getLogger(__name__)
+
+PRIORITIES = {"interactive": 0, "batch": 1}
+
+
+class QueueFull(RuntimeError):
+    """The stage's queue is at its limit (the caller answers 503 with Retry-After)."""
+
+
+class StageError(RuntimeError):
+    """The engine failed while it held this request (not the request's fault)."""
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """A finished request: the engine's output and when the stage worked on it (wall-clock seconds)."""
+
+    output: object
+    queued_at: float
+    started: float
+    finished: float
+
+
+class NullMetrics:
+    """What the scheduler reports; serving.metrics records it in Ray's Prometheus metrics."""
+
+    def queue_length(self, n: int) -> None: ...
+    def step(self, batch: float, tokens: float, seconds: float) -> None: ...
+    def request_done(self, latency_s: float, ok: bool) -> None: ...
+
+
+@dataclass(order=True)
+class _Entry:
+    priority: int
+    seq: int
+    request: object = field(compare=False)
+    future: asyncio.Future = field(compare=False)
+    queued_at: float = field(compare=False, default_factory=time.time)
+
+
+class StageScheduler:
+    def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002, metrics=None):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.batch_wait_s = batch_wait_s
+        self.metrics = metrics or NullMetrics()
+        self._queue: list[_Entry] = []
+        self._seq = itertools.count()
+        self._held: dict[str, _Entry] = {}  # request_id -> entry, admitted to the engine
+        self._started: dict[str, float] = {}
+        self._cancel: set[str] = set()
+        self._wake = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{engine.name}-step")
+        self._task: asyncio.Task | None = None
+        self.busy_s = 0.0  # time spent inside engine.step (for the benchmark's per-stage busy time)
+        self.steps = 0
+
+    # -- public ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self.engine.name}-loop")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        self._executor.shutdown(wait=False)
+
+    @property
+    def alive(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    def stats(self) -> dict:
+        return {"queued": len(self._queue), "held": len(self._held), "steps": self.steps, "busy_s": self.busy_s}
+
+    async def submit(self, request, priority: str = "interactive") -> StageOutput:
+        """Queue a request and wait for its output; raises InvalidRequestError, QueueFull or StageError."""
+        if priority not in PRIORITIES:
+            raise InvalidRequestError(f"priority must be one of {', '.join(PRIORITIES)}")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{self.engine.name} queue is full ({self.max_queue} waiting)")
+        self.start()
+        entry = _Entry(PRIORITIES[priority], next(self._seq), request, asyncio.get_running_loop().create_future())
+        heapq.heappush(self._queue, entry)
+        self.metrics.queue_length(len(self._queue))
+        self._wake.set()
+        try:
+            return await entry.future
+        except asyncio.CancelledError:
+            self._cancel.add(request.request_id)
+            self._wake.set()
+            raise
+
+    # -- loop -----------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._queue and not self._held:
+                self._wake.clear()
+                await self._wake.wait()
+                if self.batch_wait_s:
+                    await asyncio.sleep(self.batch_wait_s)
+            self._apply_cancels()
+            self._admit()
+            if not self._held:
+                continue
+            t0 = time.perf_counter()
+            try:
+                results = await loop.run_in_executor(self._executor, self.engine.step)
+            except Exception as exc:  # the engine broke: fail what it held, keep serving
+                log.exception("%s step failed; failing %d held requests", self.engine.name, len(self._held))
+                self._fail_held(exc)
+                continue
+            finally:
+                self.busy_s += time.perf_counter() - t0
+                self.steps += 1
+            last = getattr(self.engine, "last_step", {}) or {}
+            self.metrics.step(last.get("batch", 0.0), last.get("tokens", 0.0), last.get("step_s", 0.0))
+            for res in results:
+                self._finish(res)
+
+    def _admit(self) -> None:
+        while self._queue and self.engine.free > 0:
+            entry = heapq.heappop(self._queue)
+            if entry.future.done():  # cancelled while queued
+                continue
+            rid = entry.request.request_id
+            try:
+                self.engine.admit(entry.request)
+            except InvalidRequestError as exc:
+                entry.future.set_exception(exc)
+                self.metrics.request_done(time.time() - entry.queued_at, ok=False)
+                continue
+            except Exception as exc:  # admission itself broke: this request fails alone
+                log.exception("%s admit failed for %s", self.engine.name, rid)
+                entry.future.set_exception(StageError(f"{self.engine.name} could not admit the request: {exc}"))
+                continue
+            self._held[rid] = entry
+            self._started[rid] = time.time()
+        self.metrics.queue_length(len(self._queue))
+
+    def _finish(self, res: StageResult) -> None:
+        entry = self._held.pop(res.request_id, None)
+        started = self._started.pop(res.request_id, time.time())
+        if entry is None or entry.future.done():
+            return
+        now = time.time()
+        self.metrics.request_done(now - entry.queued_at, ok=res.ok)
+        if res.ok:
+            entry.future.set_result(StageOutput(res.output, entry.queued_at, started, now))
+        else:
+            entry.future.set_exception(res.error if isinstance(res.error, Exception) else StageError(str(res.error)))
+
+    def _fail_held(self, exc: Exception) -> None:
+        for rid, entry in list(self._held.items()):
+            try:
+                self.engine.cancel(rid)
+            except Exception:  # the engine is already in trouble; drop our side regardless
+                log.exception("cancel of %s failed", rid)
+            if not entry.future.done():
+                entry.future.set_exception(StageError(f"{self.engine.name} failed: {exc}"))
+        self._held.clear()
+        self._started.clear()
+
+    def _apply_cancels(self) -> None:
+        for rid in self._cancel:
+            if rid in self._held:
+                self.engine.cancel(rid)
+                self._held.pop(rid)
+                self._started.pop(rid, None)
+        self._cancel.clear()

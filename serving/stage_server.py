@@ -1,0 +1,89 @@
+"""One generic Ray Serve deployment for every stage: an engine plus its batching loop.
+
+The app builder deploys it four times (SemanticServer, CoarseServer,
+FineServer, CodecServer), each with its own pool, replicas and limits. The
+engine comes from ``engine_factory`` (dependency injection: tests pass a
+fake engine where the model is beside the point).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from ray import serve
+
+from stages.engine import EngineOptions, resolve_device, resolve_dtype
+from stages.types import InvalidRequestError
+
+from .config import BarkConfig, StageConfig, parse_config
+from .scheduler import StageOutput, StageScheduler
+
+log = logging.getLogger(__name__)
+
+
+def engine_options(cfg: StageConfig) -> EngineOptions:
+    device = resolve_device(cfg.device)
+    return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device), capacity=cfg.max_batch,
+                         torch_threads=cfg.torch_threads, cpu_offload=cfg.cpu_offload)
+
+
+def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):
+    """The real engine: read only this stage's sub-model from the checkpoint."""
+    from stages.pipeline import ENGINES
+    from stages.weights import Checkpoint
+
+    return ENGINES[stage].from_checkpoint(Checkpoint.open(cfg.model), options)
+
+
+# Helpers come before the deployment class: Serve pickles the class when it is decorated.
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+@serve.deployment
+class StageServer:
+    def __init__(self, stage: str, config: dict, engine_factory=load_engine):
+        self.stage = stage
+        cfg = parse_config(config)
+        scfg = cfg.stage(stage)
+        self.engine = engine_factory(stage, cfg, engine_options(scfg))
+        try:
+            from .metrics import StageMetrics
+
+            metrics = StageMetrics(stage)
+        except Exception:  # metrics need a Serve replica context; never fail serving for them
+            log.warning("metrics unavailable for %s", stage, exc_info=True)
+            metrics = None
+        max_queue = scfg.max_queued_requests if scfg.max_queued_requests >= 0 else 1 << 30
+        self.scheduler = StageScheduler(self.engine, max_queue=max_queue + scfg.max_ongoing_requests,
+                                        batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
+        log.info("%s ready: capacity %d, %s on %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device)
+
+    async def run(self, request, priority: str = "interactive") -> StageOutput:
+        """Process one stage request (a stages.types *Request); raises InvalidRequestError for a bad one."""
+        if not hasattr(request, "request_id"):
+            raise InvalidRequestError(f"{self.stage} expects a stage request, got {type(request).__name__}")
+        return await self.scheduler.submit(request, priority)
+
+    async def stats(self) -> dict:
+        s = self.scheduler.stats()
+        s.update(stage=self.stage, capacity=self.engine.capacity, weight_bytes=self.engine.weight_bytes(),
+                 peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id())
+        return s
+
+    async def ready(self) -> bool:
+        return True
+
+    async def check_health(self) -> None:
+        """Serve's health check: the replica is unhealthy if its batching loop died."""
+        if self.scheduler.steps and not self.scheduler.alive:
+            raise RuntimeError(f"{self.stage} batching loop stopped")

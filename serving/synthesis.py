@@ -1,0 +1,141 @@
+"""The orchestrator's core: validate, split, and pipeline the segments of a request through the stages.
+
+How this works: a request becomes segments (sentences packed up to a token
+budget). Every (stage, segment) pair is one asyncio task that waits for what
+it needs: its own input from the previous stage, and the history prompt from
+the previous segment (Bark's long-form recipe: segment i continues segment
+i-1's voice). So segment 2 is in semantic while segment 1 is in coarse, and
+audio chunks stream out in order as the codec finishes them. Stage calls go
+through ``call(stage, request, priority)``: Ray Serve handles in the app, plain
+schedulers in tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from stages.constants import BarkSpec
+from stages.longform import segment_seed, split_text
+from stages.text import TextPreparer
+from stages.types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, InvalidRequestError,
+                          SemanticRequest, VoicePrompt)
+from stages.voices import VoiceLibrary
+
+StageCall = Callable[[str, object, str], Awaitable[object]]  # (stage, request, priority) -> StageOutput
+
+
+class TextTooLarge(InvalidRequestError):
+    """More characters than the server accepts in one request (HTTP 413)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    request_id: str
+    segments: tuple[str, ...]
+    text_ids: tuple[np.ndarray, ...]
+    voice: VoicePrompt | None
+    params: GenerationParams
+    seed: int
+    priority: str
+
+
+@dataclass
+class AudioChunk:
+    index: int
+    n_segments: int
+    audio: np.ndarray  # float32 at sample_rate
+    sample_rate: int
+    timings: dict[str, dict[str, float]]  # stage -> queued_at / started / finished (epoch seconds)
+    semantic_tokens: int
+
+
+class Synthesizer:
+    def __init__(self, text: TextPreparer, voices: VoiceLibrary, spec: BarkSpec, call: StageCall,
+                 segment_max_tokens: int = 200, max_text_chars: int = 20_000,
+                 voice_aliases: Mapping[str, str] | None = None):
+        self.text, self.voices, self.spec, self.call = text, voices, spec, call
+        self.segment_max_tokens = min(segment_max_tokens, text.max_tokens)
+        self.max_text_chars = max_text_chars
+        self.aliases = dict(voice_aliases or {})
+
+    def resolve_voice(self, voice) -> VoicePrompt | None:
+        if isinstance(voice, str):
+            voice = self.aliases.get(voice, voice)
+        return self.voices.resolve(voice)
+
+    def plan(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
+             priority: str = "interactive", request_id: str | None = None) -> Plan:
+        """Check everything a request carries before any stage sees it; raises InvalidRequestError."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequestError("input text is empty")
+        if len(text) > self.max_text_chars:
+            raise TextTooLarge(f"input has {len(text)} characters; this server accepts at most {self.max_text_chars}")
+        segments = tuple(split_text(text, self.text.count, self.segment_max_tokens))
+        ids = tuple(self.text.encode(s) for s in segments)
+        seed = params.seed if params.seed is not None else secrets.randbits(62)
+        return Plan(request_id or uuid.uuid4().hex, segments, ids, self.resolve_voice(voice), params, seed, priority)
+
+    async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
+        """Audio chunks, one per segment, in order, as soon as each is decoded."""
+        tasks: dict[tuple[str, int], asyncio.Task] = {}
+        for i in range(len(plan.segments)):
+            for stage in ("semantic", "coarse", "fine", "codec"):
+                tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks))
+        try:
+            for i in range(len(plan.segments)):
+                out = await tasks["codec", i]
+                timings = {s: _times(tasks[s, i].result()) for s in ("semantic", "coarse", "fine", "codec")}
+                yield AudioChunk(i, len(plan.segments), out.output, self.spec.sample_rate, timings,
+                                 len(tasks["semantic", i].result().output))
+        finally:
+            for task in tasks.values():
+                task.cancel()
+
+    async def collect(self, plan: Plan) -> list[AudioChunk]:
+        return [chunk async for chunk in self.stream(plan)]
+
+    # -- one (stage, segment) task ----------------------------------------------------------------
+    async def _stage(self, stage: str, i: int, plan: Plan, tasks):
+        rid, p = f"{plan.request_id}:{i}", plan.params
+        seed = segment_seed(plan.seed, i)
+        if stage == "semantic":
+            voice = await self._history(i, plan, tasks, stage)
+            req = SemanticRequest(rid, plan.text_ids[i], voice, p.semantic, p.min_eos_p, p.max_semantic_tokens, seed)
+        elif stage == "coarse":
+            sem = (await tasks["semantic", i]).output
+            req = CoarseRequest(rid, sem, await self._history(i, plan, tasks, stage), p.coarse, seed)
+        elif stage == "fine":
+            coarse = (await tasks["coarse", i]).output
+            req = FineRequest(rid, coarse, await self._history(i, plan, tasks, stage), p.fine, seed)
+        else:
+            req = CodecRequest(rid, (await tasks["fine", i]).output)
+        return await self.call(stage, req, plan.priority)
+
+    async def _history(self, i: int, plan: Plan, tasks, stage: str) -> VoicePrompt | None:
+        """Segment i's history prompt, as far as ``stage`` reads it: segment i-1's output (or its history)."""
+        if i == 0:
+            return plan.voice
+        sem = (await tasks["semantic", i - 1]).output
+        if len(sem) < 2:  # too short to carry a voice: keep the one before
+            return await self._history(i - 1, plan, tasks, stage)
+        coarse = (await tasks["coarse", i - 1]).output if stage in ("coarse", "fine") else _EMPTY2
+        fine = (await tasks["fine", i - 1]).output if stage == "fine" else _EMPTY8
+        return VoicePrompt(sem.astype(np.int64), coarse.astype(np.int64), fine.astype(np.int64), name="carried")
+
+
+_EMPTY2 = np.zeros((2, 0), dtype=np.int64)
+_EMPTY8 = np.zeros((8, 0), dtype=np.int64)
+
+
+def _times(out) -> dict[str, float]:
+    return {"queued_at": out.queued_at, "started": out.started, "finished": out.finished}
+
+
+def with_seed(params: GenerationParams, seed: int | None) -> GenerationParams:
+    return params if seed is None else replace(params, seed=seed)

@@ -1,0 +1,89 @@
+"""A real redis-server for tests: free localhost port, temp dir, AOF persistence, restartable.
+
+Install it with ``apt-get update && apt-get install -y redis-server``.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+INSTALL_HINT = "redis-server is not installed: run `apt-get update && apt-get install -y redis-server`"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """One redis-server process with ``--appendonly yes`` in ``workdir``; ``restart()`` keeps port and data."""
+
+    def __init__(self, workdir: Path, port: int | None = None):
+        binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+        if binary is None:
+            pytest.fail(INSTALL_HINT, pytrace=False)
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+               "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if client.ping():
+                    break
+            except redis.exceptions.BusyLoadingError:
+                pass
+            except redis.ConnectionError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start within 10 s")
+            time.sleep(0.02)
+        client.close()
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        """SIGTERM (Redis flushes its AOF and exits) or SIGKILL."""
+        if self.proc is None:
+            return
+        self.proc.kill() if kill else self.proc.terminate()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def restart(self, kill: bool = False) -> None:
+        self.stop(kill=kill)
+        self.start()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """One redis-server for the whole session (tests keep apart by key prefix)."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def prefix() -> str:
+    """Keys of one test never meet another's: each test has its own prefix on the shared server."""
+    return f"t{uuid.uuid4().hex[:10]}"
