@@ -96,7 +96,9 @@ class ItemRecord:
 
     @classmethod
     def unpack(cls, data: bytes) -> "ItemRecord":
-        return cls(**msgpack.unpackb(data, raw=False))
+        raw = msgpack.unpackb(data, raw=False)
+        # Unknown fields are dropped, so records written by a newer version still load.
+        return cls(**{k: v for k, v in raw.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass(frozen=True)

@@ -68,15 +68,19 @@ class BatchWorkerLoop:
     """
 
     def __init__(self, queue: WorkQueue, synthesize: Synthesize, *, max_in_flight: int = 8,
-                 claim_timeout_s: float = 300.0, consumer: str | None = None, block_ms: int | None = None):
+                 claim_timeout_s: float = 300.0, item_timeout_s: float | None = None,
+                 consumer: str | None = None, block_ms: int | None = None):
         self.queue = queue
         self.synthesize = synthesize
         self.max_in_flight = max_in_flight
         self.claim_timeout_s = claim_timeout_s
+        self.item_timeout_s = item_timeout_s  # a synthesize call running longer fails (and is retried)
         self.consumer = consumer or default_consumer_name()
-        # Heartbeats well inside the claim timeout; reclaim checks often enough to notice dead workers.
-        self.heartbeat_s = claim_timeout_s / 3
+        # Heartbeats well inside the claim timeout, and often enough that a cancel stops in-flight
+        # items within seconds; reclaim checks often enough to notice dead workers.
+        self.heartbeat_s = min(claim_timeout_s / 3, 5.0)
         self.reclaim_s = min(claim_timeout_s / 2, 10.0)
+        self.prune_s = max(10 * claim_timeout_s, 3600.0)  # dead consumers' names are dropped after this
         self.block_ms = block_ms if block_ms is not None else int(min(500, self.heartbeat_s * 1000))
         self.stats = WorkerStats()
         self._tasks: dict[asyncio.Task, Lease] = {}
@@ -88,10 +92,11 @@ class BatchWorkerLoop:
         self._reclaim_cursor = "0-0"
 
     @classmethod
-    def from_config(cls, queue: WorkQueue, synthesize: Synthesize, cfg, consumer: str | None = None) -> "BatchWorkerLoop":
+    def from_config(cls, queue: WorkQueue, synthesize: Synthesize, cfg, consumer: str | None = None,
+                    item_timeout_s: float | None = None) -> "BatchWorkerLoop":
         """Build from a :class:`serving.config.BatchConfig`."""
         return cls(queue, synthesize, max_in_flight=cfg.max_in_flight, claim_timeout_s=cfg.claim_timeout_s,
-                   consumer=consumer)
+                   item_timeout_s=item_timeout_s, consumer=consumer)
 
     @property
     def in_flight(self) -> int:
@@ -103,6 +108,7 @@ class BatchWorkerLoop:
         need_group = True
         self._running = True
         next_heartbeat = next_reclaim = time.monotonic()
+        next_prune = next_heartbeat + self.reclaim_s
         try:
             while not self._stop.is_set():
                 try:
@@ -116,6 +122,9 @@ class BatchWorkerLoop:
                     if now >= next_reclaim and self._free():
                         await self._reclaim()
                         next_reclaim = now + self.reclaim_s
+                    if now >= next_prune:
+                        await self.queue.prune_consumers(int(self.prune_s * 1000))
+                        next_prune = now + self.prune_s
                     await self._fill_or_wait()
                     failures = 0
                 except REDIS_DOWN as exc:
@@ -125,9 +134,14 @@ class BatchWorkerLoop:
                         log.warning("batch worker %s: Redis unavailable (%s); retrying", self.consumer, exc)
                     await asyncio.sleep(min(0.05 * 2 ** failures, MAX_BACKOFF_S))
                 except ResponseError as exc:
-                    if "NOGROUP" not in str(exc):
-                        raise
-                    need_group = True
+                    if "NOGROUP" in str(exc):
+                        need_group = True
+                    else:  # a bug or a Redis refusal: keep the worker alive, but say so loudly
+                        log.error("batch worker %s: Redis error: %s", self.consumer, exc)
+                        await asyncio.sleep(MAX_BACKOFF_S)
+                except Exception:
+                    log.exception("batch worker %s: unexpected error; continuing", self.consumer)
+                    await asyncio.sleep(MAX_BACKOFF_S)
         except asyncio.CancelledError:
             self._grace_s = 0.0  # cancelled from outside: give items back now, do not wait for them
             raise
@@ -154,9 +168,8 @@ class BatchWorkerLoop:
     async def _fill_or_wait(self) -> None:
         free = self._free()
         if free > 0:
-            # Block only when nothing is running: a finished task must not wait for the read to return.
-            block = self.block_ms if not self._tasks else min(self.block_ms, 100)
-            for lease in await self.queue.claim(self.consumer, free, block_ms=block):
+            # Tasks commit on their own, so blocking here delays nothing but the next heartbeat/reclaim check.
+            for lease in await self.queue.claim(self.consumer, free, block_ms=self.block_ms):
                 self._spawn(lease)
         else:
             await asyncio.wait(list(self._tasks), timeout=self.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
@@ -192,13 +205,17 @@ class BatchWorkerLoop:
     async def _process(self, lease: Lease) -> None:
         item = lease.batch_item()
         try:
-            result = await self.synthesize(item)
+            if self.item_timeout_s is None:
+                result = await self.synthesize(item)
+            else:
+                result = await asyncio.wait_for(self.synthesize(item), self.item_timeout_s)
             if not isinstance(result, SynthesisResult) or not isinstance(result.audio, (bytes, bytearray)):
                 raise TypeError(f"synthesize returned {type(result).__name__}, expected SynthesisResult")
         except asyncio.CancelledError:
             raise
         except InvalidRequestError as exc:  # the item itself is bad: retrying cannot help
-            outcome = await self._commit(lambda: self.queue.fail(lease, str(exc), ErrorType.INVALID_ITEM, retry=False))
+            reason = str(exc) or "invalid request"
+            outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.INVALID_ITEM, retry=False))
         except Exception as exc:  # anything else may be transient (a replica restarting, a timeout)
             reason = f"{type(exc).__name__}: {exc}".strip()
             outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.SYNTHESIS_ERROR, retry=True))
@@ -217,7 +234,8 @@ class BatchWorkerLoop:
                 failures += 1
                 self.stats.redis_errors += 1
                 if self._stop.is_set() and failures > 20:
-                    log.warning("batch worker %s: giving up a write (%s); the item will be reclaimed", self.consumer, exc)
+                    log.warning("batch worker %s: giving up a write (%s); the item will be reclaimed",
+                                self.consumer, exc)
                     return None
                 await asyncio.sleep(min(0.05 * 2 ** failures, MAX_BACKOFF_S))
 

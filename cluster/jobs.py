@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 import msgpack
 import redis.asyncio as aioredis
-from redis.exceptions import ResponseError
 
 from cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
+from cluster.queue import ensure_group
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
 
@@ -189,13 +189,14 @@ class JobStore:
     def _base(self) -> list:
         return [self.keys.prefix, self.ttl, repr(self.clock())]
 
+    @classmethod
+    def from_config(cls, client: aioredis.Redis, cfg, keys: BatchKeys = BatchKeys()) -> "JobStore":
+        """Build from a :class:`serving.config.BatchConfig` (result_ttl_s)."""
+        return cls(client, keys=keys, result_ttl_s=cfg.result_ttl_s)
+
     async def ensure_group(self) -> None:
-        """Create the work stream's consumer group (from the stream's start, so nothing is missed)."""
-        try:
-            await self.redis.xgroup_create(self.keys.queue, self.keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the work stream's consumer group (items are enqueued right after)."""
+        await ensure_group(self.redis, self.keys)
 
     async def submit(self, records: Sequence[ItemRecord], job_key: str | None = None) -> SubmitResult:
         """Create the job (or find the one ``job_key`` names) and add the items it does not have yet."""

@@ -143,6 +143,31 @@ return out
 """
 
 
+# ARGV[4..]: queue group min_idle_ms. Consumers are per process, so dead ones pile up; drop idle, empty ones.
+_PRUNE = LUA_PRELUDE + """
+local queue, group, min_idle = ARGV[4], ARGV[5], tonumber(ARGV[6])
+local removed = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', queue, group)) do
+  local info = {}
+  for i = 1, #c, 2 do info[c[i]] = c[i + 1] end
+  if tonumber(info['pending']) == 0 and tonumber(info['idle']) >= min_idle then
+    redis.call('XGROUP', 'DELCONSUMER', queue, group, info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+async def ensure_group(client: aioredis.Redis, keys: BatchKeys) -> None:
+    """Create the consumer group if missing, from the stream's start so that no entry is missed."""
+    try:
+        await client.xgroup_create(keys.queue, keys.group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
 class Outcome(str, enum.Enum):
     """What finishing a lease did."""
 
@@ -176,17 +201,24 @@ class WorkQueue:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
         self._heartbeat = client.register_script(_HEARTBEAT)
+        self._prune = client.register_script(_PRUNE)
+
+    @classmethod
+    def from_config(cls, client: aioredis.Redis, cfg, keys: BatchKeys = BatchKeys()) -> "WorkQueue":
+        """Build from a :class:`serving.config.BatchConfig` (max_attempts, result_ttl_s, results_dir)."""
+        return cls(client, keys=keys, max_attempts=cfg.max_attempts, result_ttl_s=cfg.result_ttl_s,
+                   results_dir=cfg.results_dir)
 
     def _base(self) -> list:
         return [self.keys.prefix, self.ttl, repr(self.clock())]
 
     async def ensure_group(self) -> None:
-        """Create the consumer group if missing (from the stream's start, so nothing is missed)."""
-        try:
-            await self.redis.xgroup_create(self.keys.queue, self.keys.group, id="0", mkstream=True)
-        except ResponseError as exc:
-            if "BUSYGROUP" not in str(exc):
-                raise
+        """Create the consumer group if missing."""
+        await ensure_group(self.redis, self.keys)
+
+    async def prune_consumers(self, min_idle_ms: int) -> int:
+        """Delete consumers idle ``min_idle_ms`` that hold nothing (dead workers' names); returns how many."""
+        return int(await self._prune(args=[*self._base(), self.keys.queue, self.keys.group, min_idle_ms]))
 
     async def claim(self, consumer: str, count: int, block_ms: int = 0) -> list[Lease]:
         """Read up to ``count`` new entries (waiting up to ``block_ms`` for the first) and lease them."""
@@ -196,7 +228,7 @@ class WorkQueue:
         return await self._lease(entries)
 
     async def reclaim(self, consumer: str, count: int, min_idle_ms: int, start: str = "0-0") -> tuple[str, list[Lease]]:
-        """Take over up to ``count`` entries idle for ``min_idle_ms`` (their worker died). Returns (next cursor, leases)."""
+        """Take over up to ``count`` entries idle ``min_idle_ms`` (their worker died): (next cursor, leases)."""
         nxt, msgs, *_ = await self.redis.xautoclaim(self.keys.queue, self.keys.group, consumer, min_idle_ms,
                                                     start_id=start, count=count)
         entries = [_entry(eid, f) for eid, f in msgs if f]
@@ -233,8 +265,9 @@ class WorkQueue:
         """Write the item's result once (audio in Redis, or a file in results_dir) and ack it."""
         r = lease.record
         meta = {"index": r.index, "format": r.format, "voice": r.voice, "seed": r.seed,
-                "media_type": result.media_type, "sample_rate": result.sample_rate,
-                "duration_s": result.duration_s, "timings": dict(result.timings), "bytes": len(result.audio),
+                "media_type": str(result.media_type), "sample_rate": int(result.sample_rate),
+                "duration_s": float(result.duration_s), "timings": _plain_timings(result.timings),
+                "bytes": len(result.audio),
                 "worker": worker, "finished_at": self.clock()}
         if self.results_dir is None:
             return await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "audio", result.audio)
@@ -275,6 +308,17 @@ class WorkQueue:
         except ResponseError:
             pending = 0
         return length, pending
+
+
+def _plain_timings(timings: dict) -> dict:
+    """Timings as str -> float (numpy scalars and the like would not pack)."""
+    out = {}
+    for key, value in timings.items():
+        try:
+            out[str(key)] = float(value)
+        except (TypeError, ValueError):
+            out[str(key)] = str(value)
+    return out
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> QueueEntry:

@@ -63,7 +63,7 @@ def encode(audio: np.ndarray, sample_rate: int, fmt: str = "wav") -> bytes:
     container, subtype, _ = FORMATS[fmt]
     buf = io.BytesIO()
     data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    if data.size == 0:  # libsndfile cannot write some containers empty; a few samples of silence stand in
+    if data.size == 0 and fmt != "wav":  # flac/mp3/opus cannot hold zero frames: 10 ms of silence stands in
         data = np.zeros((sample_rate // 100,), dtype=np.float32)
     sf.write(buf, data, sample_rate, format=container, subtype=subtype)
     return buf.getvalue()

@@ -65,7 +65,7 @@ MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vn
 CURSOR_CHARS = set("0123456789-")
 FINISHED = (JobState.COMPLETED, JobState.CANCELLED)
 
-StoreFactory = Callable[[], "JobStore | Awaitable[JobStore]"]
+StoreFactory = Callable[[], JobStore | Awaitable[JobStore]]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class BatchLimits:
     max_text_chars: int = 20_000  # as OrchestratorConfig.max_text_chars
     follow_max_s: float = 300.0  # a followed stream ends after this; the client resumes from its cursor
     page_size: int = 64  # results read from Redis at once
+
+    @classmethod
+    def from_config(cls, cfg) -> "BatchLimits":
+        """From a :class:`serving.config.BarkConfig` (items obey the orchestrator's text limit)."""
+        return cls(max_text_chars=cfg.orchestrator.max_text_chars)
 
 
 class ApiError(Exception):

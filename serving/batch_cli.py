@@ -62,6 +62,7 @@ class SubmitSummary:
     fetched: int = 0  # results received in this run
     written: int = 0
     failed_ids: set[str] = field(default_factory=set)
+    present: int = 0  # items whose audio is in DIR at the end
     status: str = "unknown"
     complete: bool = False
 
@@ -222,6 +223,7 @@ def submit_and_fetch(items_path: Path, out: Path, client: BatchClient, *, job_ke
         summary.complete = not todo
         summary.status = "completed" if not todo else "submitted"
         summary.failed_ids = set(outdir.failed)
+        summary.present = sum(outdir.has(i) for i in items)
         return summary
     bar = tqdm(total=len(items), initial=summary.skipped, unit="item", disable=not progress or None,
                desc=job_id[:12], file=sys.stderr)
@@ -236,6 +238,7 @@ def submit_and_fetch(items_path: Path, out: Path, client: BatchClient, *, job_ke
     finally:
         bar.close()
     summary.failed_ids = set(outdir.failed)
+    summary.present = sum(outdir.has(i) for i in items)
     return summary
 
 
@@ -284,8 +287,7 @@ def cmd_submit(args) -> int:
     if args.no_wait:
         print(s.job_id or "nothing to submit")
         return EXIT_OK
-    done = s.skipped + s.written
-    line = f"{s.job_id}: {s.status}; {done}/{s.total} items in {args.out}, {len(s.failed_ids)} failed"
+    line = f"{s.job_id}: {s.status}; {s.present}/{s.total} items in {args.out}, {len(s.failed_ids)} failed"
     if not s.complete:
         print(f"{line}; not finished, re-run the same command to resume", file=sys.stderr)
         return EXIT_TIMEOUT

@@ -14,7 +14,7 @@ from stages.voices import UnknownVoiceError
 from .scheduler import QueueFull, StageError
 from .synthesis import TextTooLarge
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
 class APIError(Exception):

@@ -49,7 +49,7 @@ class StageMetrics:
         if batch:
             self._batch.observe(batch, tags=self._tags)
         self._step.observe(seconds, tags=self._tags)
-        if tokens:
+        if tokens > 0:
             self._tokens.inc(tokens, tags=self._tags)
 
     def request_done(self, latency_s: float, ok: bool) -> None:
@@ -77,7 +77,8 @@ class RequestMetrics:
         self._ttfa.observe(seconds)
 
     def audio(self, seconds: float) -> None:
-        self._audio.inc(seconds)
+        if seconds > 0:  # Ray counters refuse 0 (an empty generation is a valid answer)
+            self._audio.inc(seconds)
 
     def error(self, code: int) -> None:
         self._errors.inc(1, tags={"code": str(code)})

@@ -26,7 +26,7 @@ from .config import parse_config
 from .errors import APIError, overloaded, to_api_error
 from .synthesis import Synthesizer
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")

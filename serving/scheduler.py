@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 from stages.types import InvalidRequestError, StageResult
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 PRIORITIES = {"interactive": 0, "batch": 1}
 

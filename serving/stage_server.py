@@ -19,7 +19,7 @@ from stages.types import InvalidRequestError
 from .config import BarkConfig, StageConfig, parse_config
 from .scheduler import StageOutput, StageScheduler
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
 def engine_options(cfg: StageConfig) -> EngineOptions:

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import Counter
 
+import redis
 import redis.asyncio as aioredis
 
 from cluster.batch_types import MEDIA_TYPES, BatchItem, BatchKeys, ItemRecord, JobState, SynthesisResult, parse_item
@@ -66,7 +67,10 @@ async def wait_finished(store: JobStore, job_id: str, timeout_s: float = 30.0) -
     """Poll until the job is completed or cancelled (and nothing is running)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        info = await store.get(job_id)
+        try:
+            info = await store.get(job_id)
+        except redis.exceptions.ConnectionError:  # a test that restarts Redis
+            info = None
         if info and info.state in (JobState.COMPLETED, JobState.CANCELLED):
             return info
         if time.monotonic() > deadline:
@@ -84,11 +88,12 @@ async def all_results(store: JobStore, job_id: str) -> list:
         cursor = page[-1].cursor
 
 
-async def drain(url: str, prefix: str, job_id: str, synth: FakeSynth | None = None, **worker_kw) -> JobInfo:
+async def drain(url: str, prefix: str, job_id: str, synth: FakeSynth | None = None, results_dir: str | None = None,
+                **worker_kw) -> JobInfo:
     """Run one worker loop until the job is finished."""
     from cluster.batch_worker import BatchWorkerLoop
 
-    client, store, queue = build(url, prefix)
+    client, store, queue = build(url, prefix, results_dir=results_dir)
     worker = BatchWorkerLoop(queue, synth or FakeSynth(), max_in_flight=4, claim_timeout_s=5, **worker_kw)
     task = asyncio.create_task(worker.run())
     try:

@@ -27,25 +27,32 @@ def free_port() -> int:
 class RedisServer:
     """One redis-server process with ``--appendonly yes`` in ``workdir``; ``restart()`` keeps port and data."""
 
-    def __init__(self, workdir: Path, port: int | None = None):
-        binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
+    def __init__(self, workdir: Path, port: int | None = None, extra_args: tuple[str, ...] = (),
+                 scheme: str = "redis", client_kwargs: dict | None = None):
+        binary = shutil.which("redis-server") or next(
+            (p for p in ("/usr/bin/redis-server", "/usr/local/bin/redis-server") if Path(p).exists()), None)
         if binary is None:
             pytest.fail(INSTALL_HINT, pytrace=False)
         self.binary = binary
         self.workdir = Path(workdir)
         self.port = port or free_port()
         self.proc: subprocess.Popen | None = None
+        self.extra_args = list(extra_args)
+        self.scheme = scheme
+        self.client_kwargs = client_kwargs or {}  # how the readiness check connects (TLS, password)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{self.scheme}://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-               "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")]
+        tls = self.scheme == "rediss"
+        port_args = ["--port", "0", "--tls-port", str(self.port)] if tls else ["--port", str(self.port)]
+        cmd = [self.binary, *port_args, "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+               "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log"), *self.extra_args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2, **self.client_kwargs)
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -29,7 +29,7 @@ async def start_workers(url, prefix, n, synth, **kw):
 
 async def stop_all(loops, tasks, clients):
     for loop in loops:
-        await loop.stop(grace_s=2)
+        await loop.stop(grace_s=0.5)
     await asyncio.gather(*tasks)
     for c in clients:
         await c.aclose()
@@ -171,7 +171,7 @@ def test_stop_releases_in_flight_items(redis_server, prefix):
         job = (await store.submit(records(["SLOW a", "SLOW b"]))).job
         while slow.active < 2:
             await asyncio.sleep(0.02)
-        await stop_all(loops, tasks, clients)  # grace 2 s < 30 s: both are given back
+        await stop_all(loops, tasks, clients)  # grace 0.5 s < 30 s: both are given back
         info = await store.get(job.job_id)
         assert (info.counts.queued, info.counts.running) == (2, 0)
         fast = FakeSynth(slow_s=0.01)
@@ -195,5 +195,42 @@ def test_results_dir_keeps_audio_on_disk(redis_server, prefix, tmp_path):
         [r] = await all_results(store, job.job_id)
         assert r.audio is None and open(r.path, "rb").read() == b"i000:a"
         assert [p.name for p in (tmp_path / job.job_id).iterdir()] == ["i000.a1.wav"]  # the loser's file is gone
+        await client.aclose()
+    run(main())
+
+
+def test_item_timeout_and_bad_return_are_retried_then_failed(redis_server, prefix):
+    async def main():
+        client, store, queue = build(redis_server.url, prefix, max_attempts=2)
+        synth = FakeSynth(slow_s=5.0)
+
+        async def synthesize(item):
+            if item.text == "returns nothing":
+                return None
+            return await synth(item)
+
+        worker = BatchWorkerLoop(queue, synthesize, max_in_flight=4, claim_timeout_s=5, item_timeout_s=0.2)
+        task = asyncio.create_task(worker.run())
+        job = (await store.submit(records(["SLOW forever", "returns nothing", "fine"]))).job
+        await wait_finished(store, job.job_id)
+        await worker.stop(grace_s=0.5)
+        await task
+        by_id = {r.item_id: r for r in await all_results(store, job.job_id)}
+        assert by_id["i000"].error.startswith("TimeoutError") and by_id["i000"].attempts == 2
+        assert "expected SynthesisResult" in by_id["i001"].error and by_id["i001"].attempts == 2
+        assert by_id["i002"].state is ItemState.SUCCEEDED
+        await client.aclose()
+    run(main())
+
+
+def test_prune_drops_only_idle_consumers_holding_nothing(redis_server, prefix):
+    async def main():
+        client, store, queue = build(redis_server.url, prefix)
+        await store.submit(records(["a"]))
+        await queue.claim("holder", 1)
+        await client.xgroup_createconsumer(queue.keys.queue, queue.keys.group, "ghost")  # a dead worker's name
+        assert await queue.prune_consumers(min_idle_ms=0) == 1
+        names = [c["name"] for c in await client.xinfo_consumers(queue.keys.queue, queue.keys.group)]
+        assert names == [b"holder"]
         await client.aclose()
     run(main())

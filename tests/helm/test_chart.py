@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import runpy
 import shutil
 import subprocess
 import typing
@@ -127,6 +128,12 @@ def canon(x):
 @pytest.mark.parametrize("name", SETS)
 def test_lint(name):
     helm("lint", "--strict", str(CHART), *value_args(name))
+
+
+def test_values_schema_is_fresh():
+    """values.schema.json is generated from BarkConfig; regenerate it when the config changes."""
+    render = runpy.run_path(str(REPO / "helm/tools/gen_values_schema.py"))["render"]
+    assert (CHART / "values.schema.json").read_text() == render(), "run: python helm/tools/gen_values_schema.py"
 
 
 def test_values_spell_out_every_bark_config_field():
@@ -370,6 +377,8 @@ def test_auth_can_be_turned_off_explicitly():
       "bark.batch.redis_password_env=REDIS_PASSWORD"], "KubeRay rejects this env var"),
     (["bark.batch.enabled=true", "bark.batch.redis_url=redis://r:6379/0"], "set redis.auth.existingSecret"),
     (["pools.semantic.replicas=9"], "minReplicas <= replicas <= maxReplicas"),
+    (["bark.semantic.max_batchs=3"], "max_batchs"),  # values.schema.json: BarkConfig forbids extra keys
+    (["bark.codec.dtype=int8"], "dtype"),
 ])
 def test_misconfiguration_fails_with_a_clear_message(sets, message):
     proc = helm("template", RELEASE, str(CHART), *[a for s in sets for a in ("--set", s)], check=False)

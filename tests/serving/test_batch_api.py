@@ -170,3 +170,12 @@ def test_redis_down_is_503():
         resp = api.get("/v1/batches/b_" + "1" * 32)
         assert_error(resp, 503, "store_unavailable")
         assert resp.headers["retry-after"] == "2"
+
+
+def test_results_from_results_dir(api, redis_server, prefix, tmp_path):
+    job = api.post("/v1/batches", content=jsonl([{"id": "d1", "text": "on disk", "format": "mp3"}]),
+                   headers=JSONL).json()
+    asyncio.run(drain(redis_server.url, prefix, job["id"], results_dir=str(tmp_path)))
+    [rec, end] = read_jsonl(api.get(f"/v1/batches/{job['id']}/results").text)
+    assert base64.b64decode(rec["audio"]) == expected_audio("d1", "on disk") and rec["media_type"] == "audio/mpeg"
+    assert (tmp_path / job["id"] / "d1.a1.mp3").exists() and end["complete"]

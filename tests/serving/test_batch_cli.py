@@ -108,7 +108,8 @@ def test_submit_writes_audio_metadata_and_failures(server, synth, tmp_path, caps
     calls = sum(synth.calls.values())
     # a re-run has nothing left to send or fetch, and the server does no work twice
     assert cli("batch", "submit", str(src), "--out", str(out), "--url", server.url, "--quiet") == 1
-    assert sum(synth.calls.values()) == calls == 23
+    assert "23/26 items" in capsys.readouterr().err
+    assert sum(synth.calls.values()) == calls == 24  # 23 succeeded + the one synthesize refused
 
     job_id = json.loads((out / ".bark-batch.json").read_text())["job_id"]
     assert cli("batch", "status", job_id, "--url", server.url) == 0

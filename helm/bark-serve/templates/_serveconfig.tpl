@@ -42,8 +42,9 @@ BatchWorker: [batch, worker]
 {{- end -}}
 
 {{/*
-The bark block as BarkConfig.model_dump(mode="json") gives it: nulls put back,
-autoscaling maps completed (a user's null in voice_aliases just removes that alias). This is applications[0].args. Returns YAML.
+applications[0].args: the bark block as BarkConfig.model_dump(mode="json")
+gives it, with nulls put back and autoscaling maps completed. (A user's null
+inside voice_aliases just removes that alias.) Returns YAML.
 */}}
 {{- define "bark-serve.barkArgs" -}}
 {{- $args := deepCopy .Values.bark -}}

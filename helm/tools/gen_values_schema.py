@@ -1,0 +1,35 @@
+"""Write helm/bark-serve/values.schema.json: the `bark:` block's JSON schema, from BarkConfig.
+
+Helm checks values against it on install, upgrade, lint and template, so a typo
+(`max_batchs`) or a wrong type fails there, not later inside the RayService.
+Only `bark` is constrained; other values are free. tests/helm fails when the
+file is stale:   python helm/tools/gen_values_schema.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TARGET = REPO / "helm" / "bark-serve" / "values.schema.json"
+
+
+def values_schema() -> dict:
+    sys.path.insert(0, str(REPO))
+    from serving.config import BarkConfig
+
+    bark = BarkConfig.model_json_schema()
+    defs = bark.pop("$defs")  # its "#/$defs/..." refs stay valid at the top level
+    defs["BarkConfig"] = bark
+    return {"type": "object", "properties": {"bark": {"$ref": "#/$defs/BarkConfig"}}, "$defs": defs}
+
+
+def render() -> str:
+    return json.dumps(values_schema(), indent=1, sort_keys=True) + "\n"
+
+
+if __name__ == "__main__":
+    TARGET.write_text(render())
+    print(TARGET)

@@ -1,0 +1,156 @@
+"""The stage batching loop, without Ray: priorities, joins, isolation of failures, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from serving.scheduler import QueueFull, StageError, StageScheduler
+from stages.engine import EngineOptions
+from stages.pipeline import BarkPipeline
+from stages.types import InvalidRequestError, SamplingParams, SemanticRequest, StageResult
+
+
+class CountingEngine:
+    """A fake engine: each request needs ``n`` steps; records admission order and batch sizes."""
+
+    name = "fake"
+
+    def __init__(self, capacity=2, fail_step_when=None):
+        self.capacity, self.held, self.admitted, self.batches = capacity, {}, [], []
+        self.fail_step_when = fail_step_when
+        self.last_step = {}
+
+    @property
+    def num_active(self):
+        return len(self.held)
+
+    @property
+    def free(self):
+        return self.capacity - len(self.held)
+
+    def admit(self, req):
+        if req.n < 0:
+            raise InvalidRequestError("n must be >= 0")
+        self.held[req.request_id] = req.n
+        self.admitted.append(req.request_id)
+
+    def cancel(self, rid):
+        return self.held.pop(rid, None) is not None
+
+    def step(self):
+        time.sleep(0.002)  # a step takes time, as a model forward does (it runs in a worker thread)
+        self.batches.append(sorted(self.held))
+        if self.fail_step_when and self.fail_step_when in self.held:
+            raise RuntimeError("boom")
+        done = []
+        for rid in list(self.held):
+            self.held[rid] -= 1
+            if self.held[rid] <= 0:
+                done.append(StageResult(rid, output=rid.upper()))
+                del self.held[rid]
+        self.last_step = {"batch": len(self.batches[-1]), "tokens": len(self.batches[-1]), "step_s": 0.0}
+        return done
+
+
+class Req:
+    def __init__(self, rid, n=1):
+        self.request_id, self.n = rid, n
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_interactive_requests_go_before_batch_requests():
+    async def main():
+        eng = CountingEngine(capacity=1)
+        sched = StageScheduler(eng, batch_wait_s=0.01)
+        tasks = [asyncio.create_task(sched.submit(Req(f"b{i}", 1), "batch")) for i in range(3)]
+        tasks += [asyncio.create_task(sched.submit(Req(f"i{i}", 1), "interactive")) for i in range(2)]
+        outs = await asyncio.gather(*tasks)
+        await sched.stop()
+        return eng.admitted, [o.output for o in outs]
+
+    admitted, outputs = run(main())
+    assert admitted[:2] == ["i0", "i1"] and admitted[2:] == ["b0", "b1", "b2"]
+    assert outputs == ["B0", "B1", "B2", "I0", "I1"]
+
+
+def test_requests_join_between_steps_and_timestamps_are_ordered():
+    async def main():
+        eng = CountingEngine(capacity=4)
+        sched = StageScheduler(eng, batch_wait_s=0)
+        first = asyncio.create_task(sched.submit(Req("a", 100)))
+        await asyncio.sleep(0.05)
+        second = await sched.submit(Req("b", 1))
+        return eng.batches, await first, second
+
+    batches, a, b = run(main())
+    assert ["a"] in batches and ["a", "b"] in batches  # b joined while a was running
+    assert a.queued_at <= a.started <= a.finished and b.finished <= a.finished
+
+
+def test_a_bad_request_fails_alone_and_a_failed_step_spares_the_loop():
+    async def main():
+        eng = CountingEngine(capacity=4, fail_step_when="boom")
+        sched = StageScheduler(eng, batch_wait_s=0.01)
+        bad = asyncio.create_task(sched.submit(Req("bad", -1)))
+        good = asyncio.create_task(sched.submit(Req("good", 2)))
+        with pytest.raises(InvalidRequestError):
+            await bad
+        assert (await good).output == "GOOD"
+        with pytest.raises(StageError, match="boom"):
+            await sched.submit(Req("boom", 1))
+        eng.fail_step_when = None
+        after = await sched.submit(Req("after", 1))
+        return after.output, sched.alive
+
+    assert run(main()) == ("AFTER", True)
+
+
+def test_queue_limit_and_cancellation():
+    async def main():
+        eng = CountingEngine(capacity=1)
+        sched = StageScheduler(eng, max_queue=2, batch_wait_s=0)
+        long = asyncio.create_task(sched.submit(Req("long", 10_000)))
+        await asyncio.sleep(0.02)
+        waiting = [asyncio.create_task(sched.submit(Req(f"w{i}", 1))) for i in range(2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await sched.submit(Req("over", 1))
+        long.cancel()  # the caller went away: the engine drops it at the next step boundary
+        outs = await asyncio.gather(*waiting)
+        return eng.held, [o.output for o in outs]
+
+    held, outs = run(main())
+    assert "long" not in held and outs == ["W0", "W1"]
+
+
+def test_real_engine_continuous_batching_through_the_scheduler(tiny_ckpt):
+    pipe = BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=3))
+    eng = pipe.engines["semantic"]
+    reqs = [SemanticRequest(f"r{i}", pipe.text.encode(t), None, SamplingParams(0.8), None, n, seed=i)
+            for i, (t, n) in enumerate([("Hello there.", 30), ("Another one here.", 12), ("Third!", 20),
+                                        ("Fourth, queued.", 9)])]
+    alone = {r.request_id: eng.run([r])[0].output for r in reqs}
+    main_thread = threading.get_ident()
+
+    async def main():
+        sched = StageScheduler(eng, batch_wait_s=0)
+        tasks = []
+        for r in reqs:
+            tasks.append(asyncio.create_task(sched.submit(r)))
+            await asyncio.sleep(0.01)  # arrive while the others decode
+        outs = await asyncio.gather(*tasks)
+        await sched.stop()
+        return outs
+
+    outs = run(main())
+    assert threading.get_ident() == main_thread
+    for r, o in zip(reqs, outs):
+        np.testing.assert_array_equal(o.output, alone[r.request_id])
