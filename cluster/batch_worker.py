@@ -171,8 +171,13 @@ class BatchWorkerLoop:
             # Tasks commit on their own, so blocking here delays nothing but the next heartbeat/reclaim check.
             for lease in await self.queue.claim(self.consumer, free, block_ms=self.block_ms):
                 self._spawn(lease)
-        else:
-            await asyncio.wait(list(self._tasks), timeout=self.heartbeat_s, return_when=asyncio.FIRST_COMPLETED)
+        else:  # full: wait for a free slot, the next heartbeat, or stop()
+            stop = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait([*self._tasks, stop], timeout=self.heartbeat_s,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stop.cancel()
 
     async def _reclaim(self) -> None:
         self._reclaim_cursor, leases = await self.queue.reclaim(

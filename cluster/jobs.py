@@ -290,6 +290,13 @@ class JobStore:
         return None if data is None else ItemRecord.unpack(data)
 
 
+async def open_store(cfg, keys: BatchKeys = BatchKeys()) -> JobStore:
+    """Connect (PING; RedisUnavailable if that fails) and build the store from a BatchConfig, in this loop."""
+    from cluster.redis_conn import aconnect
+
+    return JobStore.from_config(await aconnect(cfg), cfg, keys)
+
+
 def _record(entry_id: bytes, fields: dict[bytes, bytes]) -> ResultRecord:
     meta = msgpack.unpackb(fields[b"meta"], raw=False) if b"meta" in fields else {}
     return ResultRecord(cursor=entry_id.decode(), item_id=fields[b"id"].decode(),

@@ -310,6 +310,15 @@ class WorkQueue:
         return length, pending
 
 
+async def open_queue(cfg, keys: BatchKeys = BatchKeys()) -> WorkQueue:
+    """Connect (PING; RedisUnavailable if that fails) and build the queue from a BatchConfig, in this loop."""
+    from cluster.redis_conn import aconnect
+
+    queue = WorkQueue.from_config(await aconnect(cfg), cfg, keys)
+    await queue.ensure_group()
+    return queue
+
+
 def _plain_timings(timings: dict) -> dict:
     """Timings as str -> float (numpy scalars and the like would not pack)."""
     out = {}

@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="override the config's model")
     p.set_defaults(func=cmd.render_config)
 
-    for register in cmd.EXTRA_COMMANDS:
-        register(sub)
+    from . import up
+
+    up.register(sub)
     return parser
 
 

@@ -90,5 +90,3 @@ def render_config(args) -> int:
     yaml.safe_dump(render_serve_config(cfg), sys.stdout, sort_keys=False)
     return 0
 
-
-EXTRA_COMMANDS: list = []  # registrars of commands defined elsewhere (serving/up.py, bench, batch)

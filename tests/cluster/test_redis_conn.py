@@ -114,3 +114,22 @@ async def _aping(cfg):
         return await client.ping()
     finally:
         await client.aclose()
+
+
+def test_open_store_and_queue_from_config(redis_server):
+    from cluster.batch_types import BatchKeys
+    from cluster.jobs import open_store
+    from cluster.queue import open_queue
+
+    cfg = BatchConfig(enabled=True, redis_url=redis_server.url, max_attempts=5, result_ttl_s=600)
+
+    async def main():
+        keys = BatchKeys("cfgtest")
+        store, queue = await open_store(cfg, keys), await open_queue(cfg, keys)
+        assert (store.ttl, queue.max_attempts, queue.ttl, queue.results_dir) == (600, 5, 600, None)
+        assert await store.redis.ping() and await queue.backlog() == (0, 0)
+        await store.redis.aclose()
+        await queue.redis.aclose()
+    asyncio.run(main())
+    with pytest.raises(RedisUnavailable):
+        asyncio.run(open_store(BatchConfig(redis_url=f"redis://127.0.0.1:{free_port()}/0")))

@@ -117,11 +117,11 @@ def test_submit_writes_audio_metadata_and_failures(server, synth, tmp_path, caps
 
 
 def test_submit_resumes_after_interruption(server, synth, tmp_path):
-    synth.delay_s = 0.1  # 24 items, 2 at a time: ~1.2 s of work
+    synth.delay_s = 0.15  # 24 items, 2 at a time: ~1.8 s of work
     src = write_items(tmp_path / "items.jsonl", [{"id": f"r{n:02d}", "text": f"resume {n}"} for n in range(24)])
     out = tmp_path / "out"
     client = BatchClient(server.url)
-    first = submit_and_fetch(src, out, client, timeout_s=0.5, progress=False)
+    first = submit_and_fetch(src, out, client, timeout_s=0.6, progress=False)
     assert not first.complete and 0 < first.written < 24
     cursor = json.loads((out / ".bark-batch.json").read_text())["cursor"]
     assert cursor != "0"
