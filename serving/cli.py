@@ -104,5 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run the imported module's main, so exception classes are the same objects
+    from serving.cli import main as _main
+
+    sys.exit(_main())

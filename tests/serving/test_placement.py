@@ -1,0 +1,45 @@
+"""Each stage's replicas run only on the node of its pool (a multi-node Ray cluster on one machine)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.serving.conftest import e2e_config, free_port
+
+pytestmark = pytest.mark.slow
+POOLS = ("semantic", "coarse", "fine", "codec")
+
+
+def test_stage_replicas_land_on_their_pool_nodes(tiny_ckpt):
+    import ray
+    from ray import serve
+    from ray.cluster_utils import Cluster
+
+    from serving.app import build_app
+    from serving.config import parse_config
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    pool_nodes = {pool: cluster.add_node(num_cpus=1, resources={f"bark_pool_{pool}": 4}) for pool in POOLS}
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        port = free_port()
+        raw = e2e_config(str(tiny_ckpt), port)
+        raw["semantic"]["num_replicas"] = 2  # two replicas, both must go to the semantic node
+        cfg = parse_config(raw)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(cfg), name="bark", route_prefix="/")
+        for pool, node in pool_nodes.items():
+            handle = serve.get_deployment_handle(f"{pool.capitalize()}Server", app_name="bark")
+            seen = {(s["pid"], s["node_id"]) for s in (handle.stats.remote().result() for _ in range(24))}
+            assert {node_id for _, node_id in seen} == {node.node_id}, pool
+            if pool == "semantic":
+                assert len(seen) == 2  # both replicas answered, from the semantic node
+        head_id = cluster.head_node.node_id
+        orch = serve.get_app_handle("bark")
+        out = orch.synthesize.remote("Placed.", max_semantic_tokens=5).result()
+        assert out["sample_rate"] == 24000
+        assert head_id not in {n.node_id for n in pool_nodes.values()}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        cluster.shutdown()
