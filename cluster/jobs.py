@@ -290,10 +290,11 @@ class JobStore:
         return None if data is None else ItemRecord.unpack(data)
 
 
-async def open_store(cfg, keys: BatchKeys = BatchKeys()) -> JobStore:
+async def open_store(cfg, keys: BatchKeys | None = None) -> JobStore:
     """Connect (PING; RedisUnavailable if that fails) and build the store from a BatchConfig, in this loop."""
     from cluster.redis_conn import aconnect
 
+    keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
     return JobStore.from_config(await aconnect(cfg), cfg, keys)
 
 

@@ -310,10 +310,11 @@ class WorkQueue:
         return length, pending
 
 
-async def open_queue(cfg, keys: BatchKeys = BatchKeys()) -> WorkQueue:
+async def open_queue(cfg, keys: BatchKeys | None = None) -> WorkQueue:
     """Connect (PING; RedisUnavailable if that fails) and build the queue from a BatchConfig, in this loop."""
     from cluster.redis_conn import aconnect
 
+    keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
     queue = WorkQueue.from_config(await aconnect(cfg), cfg, keys)
     await queue.ensure_group()
     return queue

@@ -42,9 +42,9 @@ def redacted(url: str) -> str:
 
 
 def resolve_url(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> str:
-    """``cfg.redis_url``, else ``$REDIS_URL``; RedisUnavailable when neither is set or it is malformed."""
+    """``$<redis_url_env>``, else ``cfg.redis_url``, else ``$REDIS_URL``; RedisUnavailable if none or malformed."""
     env = os.environ if env is None else env
-    url = cfg.redis_url or env.get("REDIS_URL")
+    url = (env.get(cfg.redis_url_env) if cfg.redis_url_env else None) or cfg.redis_url or env.get("REDIS_URL")
     if not url:
         raise RedisUnavailable("batch jobs need Redis: set batch.redis_url or the REDIS_URL environment variable")
     scheme = urlsplit(url).scheme

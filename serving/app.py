@@ -11,7 +11,7 @@ from ray.serve import Application
 from cluster.serve_config import deployment_entry
 from stages.constants import STAGES
 
-from .config import DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
+from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
 from .orchestrator import Orchestrator
 from .stage_server import StageServer, load_engine
 
@@ -33,8 +33,9 @@ def build_app(args: dict | BarkConfig, engine_factory=load_engine) -> Applicatio
             stage, data, engine_factory)
     batch = None
     if cfg.batch.enabled:
-        from .batch_app import batch_store_factory
+        from .batch_app import BatchWorker
 
-        batch = batch_store_factory(cfg)
+        opts = _options(BATCH_WORKER_NAME, cfg.batch.worker)
+        batch = BatchWorker.options(name=BATCH_WORKER_NAME, **opts).bind(data, *(stages[s] for s in STAGES))
     ingress = Orchestrator.options(name=INGRESS_NAME, **_options(INGRESS_NAME, cfg.orchestrator))
     return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch)

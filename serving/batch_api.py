@@ -81,7 +81,8 @@ class BatchLimits:
     @classmethod
     def from_config(cls, cfg) -> "BatchLimits":
         """From a :class:`serving.config.BarkConfig` (items obey the orchestrator's text limit)."""
-        return cls(max_text_chars=cfg.orchestrator.max_text_chars)
+        return cls(max_text_chars=cfg.orchestrator.max_text_chars, max_items=cfg.batch.max_items,
+                   max_body_bytes=cfg.batch.max_body_bytes)
 
 
 class ApiError(Exception):

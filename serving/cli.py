@@ -75,8 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd.render_config)
 
     from . import up
+    from .batch_cli import add_batch_commands
 
     up.register(sub)
+    from .batch_cli import run as run_batch
+
+    add_batch_commands(sub).set_defaults(func=run_batch)
     return parser
 
 

@@ -88,16 +88,20 @@ class BatchConfig(_Strict):
     """Durable batch jobs (Redis). Off unless enabled."""
 
     enabled: bool = False
-    redis_url: str | None = None  # redis://[:password@]host:port/db or rediss:// for TLS
-    redis_password_env: str | None = None  # env var holding the password (e.g. from a Secret)
+    redis_url: str | None = None  # redis://[:password@]host:port/db, rediss:// for TLS; else $REDIS_URL
+    redis_url_env: str | None = None  # env var holding the whole URL (e.g. from a Secret); beats redis_url
+    redis_password_env: str | None = None  # env var holding the password; not REDIS_PASSWORD (KubeRay reserves it)
     redis_tls_ca_file: str | None = None
+    key_prefix: str = Field("bark", pattern=r"^[A-Za-z0-9_.-]+$")  # two deployments may share one Redis
     results_dir: str | None = None  # None: results live in Redis with result_ttl_s
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
-    workers: int = Field(1, ge=1)
-    max_in_flight: int = Field(8, ge=1)  # items one worker has in the pipeline at once
+    max_in_flight: int = Field(8, ge=1)  # items one worker replica has in the pipeline at once
     claim_timeout_s: float = Field(300.0, gt=0)  # an item held longer by a silent worker is reclaimed
+    item_timeout_s: float | None = Field(None, gt=0)  # one item's synthesis limit; None: the orchestrator's timeout
     max_attempts: int = Field(3, ge=1)
-    worker: Placement = Placement(num_cpus=0.25, max_ongoing_requests=4)
+    max_items: int = Field(100_000, ge=1)  # per submission
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # per submission
+    worker: Placement = Placement(num_cpus=0.25, max_ongoing_requests=4)  # num_replicas = number of workers
 
 
 class BarkConfig(_Strict):
@@ -130,7 +134,10 @@ class BarkConfig(_Strict):
             pool = self.stage(name).pool
             if pool:
                 out.setdefault(pool, []).append(DEPLOYMENT_NAMES[name])
-        for dep, placement in ((INGRESS_NAME, self.orchestrator), (BATCH_WORKER_NAME, self.batch.worker)):
+        placements = [(INGRESS_NAME, self.orchestrator)]
+        if self.batch.enabled:
+            placements.append((BATCH_WORKER_NAME, self.batch.worker))
+        for dep, placement in placements:
             if placement.pool:
                 out.setdefault(placement.pool, []).append(dep)
         return out

@@ -15,16 +15,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from ray import serve
 
-from stages.text import TextPreparer
 from stages.types import InvalidRequestError
-from stages.voices import VoiceLibrary
-from stages.weights import Checkpoint
 
 from . import http_api as H
 from .api_models import SpeechRequest, TTSRequest
 from .config import parse_config
 from .errors import APIError, overloaded, to_api_error
-from .synthesis import Synthesizer
+from .service import make_synthesizer
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -74,26 +71,31 @@ def _request_metrics():
 @serve.deployment
 @serve.ingress(app)
 class Orchestrator:
-    def __init__(self, config: dict, semantic, coarse, fine, codec, batch_store_factory=None):
+    def __init__(self, config: dict, semantic, coarse, fine, codec, batch_worker=None):
         self.cfg = parse_config(config)
         ocfg = self.cfg.orchestrator
         self.handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
-        ckpt = Checkpoint.open(self.cfg.model)
-        dirs = [self.cfg.voices_dir] if self.cfg.voices_dir else []
-        self.synth = Synthesizer(TextPreparer.from_checkpoint(ckpt), VoiceLibrary(ckpt.spec, ckpt, dirs), ckpt.spec,
-                                 self._call_stage, ocfg.segment_max_tokens, ocfg.max_text_chars, self.cfg.voice_aliases)
+        self.synth = make_synthesizer(self.cfg, self.handles)
         keys = os.environ.get(ocfg.api_keys_env, "") if ocfg.api_keys_env else ""
         self.api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
         self.model_names = {self.cfg.model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.active = 0
         self.metrics = _request_metrics()
-        if self.cfg.batch.enabled and batch_store_factory is not None:
-            from .batch_api import batch_router
+        self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
+        if self.cfg.batch.enabled:
+            self._mount_batch_api()
 
-            app.include_router(batch_router(batch_store_factory))
+    def _mount_batch_api(self) -> None:
+        from fastapi import Depends
 
-    async def _call_stage(self, stage: str, request, priority: str):
-        return await self.handles[stage].run.remote(request, priority)
+        from .batch_api import BatchLimits, batch_router
+        from .batch_app import batch_store_factory
+
+        def require_key(request: Request):
+            H.check_api_key(request, self.api_keys)
+
+        app.include_router(batch_router(batch_store_factory(self.cfg), limits=BatchLimits.from_config(self.cfg),
+                                        dependencies=[Depends(require_key)]))
 
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str, voice=None, **options) -> dict:
