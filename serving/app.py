@@ -22,9 +22,13 @@ def _options(name: str, placement) -> dict:
     return entry
 
 
-def build_app(args: dict | BarkConfig, engine_factory=load_engine) -> Application:
-    """Serve application builder; ``engine_factory`` is injectable for tests."""
-    cfg = args if isinstance(args, BarkConfig) else parse_config(dict(args or {}))
+def build_app(args: dict | BarkConfig) -> Application:
+    """The Serve application builder (``import_path: serving.app:build_app``; ``args`` is the BarkConfig)."""
+    return make_app(args if isinstance(args, BarkConfig) else parse_config(dict(args or {})))
+
+
+def make_app(cfg: BarkConfig, engine_factory=load_engine) -> Application:
+    """The application from a config; ``engine_factory`` is injectable (tests pass a fake engine)."""
     data = cfg.model_dump(mode="json")
     stages = {}
     for stage in STAGES:

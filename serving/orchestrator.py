@@ -11,8 +11,11 @@ import logging
 import os
 import time
 
+import numpy as np
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from ray import serve
 
 from stages.types import InvalidRequestError
@@ -99,13 +102,25 @@ class Orchestrator:
 
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str, voice=None, **options) -> dict:
-        """Synthesize ``text``; options are those of /v1/tts. -> {audio (float32 array), sample_rate, seed, timings}"""
-        req = TTSRequest(text=text, voice=voice, **options)
-        plan = self.synth.plan(req.text, req.voice, req.generation_params(), req.priority)
-        t0 = time.time()
-        chunks = await asyncio.wait_for(self.synth.collect(plan), self.cfg.orchestrator.request_timeout_s)
-        import numpy as np
+        """Synthesize ``text``; options are those of /v1/tts. -> {audio (float32 array), sample_rate, seed, timings}
 
+        Raises InvalidRequestError for bad input and APIError(429) when this replica is at
+        ``max_active_requests`` (Ray Client callers especially: Serve's queue limits are relaxed there).
+        """
+        try:
+            req = TTSRequest(text=text, voice=voice, **options)
+        except ValidationError as exc:
+            raise InvalidRequestError(H.validation_error(exc).message) from None
+        ocfg = self.cfg.orchestrator
+        if self.active >= ocfg.max_active_requests:
+            raise overloaded(f"{self.active} requests in progress; retry shortly", ocfg.retry_after_s, status=429)
+        plan = self.synth.plan(req.text, req.voice, req.generation_params(), req.priority)
+        self.active += 1
+        t0 = time.time()
+        try:
+            chunks = await asyncio.wait_for(self.synth.collect(plan), ocfg.request_timeout_s)
+        finally:
+            self.active -= 1
         return {"audio": np.concatenate([c.audio for c in chunks]), "sample_rate": self.synth.spec.sample_rate,
                 "seed": plan.seed, "request_id": plan.request_id, "timings": H.timings_summary(chunks, t0, None)}
 

@@ -1,0 +1,68 @@
+"""A Ray cluster started with `ray start --head` (client server on 10001, token auth on), the app deployed
+from the rendered Serve config file with `serve run`, and a driver outside the cluster calling it through
+Ray Client (`ray.init("ray://127.0.0.1:10001")`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.serving.conftest import e2e_config, free_port
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, env=None, timeout=300, check=True):
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and res.returncode != 0:
+        raise AssertionError(f"{cmd[:3]} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+    return res
+
+
+def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tmp_path):
+    from cluster.serve_config import pool_resources, render_serve_config
+    from serving.config import parse_config
+
+    raw = e2e_config(str(tiny_ckpt), free_port())
+    raw["orchestrator"].pop("api_keys_env")
+    cfg = parse_config(raw)
+    serve_yaml = tmp_path / "serve.yaml"
+    serve_yaml.write_text(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
+    gcs_port = free_port()
+    run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+         "--ray-client-server-port=10001", "--num-cpus=4", f"--resources={json.dumps(pool_resources(cfg))}",
+         "--include-dashboard=false", "--disable-usage-stats"], timeout=120)
+    try:
+        # deployed through Ray Client too: `serve run` submits the rendered config file
+        run([str(BIN / "serve"), "run", "--address", "ray://127.0.0.1:10001", "--non-blocking", str(serve_yaml)],
+            env={"RAY_AUTH_MODE": "token"}, timeout=300)
+        client = textwrap.dedent("""
+            import json, time, ray
+            from ray import serve
+            ray.init("ray://127.0.0.1:10001")
+            deadline = time.time() + 240
+            while (app := serve.status().applications.get("bark")) is None or app.status != "RUNNING":
+                assert app is None or app.status != "DEPLOY_FAILED", app.message
+                assert time.time() < deadline, "the app did not start"
+                time.sleep(1)
+            handle = serve.get_app_handle("bark")
+            out = handle.synthesize.remote("Hello through Ray Client.", voice="v2/en_speaker_6",
+                                           max_semantic_tokens=10, seed=5).result()
+            print(json.dumps({"n": len(out["audio"]), "sr": out["sample_rate"], "seed": out["seed"]}))
+        """)
+        res = run([sys.executable, "-c", client], env={"RAY_AUTH_MODE": "token"}, timeout=300)
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+        assert out == {"n": out["n"], "sr": 24000, "seed": 5} and out["n"] > 0
+        denied = run([sys.executable, "-c", client], env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
+                     timeout=120, check=False)
+        assert denied.returncode != 0  # token authentication is on
+    finally:
+        run([str(BIN / "ray"), "stop", "--force"], timeout=120, check=False)
