@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch_cli import add_batch_commands
 
     up.register(sub)
+    from bench.cli import register as register_bench
+
+    register_bench(sub)
     from .batch_cli import run as run_batch
 
     add_batch_commands(sub).set_defaults(func=run_batch)

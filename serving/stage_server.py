@@ -77,6 +77,7 @@ class StageServer:
     async def stats(self) -> dict:
         s = self.scheduler.stats()
         s.update(stage=self.stage, capacity=self.engine.capacity, weight_bytes=self.engine.weight_bytes(),
+                 totals=dict(self.engine.totals),
                  peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id())
         return s
 

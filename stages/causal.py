@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .engine import EngineOptions, StageEngine
+from .flops import Shape, decode_flops, prefill_flops
 from .modeling import CausalLM
 from .sampling import draw_uniform
 from .types import StageResult
@@ -52,6 +53,8 @@ class CausalEngine(StageEngine):
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
         self.slots: list[Slot] = []
         self._ready: list[StageResult] = []
+        self.shape = Shape.of(model)
+        self._work: dict[str, float] = {}
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -93,7 +96,8 @@ class CausalEngine(StageEngine):
             results.append(StageResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
                                        timings={"latency_s": time.perf_counter() - self.slots[i].started}))
             self._release(i)
-        self.last_step = {"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": time.perf_counter() - t0}
+        self._record({"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": time.perf_counter() - t0,
+                          **self._work})
         return results
 
     # -- subclass hooks --------------------------------------------------------------------------
@@ -125,7 +129,9 @@ class CausalEngine(StageEngine):
         decode_rows = [i for i, s in enumerate(self.slots) if not s.needs_prefill]
         prefill_rows = [i for i, s in enumerate(self.slots) if s.needs_prefill]
         parts_rows, parts_logits = [], []
+        work = {"prefill_flops": 0.0, "prefill_s": 0.0, "decode_flops": 0.0, "decode_s": 0.0}
         if decode_rows:
+            t0 = time.perf_counter()
             n = decode_rows[-1] + 1  # slots 0..n-1; prefill rows among them decode a throwaway token
             toks = torch.tensor([s.last_token if not s.needs_prefill else 0 for s in self.slots[:n]],
                                 device=self.device)
@@ -134,9 +140,12 @@ class CausalEngine(StageEngine):
             out = self.model.decode(toks, pos, self.cache)  # (n, V)
             parts_rows += decode_rows
             parts_logits.append(out[decode_rows])
+            work["decode_flops"] = decode_flops(self.shape, [self.slots[i].position for i in decode_rows])
             for i in decode_rows:
                 self.slots[i].position += 1
+            work["decode_s"] = time.perf_counter() - t0
         if prefill_rows:
+            t0 = time.perf_counter()
             waiting = [self.slots[i] for i in prefill_rows]
             embeds, lengths = self._prefill_embeds(waiting)
             slots = torch.tensor(prefill_rows, device=self.device)
@@ -144,6 +153,9 @@ class CausalEngine(StageEngine):
             parts_rows += prefill_rows
             for slot, n in zip(waiting, lengths.tolist()):
                 slot.position, slot.needs_prefill = n, False
+            work["prefill_flops"] = prefill_flops(self.shape, lengths.tolist())
+            work["prefill_s"] = time.perf_counter() - t0
+        self._work = work
         return parts_rows, torch.cat(parts_logits).float()
 
     def _release(self, i: int) -> None:

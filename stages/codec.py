@@ -98,5 +98,5 @@ class CodecEngine(StageEngine):
             audio = self.model(codes.to(self.device)).float().cpu().numpy()  # (B, t_max * hop)
             for row, i in enumerate(todo):
                 results[i].output = audio[row, : lengths[i] * self.model.hop].copy()
-        self.last_step = {"batch": float(len(reqs)), "tokens": float(sum(lengths)), "step_s": time.perf_counter() - t0}
+        self._record({"batch": float(len(reqs)), "tokens": float(sum(lengths)), "step_s": time.perf_counter() - t0})
         return results

@@ -94,9 +94,16 @@ class StageEngine(abc.ABC):
         self.options = options
         self.device = options.torch_device()
         self.dtype = options.torch_dtype()
-        self.last_step: dict[str, float] = {}  # batch, tokens, step_s of the latest step (for metrics)
+        self.last_step: dict[str, float] = {}  # batch, tokens, step_s (and work) of the latest step: metrics
+        self.totals: dict[str, float] = {}  # the same, summed over all steps: the benchmark
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
+
+    def _record(self, stats: dict[str, float]) -> None:
+        self.last_step = stats
+        for key, value in stats.items():
+            self.totals[key] = self.totals.get(key, 0.0) + value
+        self.totals["steps"] = self.totals.get("steps", 0.0) + 1
 
     @property
     def capacity(self) -> int:

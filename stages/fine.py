@@ -19,6 +19,7 @@ import torch
 from . import tokens as T
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine, check_int_array, load_for
+from .flops import Shape, fine_flops
 from .modeling import FineLM
 from .sampling import draw_uniform, sample_rows, stage_generator
 from .types import FineRequest, StageResult
@@ -106,5 +107,7 @@ class FineEngine(StageEngine):
                                        timings={"latency_s": time.perf_counter() - job.started}))
         self.jobs = keep
         frames = float(sum(win - w.fill_from for w in windows))
-        self.last_step = {"batch": float(len(windows)), "tokens": frames, "step_s": time.perf_counter() - t0}
+        passes = spec.n_fine_codebooks - spec.n_coarse_codebooks
+        self._record({"batch": float(len(windows)), "tokens": frames, "step_s": time.perf_counter() - t0,
+                          "window_flops": fine_flops(Shape.of(self.model), len(windows), win, passes)})
         return results

@@ -1,0 +1,122 @@
+"""``bark-serve bench``: transformers vs bark-serve's engines vs the served app, one run, one JSON.
+
+Configurations, all on the same checkpoint (a random one with bark-small's shapes by default),
+texts, mixed voices and semantic length:
+  (1) transformers BarkModel.generate one request at a time, float32;
+  (2) transformers with static batches, in the dtype the measured GEMM peak favours;
+  (3) bark-serve's engines in one process at each --engine-batches;
+  (4) the served app (Ray Serve, HTTP streaming) at each --concurrency.
+It also measures the GEMM peak of every dtype, so each stage's achieved FLOP/s is a fraction of a
+peak taken on the same machine in the same run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark transformers vs bark-serve (engines and served); prints JSON")
+    p.add_argument("--model", help="checkpoint directory (default: a random one of --size, made once and cached)")
+    p.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+    p.add_argument("--semantic-tokens", type=int, default=32, help="semantic tokens per request (49.9 per second)")
+    p.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baselines")
+    p.add_argument("--hf-batches", default="4,16", help="static batch sizes tried for baseline (2)")
+    p.add_argument("--engine-batches", default="1,4,16")
+    p.add_argument("--engine-requests", type=int, default=16)
+    p.add_argument("--concurrency", default="1,4,16,32")
+    p.add_argument("--served-requests", type=int, help="requests per concurrency level (default: max(4, level))")
+    p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
+    p.add_argument("--skip", default="", help="comma list of hf,engines,served")
+    p.add_argument("--gemm-seconds", type=float, default=2.0)
+    p.add_argument("--out", help="also write the JSON here")
+    p.set_defaults(func=bench)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _checkpoint(args) -> str:
+    if args.model:
+        return args.model
+    from stages.checkpoint import make_checkpoint
+
+    path = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve")) / f"bench-{args.size}"
+    if not (path / "model.safetensors").exists():
+        _log(f"writing a random {args.size} checkpoint to {path}")
+        make_checkpoint(path, args.size, seed=0)
+    return str(path)
+
+
+def bench(args) -> int:
+    from .engine_runs import engines
+    from .gemm import gemm_peaks
+    from .hf_runs import hf_batched, hf_sequential
+    from .served_runs import ServedApp, served
+    from .workload import Workload
+
+    skip = set(args.skip.split(","))
+    model = _checkpoint(args)
+    work = Workload(semantic_tokens=args.semantic_tokens)
+    _log("measuring GEMM peaks")
+    peaks = gemm_peaks("cpu", seconds=args.gemm_seconds)
+    dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.get)
+    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                          "torch": torch.__version__, "threads": torch.get_num_threads()},
+              "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype,
+              "workload": {"model": model, "semantic_tokens": args.semantic_tokens,
+                           "voices": list(work.voices)}, "runs": []}
+    runs = report["runs"]
+    if "hf" not in skip:
+        _log("(1) transformers, one at a time, float32")
+        runs.append(hf_sequential(model, work, args.hf_requests).summary())
+        for b in _ints(args.hf_batches):
+            _log(f"(2) transformers, static batch {b}, {dtype}")
+            runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype).summary())
+    if "engines" not in skip:
+        for b in _ints(args.engine_batches):
+            _log(f"(3) engines in process, batch {b}, {dtype}")
+            runs.append(engines(model, work, max(args.engine_requests, b), b, dtype, peaks).summary())
+    if "served" not in skip:
+        levels = _ints(args.concurrency)
+        _log("(4) starting the served app")
+        app = ServedApp(model, dtype, max_batch=max(levels))
+        try:
+            for c in levels:
+                n = args.served_requests or max(4, c)
+                _log(f"(4) served, concurrency {c}, {n} requests")
+                runs.append(served(app, work, c, n, peaks).summary())
+        finally:
+            app.close()
+    report["ratios"] = _ratios(runs)
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _ratios(runs: list[dict]) -> dict:
+    tput = {r["name"]: r["throughput_audio_s_per_s"] for r in runs if r.get("throughput_audio_s_per_s")}
+    seq = next((v for k, v in tput.items() if k.startswith("transformers_sequential")), None)
+    batched = max((v for k, v in tput.items() if k.startswith("transformers_batch")), default=None)
+    out = {}
+    for name, value in tput.items():
+        if not name.startswith("transformers"):
+            if seq:
+                out[f"{name}_vs_transformers_sequential"] = round(value / seq, 2)
+            if batched:
+                out[f"{name}_vs_transformers_best_batch"] = round(value / batched, 2)
+    return out
