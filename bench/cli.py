@@ -61,6 +61,19 @@ def _checkpoint(args) -> str:
 
 
 def bench(args) -> int:
+    """Everything but the JSON goes to stderr (Ray prints on stdout), so stdout parses as JSON."""
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _bench(args)
+    text = json.dumps(report, indent=2)
+    print(text, flush=True)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+def _bench(args) -> dict:
     from .engine_runs import engines
     from .gemm import gemm_peaks
     from .hf_runs import hf_batched, hf_sequential
@@ -101,11 +114,7 @@ def bench(args) -> int:
         finally:
             app.close()
     report["ratios"] = _ratios(runs)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
-    return 0
+    return report
 
 
 def _ratios(runs: list[dict]) -> dict:
