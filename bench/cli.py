@@ -33,6 +33,9 @@ def register(sub) -> None:
     p.add_argument("--engine-requests", type=int, default=16)
     p.add_argument("--concurrency", default="1,4,16,32")
     p.add_argument("--served-requests", type=int, help="requests per concurrency level (default: max(4, level))")
+    p.add_argument("--stage-threads", default="",
+                   help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
+                        "(default: the profile's)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
     p.add_argument("--skip", default="", help="comma list of hf,engines,served")
     p.add_argument("--gemm-seconds", type=float, default=2.0)
@@ -91,7 +94,7 @@ def _bench(args) -> dict:
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype,
               "workload": {"model": model, "semantic_tokens": args.semantic_tokens,
                            "voices": list(work.voices)}, "runs": []}
-    runs = report["runs"]
+    runs = _Runs(report, args.out)
     if "hf" not in skip:
         _log("(1) transformers, one at a time, float32")
         runs.append(hf_sequential(model, work, args.hf_requests).summary())
@@ -105,7 +108,8 @@ def _bench(args) -> dict:
     if "served" not in skip:
         levels = _ints(args.concurrency)
         _log("(4) starting the served app")
-        app = ServedApp(model, dtype, max_batch=max(levels))
+        threads = {k: int(v) for k, v in (kv.split("=") for kv in args.stage_threads.split(",") if kv)}
+        app = ServedApp(model, dtype, max_batch=max(levels), stage_threads=threads)
         try:
             for c in levels:
                 n = args.served_requests or max(4, c)
@@ -115,6 +119,22 @@ def _bench(args) -> dict:
             app.close()
     report["ratios"] = _ratios(runs)
     return report
+
+
+class _Runs(list):
+    """The runs so far; each one is saved at once, so a crash late in a long benchmark loses nothing."""
+
+    def __init__(self, report: dict, out: str | None):
+        super().__init__()
+        self.report, self.out = report, out
+        report["runs"] = self
+
+    def append(self, run: dict) -> None:
+        super().append(run)
+        _log(json.dumps(run))
+        if self.out:
+            self.report["ratios"] = _ratios(self)
+            Path(self.out).write_text(json.dumps(self.report, indent=2) + "\n")
 
 
 def _ratios(runs: list[dict]) -> dict:

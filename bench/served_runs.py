@@ -29,7 +29,7 @@ class ServedApp:
     """Ray + Serve with the bark app on this machine, started and stopped by the benchmark."""
 
     def __init__(self, model_dir: str, dtype: str, max_batch: int, profile: str = "local-cpu",
-                 torch_threads: int = 1):
+                 stage_threads: dict[str, int] | None = None):
         import ray
         from ray import serve
 
@@ -38,15 +38,19 @@ class ServedApp:
         from serving.config import load_config
 
         self.port = _free_port()
-        stage_over = {"dtype": dtype, "max_batch": max_batch, "torch_threads": torch_threads,
-                      "max_ongoing_requests": 256, "max_queued_requests": 1024}
+        stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 256,
+                      "max_queued_requests": 1024}
         overrides = {"model": model_dir, "http_host": "127.0.0.1", "http_port": self.port,
-                     "orchestrator": {"num_cpus": 0.1, "max_active_requests": 256, "max_ongoing_requests": 512}}
+                     "orchestrator": {"num_cpus": 0.1, "max_active_requests": 256, "max_ongoing_requests": 512,
+                                      "request_timeout_s": 7200}}
         base = load_config(profile)
         for stage in STAGES:
-            overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1}
+            threads = (stage_threads or {}).get(stage, base.stage(stage).torch_threads)
+            overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
+                                "torch_threads": threads}
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
+        self.threads = {s: self.cfg.stage(s).torch_threads for s in STAGES}
         ray.init(resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")
@@ -65,7 +69,16 @@ class ServedApp:
         ray.shutdown()
 
 
-def _one(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, float, float]:
+def _one(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, float, float] | None:
+    """(latency, time to first audio, audio seconds) of one streamed request; None if it failed."""
+    try:
+        return _stream(url, text, voice, semantic_tokens)
+    except httpx.HTTPError as exc:
+        print(f"[bench] request failed: {exc}", flush=True)
+        return None
+
+
+def _stream(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, float, float]:
     body = {"text": text, "voice": voice, "stream": True, "temperature": 0, "min_eos_p": None,
             "max_semantic_tokens": semantic_tokens}
     t0 = time.perf_counter()
@@ -90,10 +103,12 @@ def served(app: ServedApp, work: Workload, concurrency: int, n: int, peaks: dict
     with ThreadPoolExecutor(concurrency) as pool:
         results = list(pool.map(lambda it: _one(app.url, it[0], it[1], work.semantic_tokens), items))
     run = Run(f"served_concurrency{concurrency}_{app.dtype}", wall_s=time.perf_counter() - t0,
-              extra={"dtype": app.dtype, "concurrency": concurrency})
-    run.latencies = [r[0] for r in results]
-    run.ttfa = [r[1] for r in results]
-    run.audio_s = sum(r[2] for r in results)
+              extra={"dtype": app.dtype, "concurrency": concurrency, "torch_threads": app.threads})
+    ok = [r for r in results if r is not None]
+    run.latencies = [r[0] for r in ok]
+    run.ttfa = [r[1] for r in ok]
+    run.audio_s = sum(r[2] for r in ok)
+    run.extra["failed_requests"] = len(results) - len(ok)
     after = app.stats()
     totals = {s: {k: v - before[s]["totals"].get(k, 0.0) for k, v in after[s]["totals"].items()} for s in STAGES}
     run.extra["stages"] = stage_efficiency(totals, peaks, {s: app.dtype for s in STAGES})

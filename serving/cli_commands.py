@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from stages.types import GenerationParams, InvalidRequestError, SamplingParams
+from stages.types import GenerationParams, InvalidRequestError
 
 
 def _engine_options(args, capacity: int = 4):
@@ -20,16 +20,18 @@ def _engine_options(args, capacity: int = 4):
 
 
 def _generation_params(args) -> GenerationParams:
-    defaults = GenerationParams()
-    stages = {}
-    for stage in ("semantic", "coarse", "fine"):
-        temp = getattr(args, f"{stage}_temperature")
-        if temp is None:
-            temp = args.temperature if args.temperature is not None else getattr(defaults, stage).temperature
-        top_k, top_p = (args.top_k, args.top_p) if stage != "fine" else (None, None)
-        stages[stage] = SamplingParams(temperature=temp, top_k=top_k, top_p=top_p)
-    return GenerationParams(**stages, min_eos_p=args.min_eos_p, max_semantic_tokens=args.max_semantic_tokens,
-                            seed=args.seed)
+    """The same options, defaults and checks as the HTTP API's."""
+    from pydantic import ValidationError
+
+    from .api_models import BarkOptions
+    from .http_api import validation_error
+
+    fields = {k: getattr(args, k) for k in ("seed", "temperature", "semantic_temperature", "coarse_temperature",
+                                            "fine_temperature", "top_k", "top_p", "min_eos_p", "max_semantic_tokens")}
+    try:
+        return BarkOptions(**fields).generation_params()
+    except ValidationError as exc:
+        raise InvalidRequestError(validation_error(exc).message.replace("_", "-")) from None
 
 
 def synth(args) -> int:

@@ -112,10 +112,8 @@ class Orchestrator:
         except ValidationError as exc:
             raise InvalidRequestError(H.validation_error(exc).message) from None
         ocfg = self.cfg.orchestrator
-        if self.active >= ocfg.max_active_requests:
-            raise overloaded(f"{self.active} requests in progress; retry shortly", ocfg.retry_after_s, status=429)
         plan = self.synth.plan(req.text, req.voice, req.generation_params(), req.priority)
-        self.active += 1
+        self._begin()
         t0 = time.time()
         try:
             chunks = await asyncio.wait_for(self.synth.collect(plan), ocfg.request_timeout_s)
@@ -123,6 +121,13 @@ class Orchestrator:
             self.active -= 1
         return {"audio": np.concatenate([c.audio for c in chunks]), "sample_rate": self.synth.spec.sample_rate,
                 "seed": plan.seed, "request_id": plan.request_id, "timings": H.timings_summary(chunks, t0, None)}
+
+    def _begin(self) -> None:
+        """Take one of this replica's ``max_active_requests`` places, or answer 429 with Retry-After."""
+        ocfg = self.cfg.orchestrator
+        if self.active >= ocfg.max_active_requests:
+            raise overloaded(f"{self.active} requests in progress; retry shortly", ocfg.retry_after_s, status=429)
+        self.active += 1
 
     # -- HTTP -----------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -183,11 +188,9 @@ class Orchestrator:
 
     async def _respond(self, request, api, text, voice, options, fmt, stream, priority):
         ocfg = self.cfg.orchestrator
-        if self.active >= ocfg.max_active_requests:
-            raise overloaded(f"{self.active} requests in progress; retry shortly", ocfg.retry_after_s, status=429)
         plan = self.synth.plan(text, voice, options.generation_params(), priority)
         meta = {"seed": plan.seed, "request_id": plan.request_id}
-        self.active += 1
+        self._begin()
         t0, done = time.time(), False
         chunks = self.synth.stream(plan)
         try:

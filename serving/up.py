@@ -67,6 +67,8 @@ def up(args) -> int:
     local_redis = _maybe_start_redis(cfg)
     if local_redis is not None:
         cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"redis_url": local_redis.url})})
+    if cfg.batch.enabled:
+        _check_redis(cfg, local_redis)
     stop = {"now": False}
     signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
     try:
@@ -96,6 +98,18 @@ def up(args) -> int:
                 local_redis.stop()
     print("bark-serve: stopped", flush=True)
     return 0
+
+
+def _check_redis(cfg, local_redis) -> None:
+    """An unreachable Redis is a one-line error now, not a batch worker failing to start later."""
+    from cluster.redis_conn import RedisUnavailable, connect
+
+    try:
+        connect(cfg.batch).close()
+    except RedisUnavailable as exc:
+        if local_redis is not None:
+            local_redis.stop()
+        raise UsageError(str(exc)) from None
 
 
 def _maybe_start_redis(cfg):

@@ -59,7 +59,7 @@ def test_long_text_is_split_and_the_voice_carried(tiny_ckpt, tmp_path):
     (["synth", "hi", "-o", "x.aac"], "cannot tell the audio format"),
     (["synth", "hi", "-o", "x.wav", "--dtype", "float8"], "invalid choice"),
     (["synth", "hi", "-o", "x.wav", "--device", "cuda:0"], "CUDA is not available|unknown device"),
-    (["synth", "hi", "-o", "x.wav", "--temperature", "-2"], "temperature must be"),
+    (["synth", "hi", "-o", "x.wav", "--temperature", "-2"], "temperature: Input should be greater than or equal to 0"),
     (["synth", "hi", "-o", "x.wav", "--save-voice", "v.txt"], "must name a .npz"),
     (["synth", "hi"], "required: -o/--output"),
 ])
