@@ -49,12 +49,17 @@ def synth(args) -> int:
     t0 = time.perf_counter()
     pipe = BarkPipeline.from_pretrained(args.model, _engine_options(args), preset_dirs=args.voices_dir)
     t_load = time.perf_counter() - t0
-    with tqdm(total=None, desc="segments", unit="seg", disable=None, file=sys.stderr) as bar:
-        def progress(done, total):
-            bar.total = total
+    state = {"segment": 1, "segments": 1}
+    with tqdm(total=None, unit="step", disable=None, file=sys.stderr,
+              bar_format="{desc}{n_fmt} steps [{elapsed}, {rate_fmt}]") as bar:
+        def on_segment(done, total):
+            state.update(segment=min(done + 1, total), segments=total)
+
+        def on_step(stage):  # one bar: which segment, which stage, engine steps so far and their rate
+            bar.set_description(f"segment {state['segment']}/{state['segments']} {stage}", refresh=False)
             bar.update(1)
 
-        gen = pipe.synthesize(args.text, args.voice, params, on_segment=progress)
+        gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step)
     Path(args.output).write_bytes(encode(gen.audio, gen.sample_rate, fmt))
     if args.save_voice:
         save_npz(gen.as_voice(), args.save_voice)

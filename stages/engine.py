@@ -136,11 +136,14 @@ class StageEngine(abc.ABC):
     def modules_for_accounting(self) -> list[torch.nn.Module]:
         return []
 
-    def run(self, requests: Iterable) -> list[StageResult]:
-        """Run requests to completion in arrival order, admitting whenever a place frees up."""
-        return list(self.iter_run(requests))
+    def run(self, requests: Iterable, on_step=None) -> list[StageResult]:
+        """Run requests to completion in arrival order, admitting whenever a place frees up.
 
-    def iter_run(self, requests: Iterable) -> Iterator[StageResult]:
+        ``on_step(engine)``, if given, is called after every step (progress display).
+        """
+        return list(self.iter_run(requests, on_step))
+
+    def iter_run(self, requests: Iterable, on_step=None) -> Iterator[StageResult]:
         pending = deque(requests)
         order = [r.request_id for r in pending]
         done: dict[str, StageResult] = {}
@@ -154,6 +157,8 @@ class StageEngine(abc.ABC):
             if self.num_active:
                 for res in self.step():
                     done[res.request_id] = res
+                if on_step is not None:
+                    on_step(self)
         for rid in order:
             yield done[rid]
 

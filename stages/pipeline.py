@@ -72,8 +72,12 @@ class BarkPipeline:
         return cls(TextPreparer.from_checkpoint(ckpt), voices, load_engines(ckpt, options), ckpt.spec)
 
     def generate(self, texts: str | Sequence[str], voices=None,
-                 params: GenerationParams | Sequence[GenerationParams] = GenerationParams()) -> list[Generation]:
-        """Synthesize each text (one generation each: split long text first). Voices/params: one or one per text."""
+                 params: GenerationParams | Sequence[GenerationParams] = GenerationParams(),
+                 on_step=None) -> list[Generation]:
+        """Synthesize each text (one generation each: split long text first). Voices/params: one or one per text.
+
+        ``on_step(stage_name)`` is called after every engine step (progress display).
+        """
         texts = [texts] if isinstance(texts, str) else list(texts)
         n = len(texts)
         voices = list(voices) if isinstance(voices, (list, tuple)) else [voices] * n
@@ -83,31 +87,33 @@ class BarkPipeline:
         prompts = [self.voices.resolve(v) for v in voices]
         seeds = [p.seed if p.seed is not None else secrets.randbits(62) for p in params]
         ids = [f"r{i}" for i in range(n)]
-        sem = self._run("semantic", [
+        sem = self._run("semantic", on_step, [
             SemanticRequest(ids[i], self.text.encode(texts[i]), prompts[i], params[i].semantic, params[i].min_eos_p,
                             params[i].max_semantic_tokens, seeds[i]) for i in range(n)])
-        coarse = self._run("coarse", [CoarseRequest(ids[i], sem[i], prompts[i], params[i].coarse, seeds[i])
+        coarse = self._run("coarse", on_step, [CoarseRequest(ids[i], sem[i], prompts[i], params[i].coarse, seeds[i])
                                       for i in range(n)])
-        fine = self._run("fine", [FineRequest(ids[i], coarse[i], prompts[i], params[i].fine, seeds[i])
+        fine = self._run("fine", on_step, [FineRequest(ids[i], coarse[i], prompts[i], params[i].fine, seeds[i])
                                   for i in range(n)])
-        audio = self._run("codec", [CodecRequest(ids[i], fine[i]) for i in range(n)])
+        audio = self._run("codec", on_step, [CodecRequest(ids[i], fine[i]) for i in range(n)])
         return [Generation(ids[i], sem[i], coarse[i], fine[i], audio[i], self.spec.sample_rate, seeds[i])
                 for i in range(n)]
 
-    def _run(self, stage: str, requests: list) -> list[np.ndarray]:
+    def _run(self, stage: str, on_step, requests: list) -> list[np.ndarray]:
         outputs = []
-        for res in self.engines[stage].run(requests):
+        step = None if on_step is None else (lambda _engine: on_step(stage))
+        for res in self.engines[stage].run(requests, step):
             if not res.ok:
                 raise StageFailed(stage, res)
             outputs.append(res.output)
         return outputs
 
     def synthesize(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
-                   max_segment_tokens: int | None = None, on_segment=None) -> Generation:
+                   max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
         """Any length of text: split into segments, each continuing the previous one's voice.
 
         The tokens of all segments are concatenated (so ``as_voice`` saves the whole generation)
-        and so is the audio. ``on_segment(i, n)`` is called after each segment (progress).
+        and so is the audio. Progress: ``on_segment(i, n)`` is called before the first
+        segment (i=0) and after each one, ``on_step(stage_name)`` after every engine step.
         """
         segments = split_text(text, self.text.count, max_segment_tokens or self.text.max_tokens)
         if not segments:
@@ -115,8 +121,10 @@ class BarkPipeline:
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         history = self.voices.resolve(voice)
         parts = []
+        if on_segment is not None and segments:
+            on_segment(0, len(segments))
         for i, segment in enumerate(segments):
-            gen = self.generate(segment, history, replace(params, seed=segment_seed(seed, i)))[0]
+            gen = self.generate(segment, history, replace(params, seed=segment_seed(seed, i)), on_step)[0]
             parts.append(gen)
             history = carry_voice(history, gen.semantic, gen.coarse, gen.fine, self.spec)
             if on_segment is not None:

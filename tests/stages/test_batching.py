@@ -147,3 +147,18 @@ def test_cpu_offload_gives_the_same_tokens(tiny_ckpt):
     a = plain.generate("Hello there.", "v2/en_speaker_0", params)[0]
     b = offload.generate("Hello there.", "v2/en_speaker_0", params)[0]
     np.testing.assert_array_equal(a.fine, b.fine)
+
+
+def test_progress_callbacks_follow_the_stages(pipe):
+    """synthesize reports every engine step (stage by stage, segment by segment) and every segment."""
+    steps, segments = [], []
+    text = "First sentence here. " * 3 + "And a second one."
+    gen = pipe.synthesize(text, None, GenerationParams.greedy(max_semantic_tokens=12, seed=1),
+                          max_segment_tokens=16, on_segment=lambda i, n: segments.append((i, n)),
+                          on_step=steps.append)
+    n = len(segments) - 1
+    assert n >= 2 and segments == [(i, n) for i in range(n + 1)]
+    runs = [s for i, s in enumerate(steps) if i == 0 or steps[i - 1] != s]  # collapse repeats
+    assert runs == ["semantic", "coarse", "fine", "codec"] * n
+    # random weights never emit EOS: semantic steps = 1 prefill + 11 decodes per segment
+    assert steps.count("semantic") == 12 * n and len(gen.semantic) == 12 * n
