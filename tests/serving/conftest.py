@@ -18,7 +18,9 @@ def free_port() -> int:
 
 
 def e2e_config(model: str, port: int, **overrides) -> dict:
-    small = {"num_cpus": 0.1, "max_batch": 8, "batch_wait_ms": 5}
+    # float32 pinned: tests compare with the in-process float32 pipeline, and "auto" picks bfloat16
+    # on CPUs with AMX / AVX512-BF16.
+    small = {"num_cpus": 0.1, "max_batch": 8, "batch_wait_ms": 5, "dtype": "float32"}
     cfg = {
         "model": model, "http_host": "127.0.0.1", "http_port": port,
         "orchestrator": {"num_cpus": 0.1, "max_active_requests": 24, "segment_max_tokens": 24,
