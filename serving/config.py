@@ -70,6 +70,7 @@ class StageConfig(Placement):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
     cpu_offload: bool = False  # accelerate CPU offload: weights on CPU, moved to the GPU per forward
+    max_forward_tokens: int | None = Field(None, ge=1)  # rows per prefill/fine forward; None: automatic
 
 
 class OrchestratorConfig(Placement):

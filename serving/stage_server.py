@@ -25,7 +25,8 @@ log = logging.getLogger("ray.serve")  # shows in the replica logs
 def engine_options(cfg: StageConfig) -> EngineOptions:
     device = resolve_device(cfg.device)
     return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device), capacity=cfg.max_batch,
-                         torch_threads=cfg.torch_threads, cpu_offload=cfg.cpu_offload)
+                         torch_threads=cfg.torch_threads, cpu_offload=cfg.cpu_offload,
+                         max_forward_tokens=cfg.max_forward_tokens)
 
 
 def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):

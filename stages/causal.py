@@ -146,17 +146,39 @@ class CausalEngine(StageEngine):
             work["decode_s"] = time.perf_counter() - t0
         if prefill_rows:
             t0 = time.perf_counter()
-            waiting = [self.slots[i] for i in prefill_rows]
-            embeds, lengths = self._prefill_embeds(waiting)
-            slots = torch.tensor(prefill_rows, device=self.device)
-            parts_logits.append(self.model.prefill(embeds, lengths.to(self.device), self.cache, slots))
-            parts_rows += prefill_rows
-            for slot, n in zip(waiting, lengths.tolist()):
-                slot.position, slot.needs_prefill = n, False
-            work["prefill_flops"] = prefill_flops(self.shape, lengths.tolist())
+            all_lengths = []
+            for chunk in self._prefill_chunks(prefill_rows):
+                waiting = [self.slots[i] for i in chunk]
+                embeds, lengths = self._prefill_embeds(waiting)
+                slots = torch.tensor(chunk, device=self.device)
+                parts_logits.append(self.model.prefill(embeds, lengths.to(self.device), self.cache, slots))
+                parts_rows += chunk
+                for slot, n in zip(waiting, lengths.tolist()):
+                    slot.position, slot.needs_prefill = n, False
+                all_lengths += lengths.tolist()
+            work["prefill_flops"] = prefill_flops(self.shape, all_lengths)
             work["prefill_s"] = time.perf_counter() - t0
         self._work = work
         return parts_rows, torch.cat(parts_logits).float()
+
+    def _prefill_chunks(self, rows: list[int]) -> list[list[int]]:
+        """Split waiting slots into prefills of at most ``max_forward_tokens`` padded rows each."""
+        budget = self.forward_token_budget(self.model.lm_head.weight.shape[1])
+        chunks: list[list[int]] = []
+        longest = 0
+        for i in rows:
+            n = self._prompt_length(self.slots[i])
+            if chunks and max(longest, n) * (len(chunks[-1]) + 1) <= budget:
+                chunks[-1].append(i)
+                longest = max(longest, n)
+            else:
+                chunks.append([i])
+                longest = n
+        return chunks
+
+    def _prompt_length(self, slot: Slot) -> int:
+        """Tokens the slot's next prefill holds (for chunking); subclasses with varying prompts override."""
+        return self.max_len
 
     def _release(self, i: int) -> None:
         last = len(self.slots) - 1

@@ -89,12 +89,16 @@ class FineEngine(StageEngine):
         spec, win = self.spec, self.spec.max_fine_input_length
         windows = [j.plan.windows[j.window] for j in self.jobs]
         batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(self.jobs, windows)])  # (B, 1024, 8)
+        chunk = max(1, self.forward_token_budget(self.model.layernorm_final.normalized_shape[0]) // win)
         for codebook in range(spec.n_coarse_codebooks, spec.n_fine_codebooks):
-            logits = self.model(batch, codebook)[:, :, : spec.codebook_size].float()  # (B, 1024, 1024)
-            for i, (job, w) in enumerate(zip(self.jobs, windows)):
-                rows = logits[i, w.fill_from:]  # (N, 1024)
-                uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
-                batch[i, w.fill_from:, codebook] = sample_rows(rows, [job.request.sampling] * rows.shape[0], uniform)
+            for lo in range(0, len(windows), chunk):
+                logits = self.model(batch[lo: lo + chunk], codebook)[:, :, : spec.codebook_size].float()  # (b, 1024, V)
+                for i in range(lo, min(lo + chunk, len(windows))):
+                    job, w = self.jobs[i], windows[i]
+                    rows = logits[i - lo, w.fill_from:]  # (N, 1024)
+                    uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
+                    batch[i, w.fill_from:, codebook] = sample_rows(rows, [job.request.sampling] * rows.shape[0],
+                                                                   uniform)
         results, keep = [], []
         for i, (job, w) in enumerate(zip(self.jobs, windows)):
             job.sequence[w.start: w.start + win] = batch[i]

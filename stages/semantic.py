@@ -59,6 +59,9 @@ class SemanticEngine(CausalEngine):
         embeds = torch.cat([merged, infer], dim=1)  # (B, 257, C)
         return embeds, torch.full((len(slots),), embeds.shape[1])
 
+    def _prompt_length(self, slot: Slot) -> int:
+        return self.spec.max_input_semantic_length + 1  # every prompt: 256 merged positions + infer token
+
     def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
         eos = self.spec.semantic_eos_token
         allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS

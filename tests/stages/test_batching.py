@@ -162,3 +162,41 @@ def test_progress_callbacks_follow_the_stages(pipe):
     assert runs == ["semantic", "coarse", "fine", "codec"] * n
     # random weights never emit EOS: semantic steps = 1 prefill + 11 decodes per segment
     assert steps.count("semantic") == 12 * n and len(gen.semantic) == 12 * n
+
+
+def test_chunked_forwards_give_the_same_tokens(tiny_ckpt, pipe):
+    """Prefills and fine windows split into one-row forwards (max_forward_tokens=1) change nothing."""
+    chunked = BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8, max_forward_tokens=1))
+    texts = ["Hello there.", "A different, longer sentence here.", "♪ la la la ♪"]
+    voices = [None, "v2/en_speaker_1", "announcer"]
+    params = [GenerationParams.greedy(max_semantic_tokens=n, seed=i) for i, n in enumerate([30, 45, 20])]
+    for a, b in zip(pipe.generate(texts, voices, params), chunked.generate(texts, voices, params)):
+        np.testing.assert_array_equal(a.semantic, b.semantic)
+        np.testing.assert_array_equal(a.coarse, b.coarse)
+        np.testing.assert_array_equal(a.fine, b.fine)
+        np.testing.assert_allclose(a.audio, b.audio, atol=1e-5)
+
+
+def test_forward_token_budget():
+    import torch
+
+    from stages.engine import forward_token_budget
+
+    # bark-small (hidden 768): bf16 MLP activation of 4096 rows = 24 MiB; fp32 halves the rows
+    assert forward_token_budget(None, "cpu", torch.bfloat16, 768) == 4096
+    assert forward_token_budget(None, "cpu", torch.float32, 768) == 2048
+    assert forward_token_budget(None, "cpu", torch.float32, 1024) == 1536
+    assert forward_token_budget(None, "cuda", torch.bfloat16, 768) >= 1 << 20  # no chunking on GPUs
+    assert forward_token_budget(7, "cpu", torch.float32, 768) == 7
+
+
+@pytest.mark.parametrize("setting,expected", [("1", "True"), ("0", "False")])
+def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
+    import os
+    import subprocess
+    import sys
+
+    code = "from stages.engine import tune_cpu_malloc as t; print(t(), t())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**os.environ, "BARK_MALLOC_TUNING": setting}).stdout.split()
+    assert out == [expected, expected]  # glibc on Linux: applied (or not) once, the same answer after
