@@ -166,7 +166,7 @@ class CausalEngine(StageEngine):
         budget = self.forward_token_budget(self.model.lm_head.weight.shape[1])
         chunks: list[list[int]] = []
         longest = 0
-        for i in rows:
+        for i in sorted(rows, key=lambda r: self._prompt_length(self.slots[r])):  # equal lengths together
             n = self._prompt_length(self.slots[i])
             if chunks and max(longest, n) * (len(chunks[-1]) + 1) <= budget:
                 chunks[-1].append(i)

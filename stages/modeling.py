@@ -53,12 +53,14 @@ class SelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "_KVWriter | None") -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "_KVWriter | None",
+                causal: bool = False) -> torch.Tensor:
         q, k, v = self.att_proj(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
         if kv is not None:
             k, v = kv(k, v)  # (B, H, S, D)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, T, D)
+        # causal (no mask): the kernel skips the blocks above the diagonal instead of masking them
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(x.shape)  # (B, T, C)
         return self.out_proj(y)
 
@@ -81,8 +83,8 @@ class Block(nn.Module):
         self.layernorm_2 = nn.LayerNorm(hidden, bias=norm_bias)
         self.mlp = MLP(hidden, bias)
 
-    def forward(self, x, mask, kv=None):
-        x = x + self.attn(self.layernorm_1(x), mask, kv)
+    def forward(self, x, mask, kv=None, causal=False):
+        x = x + self.attn(self.layernorm_1(x), mask, kv, causal)
         return x + self.mlp(self.layernorm_2(x))
 
 
@@ -121,10 +123,10 @@ class CausalLM(nn.Module):
         self.layernorm_final = nn.LayerNorm(hidden, bias=bias)
         self.lm_head = nn.Linear(hidden, cfg["output_vocab_size"], bias=False)
 
-    def _run(self, x, positions, mask, writers, last_index):
+    def _run(self, x, positions, mask, writers, last_index, causal=False):
         x = x + self.position_embeds_layer(positions)  # (B, T, C)
         for layer, writer in zip(self.layers, writers):
-            x = layer(x, mask, writer)
+            x = layer(x, mask, writer, causal)
         x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
         return self.lm_head(self.layernorm_final(x))  # (B, V)
 
@@ -133,10 +135,12 @@ class CausalLM(nn.Module):
         b, t, _ = embeds.shape
         dev = embeds.device
         pos = torch.arange(t, device=dev)
+        writers = [_KVWriter(cache, i, slots, None, t) for i in range(len(self.layers))]
+        if bool((lengths == t).all()):  # no padding: plain causal attention
+            return self._run(embeds, pos[None].expand(b, t), None, writers, lengths - 1, causal=True)
         causal = pos[None, :] <= pos[:, None]  # (T, T)
         valid = pos[None, :] < lengths[:, None]  # (B, T) keys inside the prompt
         mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, T)
-        writers = [_KVWriter(cache, i, slots, None, t) for i in range(len(self.layers))]
         return self._run(embeds, pos[None].expand(b, t), mask, writers, lengths - 1)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache):
