@@ -34,14 +34,24 @@ class HFBark:
         self.fine_cfg = BarkFineGenerationConfig(**gc.fine_acoustics_config)
         self.codebook_size = gc.codebook_size
 
+    def _semantic(self, inputs, max_semantic_tokens: int, min_eos_p: float | None):
+        return self.model.semantic.generate(
+            inputs["input_ids"], history_prompt=inputs.get("history_prompt"), semantic_generation_config=self.sem_cfg,
+            attention_mask=inputs["attention_mask"], max_new_tokens=max_semantic_tokens, min_eos_p=min_eos_p,
+            do_sample=False)
+
+    @torch.no_grad()
+    def semantic_length(self, text: str, max_semantic_tokens: int, min_eos_p: float | None) -> int:
+        """How many semantic tokens greedy decoding makes before it stops (semantic stage only)."""
+        sem = self._semantic(self.processor(text), max_semantic_tokens, min_eos_p)[0].numpy()
+        return int((sem != self.sem_cfg.semantic_pad_token).sum())
+
     @torch.no_grad()
     def generate(self, text: str, voice=None, max_semantic_tokens: int = 768, min_eos_p: float | None = None):
         inputs = self.processor(text, voice_preset=voice)
         history = inputs.get("history_prompt")
         m = self.model
-        sem = m.semantic.generate(inputs["input_ids"], history_prompt=history, semantic_generation_config=self.sem_cfg,
-                                  attention_mask=inputs["attention_mask"], max_new_tokens=max_semantic_tokens,
-                                  min_eos_p=min_eos_p, do_sample=False)
+        sem = self._semantic(inputs, max_semantic_tokens, min_eos_p)
         coarse = m.coarse_acoustics.generate(sem.clone(), history_prompt=history,
                                              semantic_generation_config=self.sem_cfg,
                                              coarse_generation_config=self.coarse_cfg,
