@@ -36,6 +36,7 @@ class ServedApp:
         from cluster.serve_config import pool_resources
         from serving.app import make_app
         from serving.config import load_config
+        from serving.stage_server import resolve_threads
 
         self.port = _free_port()
         stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 256,
@@ -50,7 +51,7 @@ class ServedApp:
                                 "torch_threads": threads}
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
-        self.threads = {s: self.cfg.stage(s).torch_threads for s in STAGES}
+        self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
         ray.init(resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")

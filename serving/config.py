@@ -10,7 +10,7 @@ per stage) and ``single-gpu`` (all stages on one GPU, optional CPU offload).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -68,7 +68,9 @@ class StageConfig(Placement):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # an idle loop waits this long to gather a batch
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    torch_threads: int | None = Field(None, ge=1)
+    # torch threads of the replica. "auto": every core this process may use; None: torch's default,
+    # which under Ray is the replica's num_cpus (1 for a fractional num_cpus).
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     cpu_offload: bool = False  # accelerate CPU offload: weights on CPU, moved to the GPU per forward
     max_forward_tokens: int | None = Field(None, ge=1)  # rows per prefill/fine forward; None: automatic
 

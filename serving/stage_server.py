@@ -22,10 +22,17 @@ from .scheduler import StageOutput, StageScheduler
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
+def resolve_threads(setting: int | str | None) -> int | None:
+    """``"auto"``: the cores this process may run on (its CPU affinity), else the setting itself."""
+    if setting == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return setting
+
+
 def engine_options(cfg: StageConfig) -> EngineOptions:
     device = resolve_device(cfg.device)
     return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device), capacity=cfg.max_batch,
-                         torch_threads=cfg.torch_threads, cpu_offload=cfg.cpu_offload,
+                         torch_threads=resolve_threads(cfg.torch_threads), cpu_offload=cfg.cpu_offload,
                          max_forward_tokens=cfg.max_forward_tokens)
 
 

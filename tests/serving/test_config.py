@@ -1,0 +1,34 @@
+"""The config file: every shipped profile loads, and per-stage engine settings resolve as documented."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from serving.config import ConfigError, load_config, parse_config, profiles
+from serving.stage_server import engine_options, resolve_threads
+
+
+@pytest.mark.parametrize("name", ["local-cpu", "pipelined-gpu", "single-gpu"])
+def test_profiles_load(name):
+    assert name in profiles()
+    cfg = load_config(name)
+    assert {s: cfg.stage(s).pool for s in ("semantic", "coarse", "fine", "codec")}
+
+
+def test_torch_threads_auto_is_every_core_of_the_process():
+    cores = len(os.sched_getaffinity(0))
+    cfg = load_config("local-cpu")
+    assert cfg.stage("fine").torch_threads == "auto"
+    assert engine_options(cfg.stage("fine")).torch_threads == cores
+    assert resolve_threads(3) == 3 and resolve_threads(None) is None
+
+
+def test_stage_engine_settings_reach_the_engine_and_bad_ones_are_refused():
+    cfg = parse_config({"fine": {"torch_threads": 2, "max_forward_tokens": 1024, "max_batch": 3, "dtype": "float32"}})
+    opts = engine_options(cfg.stage("fine"))
+    assert (opts.torch_threads, opts.max_forward_tokens, opts.capacity, opts.dtype) == (2, 1024, 3, "float32")
+    for bad in ({"torch_threads": 0}, {"torch_threads": "many"}, {"max_forward_tokens": 0}):
+        with pytest.raises(ConfigError, match="fine"):
+            parse_config({"fine": bad})
