@@ -163,11 +163,12 @@ class CausalEngine(StageEngine):
 
     def _prefill_chunks(self, rows: list[int]) -> list[list[int]]:
         """Split waiting slots into prefills of at most ``max_forward_tokens`` padded rows each."""
-        budget = self.forward_token_budget(self.model.lm_head.weight.shape[1])
+        budget = self.forward_token_budget(self.shape.hidden)
+        length = {i: self._prompt_length(self.slots[i]) for i in rows}
         chunks: list[list[int]] = []
         longest = 0
-        for i in sorted(rows, key=lambda r: self._prompt_length(self.slots[r])):  # equal lengths together
-            n = self._prompt_length(self.slots[i])
+        for i in sorted(rows, key=length.get):  # equal lengths together
+            n = length[i]
             if chunks and max(longest, n) * (len(chunks[-1]) + 1) <= budget:
                 chunks[-1].append(i)
                 longest = max(longest, n)

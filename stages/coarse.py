@@ -74,9 +74,8 @@ class CoarseEngine(CausalEngine):
             rows.append(self.model.input_embeds_layer(torch.from_numpy(ids).to(self.device)))  # (L_i, C)
         return pad_right(rows)
 
-    def _prompt_length(self, slot: Slot) -> int:  # as tokens.coarse_window_input builds it
-        spec = self.spec
-        return spec.max_coarse_input_length + 1 + min(len(slot.state["coarse_all"]), spec.max_coarse_history)
+    def _prompt_length(self, slot: Slot) -> int:
+        return T.coarse_window_length(len(slot.state["coarse_all"]), self.spec)
 
     def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
         spec = self.spec

@@ -103,8 +103,7 @@ def forward_token_budget(limit: int | None, device_type: str, dtype: torch.dtype
         return limit
     if device_type != "cpu":
         return 1 << 30
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    return max(256, _CPU_ACTIVATION_BYTES // (4 * hidden * itemsize))
+    return max(256, _CPU_ACTIVATION_BYTES // (4 * hidden * dtype.itemsize))
 
 
 def tune_cpu_malloc() -> bool:
@@ -189,7 +188,7 @@ class StageEngine(abc.ABC):
     def run(self, requests: Iterable, on_step=None) -> list[StageResult]:
         """Run requests to completion in arrival order, admitting whenever a place frees up.
 
-        ``on_step(engine)``, if given, is called after every step (progress display).
+        ``on_step()``, if given, is called after every step (progress display).
         """
         return list(self.iter_run(requests, on_step))
 
@@ -208,7 +207,7 @@ class StageEngine(abc.ABC):
                 for res in self.step():
                     done[res.request_id] = res
                 if on_step is not None:
-                    on_step(self)
+                    on_step()
         for rid in order:
             yield done[rid]
 

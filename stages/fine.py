@@ -42,6 +42,7 @@ class FineEngine(StageEngine):
     def __init__(self, options: EngineOptions, model: FineLM, spec: BarkSpec):
         super().__init__(options)
         self.model, self.spec = model, spec
+        self.shape = Shape.of(model)
         self.jobs: list[_FineJob] = []
 
     @classmethod
@@ -89,7 +90,7 @@ class FineEngine(StageEngine):
         spec, win = self.spec, self.spec.max_fine_input_length
         windows = [j.plan.windows[j.window] for j in self.jobs]
         batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(self.jobs, windows)])  # (B, 1024, 8)
-        chunk = max(1, self.forward_token_budget(self.model.layernorm_final.normalized_shape[0]) // win)
+        chunk = max(1, self.forward_token_budget(self.shape.hidden) // win)
         for codebook in range(spec.n_coarse_codebooks, spec.n_fine_codebooks):
             for lo in range(0, len(windows), chunk):
                 logits = self.model(batch[lo: lo + chunk], codebook)[:, :, : spec.codebook_size].float()  # (b, 1024, V)
@@ -113,5 +114,5 @@ class FineEngine(StageEngine):
         frames = float(sum(win - w.fill_from for w in windows))
         passes = spec.n_fine_codebooks - spec.n_coarse_codebooks
         self._record({"batch": float(len(windows)), "tokens": frames, "step_s": time.perf_counter() - t0,
-                          "window_flops": fine_flops(Shape.of(self.model), len(windows), win, passes)})
+                          "window_flops": fine_flops(self.shape, len(windows), win, passes)})
         return results

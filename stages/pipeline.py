@@ -100,7 +100,7 @@ class BarkPipeline:
 
     def _run(self, stage: str, on_step, requests: list) -> list[np.ndarray]:
         outputs = []
-        step = None if on_step is None else (lambda _engine: on_step(stage))
+        step = None if on_step is None else (lambda: on_step(stage))
         for res in self.engines[stage].run(requests, step):
             if not res.ok:
                 raise StageFailed(stage, res)

@@ -103,6 +103,11 @@ def coarse_window_plan(base_semantic_idx: int, generated: int, target: int, spec
     )
 
 
+def coarse_window_length(n_coarse: int, spec: BarkSpec) -> int:
+    """Length of ``coarse_window_input`` with ``n_coarse`` coarse tokens so far (history included)."""
+    return spec.max_coarse_input_length + 1 + min(n_coarse, spec.max_coarse_history)
+
+
 def coarse_window_input(
     semantic_all: np.ndarray, coarse_all: np.ndarray, plan: CoarseWindowPlan, spec: BarkSpec
 ) -> np.ndarray:

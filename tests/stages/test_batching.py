@@ -200,3 +200,14 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "BARK_MALLOC_TUNING": setting}).stdout.split()
     assert out == [expected, expected]  # glibc on Linux: applied (or not) once, the same answer after
+
+
+@pytest.mark.parametrize("n_coarse", [0, 1, 59, 630, 631, 2000])
+def test_coarse_window_length_is_the_prefill_length(ckpt, n_coarse):
+    """Prefill chunking sizes coarse prompts without building them; the two must agree."""
+    from stages import tokens as T
+
+    spec = ckpt.spec
+    plan = T.coarse_window_plan(0, 0, 60, spec)
+    ids = T.coarse_window_input(np.arange(300) % 10, np.arange(n_coarse) % 1024, plan, spec)
+    assert T.coarse_window_length(n_coarse, spec) == len(ids)
