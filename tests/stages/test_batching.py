@@ -137,7 +137,22 @@ def test_bfloat16_runs_and_stays_close_to_float32(tiny_ckpt):
     b = bf16.generate("Hello, my dog is cute.", None, params)[0]
     assert b.audio.dtype == np.float32 and np.isfinite(b.audio).all()
     assert b.semantic.shape == a.semantic.shape and b.fine.shape == a.fine.shape
-    assert np.mean(a.semantic == b.semantic) > 0.5  # mostly the same greedy tokens
+    # Greedy paths of random weights fork at the first near-tie, so compare the models' outputs on
+    # the same inputs instead: bfloat16 logits stay within a few percent of float32's.
+    import torch
+
+    def rel_err(x, y):
+        return float((x.float() - y.float()).norm() / y.float().norm())
+
+    codes = torch.from_numpy(a.fine.T[None].astype(np.int64))  # (1, T, 8)
+    with torch.inference_mode():
+        for codebook in (2, 7):
+            assert rel_err(bf16.engines["fine"].model(codes, codebook), fp32.engines["fine"].model(codes, codebook)) < 0.05
+        ids = torch.from_numpy(a.semantic.astype(np.int64))[None]  # (1, T)
+        logits = [p.engines["semantic"].model.prefill(p.engines["semantic"].model.input_embeds_layer(ids),
+                                                      torch.tensor([ids.shape[1]]), p.engines["semantic"].cache,
+                                                      torch.tensor([0])) for p in (bf16, fp32)]
+        assert rel_err(*logits) < 0.05
 
 
 def test_cpu_offload_gives_the_same_tokens(tiny_ckpt):
