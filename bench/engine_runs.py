@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams
 
 from .workload import Run, Workload, stage_efficiency
 

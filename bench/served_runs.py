@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import msgpack
 
-from stages.constants import STAGES
+from bark_serve.stages.constants import STAGES
 
 from .workload import Run, Workload, stage_efficiency
 
@@ -33,10 +33,10 @@ class ServedApp:
         import ray
         from ray import serve
 
-        from cluster.serve_config import pool_resources
-        from serving.app import make_app
-        from serving.config import load_config
-        from serving.stage_server import resolve_threads
+        from bark_serve.cluster.serve_config import pool_resources
+        from bark_serve.serving.app import make_app
+        from bark_serve.serving.config import load_config
+        from bark_serve.serving.stage_server import resolve_threads
 
         self.port = _free_port()
         stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 256,

@@ -31,9 +31,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cluster.batch_types import BatchItem, ErrorType, Lease, SynthesisResult
-from cluster.queue import Heartbeat, Outcome, WorkQueue
-from stages.types import InvalidRequestError
+from bark_serve.cluster.batch_types import BatchItem, ErrorType, Lease, SynthesisResult
+from bark_serve.cluster.queue import Heartbeat, Outcome, WorkQueue
+from bark_serve.stages.types import InvalidRequestError
 
 log = logging.getLogger("bark.batch.worker")
 

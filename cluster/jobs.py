@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 import msgpack
 import redis.asyncio as aioredis
 
-from cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
-from cluster.queue import ensure_group
+from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
+from bark_serve.cluster.queue import ensure_group
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
 
@@ -292,7 +292,7 @@ class JobStore:
 
 async def open_store(cfg, keys: BatchKeys | None = None) -> JobStore:
     """Connect (PING; RedisUnavailable if that fails) and build the store from a BatchConfig, in this loop."""
-    from cluster.redis_conn import aconnect
+    from bark_serve.cluster.redis_conn import aconnect
 
     keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
     return JobStore.from_config(await aconnect(cfg), cfg, keys)

@@ -33,7 +33,7 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from cluster.batch_types import LUA_PRELUDE, BatchKeys, ErrorType, ItemRecord, Lease, QueueEntry, SynthesisResult
+from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ErrorType, ItemRecord, Lease, QueueEntry, SynthesisResult
 
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream is for operators, not a store: keep it bounded
 _LEASE_PRELUDE = LUA_PRELUDE + f"local DEAD_MAXLEN = {DEAD_LETTER_MAXLEN}\n"
@@ -312,7 +312,7 @@ class WorkQueue:
 
 async def open_queue(cfg, keys: BatchKeys | None = None) -> WorkQueue:
     """Connect (PING; RedisUnavailable if that fails) and build the queue from a BatchConfig, in this loop."""
-    from cluster.redis_conn import aconnect
+    from bark_serve.cluster.redis_conn import aconnect
 
     keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
     queue = WorkQueue.from_config(await aconnect(cfg), cfg, keys)

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 
-from serving.config import BatchConfig
+from bark_serve.serving.config import BatchConfig
 
 CONNECT_TIMEOUT_S = 5.0
 # Longer than any blocking stream read we issue (those block for at most a few seconds).

@@ -10,10 +10,10 @@ structure from its ``bark:`` values (tests/helm checks that both agree).
 
 from __future__ import annotations
 
-from serving.config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
-from stages.constants import STAGES
+from bark_serve.serving.config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
+from bark_serve.stages.constants import STAGES
 
-IMPORT_PATH = "serving.app:build_app"
+IMPORT_PATH = "bark_serve.serving.app:build_app"
 POOL_RESOURCE_UNITS = 1  # each replica takes one unit of its pool's resource
 
 

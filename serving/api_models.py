@@ -6,8 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from stages import constants as C
-from stages.types import GenerationParams, SamplingParams
+from bark_serve.stages import constants as C
+from bark_serve.stages.types import GenerationParams, SamplingParams
 
 
 class BarkOptions(BaseModel):

@@ -1,6 +1,6 @@
 """The Ray Serve application: four stage deployments and the orchestrator, from one BarkConfig.
 
-``serve run serving.app:build_app`` / a Serve config's ``import_path`` call
+``serve run bark_serve.serving.app:build_app`` / a Serve config's ``import_path`` call
 :func:`build_app` with the config as ``args``; ``bark-serve up`` calls it too.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from cluster.serve_config import deployment_entry
-from stages.constants import STAGES
+from bark_serve.cluster.serve_config import deployment_entry
+from bark_serve.stages.constants import STAGES
 
 from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
 from .orchestrator import Orchestrator
@@ -23,7 +23,7 @@ def _options(name: str, placement) -> dict:
 
 
 def build_app(args: dict | BarkConfig) -> Application:
-    """The Serve application builder (``import_path: serving.app:build_app``; ``args`` is the BarkConfig)."""
+    """The Serve application builder (``import_path: bark_serve.serving.app:build_app``; ``args`` is the BarkConfig)."""
     return make_app(args if isinstance(args, BarkConfig) else parse_config(dict(args or {})))
 
 

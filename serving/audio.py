@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import soundfile as sf
 
-from stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError
 
 # format -> (libsndfile container, subtype, media type)
 FORMATS: dict[str, tuple[str | None, str | None, str]] = {

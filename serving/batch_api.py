@@ -53,10 +53,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from redis.exceptions import RedisError
 
-from cluster.batch_types import JOB_ID_RE, JOB_KEY_RE, InvalidBatchError, ItemRecord, ItemState, JobState
-from cluster.batch_types import check_unique, parse_item
-from cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
-from cluster.redis_conn import RedisUnavailable
+from bark_serve.cluster.batch_types import JOB_ID_RE, JOB_KEY_RE, InvalidBatchError, ItemRecord, ItemState, JobState
+from bark_serve.cluster.batch_types import check_unique, parse_item
+from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
+from bark_serve.cluster.redis_conn import RedisUnavailable
 
 log = logging.getLogger("bark.batch.api")
 

@@ -16,11 +16,11 @@ import numpy as np
 from pydantic import ValidationError
 from ray import serve
 
-from cluster.batch_types import BatchItem, SynthesisResult
-from cluster.batch_worker import BatchWorkerLoop
-from cluster.jobs import open_store
-from cluster.queue import open_queue
-from stages.types import InvalidRequestError
+from bark_serve.cluster.batch_types import BatchItem, SynthesisResult
+from bark_serve.cluster.batch_worker import BatchWorkerLoop
+from bark_serve.cluster.jobs import open_store
+from bark_serve.cluster.queue import open_queue
+from bark_serve.stages.types import InvalidRequestError
 
 from . import audio as A
 from .api_models import TTSRequest

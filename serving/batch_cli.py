@@ -26,7 +26,7 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
-from cluster.batch_types import AUDIO_FORMATS, ITEM_ID_RE
+from bark_serve.cluster.batch_types import AUDIO_FORMATS, ITEM_ID_RE
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 STATE_FILE = ".bark-batch.json"

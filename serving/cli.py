@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError
 
 EXIT_USAGE = 2
 
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch_cli import add_batch_commands
 
     up.register(sub)
-    from bench.cli import register as register_bench
+    from bark_serve.bench.cli import register as register_bench
 
     register_bench(sub)
     from .batch_cli import run as run_batch
@@ -97,7 +97,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import ConfigError
+    from bark_serve.serving.config import ConfigError
 
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -112,6 +112,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # run the imported module's main, so exception classes are the same objects
-    from serving.cli import main as _main
+    from bark_serve.serving.cli import main as _main
 
     sys.exit(_main())

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.types import GenerationParams, InvalidRequestError
+from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
 
 def _engine_options(args, capacity: int = 4):
-    from stages.engine import EngineOptions, resolve_device, resolve_dtype
+    from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
     return EngineOptions(device=device, dtype=resolve_dtype(args.dtype, device), capacity=capacity,
@@ -37,8 +37,8 @@ def _generation_params(args) -> GenerationParams:
 def synth(args) -> int:
     from tqdm import tqdm
 
-    from stages.pipeline import BarkPipeline
-    from stages.voices import save_npz
+    from bark_serve.stages.pipeline import BarkPipeline
+    from bark_serve.stages.voices import save_npz
 
     from .audio import encode, format_for_path
 
@@ -71,7 +71,7 @@ def synth(args) -> int:
 
 
 def make_checkpoint(args) -> int:
-    from stages.checkpoint import make_checkpoint as make
+    from bark_serve.stages.checkpoint import make_checkpoint as make
 
     path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype)
     print(f"wrote a random {args.size} Bark checkpoint to {path}")
@@ -79,8 +79,8 @@ def make_checkpoint(args) -> int:
 
 
 def voices(args) -> int:
-    from stages.voices import VoiceLibrary
-    from stages.weights import Checkpoint
+    from bark_serve.stages.voices import VoiceLibrary
+    from bark_serve.stages.weights import Checkpoint
 
     ckpt = Checkpoint.open(args.model)
     for name in VoiceLibrary(ckpt.spec, ckpt, args.voices_dir).names():
@@ -89,7 +89,7 @@ def voices(args) -> int:
 
 
 def render_config(args) -> int:
-    from cluster.serve_config import render_serve_config
+    from bark_serve.cluster.serve_config import render_serve_config
 
     from .config import load_config
 

@@ -15,7 +15,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from stages.constants import STAGES
+from bark_serve.stages.constants import STAGES
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 POOL_RESOURCE_PREFIX = "bark_pool_"

@@ -7,9 +7,9 @@ import logging
 
 from fastapi.responses import JSONResponse
 
-from stages.text import TextTooLongError
-from stages.types import InvalidRequestError
-from stages.voices import UnknownVoiceError
+from bark_serve.stages.text import TextTooLongError
+from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.voices import UnknownVoiceError
 
 from .scheduler import QueueFull, StageError
 from .synthesis import TextTooLarge

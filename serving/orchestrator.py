@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from ray import serve
 
-from stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError
 
 from . import http_api as H
 from .api_models import SpeechRequest, TTSRequest

@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from stages.types import InvalidRequestError, StageResult
+from bark_serve.stages.types import InvalidRequestError, StageResult
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 

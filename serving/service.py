@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from stages.text import TextPreparer
-from stages.voices import VoiceLibrary
-from stages.weights import Checkpoint
+from bark_serve.stages.text import TextPreparer
+from bark_serve.stages.voices import VoiceLibrary
+from bark_serve.stages.weights import Checkpoint
 
 from .config import BarkConfig
 from .synthesis import Synthesizer

@@ -13,8 +13,8 @@ import os
 
 from ray import serve
 
-from stages.engine import EngineOptions, resolve_device, resolve_dtype
-from stages.types import InvalidRequestError
+from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
+from bark_serve.stages.types import InvalidRequestError
 
 from .config import BarkConfig, StageConfig, parse_config
 from .scheduler import StageOutput, StageScheduler
@@ -38,8 +38,8 @@ def engine_options(cfg: StageConfig) -> EngineOptions:
 
 def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):
     """The real engine: read only this stage's sub-model from the checkpoint."""
-    from stages.pipeline import ENGINES
-    from stages.weights import Checkpoint
+    from bark_serve.stages.pipeline import ENGINES
+    from bark_serve.stages.weights import Checkpoint
 
     return ENGINES[stage].from_checkpoint(Checkpoint.open(cfg.model), options)
 

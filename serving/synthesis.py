@@ -20,12 +20,12 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from stages.constants import BarkSpec
-from stages.longform import segment_seed, split_text
-from stages.text import TextPreparer
-from stages.types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, InvalidRequestError,
+from bark_serve.stages.constants import BarkSpec
+from bark_serve.stages.longform import segment_seed, split_text
+from bark_serve.stages.text import TextPreparer
+from bark_serve.stages.types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, InvalidRequestError,
                           SemanticRequest, VoicePrompt)
-from stages.voices import VoiceLibrary
+from bark_serve.stages.voices import VoiceLibrary
 
 StageCall = Callable[[str, object, str], Awaitable[object]]  # (stage, request, priority) -> StageOutput
 

@@ -54,14 +54,14 @@ def up(args) -> int:
     import ray
     from ray import serve
 
-    from cluster.serve_config import pool_resources
+    from bark_serve.cluster.serve_config import pool_resources
 
     from .app import build_app
     from .config import load_config
 
     overrides = {k: v for k, v in {"model": args.model, "http_host": args.host, "http_port": args.port}.items() if v}
     cfg = load_config(args.config, overrides)
-    from stages.weights import Checkpoint
+    from bark_serve.stages.weights import Checkpoint
 
     Checkpoint.open(cfg.model)  # a wrong model is a one-line error now, not a failing deployment later
     local_redis = _maybe_start_redis(cfg)
@@ -102,7 +102,7 @@ def up(args) -> int:
 
 def _check_redis(cfg, local_redis) -> None:
     """An unreachable Redis is a one-line error now, not a batch worker failing to start later."""
-    from cluster.redis_conn import RedisUnavailable, connect
+    from bark_serve.cluster.redis_conn import RedisUnavailable, connect
 
     try:
         connect(cfg.batch).close()
@@ -116,7 +116,7 @@ def _maybe_start_redis(cfg):
     """Batch jobs without a configured Redis: start a local redis-server with persistence (if installed)."""
     if not cfg.batch.enabled or cfg.batch.redis_url:
         return None
-    from cluster.local_redis import LocalRedis
+    from bark_serve.cluster.local_redis import LocalRedis
 
     state = Path(os.environ.get("BARK_STATE_DIR", Path.home() / ".cache" / "bark-serve" / "redis"))
     return LocalRedis.start(state)

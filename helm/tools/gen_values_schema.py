@@ -18,7 +18,7 @@ TARGET = REPO / "helm" / "bark-serve" / "values.schema.json"
 
 def values_schema() -> dict:
     sys.path.insert(0, str(REPO))
-    from serving.config import BarkConfig
+    from bark_serve.serving.config import BarkConfig
 
     bark = BarkConfig.model_json_schema()
     defs = bark.pop("$defs")  # its "#/$defs/..." refs stay valid at the top level

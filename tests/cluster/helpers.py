@@ -9,10 +9,10 @@ from collections import Counter
 import redis
 import redis.asyncio as aioredis
 
-from cluster.batch_types import MEDIA_TYPES, BatchItem, BatchKeys, ItemRecord, JobState, SynthesisResult, parse_item
-from cluster.jobs import JobInfo, JobStore
-from cluster.queue import WorkQueue
-from stages.types import InvalidRequestError
+from bark_serve.cluster.batch_types import MEDIA_TYPES, BatchItem, BatchKeys, ItemRecord, JobState, SynthesisResult, parse_item
+from bark_serve.cluster.jobs import JobInfo, JobStore
+from bark_serve.cluster.queue import WorkQueue
+from bark_serve.stages.types import InvalidRequestError
 
 
 class FakeSynth:
@@ -91,7 +91,7 @@ async def all_results(store: JobStore, job_id: str) -> list:
 async def drain(url: str, prefix: str, job_id: str, synth: FakeSynth | None = None, results_dir: str | None = None,
                 **worker_kw) -> JobInfo:
     """Run one worker loop until the job is finished."""
-    from cluster.batch_worker import BatchWorkerLoop
+    from bark_serve.cluster.batch_worker import BatchWorkerLoop
 
     client, store, queue = build(url, prefix, results_dir=results_dir)
     worker = BatchWorkerLoop(queue, synth or FakeSynth(), max_in_flight=4, claim_timeout_s=5, **worker_kw)

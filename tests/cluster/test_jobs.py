@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
-from cluster.batch_types import (BatchKeys, InvalidBatchError, ItemState, JobState, check_unique, parse_item)
-from cluster.jobs import JobCancelled
+from bark_serve.cluster.batch_types import (BatchKeys, InvalidBatchError, ItemState, JobState, check_unique, parse_item)
+from bark_serve.cluster.jobs import JobCancelled
 from tests.cluster.helpers import FakeSynth, all_results, build, records
 
 
@@ -79,7 +79,7 @@ def test_idempotent_resubmission(redis_server, prefix):
 
 
 def test_resubmitting_after_work_does_not_redo_it(redis_server, prefix):
-    from cluster.batch_worker import BatchWorkerLoop
+    from bark_serve.cluster.batch_worker import BatchWorkerLoop
     from tests.cluster.helpers import wait_finished
 
     async def main():

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import redis
 
-from cluster.batch_types import BatchKeys, ItemState, JobState
-from cluster.batch_worker import BatchWorkerLoop
+from bark_serve.cluster.batch_types import BatchKeys, ItemState, JobState
+from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from tests.cluster.helpers import FakeSynth, all_results, build, expected_audio, records, wait_finished
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from cluster.redis_conn import RedisUnavailable, aconnect, connect, connection_kwargs, redacted, resolve_url
-from serving.config import BatchConfig
+from bark_serve.cluster.redis_conn import RedisUnavailable, aconnect, connect, connection_kwargs, redacted, resolve_url
+from bark_serve.serving.config import BatchConfig
 from tests.cluster.redis_server import RedisServer, free_port
 
 
@@ -117,9 +117,9 @@ async def _aping(cfg):
 
 
 def test_open_store_and_queue_from_config(redis_server):
-    from cluster.batch_types import BatchKeys
-    from cluster.jobs import open_store
-    from cluster.queue import open_queue
+    from bark_serve.cluster.batch_types import BatchKeys
+    from bark_serve.cluster.jobs import open_store
+    from bark_serve.cluster.queue import open_queue
 
     cfg = BatchConfig(enabled=True, redis_url=redis_server.url, max_attempts=5, result_ttl_s=600)
 

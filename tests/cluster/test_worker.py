@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from collections import Counter
 
-from cluster.batch_types import ErrorType, ItemState, JobState
-from cluster.batch_worker import BatchWorkerLoop
-from cluster.queue import Outcome
+from bark_serve.cluster.batch_types import ErrorType, ItemState, JobState
+from bark_serve.cluster.batch_worker import BatchWorkerLoop
+from bark_serve.cluster.queue import Outcome
 from tests.cluster.helpers import FakeSynth, all_results, build, expected_audio, records, wait_finished
 
 

@@ -9,7 +9,7 @@ import asyncio
 import signal
 import sys
 
-from cluster.batch_worker import BatchWorkerLoop
+from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from tests.cluster.helpers import FakeSynth, build
 
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from serving.audio import from_pcm16
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams
+from bark_serve.serving.audio import from_pcm16
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams
 from tests.serving.conftest import API_KEY
 
 pytestmark = pytest.mark.slow

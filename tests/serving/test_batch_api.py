@@ -13,9 +13,9 @@ import redis.asyncio as aioredis
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from cluster.batch_types import BatchKeys
-from cluster.jobs import JobStore
-from serving.batch_api import BatchLimits, batch_router
+from bark_serve.cluster.batch_types import BatchKeys
+from bark_serve.cluster.jobs import JobStore
+from bark_serve.serving.batch_api import BatchLimits, batch_router
 from tests.cluster.helpers import drain, expected_audio
 from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
 

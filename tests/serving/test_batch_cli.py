@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
-from cluster.batch_types import BatchKeys
-from cluster.batch_worker import BatchWorkerLoop
-from cluster.jobs import JobStore
-from cluster.queue import WorkQueue
-from serving.batch_api import batch_router
-from serving.batch_cli import BatchClient, add_batch_commands, run, submit_and_fetch
+from bark_serve.cluster.batch_types import BatchKeys
+from bark_serve.cluster.batch_worker import BatchWorkerLoop
+from bark_serve.cluster.jobs import JobStore
+from bark_serve.cluster.queue import WorkQueue
+from bark_serve.serving.batch_api import batch_router
+from bark_serve.serving.batch_cli import BatchClient, add_batch_commands, run, submit_and_fetch
 from tests.cluster.helpers import FakeSynth, expected_audio
 from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
 

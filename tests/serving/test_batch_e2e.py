@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams
 from tests.cluster.redis_server import RedisServer
 from tests.serving.conftest import API_KEY, e2e_config, free_port
 
@@ -42,9 +42,9 @@ def batch_app(tiny_ckpt, redis_srv):
     import ray
     from ray import serve
 
-    from cluster.serve_config import pool_resources
-    from serving.app import build_app
-    from serving.config import parse_config
+    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.app import build_app
+    from bark_serve.serving.config import parse_config
 
     os.environ["BARK_E2E_API_KEYS"] = API_KEY
     port = free_port()
@@ -153,7 +153,7 @@ def test_cli_submit_writes_every_result_and_resumes(batch_app, tmp_path):
     items.write_text("\n".join(json.dumps({"id": f"cli-{i}", "text": f"From the CLI {i}.", "format": "flac",
                                            "options": OPTS}) for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "serving.cli", "batch", "submit", str(items), "--out", str(out), "--url", url,
+    cmd = [sys.executable, "-m", "bark_serve.serving.cli", "batch", "submit", str(items), "--out", str(out), "--url", url,
            "--api-key", API_KEY, "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

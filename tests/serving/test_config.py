@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from serving.config import ConfigError, load_config, parse_config, profiles
-from serving.stage_server import engine_options, resolve_threads
+from bark_serve.serving.config import ConfigError, load_config, parse_config, profiles
+from bark_serve.serving.stage_server import engine_options, resolve_threads
 
 
 @pytest.mark.parametrize("name", ["local-cpu", "pipelined-gpu", "single-gpu"])

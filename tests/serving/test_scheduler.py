@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from serving.scheduler import QueueFull, StageError, StageScheduler
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import InvalidRequestError, SamplingParams, SemanticRequest, StageResult
+from bark_serve.serving.scheduler import QueueFull, StageError, StageScheduler
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import InvalidRequestError, SamplingParams, SemanticRequest, StageResult
 
 
 class CountingEngine:

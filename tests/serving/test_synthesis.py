@@ -7,11 +7,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from serving.scheduler import StageScheduler
-from serving.synthesis import Synthesizer, TextTooLarge
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams, InvalidRequestError
+from bark_serve.serving.scheduler import StageScheduler
+from bark_serve.serving.synthesis import Synthesizer, TextTooLarge
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
 LONG = ("The first sentence is here. The second one follows it closely! Is this the third? "
         "Yes, and a fourth closes the paragraph.")

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
     port = free_port()
     log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "up", "--model", str(tiny_ckpt), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "bark_serve.serving.cli", "up", "--model", str(tiny_ckpt), "--port", str(port),
                              "--num-cpus", "2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 240
@@ -28,7 +28,7 @@ def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
             assert time.time() < deadline, "bark-serve up did not come up"
             time.sleep(1)
         out = tmp_path / "said.flac"
-        cli = [sys.executable, "-m", "serving.cli", "say"]
+        cli = [sys.executable, "-m", "bark_serve.serving.cli", "say"]
         res = subprocess.run([*cli, "Hello from say.", "-o", str(out), "--url", f"http://127.0.0.1:{port}",
                               "--seed", "4"], capture_output=True, text=True, timeout=300)
         assert res.returncode == 0, res.stderr
@@ -45,7 +45,7 @@ def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
 
 
 def test_up_rejects_a_bad_model_or_config_with_exit_2(tmp_path):
-    cli = [sys.executable, "-m", "serving.cli", "up"]
+    cli = [sys.executable, "-m", "bark_serve.serving.cli", "up"]
     res = subprocess.run([*cli, "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no such directory" in res.stderr
     bad = tmp_path / "bad.yaml"

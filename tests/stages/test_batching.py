@@ -9,10 +9,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline, load_engines
-from stages.types import (CoarseRequest, FineRequest, GenerationParams, SamplingParams, SemanticRequest)
-from stages.weights import Checkpoint
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline, load_engines
+from bark_serve.stages.types import (CoarseRequest, FineRequest, GenerationParams, SamplingParams, SemanticRequest)
+from bark_serve.stages.weights import Checkpoint
 
 SAMPLED = SamplingParams(temperature=0.8, top_k=200, top_p=0.95)
 
@@ -195,7 +195,7 @@ def test_chunked_forwards_give_the_same_tokens(tiny_ckpt, pipe):
 def test_forward_token_budget():
     import torch
 
-    from stages.engine import forward_token_budget
+    from bark_serve.stages.engine import forward_token_budget
 
     # bark-small (hidden 768): bf16 MLP activation of 4096 rows = 24 MiB; fp32 halves the rows
     assert forward_token_budget(None, "cpu", torch.bfloat16, 768) == 4096
@@ -211,7 +211,7 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
     import subprocess
     import sys
 
-    code = "from stages.engine import tune_cpu_malloc as t; print(t(), t())"
+    code = "from bark_serve.stages.engine import tune_cpu_malloc as t; print(t(), t())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "BARK_MALLOC_TUNING": setting}).stdout.split()
     assert out == [expected, expected]  # glibc on Linux: applied (or not) once, the same answer after
@@ -220,7 +220,7 @@ def test_malloc_tuning_applies_once_and_can_be_turned_off(setting, expected):
 @pytest.mark.parametrize("n_coarse", [0, 1, 59, 630, 631, 2000])
 def test_coarse_window_length_is_the_prefill_length(ckpt, n_coarse):
     """Prefill chunking sizes coarse prompts without building them; the two must agree."""
-    from stages import tokens as T
+    from bark_serve.stages import tokens as T
 
     spec = ckpt.spec
     plan = T.coarse_window_plan(0, 0, 60, spec)

@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams
 
 
 def run_cli(*args, env=None, timeout=300):
-    cmd = [sys.executable, "-m", "serving.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "bark_serve.serving.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -8,15 +8,15 @@ import shutil
 import numpy as np
 import pytest
 
-from stages.constants import BarkSpec
-from stages.engine import EngineOptions, parse_device, parse_dtype
-from stages.longform import split_text
-from stages.pipeline import BarkPipeline
-from stages.text import TextPreparer, TextTooLongError
-from stages.types import (CoarseRequest, FineRequest, GenerationParams, InvalidRequestError, SamplingParams,
+from bark_serve.stages.constants import BarkSpec
+from bark_serve.stages.engine import EngineOptions, parse_device, parse_dtype
+from bark_serve.stages.longform import split_text
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.text import TextPreparer, TextTooLongError
+from bark_serve.stages.types import (CoarseRequest, FineRequest, GenerationParams, InvalidRequestError, SamplingParams,
                           SemanticRequest, VoicePrompt)
-from stages.voices import UnknownVoiceError, VoiceLibrary, load_npz, save_npz
-from stages.weights import Checkpoint, CheckpointError
+from bark_serve.stages.voices import UnknownVoiceError, VoiceLibrary, load_npz, save_npz
+from bark_serve.stages.weights import Checkpoint, CheckpointError
 
 SPEC = BarkSpec()
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stages.engine import EngineOptions
-from stages.pipeline import BarkPipeline
-from stages.types import GenerationParams
+from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.types import GenerationParams
 from tests.hf_reference import HFBark
 
 AUDIO_TOL = 1e-4

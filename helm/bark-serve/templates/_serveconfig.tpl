@@ -94,7 +94,7 @@ inside voice_aliases just removes that alias.) Returns YAML.
 {{- if $args.batch.enabled -}}
 {{- $deps = append $deps (include "bark-serve.deploymentEntry" (list "BatchWorker" $args.batch.worker) | fromYaml) -}}
 {{- end -}}
-{{- $app := dict "name" $args.app_name "route_prefix" "/" "import_path" "serving.app:build_app" "args" $args "deployments" $deps -}}
+{{- $app := dict "name" $args.app_name "route_prefix" "/" "import_path" "bark_serve.serving.app:build_app" "args" $args "deployments" $deps -}}
 {{- $doc := dict "proxy_location" "EveryNode" "http_options" (dict "host" $args.http_host "port" $args.http_port) "applications" (list $app) -}}
 {{- toYaml $doc -}}
 {{- end -}}
