@@ -19,6 +19,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -27,19 +28,22 @@ from .engine import EngineOptions, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
 from .modeling import CausalLM
 from .sampling import draw_uniform
-from .types import StageResult
+from .types import CoarseRequest, SemanticRequest, StageResult
+
+
+StateT = TypeVar("StateT")
 
 
 @dataclass
-class Slot:
-    """Per-request decoding state; subclasses keep their bookkeeping in ``state``."""
+class Slot(Generic[StateT]):
+    """Per-request decoding state; each engine keeps its own bookkeeping in a typed ``state``."""
 
-    request: object
+    request: SemanticRequest | CoarseRequest
     generator: torch.Generator
+    state: StateT
     position: int = 0  # tokens in the cache; the next decode writes here
     last_token: int = 0
     needs_prefill: bool = True
-    state: dict = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -64,7 +68,7 @@ class CausalEngine(StageEngine):
     def modules_for_accounting(self):
         return [self.model]
 
-    def admit(self, request) -> None:
+    def admit(self, request: SemanticRequest | CoarseRequest) -> None:
         assert self.free > 0, "admit() called on a full engine"
         slot = self._new_slot(request)
         if slot is None:
@@ -102,7 +106,7 @@ class CausalEngine(StageEngine):
 
     # -- subclass hooks --------------------------------------------------------------------------
     @abc.abstractmethod
-    def _new_slot(self, request) -> Slot | None:
+    def _new_slot(self, request: SemanticRequest | CoarseRequest) -> Slot | None:
         """Validate a request and build its slot (None if it finished on admission)."""
 
     @abc.abstractmethod

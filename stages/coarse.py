@@ -11,6 +11,8 @@ at a window boundary simply waits for a prefill row in the next step.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -18,10 +20,21 @@ from . import tokens as T
 from .causal import CausalEngine, Slot, pad_right
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
-from .modeling import CausalLM
+from .modeling import CausalLM, ModelConfig
 from .sampling import sample_rows, stage_generator
 from .types import CoarseRequest
 from .weights import Checkpoint
+
+
+@dataclass
+class CoarseState:
+    semantic_all: np.ndarray  # (H_s + T_s,) semantic history then this request's semantic tokens
+    coarse_all: list[int]  # flattened coarse history then the tokens generated so far
+    base: int  # semantic history length (where this request's own tokens start)
+    n_history: int  # coarse history length
+    target: int  # coarse tokens (flattened) to generate
+    window_left: int = 0  # tokens left in the current sliding window
+    in_window: int = 0  # tokens generated in the current window (which codebook comes next)
 
 
 class CoarseEngine(CausalEngine):
@@ -34,11 +47,11 @@ class CoarseEngine(CausalEngine):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "CoarseEngine":
-        cfg = ckpt.submodel_config("coarse")
+        cfg = ModelConfig.from_hf(ckpt.submodel_config("coarse"))
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("coarse"))
         return cls(options, model, ckpt.spec)
 
-    def _new_slot(self, req: CoarseRequest) -> Slot | None:
+    def _new_slot(self, req: CoarseRequest) -> Slot[CoarseState] | None:
         spec = self.spec
         sem = check_int_array("semantic_tokens", req.semantic_tokens, 1, 0, spec.semantic_vocab_size, min_len=0,
                               max_len=spec.max_semantic_tokens)
@@ -51,35 +64,28 @@ class CoarseEngine(CausalEngine):
         if target == 0:
             self._finish_now(req.request_id, np.zeros((spec.n_coarse_codebooks, 0), dtype=np.int32))
             return None
-        state = {
-            "semantic_all": np.concatenate([sem_hist, sem.astype(np.int64)]),
-            "coarse_all": list(coarse_hist),
-            "base": len(sem_hist),
-            "n_history": len(coarse_hist),
-            "target": target,
-            "window_left": 0,
-            "in_window": 0,
-        }
-        return Slot(request=req, generator=stage_generator(req.seed, self.name), state=state)
+        state = CoarseState(np.concatenate([sem_hist, sem.astype(np.int64)]), list(coarse_hist), base=len(sem_hist),
+                            n_history=len(coarse_hist), target=target)
+        return Slot(req, stage_generator(req.seed, self.name), state)
 
-    def _prefill_embeds(self, slots: list[Slot]):
+    def _prefill_embeds(self, slots: list[Slot[CoarseState]]):
         rows = []
         for slot in slots:
             st = slot.state
-            generated = len(st["coarse_all"]) - st["n_history"]
-            plan = T.coarse_window_plan(st["base"], generated, st["target"], self.spec)
-            coarse_all = np.asarray(st["coarse_all"], dtype=np.int64)
-            ids = T.coarse_window_input(st["semantic_all"], coarse_all, plan, self.spec)
-            st["window_left"], st["in_window"] = plan.n_new, 0
+            generated = len(st.coarse_all) - st.n_history
+            plan = T.coarse_window_plan(st.base, generated, st.target, self.spec)
+            coarse_all = np.asarray(st.coarse_all, dtype=np.int64)
+            ids = T.coarse_window_input(st.semantic_all, coarse_all, plan, self.spec)
+            st.window_left, st.in_window = plan.n_new, 0
             rows.append(self.model.input_embeds_layer(torch.from_numpy(ids).to(self.device)))  # (L_i, C)
         return pad_right(rows)
 
-    def _prompt_length(self, slot: Slot) -> int:
-        return T.coarse_window_length(len(slot.state["coarse_all"]), self.spec)
+    def _prompt_length(self, slot: Slot[CoarseState]) -> int:
+        return T.coarse_window_length(len(slot.state.coarse_all), self.spec)
 
-    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+    def _select(self, slots: list[Slot[CoarseState]], logits: torch.Tensor) -> torch.Tensor:
         spec = self.spec
-        lo = torch.tensor([T.coarse_token_range(s.state["in_window"], spec)[0] for s in slots], device=logits.device)
+        lo = torch.tensor([T.coarse_token_range(s.state.in_window, spec)[0] for s in slots], device=logits.device)
         cols = lo[:, None] + torch.arange(spec.codebook_size, device=logits.device)[None, :]  # (R, 1024)
         allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
         picked = sample_rows(allowed, [s.request.sampling for s in slots], self._uniform(slots))
@@ -87,16 +93,16 @@ class CoarseEngine(CausalEngine):
 
     def _advance(self, slot: Slot, token: int) -> bool:
         st = slot.state
-        st["coarse_all"].append(token)
-        st["in_window"] += 1
-        st["window_left"] -= 1
-        if len(st["coarse_all"]) - st["n_history"] >= st["target"]:
+        st.coarse_all.append(token)
+        st.in_window += 1
+        st.window_left -= 1
+        if len(st.coarse_all) - st.n_history >= st.target:
             return True
-        if st["window_left"] == 0:
+        if st.window_left == 0:
             slot.needs_prefill = True
         return False
 
-    def _output(self, slot: Slot) -> np.ndarray:
+    def _output(self, slot: Slot[CoarseState]) -> np.ndarray:
         st = slot.state
-        generated = np.asarray(st["coarse_all"][st["n_history"]:], dtype=np.int64)
+        generated = np.asarray(st.coarse_all[st.n_history:], dtype=np.int64)
         return T.unflatten_coarse(generated, self.spec).astype(np.int32)  # (2, T)

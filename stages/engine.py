@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .types import InvalidRequestError, StageResult
+from .types import InvalidRequestError, StageRequest, StageResult
 
 
 @dataclass(frozen=True)
@@ -168,7 +168,7 @@ class StageEngine(abc.ABC):
         return self.capacity - self.num_active
 
     @abc.abstractmethod
-    def admit(self, request) -> None:
+    def admit(self, request: StageRequest) -> None:
         """Validate and take in one request; raises InvalidRequestError for a bad one."""
 
     @abc.abstractmethod
@@ -185,14 +185,14 @@ class StageEngine(abc.ABC):
     def modules_for_accounting(self) -> list[torch.nn.Module]:
         return []
 
-    def run(self, requests: Iterable, on_step=None) -> list[StageResult]:
+    def run(self, requests: Iterable[StageRequest], on_step=None) -> list[StageResult]:
         """Run requests to completion in arrival order, admitting whenever a place frees up.
 
         ``on_step()``, if given, is called after every step (progress display).
         """
         return list(self.iter_run(requests, on_step))
 
-    def iter_run(self, requests: Iterable, on_step=None) -> Iterator[StageResult]:
+    def iter_run(self, requests: Iterable[StageRequest], on_step=None) -> Iterator[StageResult]:
         pending = deque(requests)
         order = [r.request_id for r in pending]
         done: dict[str, StageResult] = {}

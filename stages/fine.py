@@ -20,7 +20,7 @@ from . import tokens as T
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .flops import Shape, fine_flops
-from .modeling import FineLM
+from .modeling import FineLM, ModelConfig
 from .sampling import draw_uniform, sample_rows, stage_generator
 from .types import FineRequest, StageResult
 from .weights import Checkpoint
@@ -47,14 +47,12 @@ class FineEngine(StageEngine):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "FineEngine":
-        cfg = ckpt.submodel_config("fine")
+        cfg = ModelConfig.from_hf(ckpt.submodel_config("fine"))
         state = ckpt.state_dict("fine")
-        n_given = cfg.get("n_codes_given", 1)
-        tied = cfg.get("tie_word_embeddings", True)
-        for i in range(cfg.get("n_codes_total", 8) - n_given):  # tied heads are not stored (or not used)
+        for i in range(cfg.n_codes_total - cfg.n_codes_given):  # tied heads are not stored (or not used)
             key = f"lm_heads.{i}.weight"
-            if tied or key not in state:
-                state[key] = state[f"input_embeds_layers.{i + n_given}.weight"]
+            if cfg.tie_word_embeddings or key not in state:
+                state[key] = state[f"input_embeds_layers.{i + cfg.n_codes_given}.weight"]
         model = load_for(options, lambda: FineLM(cfg), state)
         return cls(options, model, ckpt.spec)
 

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .constants import BarkSpec
 from .types import VoicePrompt
 
 _SENTENCE_END = re.compile(r"(?<=[.!?…。！？])[\"'”’)\]]*\s+|(?<=[。！？])")
@@ -69,13 +68,32 @@ def split_text(text: str, count: Callable[[str], int], max_tokens: int) -> list[
     return segments
 
 
-def carry_voice(previous: VoicePrompt | None, semantic: np.ndarray, coarse: np.ndarray, fine: np.ndarray,
-                spec: BarkSpec) -> VoicePrompt | None:
-    """The history prompt for the next segment: this segment's output, unless too short to be one."""
-    if len(semantic) < 2 or coarse.shape[-1] < 2 or fine.shape[-1] < 1:
-        return previous
+# Bark's long-form rule: segment i continues segment i-1's voice, using i-1's own output as its
+# history prompt. An output of fewer than 2 semantic tokens (so at most 1 coarse frame) is no voice
+# to continue; the segment after it keeps the history segment i-1 had. Two semantic tokens make 3
+# coarse frames and 3 fine frames, so the semantic length alone decides.
+MIN_CARRY_SEMANTIC = 2
+
+
+def carries_voice(semantic: np.ndarray) -> bool:
+    """Whether a segment's semantic output is long enough to be the next segment's history."""
+    return len(semantic) >= MIN_CARRY_SEMANTIC
+
+
+def history_prompt(semantic: np.ndarray, coarse: np.ndarray | None = None,
+                   fine: np.ndarray | None = None) -> VoicePrompt:
+    """A segment's output as a history prompt. A stage reads only its own parts of it (semantic reads
+    the semantic tokens, coarse also the coarse codes), so parts not yet known may be left out."""
+    coarse = np.zeros((2, 0), np.int64) if coarse is None else coarse
+    fine = np.zeros((8, 0), np.int64) if fine is None else fine
     return VoicePrompt(np.asarray(semantic, dtype=np.int64), np.asarray(coarse, dtype=np.int64),
                        np.asarray(fine, dtype=np.int64), name="carried")
+
+
+def carry_voice(previous: VoicePrompt | None, semantic: np.ndarray, coarse: np.ndarray,
+                fine: np.ndarray) -> VoicePrompt | None:
+    """The history prompt for the next segment: this segment's output, unless too short to be one."""
+    return history_prompt(semantic, coarse, fine) if carries_voice(semantic) else previous
 
 
 def segment_seed(seed: int, index: int) -> int:

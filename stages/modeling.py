@@ -14,6 +14,9 @@ How the causal models run (semantic and coarse):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -109,19 +112,45 @@ class _KVWriter:
         return ck[:n, :, : self.span], cv[:n, :, : self.span]
 
 
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape of one of Bark's transformers, read from its sub-config in config.json.
+
+    Field names follow transformers' BarkSubModelConfig / BarkFineConfig, so that
+    ``ModelConfig.from_hf(config_dict)`` reads the checkpoint's own sub-config.
+    """
+
+    hidden_size: int
+    num_heads: int
+    num_layers: int
+    block_size: int
+    input_vocab_size: int
+    output_vocab_size: int
+    bias: bool = True
+    n_codes_total: int = 8  # fine model only
+    n_codes_given: int = 1  # fine model only
+    tie_word_embeddings: bool = True  # fine model only: head i shares codebook i+n_given's embedding
+
+    @classmethod
+    def from_hf(cls, cfg: Mapping) -> "ModelConfig":
+        """From a transformers sub-config dict (unknown keys, e.g. dropout, are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in cfg.items() if k in names})
+
+
 class CausalLM(nn.Module):
     """Bark's GPT (semantic or coarse): weights named as transformers' BarkCausalModel."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden, bias = cfg["hidden_size"], cfg.get("bias", True)
-        self.n_heads = cfg["num_heads"]
-        self.block_size = cfg["block_size"]
-        self.input_embeds_layer = nn.Embedding(cfg["input_vocab_size"], hidden)
-        self.position_embeds_layer = nn.Embedding(cfg["block_size"], hidden)
-        self.layers = nn.ModuleList(Block(hidden, self.n_heads, bias, bias) for _ in range(cfg["num_layers"]))
+        hidden, bias = cfg.hidden_size, cfg.bias
+        self.n_heads = cfg.num_heads
+        self.block_size = cfg.block_size
+        self.input_embeds_layer = nn.Embedding(cfg.input_vocab_size, hidden)
+        self.position_embeds_layer = nn.Embedding(cfg.block_size, hidden)
+        self.layers = nn.ModuleList(Block(hidden, self.n_heads, bias, bias) for _ in range(cfg.num_layers))
         self.layernorm_final = nn.LayerNorm(hidden, bias=bias)
-        self.lm_head = nn.Linear(hidden, cfg["output_vocab_size"], bias=False)
+        self.lm_head = nn.Linear(hidden, cfg.output_vocab_size, bias=False)
 
     def _run(self, x, positions, mask, writers, last_index, causal=False):
         x = x + self.position_embeds_layer(positions)  # (B, T, C)
@@ -157,20 +186,20 @@ class CausalLM(nn.Module):
 class FineLM(nn.Module):
     """Bark's non-causal fine model: weights named as transformers' BarkFineModel."""
 
-    def __init__(self, cfg: dict):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        hidden, bias = cfg["hidden_size"], cfg.get("bias", True)
-        self.n_codes_total = cfg.get("n_codes_total", 8)
-        self.n_codes_given = cfg.get("n_codes_given", 1)
-        vocab_in, vocab_out = cfg["input_vocab_size"], cfg["output_vocab_size"]
-        self.input_embeds_layers = nn.ModuleList(nn.Embedding(vocab_in, hidden) for _ in range(self.n_codes_total))
-        self.position_embeds_layer = nn.Embedding(cfg["block_size"], hidden)
+        hidden, bias = cfg.hidden_size, cfg.bias
+        self.n_codes_total = cfg.n_codes_total
+        self.n_codes_given = cfg.n_codes_given
+        embeds = (nn.Embedding(cfg.input_vocab_size, hidden) for _ in range(self.n_codes_total))
+        self.input_embeds_layers = nn.ModuleList(embeds)
+        self.position_embeds_layer = nn.Embedding(cfg.block_size, hidden)
         # The fine model's layer norms always carry a bias (as in Bark and transformers).
-        self.layers = nn.ModuleList(Block(hidden, cfg["num_heads"], bias, True) for _ in range(cfg["num_layers"]))
+        self.layers = nn.ModuleList(Block(hidden, cfg.num_heads, bias, True) for _ in range(cfg.num_layers))
         self.layernorm_final = nn.LayerNorm(hidden)
         n_heads = self.n_codes_total - self.n_codes_given
-        self.lm_heads = nn.ModuleList(nn.Linear(hidden, vocab_out, bias=False) for _ in range(n_heads))
-        self.tied = cfg.get("tie_word_embeddings", True)
+        self.lm_heads = nn.ModuleList(nn.Linear(hidden, cfg.output_vocab_size, bias=False) for _ in range(n_heads))
+        self.tied = cfg.tie_word_embeddings
 
     def tie_weights(self) -> None:
         """Head i predicts codebook i + n_given and shares that codebook's input embedding (as Bark does)."""

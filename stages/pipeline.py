@@ -15,14 +15,14 @@ import numpy as np
 
 from .codec import CodecEngine
 from .coarse import CoarseEngine
-from .constants import BarkSpec
+from .constants import STAGES, BarkSpec
 from .engine import EngineOptions, StageEngine
 from .longform import carry_voice, segment_seed, split_text
 from .fine import FineEngine
 from .semantic import SemanticEngine
 from .text import TextPreparer
-from .types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, SemanticRequest, StageResult,
-                    VoicePrompt)
+from .requests import stage_request
+from .types import GenerationParams, StageResult, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 
@@ -87,14 +87,11 @@ class BarkPipeline:
         prompts = [self.voices.resolve(v) for v in voices]
         seeds = [p.seed if p.seed is not None else secrets.randbits(62) for p in params]
         ids = [f"r{i}" for i in range(n)]
-        sem = self._run("semantic", on_step, [
-            SemanticRequest(ids[i], self.text.encode(texts[i]), prompts[i], params[i].semantic, params[i].min_eos_p,
-                            params[i].max_semantic_tokens, seeds[i]) for i in range(n)])
-        coarse = self._run("coarse", on_step, [CoarseRequest(ids[i], sem[i], prompts[i], params[i].coarse, seeds[i])
-                                      for i in range(n)])
-        fine = self._run("fine", on_step, [FineRequest(ids[i], coarse[i], prompts[i], params[i].fine, seeds[i])
-                                  for i in range(n)])
-        audio = self._run("codec", on_step, [CodecRequest(ids[i], fine[i]) for i in range(n)])
+        outputs: list[list[np.ndarray]] = [[self.text.encode(t) for t in texts]]
+        for stage in STAGES:
+            outputs.append(self._run(stage, on_step, [
+                stage_request(stage, ids[i], outputs[-1][i], prompts[i], params[i], seeds[i]) for i in range(n)]))
+        _, sem, coarse, fine, audio = outputs
         return [Generation(ids[i], sem[i], coarse[i], fine[i], audio[i], self.spec.sample_rate, seeds[i])
                 for i in range(n)]
 
@@ -126,7 +123,7 @@ class BarkPipeline:
         for i, segment in enumerate(segments):
             gen = self.generate(segment, history, replace(params, seed=segment_seed(seed, i)), on_step)[0]
             parts.append(gen)
-            history = carry_voice(history, gen.semantic, gen.coarse, gen.fine, self.spec)
+            history = carry_voice(history, gen.semantic, gen.coarse, gen.fine)
             if on_segment is not None:
                 on_segment(i + 1, len(segments))
         return Generation("r0", np.concatenate([g.semantic for g in parts]),

@@ -10,6 +10,8 @@ positions in all, the same length for every request. Decoding allows the
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -17,10 +19,16 @@ from . import tokens as T
 from .causal import CausalEngine, Slot
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
-from .modeling import CausalLM
+from .modeling import CausalLM, ModelConfig
 from .sampling import sample_rows, stage_generator
 from .types import InvalidRequestError, SemanticRequest
 from .weights import Checkpoint
+
+
+@dataclass
+class SemanticState:
+    prompt: np.ndarray  # (2, 256): text window and semantic history window
+    tokens: list[int] = field(default_factory=list)  # generated so far
 
 
 class SemanticEngine(CausalEngine):
@@ -34,11 +42,11 @@ class SemanticEngine(CausalEngine):
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "SemanticEngine":
-        cfg = ckpt.submodel_config("semantic")
+        cfg = ModelConfig.from_hf(ckpt.submodel_config("semantic"))
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("semantic"))
         return cls(options, model, ckpt.spec)
 
-    def _new_slot(self, req: SemanticRequest) -> Slot:
+    def _new_slot(self, req: SemanticRequest) -> Slot[SemanticState]:
         spec = self.spec
         check_int_array("text_ids", req.text_ids, 1, 0, self.text_vocab, max_len=spec.max_input_semantic_length)
         if not (1 <= req.max_new_tokens <= spec.max_semantic_tokens):
@@ -47,22 +55,21 @@ class SemanticEngine(CausalEngine):
         if req.voice is not None:
             history = check_int_array("voice semantic_prompt", req.voice.semantic, 1, 0, spec.semantic_vocab_size)
         prompt = np.stack([T.text_window(req.text_ids, spec), T.semantic_history_window(history, spec)])
-        return Slot(request=req, generator=stage_generator(req.seed, self.name),
-                    state={"prompt": prompt, "tokens": []})
+        return Slot(req, stage_generator(req.seed, self.name), SemanticState(prompt))
 
-    def _prefill_embeds(self, slots: list[Slot]):
+    def _prefill_embeds(self, slots: list[Slot[SemanticState]]):
         spec = self.spec
-        ids = torch.from_numpy(np.stack([s.state["prompt"] for s in slots])).to(self.device)  # (B, 2, 256)
+        ids = torch.from_numpy(np.stack([s.state.prompt for s in slots])).to(self.device)  # (B, 2, 256)
         emb = self.model.input_embeds_layer
         merged = emb(ids[:, 0]) + emb(ids[:, 1])  # (B, 256, C)
         infer = emb(torch.full((len(slots), 1), spec.semantic_infer_token, device=self.device))  # (B, 1, C)
         embeds = torch.cat([merged, infer], dim=1)  # (B, 257, C)
         return embeds, torch.full((len(slots),), embeds.shape[1])
 
-    def _prompt_length(self, slot: Slot) -> int:
+    def _prompt_length(self, slot: Slot[SemanticState]) -> int:
         return self.spec.max_input_semantic_length + 1  # every prompt: 256 merged positions + infer token
 
-    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
+    def _select(self, slots: list[Slot[SemanticState]], logits: torch.Tensor) -> torch.Tensor:
         eos = self.spec.semantic_eos_token
         allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS
         reqs = [s.request for s in slots]
@@ -75,8 +82,8 @@ class SemanticEngine(CausalEngine):
     def _advance(self, slot: Slot, token: int) -> bool:
         if token == self.spec.semantic_eos_token:
             return True
-        slot.state["tokens"].append(token)
-        return len(slot.state["tokens"]) >= slot.request.max_new_tokens
+        slot.state.tokens.append(token)
+        return len(slot.state.tokens) >= slot.request.max_new_tokens
 
-    def _output(self, slot: Slot) -> np.ndarray:
-        return np.asarray(slot.state["tokens"], dtype=np.int32)  # (T_s,)
+    def _output(self, slot: Slot[SemanticState]) -> np.ndarray:
+        return np.asarray(slot.state.tokens, dtype=np.int32)  # (T_s,)

@@ -8,7 +8,6 @@ built (text, voices, the serving layer); engines re-check shapes and ranges in
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,14 +20,6 @@ class InvalidRequestError(ValueError):
 
     The serving layer answers it with HTTP 4xx; it never takes a replica down.
     """
-
-
-class RequestStatus(enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -132,6 +123,9 @@ class FineRequest:
 class CodecRequest:
     request_id: str
     fine_codes: np.ndarray  # (8, T) in [0, codebook_size)
+
+
+StageRequest = SemanticRequest | CoarseRequest | FineRequest | CodecRequest
 
 
 @dataclass
