@@ -33,7 +33,7 @@ class ServedApp:
         import ray
         from ray import serve
 
-        from bark_serve.cluster.serve_config import pool_resources
+        from bark_serve.serving.serve_config import pool_resources
         from bark_serve.serving.app import make_app
         from bark_serve.serving.config import load_config
         from bark_serve.serving.stage_server import resolve_threads

@@ -295,7 +295,7 @@ async def open_store(cfg, keys: BatchKeys | None = None) -> JobStore:
     from bark_serve.cluster.redis_conn import aconnect
 
     keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
-    return JobStore.from_config(await aconnect(cfg), cfg, keys)
+    return JobStore.from_config(await aconnect(cfg.redis()), cfg, keys)
 
 
 def _record(entry_id: bytes, fields: dict[bytes, bytes]) -> ResultRecord:

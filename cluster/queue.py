@@ -315,7 +315,7 @@ async def open_queue(cfg, keys: BatchKeys | None = None) -> WorkQueue:
     from bark_serve.cluster.redis_conn import aconnect
 
     keys = keys or BatchKeys(getattr(cfg, "key_prefix", "bark"))
-    queue = WorkQueue.from_config(await aconnect(cfg), cfg, keys)
+    queue = WorkQueue.from_config(await aconnect(cfg.redis()), cfg, keys)
     await queue.ensure_group()
     return queue
 

@@ -1,4 +1,4 @@
-"""Connect to the batch-job Redis from :class:`serving.config.BatchConfig`.
+"""Connect to the batch-job Redis from :class:`RedisSettings` (serving's ``BatchConfig.redis()``).
 
 The URL is ``batch.redis_url``, else the ``REDIS_URL`` environment variable
 (read when connecting, never at import). The password comes from the
@@ -13,16 +13,26 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.asyncio as aioredis
 
-from bark_serve.serving.config import BatchConfig
 
 CONNECT_TIMEOUT_S = 5.0
 # Longer than any blocking stream read we issue (those block for at most a few seconds).
 SOCKET_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    """Where the batch-job Redis is and how to log in (field names as in the ``batch:`` config)."""
+
+    redis_url: str | None = None
+    redis_url_env: str | None = None  # env var holding the whole URL; beats redis_url
+    redis_password_env: str | None = None  # env var holding the password
+    redis_tls_ca_file: str | None = None
 
 
 class RedisUnavailable(RuntimeError):
@@ -41,7 +51,7 @@ def redacted(url: str) -> str:
     return urlunsplit((parts.scheme, user + host, parts.path, parts.query, parts.fragment))
 
 
-def resolve_url(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> str:
+def resolve_url(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> str:
     """``$<redis_url_env>``, else ``cfg.redis_url``, else ``$REDIS_URL``; RedisUnavailable if none or malformed."""
     env = os.environ if env is None else env
     url = (env.get(cfg.redis_url_env) if cfg.redis_url_env else None) or cfg.redis_url or env.get("REDIS_URL")
@@ -53,7 +63,7 @@ def resolve_url(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> str:
     return url
 
 
-def connection_kwargs(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> tuple[str, dict]:
+def connection_kwargs(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> tuple[str, dict]:
     """The URL and keyword arguments of ``Redis.from_url`` (password from the env, TLS options)."""
     env = os.environ if env is None else env
     url = resolve_url(cfg, env)
@@ -77,13 +87,13 @@ def connection_kwargs(cfg: BatchConfig, env: Mapping[str, str] | None = None) ->
     return url, kwargs
 
 
-def sync_client(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> redis.Redis:
+def sync_client(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> redis.Redis:
     """A blocking client (not yet connected: see :func:`ping`)."""
     url, kwargs = connection_kwargs(cfg, env)
     return redis.Redis.from_url(url, **kwargs)
 
 
-def async_client(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> aioredis.Redis:
+def async_client(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> aioredis.Redis:
     """An asyncio client; create it inside the event loop that will use it."""
     url, kwargs = connection_kwargs(cfg, env)
     return aioredis.Redis.from_url(url, **kwargs)
@@ -112,14 +122,14 @@ async def aping(client: aioredis.Redis) -> None:
         raise RedisUnavailable(_describe(client, exc)) from None
 
 
-def connect(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> redis.Redis:
+def connect(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> redis.Redis:
     """A blocking client that answered PING (the startup check)."""
     client = sync_client(cfg, env)
     ping(client)
     return client
 
 
-async def aconnect(cfg: BatchConfig, env: Mapping[str, str] | None = None) -> aioredis.Redis:
+async def aconnect(cfg: RedisSettings, env: Mapping[str, str] | None = None) -> aioredis.Redis:
     """An asyncio client that answered PING."""
     client = async_client(cfg, env)
     try:

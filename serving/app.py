@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from ray.serve import Application
 
-from bark_serve.cluster.serve_config import deployment_entry
 from bark_serve.stages.constants import STAGES
 
 from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
 from .orchestrator import Orchestrator
+from .serve_config import deployment_options as _options
 from .stage_server import StageServer, load_engine
-
-
-def _options(name: str, placement) -> dict:
-    entry = deployment_entry(name, placement)
-    entry.pop("name")
-    return entry
 
 
 def build_app(args: dict | BarkConfig) -> Application:
@@ -33,13 +27,13 @@ def make_app(cfg: BarkConfig, engine_factory=load_engine) -> Application:
     stages = {}
     for stage in STAGES:
         name = DEPLOYMENT_NAMES[stage]
-        stages[stage] = StageServer.options(name=name, **_options(name, cfg.stage(stage))).bind(
+        stages[stage] = StageServer.options(name=name, **_options(cfg.stage(stage))).bind(
             stage, data, engine_factory)
     batch = None
     if cfg.batch.enabled:
         from .batch_app import BatchWorker
 
-        opts = _options(BATCH_WORKER_NAME, cfg.batch.worker)
+        opts = _options(cfg.batch.worker)
         batch = BatchWorker.options(name=BATCH_WORKER_NAME, **opts).bind(data, *(stages[s] for s in STAGES))
-    ingress = Orchestrator.options(name=INGRESS_NAME, **_options(INGRESS_NAME, cfg.orchestrator))
+    ingress = Orchestrator.options(name=INGRESS_NAME, **_options(cfg.orchestrator))
     return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch)

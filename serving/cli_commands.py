@@ -89,7 +89,7 @@ def voices(args) -> int:
 
 
 def render_config(args) -> int:
-    from bark_serve.cluster.serve_config import render_serve_config
+    from bark_serve.serving.serve_config import render_serve_config
 
     from .config import load_config
 

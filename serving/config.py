@@ -15,10 +15,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX, pool_resource
+from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.stages.constants import STAGES
 
+__all__ = ["POOL_RESOURCE_PREFIX", "BarkConfig", "BatchConfig", "ConfigError", "load_config", "parse_config"]
+
 CONFIG_DIR = Path(__file__).parent / "configs"
-POOL_RESOURCE_PREFIX = "bark_pool_"
 DEPLOYMENT_NAMES = {"semantic": "SemanticServer", "coarse": "CoarseServer", "fine": "FineServer",
                     "codec": "CodecServer"}
 INGRESS_NAME = "Orchestrator"
@@ -58,7 +61,7 @@ class Placement(_Strict):
 
     @property
     def pool_resource(self) -> str | None:
-        return f"{POOL_RESOURCE_PREFIX}{self.pool}" if self.pool else None
+        return pool_resource(self.pool) if self.pool else None
 
 
 class StageConfig(Placement):
@@ -105,6 +108,10 @@ class BatchConfig(_Strict):
     max_items: int = Field(100_000, ge=1)  # per submission
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # per submission
     worker: Placement = Placement(num_cpus=0.25, max_ongoing_requests=4)  # num_replicas = number of workers
+
+    def redis(self) -> RedisSettings:
+        """The connection settings cluster/redis_conn.py takes."""
+        return RedisSettings(self.redis_url, self.redis_url_env, self.redis_password_env, self.redis_tls_ca_file)
 
 
 class BarkConfig(_Strict):

@@ -54,7 +54,7 @@ def up(args) -> int:
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
 
     from .app import build_app
     from .config import load_config
@@ -105,7 +105,7 @@ def _check_redis(cfg, local_redis) -> None:
     from bark_serve.cluster.redis_conn import RedisUnavailable, connect
 
     try:
-        connect(cfg.batch).close()
+        connect(cfg.batch.redis()).close()
     except RedisUnavailable as exc:
         if local_redis is not None:
             local_redis.stop()

@@ -1,4 +1,4 @@
-"""Connecting from BatchConfig: URL, password from the env, TLS, and a one-line error when Redis is away."""
+"""Connecting from RedisSettings (BatchConfig.redis()): URL, password from the env, TLS, and a one-line error when Redis is away."""
 
 from __future__ import annotations
 
@@ -9,36 +9,37 @@ import time
 
 import pytest
 
-from bark_serve.cluster.redis_conn import RedisUnavailable, aconnect, connect, connection_kwargs, redacted, resolve_url
+from bark_serve.cluster.redis_conn import (RedisSettings, RedisUnavailable, aconnect, connect, connection_kwargs,
+                                           redacted, resolve_url)
 from bark_serve.serving.config import BatchConfig
 from tests.cluster.redis_server import RedisServer, free_port
 
 
 def test_url_resolution_and_config_errors(tmp_path):
-    assert resolve_url(BatchConfig(redis_url="redis://a:1/0"), env={"REDIS_URL": "redis://b:2/0"}) == "redis://a:1/0"
-    assert resolve_url(BatchConfig(), env={"REDIS_URL": "redis://b:2/0"}) == "redis://b:2/0"
+    assert resolve_url(RedisSettings(redis_url="redis://a:1/0"), env={"REDIS_URL": "redis://b:2/0"}) == "redis://a:1/0"
+    assert resolve_url(RedisSettings(), env={"REDIS_URL": "redis://b:2/0"}) == "redis://b:2/0"
     with pytest.raises(RedisUnavailable, match="set batch.redis_url or the REDIS_URL"):
-        resolve_url(BatchConfig(), env={})
+        resolve_url(RedisSettings(), env={})
     with pytest.raises(RedisUnavailable, match="must start with redis://"):
-        resolve_url(BatchConfig(redis_url="http://x"), env={})
-    cfg = BatchConfig(redis_url="redis://h:1/0", redis_password_env="BARK_REDIS_PASSWORD")
+        resolve_url(RedisSettings(redis_url="http://x"), env={})
+    cfg = RedisSettings(redis_url="redis://h:1/0", redis_password_env="BARK_REDIS_PASSWORD")
     with pytest.raises(RedisUnavailable, match="BARK_REDIS_PASSWORD"):
         connection_kwargs(cfg, env={})
     assert connection_kwargs(cfg, env={"BARK_REDIS_PASSWORD": "s3cret"})[1]["password"] == "s3cret"
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
     with pytest.raises(RedisUnavailable, match="not rediss://"):
-        connection_kwargs(BatchConfig(redis_url="redis://h:1", redis_tls_ca_file=str(ca)), env={})
+        connection_kwargs(RedisSettings(redis_url="redis://h:1", redis_tls_ca_file=str(ca)), env={})
     with pytest.raises(RedisUnavailable, match="does not exist"):
-        connection_kwargs(BatchConfig(redis_url="rediss://h:1", redis_tls_ca_file=str(tmp_path / "no.pem")), env={})
-    assert connection_kwargs(BatchConfig(redis_url="rediss://h:1", redis_tls_ca_file=str(ca)), env={})[1][
+        connection_kwargs(RedisSettings(redis_url="rediss://h:1", redis_tls_ca_file=str(tmp_path / "no.pem")), env={})
+    assert connection_kwargs(RedisSettings(redis_url="rediss://h:1", redis_tls_ca_file=str(ca)), env={})[1][
         "ssl_ca_certs"] == str(ca)
     assert redacted("redis://user:pw@h:1/0") == "redis://user:***@h:1/0"
 
 
 def test_unreachable_redis_is_one_clear_line():
     port = free_port()
-    cfg = BatchConfig(redis_url=f"redis://127.0.0.1:{port}/0")
+    cfg = RedisSettings(redis_url=f"redis://127.0.0.1:{port}/0")
     t0 = time.monotonic()
     with pytest.raises(RedisUnavailable) as info:
         connect(cfg, env={})
@@ -53,12 +54,12 @@ def test_unreachable_redis_is_one_clear_line():
 def test_password_from_env(tmp_path):
     server = RedisServer(tmp_path, extra_args=("--requirepass", "s3cret"), client_kwargs={"password": "s3cret"}).start()
     try:
-        cfg = BatchConfig(redis_url=server.url, redis_password_env="BARK_REDIS_PASSWORD")
+        cfg = RedisSettings(redis_url=server.url, redis_password_env="BARK_REDIS_PASSWORD")
         assert connect(cfg, env={"BARK_REDIS_PASSWORD": "s3cret"}).ping()
         with pytest.raises(RedisUnavailable, match="cannot reach Redis"):
             connect(cfg, env={"BARK_REDIS_PASSWORD": "wrong"})
         with pytest.raises(RedisUnavailable):
-            connect(BatchConfig(redis_url=server.url), env={})  # no password
+            connect(RedisSettings(redis_url=server.url), env={})  # no password
     finally:
         server.stop()
 
@@ -100,10 +101,10 @@ def test_tls_with_ca_file(tmp_path):
     server = RedisServer(tmp_path / "redis", extra_args=tls, scheme="rediss",
                          client_kwargs={"ssl_ca_certs": str(ca)}).start()
     try:
-        assert connect(BatchConfig(redis_url=server.url, redis_tls_ca_file=str(ca)), env={}).ping()
-        assert asyncio.run(_aping(BatchConfig(redis_url=server.url, redis_tls_ca_file=str(ca))))
+        assert connect(RedisSettings(redis_url=server.url, redis_tls_ca_file=str(ca)), env={}).ping()
+        assert asyncio.run(_aping(RedisSettings(redis_url=server.url, redis_tls_ca_file=str(ca))))
         with pytest.raises(RedisUnavailable, match="cannot reach Redis"):  # an unknown CA is refused
-            connect(BatchConfig(redis_url=server.url), env={})
+            connect(RedisSettings(redis_url=server.url), env={})
     finally:
         server.stop()
 

@@ -23,8 +23,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from bark_serve.cluster.serve_config import render_serve_config
-from bark_serve.serving.config import POOL_RESOURCE_PREFIX, BarkConfig, parse_config
+from bark_serve.serving.serve_config import render_serve_config
+from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX
+from bark_serve.serving.config import BarkConfig, parse_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "bark-serve"

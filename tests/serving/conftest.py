@@ -38,7 +38,7 @@ def served(tiny_ckpt):
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 

@@ -42,7 +42,7 @@ def batch_app(tiny_ckpt, redis_srv):
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 

@@ -10,29 +10,35 @@ structure from its ``bark:`` values (tests/helm checks that both agree).
 
 from __future__ import annotations
 
-from bark_serve.serving.config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
+from bark_serve.cluster.placement import POOL_RESOURCE_UNITS, pool_resource_map
 from bark_serve.stages.constants import STAGES
 
+from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
+
 IMPORT_PATH = "bark_serve.serving.app:build_app"
-POOL_RESOURCE_UNITS = 1  # each replica takes one unit of its pool's resource
+
+
+def deployment_options(p: Placement) -> dict:
+    """A deployment's Serve options (replicas or autoscaling, queue limits, ray_actor_options)."""
+    actor: dict = {"num_cpus": p.num_cpus}
+    if p.num_gpus:
+        actor["num_gpus"] = p.num_gpus
+    if p.pool_resource:
+        actor["resources"] = {p.pool_resource: POOL_RESOURCE_UNITS}
+    options: dict = {}
+    if p.autoscaling is not None:
+        options["autoscaling_config"] = p.autoscaling.model_dump(mode="json")
+    else:
+        options["num_replicas"] = p.num_replicas
+    options["max_ongoing_requests"] = p.max_ongoing_requests
+    options["max_queued_requests"] = p.max_queued_requests
+    options["ray_actor_options"] = actor
+    return options
 
 
 def deployment_entry(name: str, p: Placement) -> dict:
     """One ``deployments:`` item of the Serve config."""
-    options: dict = {"num_cpus": p.num_cpus}
-    if p.num_gpus:
-        options["num_gpus"] = p.num_gpus
-    if p.pool_resource:
-        options["resources"] = {p.pool_resource: POOL_RESOURCE_UNITS}
-    entry: dict = {"name": name}
-    if p.autoscaling is not None:
-        entry["autoscaling_config"] = p.autoscaling.model_dump(mode="json")
-    else:
-        entry["num_replicas"] = p.num_replicas
-    entry["max_ongoing_requests"] = p.max_ongoing_requests
-    entry["max_queued_requests"] = p.max_queued_requests
-    entry["ray_actor_options"] = options
-    return entry
+    return {"name": name, **deployment_options(p)}
 
 
 def deployment_entries(cfg: BarkConfig) -> list[dict]:
@@ -59,5 +65,5 @@ def render_serve_config(cfg: BarkConfig) -> dict:
 
 
 def pool_resources(cfg: BarkConfig, units_per_pool: int = 64) -> dict[str, float]:
-    """Custom resources a single local node advertises so that every pool fits on it."""
-    return {f"bark_pool_{pool}": float(units_per_pool) for pool in cfg.pools()}
+    """Custom resources a single local node advertises so that every pool of ``cfg`` fits on it."""
+    return pool_resource_map(cfg.pools(), units_per_pool)
