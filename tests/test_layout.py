@@ -1,0 +1,45 @@
+"""The installed import names: one distinctive root, nothing bare that another folder could shadow."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+BARE = ("stages", "serving", "cluster", "bench", "cli")
+
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench
+roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench]
+try:
+    import bark_serve.cli
+    roots.append(bark_serve.cli)
+except ImportError:
+    pass
+for root in roots:
+    for info in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
+        importlib.import_module(info.name)
+print(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:])))
+"""
+
+
+def test_every_module_imports_under_bark_serve_and_nothing_bare(tmp_path):
+    # From an empty directory, so that the checkout's folders are not on sys.path.
+    out = subprocess.run([sys.executable, "-c", _IMPORT_ALL, *BARE], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_folder_named_serving_does_not_shadow_the_app(tmp_path):
+    # A Ray working_dir or a user's project may hold a folder called serving/ or stages/.
+    for name in ("serving", "stages", "cluster"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "__init__.py").write_text("raise ImportError('the wrong package was imported')\n")
+    code = "import bark_serve.serving.app, bark_serve.stages.pipeline, bark_serve.cluster.queue; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_no_test_session_module_is_bare():
+    assert not {m.split(".")[0] for m in sys.modules} & set(BARE)
