@@ -25,7 +25,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bark_serve.stages.types import InvalidRequestError, StageResult
+from bark_serve.stages.types import InvalidRequestError, EngineResult
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
@@ -172,7 +172,7 @@ class StageScheduler:
             self._started[rid] = time.time()
         self.metrics.queue_length(len(self._queue))
 
-    def _finish(self, res: StageResult) -> None:
+    def _finish(self, res: EngineResult) -> None:
         entry = self._held.pop(res.request_id, None)
         started = self._started.pop(res.request_id, time.time())
         if entry is None or entry.future.done():

@@ -28,7 +28,7 @@ from .engine import EngineOptions, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
 from .modeling import CausalLM
 from .sampling import draw_uniform
-from .types import CoarseRequest, SemanticRequest, StageResult
+from .types import CoarseRequest, SemanticRequest, EngineResult
 
 
 StateT = TypeVar("StateT")
@@ -56,7 +56,7 @@ class CausalEngine(StageEngine):
         self.max_len = min(max_len, model.block_size)
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
         self.slots: list[Slot] = []
-        self._ready: list[StageResult] = []
+        self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
         self._work: dict[str, float] = {}
 
@@ -83,7 +83,7 @@ class CausalEngine(StageEngine):
         return False
 
     @torch.inference_mode()
-    def step(self) -> list[StageResult]:
+    def step(self) -> list[EngineResult]:
         results, self._ready = self._ready, []
         if not self.slots:
             return results
@@ -97,7 +97,7 @@ class CausalEngine(StageEngine):
             if self._advance(slot, tok):
                 finished.append(i)
         for i in sorted(finished, reverse=True):
-            results.append(StageResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
+            results.append(EngineResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
                                        timings={"latency_s": time.perf_counter() - self.slots[i].started}))
             self._release(i)
         self._record({"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": time.perf_counter() - t0,
@@ -127,7 +127,7 @@ class CausalEngine(StageEngine):
 
     # -- machinery -------------------------------------------------------------------------------
     def _finish_now(self, request_id: str, output: np.ndarray) -> None:
-        self._ready.append(StageResult(request_id, output=output))
+        self._ready.append(EngineResult(request_id, output=output))
 
     def _forward(self) -> tuple[list[int], torch.Tensor]:
         decode_rows = [i for i, s in enumerate(self.slots) if not s.needs_prefill]

@@ -17,7 +17,7 @@ import torch
 
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine, check_int_array, load_for
-from .types import CodecRequest, StageResult
+from .types import CodecRequest, EngineResult
 from .weights import Checkpoint, CheckpointError
 
 _LEGACY_WEIGHT_NORM = {"weight_g": "parametrizations.weight.original0", "weight_v": "parametrizations.weight.original1"}
@@ -82,13 +82,13 @@ class CodecEngine(StageEngine):
         return len(self.pending) != n
 
     @torch.inference_mode()
-    def step(self) -> list[StageResult]:
+    def step(self) -> list[EngineResult]:
         if not self.pending:
             return []
         t0 = time.perf_counter()
         reqs, self.pending = self.pending, []
         lengths = [r.fine_codes.shape[1] for r in reqs]
-        results = [StageResult(r.request_id, output=np.zeros((0,), dtype=np.float32)) for r in reqs]
+        results = [EngineResult(r.request_id, output=np.zeros((0,), dtype=np.float32)) for r in reqs]
         todo = [i for i, n in enumerate(lengths) if n > 0]
         if todo:
             t_max = max(lengths[i] for i in todo)

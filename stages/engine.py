@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .types import InvalidRequestError, StageRequest, StageResult
+from .types import InvalidRequestError, StageRequest, EngineResult
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class StageEngine(abc.ABC):
         """Validate and take in one request; raises InvalidRequestError for a bad one."""
 
     @abc.abstractmethod
-    def step(self) -> list[StageResult]:
+    def step(self) -> list[EngineResult]:
         """Advance every held request one iteration; return those that finished."""
 
     @abc.abstractmethod
@@ -185,24 +185,24 @@ class StageEngine(abc.ABC):
     def modules_for_accounting(self) -> list[torch.nn.Module]:
         return []
 
-    def run(self, requests: Iterable[StageRequest], on_step=None) -> list[StageResult]:
+    def run(self, requests: Iterable[StageRequest], on_step=None) -> list[EngineResult]:
         """Run requests to completion in arrival order, admitting whenever a place frees up.
 
         ``on_step()``, if given, is called after every step (progress display).
         """
         return list(self.iter_run(requests, on_step))
 
-    def iter_run(self, requests: Iterable[StageRequest], on_step=None) -> Iterator[StageResult]:
+    def iter_run(self, requests: Iterable[StageRequest], on_step=None) -> Iterator[EngineResult]:
         pending = deque(requests)
         order = [r.request_id for r in pending]
-        done: dict[str, StageResult] = {}
+        done: dict[str, EngineResult] = {}
         while pending or self.num_active:
             while pending and self.free > 0:
                 req = pending.popleft()
                 try:
                     self.admit(req)
                 except InvalidRequestError as exc:
-                    done[req.request_id] = StageResult(req.request_id, error=exc)
+                    done[req.request_id] = EngineResult(req.request_id, error=exc)
             if self.num_active:
                 for res in self.step():
                     done[res.request_id] = res

@@ -22,7 +22,7 @@ from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .flops import Shape, fine_flops
 from .modeling import FineLM, ModelConfig
 from .sampling import draw_uniform, sample_rows, stage_generator
-from .types import FineRequest, StageResult
+from .types import FineRequest, EngineResult
 from .weights import Checkpoint
 
 
@@ -81,7 +81,7 @@ class FineEngine(StageEngine):
         return len(self.jobs) != n
 
     @torch.inference_mode()
-    def step(self) -> list[StageResult]:
+    def step(self) -> list[EngineResult]:
         if not self.jobs:
             return []
         t0 = time.perf_counter()
@@ -106,7 +106,7 @@ class FineEngine(StageEngine):
                 keep.append(job)
                 continue
             out = T.fine_output(job.plan, job.sequence.cpu().numpy()).astype(np.int32)  # (8, T)
-            results.append(StageResult(job.request.request_id, output=out,
+            results.append(EngineResult(job.request.request_id, output=out,
                                        timings={"latency_s": time.perf_counter() - job.started}))
         self.jobs = keep
         frames = float(sum(win - w.fill_from for w in windows))

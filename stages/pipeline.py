@@ -22,7 +22,7 @@ from .fine import FineEngine
 from .semantic import SemanticEngine
 from .text import TextPreparer
 from .requests import stage_request
-from .types import GenerationParams, StageResult, VoicePrompt
+from .types import GenerationParams, EngineResult, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 
@@ -48,7 +48,7 @@ class Generation:
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, result: StageResult):
+    def __init__(self, stage: str, result: EngineResult):
         super().__init__(f"{stage} stage failed for {result.request_id}: {result.error}")
         self.stage, self.result = stage, result
 

@@ -129,7 +129,7 @@ StageRequest = SemanticRequest | CoarseRequest | FineRequest | CodecRequest
 
 
 @dataclass
-class StageResult:
+class EngineResult:
     """What an engine hands back for one request: an output or an error."""
 
     request_id: str

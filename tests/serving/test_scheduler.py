@@ -12,7 +12,7 @@ import pytest
 from bark_serve.serving.scheduler import QueueFull, StageError, StageScheduler
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
-from bark_serve.stages.types import InvalidRequestError, SamplingParams, SemanticRequest, StageResult
+from bark_serve.stages.types import InvalidRequestError, SamplingParams, SemanticRequest, EngineResult
 
 
 class CountingEngine:
@@ -51,7 +51,7 @@ class CountingEngine:
         for rid in list(self.held):
             self.held[rid] -= 1
             if self.held[rid] <= 0:
-                done.append(StageResult(rid, output=rid.upper()))
+                done.append(EngineResult(rid, output=rid.upper()))
                 del self.held[rid]
         self.last_step = {"batch": len(self.batches[-1]), "tokens": len(self.batches[-1]), "step_s": 0.0}
         return done
