@@ -35,7 +35,7 @@ class ServedApp:
 
         from bark_serve.serving.serve_config import pool_resources
         from bark_serve.serving.app import make_app
-        from bark_serve.serving.config import load_config
+        from bark_serve.serving.config import DEPLOYMENT_NAMES, load_config
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = _free_port()
@@ -56,7 +56,7 @@ class ServedApp:
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"
-        self.handles = {s: serve.get_deployment_handle(f"{s.capitalize()}Server", app_name=self.cfg.app_name)
+        self.handles = {s: serve.get_deployment_handle(DEPLOYMENT_NAMES[s], app_name=self.cfg.app_name)
                         for s in STAGES}
 
     def stats(self) -> dict[str, dict]:

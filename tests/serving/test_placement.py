@@ -16,10 +16,11 @@ def test_stage_replicas_land_on_their_pool_nodes(tiny_ckpt):
     from ray.cluster_utils import Cluster
 
     from bark_serve.serving.app import build_app
+    from bark_serve.cluster.placement import pool_resource
     from bark_serve.serving.config import parse_config
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    pool_nodes = {pool: cluster.add_node(num_cpus=1, resources={f"bark_pool_{pool}": 4}) for pool in POOLS}
+    pool_nodes = {pool: cluster.add_node(num_cpus=1, resources={pool_resource(pool): 4}) for pool in POOLS}
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         port = free_port()
