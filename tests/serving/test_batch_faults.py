@@ -185,10 +185,21 @@ def wait_files(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) 
         time.sleep(0.2)
 
 
+def get_json(url: str, tries: int = 20) -> tuple[int, list[dict]]:
+    """GET JSON / JSONL from the API, waiting out 503s; -> (503 answers seen, records)."""
+    for busy in range(tries):
+        r = httpx.get(url, headers=AUTH, timeout=120)
+        if r.status_code != 503:
+            assert r.status_code == 200, r.text[:300]
+            return busy, [json.loads(line) for line in r.text.splitlines() if line.strip()]
+        time.sleep(0.5)
+    raise AssertionError(f"{url} answered 503 {tries} times")
+
+
 @pytest.mark.slow
-def test_cli_submit_survives_worker_ingress_and_redis_kills(batch_stack, tmp_path):
+def test_cli_submit_survives_worker_redis_and_ingress_kills(batch_stack, tmp_path):
     url, redis_srv = batch_stack
-    n = 40
+    n = 48
     items = tmp_path / "items.jsonl"
     items.write_text("".join(json.dumps({"id": f"f{i:02d}", "text": f"Fault line number {i}.", "options": OPTS}) + "\n"
                              for i in range(n)))
@@ -201,25 +212,26 @@ def test_cli_submit_survives_worker_ingress_and_redis_kills(batch_stack, tmp_pat
         wait_files(out, 4, proc)
         kill_replica("BatchWorker")  # its items are taken over after claim_timeout_s
         wait_files(out, 10, proc)
-        kill_replica("Orchestrator")  # the CLI's HTTP server: connection errors / 5xx until Serve restarts it
-        wait_files(out, 16, proc)
         redis_srv.stop(kill=True)  # SIGKILL: what was acknowledged is in the AOF
         time.sleep(3.0)  # the CLI, the API and the workers all see Redis down
         redis_srv.start()
+        wait_files(out, 20, proc)
+        kill_replica("Orchestrator")  # the CLI's HTTP server: broken streams / 5xx until Serve restarts it
         stdout, stderr = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
     elapsed = time.monotonic() - t0
-    print(f"\nbatch submit of {n} items through a worker kill, an ingress kill and a Redis kill: exit "
-          f"{proc.returncode} in {elapsed:.1f} s; notices: {stderr.count('notice:')}")
+    print(f"\nbatch submit of {n} items through a worker kill, a Redis kill and an ingress kill: exit "
+          f"{proc.returncode} in {elapsed:.1f} s\n{stderr}")
     assert proc.returncode == 0, stderr
-    assert "Traceback" not in stderr and stderr.count("notice: server unavailable") >= 1, stderr
+    assert "Traceback" not in stderr and stderr.count("notice: server unavailable") >= 2, stderr  # Redis, ingress
     assert sorted(p.name for p in out.glob("*.wav")) == [f"f{i:02d}.wav" for i in range(n)]
     job_id = json.loads((out / ".bark-batch.json").read_text())["job_id"]
-    r = httpx.get(f"{url}/v1/batches/{job_id}/results", headers=AUTH, timeout=120)
-    ids = [rec["id"] for rec in map(json.loads, r.text.splitlines()) if rec.get("type") == "result"]
+    busy, records = get_json(f"{url}/v1/batches/{job_id}/results")
+    ids = [rec["id"] for rec in records if rec.get("type") == "result"]
     assert len(ids) == len(set(ids)) == n  # exactly one result per item
-    status = httpx.get(f"{url}/v1/batches/{job_id}", headers=AUTH, timeout=30).json()
+    _, (status,) = get_json(f"{url}/v1/batches/{job_id}")
     assert status["status"] == "completed" and status["counts"]["succeeded"] == n
+    print(f"503 answers to the first status reads after the run: {busy}")
