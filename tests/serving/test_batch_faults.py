@@ -185,6 +185,26 @@ def wait_files(out: Path, n: int, proc: subprocess.Popen, timeout: float = 240) 
         time.sleep(0.2)
 
 
+def healthy(url: str) -> bool:
+    try:
+        return httpx.get(url + "/healthz", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def wait_healthy(url: str, timeout: float = 120) -> float:
+    """Poll /healthz until it fails (the kill took effect; ray.kill is asynchronous) and then answers 200
+    again; -> the monotonic time it did."""
+    deadline = time.monotonic() + 10
+    while healthy(url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    deadline = time.monotonic() + timeout
+    while not healthy(url):
+        assert time.monotonic() < deadline, f"/healthz not 200 within {timeout} s"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
 def get_json(url: str, tries: int = 20) -> tuple[int, list[dict]]:
     """GET JSON / JSONL from the API, waiting out 503s; -> (503 answers seen, records)."""
     for busy in range(tries):
@@ -217,6 +237,8 @@ def test_cli_submit_survives_worker_redis_and_ingress_kills(batch_stack, tmp_pat
         redis_srv.start()
         wait_files(out, 20, proc)
         kill_replica("Orchestrator")  # the CLI's HTTP server: broken streams / 5xx until Serve restarts it
+        t_kill = time.monotonic()
+        ingress_back_s = wait_healthy(url) - t_kill
         stdout, stderr = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -224,7 +246,8 @@ def test_cli_submit_survives_worker_redis_and_ingress_kills(batch_stack, tmp_pat
             proc.communicate()
     elapsed = time.monotonic() - t0
     print(f"\nbatch submit of {n} items through a worker kill, a Redis kill and an ingress kill: exit "
-          f"{proc.returncode} in {elapsed:.1f} s\n{stderr}")
+          f"{proc.returncode} in {elapsed:.1f} s; the killed ingress answered /healthz again after "
+          f"{ingress_back_s:.1f} s\n{stderr}")
     assert proc.returncode == 0, stderr
     assert "Traceback" not in stderr and stderr.count("notice: server unavailable") >= 2, stderr  # Redis, ingress
     assert sorted(p.name for p in out.glob("*.wav")) == [f"f{i:02d}.wav" for i in range(n)]
