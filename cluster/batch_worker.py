@@ -14,6 +14,11 @@ interactive requests.
 Redis outages are survived: the loop backs off and retries, and a finished
 item keeps retrying its write until Redis is back (the write is guarded, so a
 retry after a lost reply is harmless).
+
+A failed synthesis other than a bad item (a stage replica that died, a
+timeout, overload) is transient: the item is requeued for another attempt,
+after ``retry_backoff_s`` (doubling per attempt), so that a stage replica
+that needs ~10 s to restart does not use up every attempt at once.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ log = logging.getLogger("bark.batch.worker")
 Synthesize = Callable[[BatchItem], Awaitable[SynthesisResult]]
 REDIS_DOWN = (RedisConnectionError, RedisTimeoutError, OSError)
 MAX_BACKOFF_S = 2.0
+RETRY_BACKOFF_S = 2.0  # served workers (from_config) wait this long before requeuing a failed item, doubling
+MAX_RETRY_BACKOFF_S = 30.0
 
 
 @dataclass
@@ -69,12 +76,13 @@ class BatchWorkerLoop:
 
     def __init__(self, queue: WorkQueue, synthesize: Synthesize, *, max_in_flight: int = 8,
                  claim_timeout_s: float = 300.0, item_timeout_s: float | None = None,
-                 consumer: str | None = None, block_ms: int | None = None):
+                 consumer: str | None = None, block_ms: int | None = None, retry_backoff_s: float = 0.0):
         self.queue = queue
         self.synthesize = synthesize
         self.max_in_flight = max_in_flight
         self.claim_timeout_s = claim_timeout_s
         self.item_timeout_s = item_timeout_s  # a synthesize call running longer fails (and is retried)
+        self.retry_backoff_s = retry_backoff_s  # before requeuing a transient failure (0: at once)
         self.consumer = consumer or default_consumer_name()
         # Heartbeats well inside the claim timeout, and often enough that a cancel stops in-flight
         # items within seconds; reclaim checks often enough to notice dead workers.
@@ -96,7 +104,7 @@ class BatchWorkerLoop:
                     item_timeout_s: float | None = None) -> "BatchWorkerLoop":
         """Build from a :class:`serving.config.BatchConfig`."""
         return cls(queue, synthesize, max_in_flight=cfg.max_in_flight, claim_timeout_s=cfg.claim_timeout_s,
-                   item_timeout_s=item_timeout_s, consumer=consumer)
+                   item_timeout_s=item_timeout_s, consumer=consumer, retry_backoff_s=RETRY_BACKOFF_S)
 
     @property
     def in_flight(self) -> int:
@@ -223,10 +231,18 @@ class BatchWorkerLoop:
             outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.INVALID_ITEM, retry=False))
         except Exception as exc:  # anything else may be transient (a replica restarting, a timeout)
             reason = f"{type(exc).__name__}: {exc}".strip()
+            log.warning("batch worker %s: item %s/%s attempt %d failed: %s", self.consumer,
+                        lease.entry.job_id, lease.entry.item_id, lease.attempt, reason[:200])
+            await self._retry_pause(lease)
             outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.SYNTHESIS_ERROR, retry=True))
         else:
             outcome = await self._commit(lambda: self.queue.complete(lease, result, worker=self.consumer))
         self._count(outcome)
+
+    async def _retry_pause(self, lease: Lease) -> None:
+        """Wait before requeuing, if another attempt follows (the heartbeat keeps the lease meanwhile)."""
+        if self.retry_backoff_s > 0 and lease.attempt < self.queue.max_attempts:
+            await asyncio.sleep(min(self.retry_backoff_s * 2 ** (lease.attempt - 1), MAX_RETRY_BACKOFF_S))
 
     async def _commit(self, write: Callable[[], Awaitable[Outcome]]) -> Outcome | None:
         """Run the guarded write, retrying while Redis is down (until stop's grace runs out)."""

@@ -9,6 +9,13 @@ the job id and the results cursor, a re-run sends only items with no audio in
 DIR (the server skips ids it already has) and fetches results from the saved
 cursor. Exit codes: 0 all done, 1 some items failed / job cancelled / server
 unreachable, 2 bad input, 3 ``--timeout`` ran out (re-run to resume).
+
+A running submit rides out outages (Redis restarting, the ingress or a worker
+restarting, overload): connection errors and 5xx/429 answers are retried with
+exponential backoff and jitter until ``--timeout`` (without it, until one
+outage has lasted ``MAX_OUTAGE_S``), with one notice line per outage on
+stderr. Re-sending a chunk is harmless: the job key makes submission
+idempotent. Only items the job reports as failed count as failures.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 from dataclasses import dataclass, field
@@ -34,6 +42,7 @@ FAILED_FILE = "failed.jsonl"
 CHUNK_ITEMS = 1000
 CHUNK_BYTES = 4 * 1024 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
+MAX_OUTAGE_S = 600.0  # without --timeout, one outage longer than this ends the run (exit 1; re-run resumes)
 
 
 class CliError(Exception):
@@ -42,6 +51,82 @@ class CliError(Exception):
     def __init__(self, message: str, code: int = EXIT_USAGE):
         super().__init__(message)
         self.code = code
+
+
+class ServerBusy(CliError):
+    """A 5xx or 429 answer: the server (or its Redis) is restarting or overloaded; worth retrying."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message, EXIT_FAILED)
+        self.retry_after_s = retry_after_s
+
+
+class OutOfTime(Exception):
+    """``--timeout`` ran out while waiting for the server to come back."""
+
+
+TRANSIENT = (ServerBusy, httpx.TransportError)  # what a submit run waits out
+
+
+def describe(exc: BaseException) -> str:
+    """A short description of a transient failure for the one-line notice."""
+    if isinstance(exc, ServerBusy):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"[:160]
+
+
+def notice(message: str) -> None:
+    """One line on stderr that does not break the progress bar."""
+    tqdm.write(f"notice: {message}", file=sys.stderr)
+
+
+class Retrier:
+    """Waits out outages: exponential backoff with jitter, one notice per outage, bounded by the deadline.
+
+    ``wait(exc)`` sleeps before the next try, or raises OutOfTime past ``deadline`` (monotonic seconds) or
+    CliError once one outage has lasted ``max_outage_s`` (when there is no deadline).
+    ``ok()`` marks the end of an outage.
+    """
+
+    def __init__(self, deadline: float | None, max_outage_s: float = MAX_OUTAGE_S, base_s: float = 0.5,
+                 cap_s: float = 10.0, sleep=time.sleep, rng: random.Random | None = None):
+        self.deadline, self.max_outage_s, self.base_s, self.cap_s = deadline, max_outage_s, base_s, cap_s
+        self.sleep, self.rng = sleep, rng or random.Random()
+        self.outage_since: float | None = None
+        self.tries = 0
+        self.outages = 0
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)``, retried while it fails transiently."""
+        while True:
+            try:
+                result = fn(*args, **kwargs)
+            except TRANSIENT as exc:
+                self.wait(exc)
+                continue
+            self.ok()
+            return result
+
+    def wait(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if self.outage_since is None:
+            self.outage_since, self.tries = now, 0
+            self.outages += 1
+            notice(f"server unavailable ({describe(exc)}); retrying until it is back")
+        self.tries += 1
+        delay = min(self.cap_s, self.base_s * 2 ** (self.tries - 1))
+        delay = self.rng.uniform(delay / 2, delay)  # jitter: clients of one outage do not return in step
+        if isinstance(exc, ServerBusy) and exc.retry_after_s:
+            delay = max(delay, min(exc.retry_after_s, self.cap_s))
+        if self.deadline is not None and now + delay >= self.deadline:
+            raise OutOfTime()
+        if self.deadline is None and now + delay - self.outage_since > self.max_outage_s:
+            raise CliError(f"the server has been unavailable for {now - self.outage_since:.0f} s "
+                           f"({describe(exc)}); re-run to resume", EXIT_FAILED)
+        self.sleep(delay)
+
+    def ok(self) -> None:
+        self.outage_since = None
 
 
 @dataclass(frozen=True)
@@ -81,8 +166,9 @@ class BatchClient:
             message = resp.json()["error"]["message"]
         except Exception:
             message = resp.text[:200] or resp.reason_phrase
-        code = EXIT_USAGE if resp.status_code < 500 else EXIT_FAILED
-        raise CliError(f"server answered {resp.status_code}: {message}", code)
+        if resp.status_code >= 500 or resp.status_code == 429:
+            raise ServerBusy(f"server answered {resp.status_code}: {message}", _retry_after(resp))
+        raise CliError(f"server answered {resp.status_code}: {message}", EXIT_USAGE)
 
     def submit(self, lines: list[str], job_key: str) -> dict:
         body = ("\n".join(lines) + "\n").encode()
@@ -105,7 +191,18 @@ class BatchClient:
                 self._check(resp)
             for line in resp.iter_lines():
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:  # a line cut short by a dying server
+                        raise ServerBusy("the results stream broke off mid-record") from None
+                    yield rec
+
+
+def _retry_after(resp: httpx.Response) -> float | None:
+    try:
+        return float(resp.headers.get("retry-after", ""))
+    except ValueError:
+        return None
 
 
 def read_items(path: Path) -> list[LocalItem]:
@@ -212,12 +309,20 @@ def submit_and_fetch(items_path: Path, out: Path, client: BatchClient, *, job_ke
     summary.skipped = len(items) - len(todo)
     same_job = outdir.state.get("job_key") == job_key
     job_id, cursor = (outdir.state.get("job_id"), outdir.state.get("cursor", "0")) if same_job else (None, "0")
-    for chunk in _chunks(todo):
-        answer = client.submit(chunk, job_key)
-        if answer["id"] != job_id:  # a new job (first run, or the old one expired or was cancelled)
-            job_id, cursor = answer["id"], "0"
-            outdir.save_state(job_key=job_key, job_id=job_id, cursor=cursor)
-        summary.sent += len(chunk)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    retrier = Retrier(deadline)
+    try:
+        for chunk in _chunks(todo):
+            answer = retrier.call(client.submit, chunk, job_key)  # idempotent under the job key
+            if answer["id"] != job_id:  # a new job (first run, or the old one expired or was cancelled)
+                job_id, cursor = answer["id"], "0"
+                outdir.save_state(job_key=job_key, job_id=job_id, cursor=cursor)
+            summary.sent += len(chunk)
+    except OutOfTime:  # not everything is sent: a re-run sends the rest
+        summary.job_id, summary.status = job_id, "submitting"
+        summary.failed_ids = set(outdir.failed)
+        summary.present = sum(outdir.has(i) for i in items)
+        return summary
     summary.job_id = job_id
     if job_id is None or not todo or not wait:
         summary.complete = not todo
@@ -227,14 +332,15 @@ def submit_and_fetch(items_path: Path, out: Path, client: BatchClient, *, job_ke
         return summary
     bar = tqdm(total=len(items), initial=summary.skipped, unit="item", disable=not progress or None,
                desc=job_id[:12], file=sys.stderr)
-    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         resumed = cursor != "0"
-        _follow(client, job_id, cursor, outdir, bar, deadline, summary, {i.id for i in todo}, save=True)
+        _follow(client, job_id, cursor, outdir, bar, retrier, summary, {i.id for i in todo}, save=True)
         missing = {i.id for i in todo if not outdir.has(i) and i.id not in outdir.failed}
         if summary.complete and resumed and missing:  # results before the saved cursor whose files were lost
             summary.complete = False
-            _follow(client, job_id, "0", outdir, bar, deadline, summary, missing, save=False)
+            _follow(client, job_id, "0", outdir, bar, retrier, summary, missing, save=False)
+    except OutOfTime:
+        pass  # summary.complete stays False: exit 3, a re-run resumes from the saved cursor
     finally:
         bar.close()
     summary.failed_ids = set(outdir.failed)
@@ -242,16 +348,21 @@ def submit_and_fetch(items_path: Path, out: Path, client: BatchClient, *, job_ke
     return summary
 
 
-def _follow(client: BatchClient, job_id: str, cursor: str, outdir: OutputDir, bar, deadline: float | None,
+def _follow(client: BatchClient, job_id: str, cursor: str, outdir: OutputDir, bar, retrier: Retrier,
             summary: SubmitSummary, wanted: set[str], save: bool) -> None:
-    """Stream results from ``cursor`` into DIR until the end record says complete (reconnecting as needed)."""
-    errors = 0
+    """Stream results from ``cursor`` into DIR until the end record says complete.
+
+    A broken stream, an in-band error record or a 5xx/429 answer is an outage: ``retrier`` waits it out
+    (or raises OutOfTime) and the stream resumes from the last cursor, so no result is fetched twice.
+    """
     while not summary.complete:
-        remaining = None if deadline is None else deadline - time.monotonic()
+        remaining = None if retrier.deadline is None else retrier.deadline - time.monotonic()
         if remaining is not None and remaining <= 0:
             return
         try:
             for rec in client.results(job_id, cursor, wait_s=min(remaining or 120.0, 120.0)):
+                if rec["type"] != "error":
+                    retrier.ok()
                 if rec["type"] == "result" and (save or rec["id"] in wanted):
                     summary.fetched += 1
                     if rec["state"] == "succeeded" and "error" not in rec:
@@ -262,18 +373,14 @@ def _follow(client: BatchClient, job_id: str, cursor: str, outdir: OutputDir, ba
                     bar.update(1 if rec["id"] in wanted else 0)
                 elif rec["type"] == "end":
                     summary.status, summary.complete = rec["status"], rec["complete"]
-                elif rec["type"] == "error":  # the server lost its store mid-stream: back off, resume
-                    time.sleep(1.0)
                 if rec.get("cursor", cursor) != cursor:
                     cursor = rec["cursor"]
                     if save:
                         outdir.save_state(cursor=cursor)
-            errors = 0
-        except httpx.TransportError as exc:  # the stream broke: resume from the cursor
-            errors += 1
-            if errors > 5:
-                raise CliError(f"lost the connection to the server ({exc}); re-run to resume", EXIT_FAILED)
-            time.sleep(min(0.5 * 2 ** errors, 10.0))
+                if rec["type"] == "error":  # the server lost its store mid-stream: an outage like any other
+                    raise ServerBusy(f"the server's job store broke mid-stream: {rec['error']['message']}")
+        except TRANSIENT as exc:  # resume from the cursor once the server is back
+            retrier.wait(exc)
 
 
 def _client(args) -> BatchClient:

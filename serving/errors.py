@@ -43,7 +43,8 @@ def unwrap(exc: BaseException) -> BaseException:
 
 def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
     """Map whatever a request raised (possibly across Ray) to the answer the client gets."""
-    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
     if isinstance(exc, APIError):
         return exc
@@ -60,6 +61,9 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
         return overloaded("the server is at capacity; retry shortly", retry_after)
     if isinstance(exc, DeploymentUnavailableError):
         return overloaded("a pipeline stage is unavailable; retry shortly", retry_after)
+    if isinstance(exc, (RayActorError, ReplicaUnavailableError)):  # a stage replica died (Serve restarts it)
+        log.warning("stage replica lost: %s", type(exc).__name__)
+        return overloaded("a pipeline stage replica was lost and is restarting; retry shortly", retry_after)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return APIError(504, "the request took longer than the server's timeout", "timeout", "server_error")
     if isinstance(exc, StageError):

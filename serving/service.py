@@ -1,6 +1,17 @@
-"""Building a Synthesizer on top of the stage deployments' handles (orchestrator and batch workers)."""
+"""Building a Synthesizer on top of the stage deployments' handles (orchestrator and batch workers).
+
+A stage call whose replica died under it (SIGKILL, OOM, node lost) is sent
+again, at most ``STAGE_RETRIES`` times with a short backoff: a stage call is
+idempotent (its tokens come from the request's own seed), and Serve routes
+the retry to a live replica or holds it until the restarted one is up. When
+the retries are spent, the Ray error goes up and the client gets 503 with
+Retry-After (serving/errors.py).
+"""
 
 from __future__ import annotations
+
+import asyncio
+import logging
 
 from bark_serve.stages.text import TextPreparer
 from bark_serve.stages.voices import VoiceLibrary
@@ -9,15 +20,42 @@ from bark_serve.stages.weights import Checkpoint
 from .config import BarkConfig
 from .synthesis import Synthesizer
 
+log = logging.getLogger("ray.serve")  # shows in the replica logs
+
+STAGE_RETRIES = 2
+RETRY_BACKOFF_S = (0.5, 2.0)  # before the 1st and 2nd retry
+
+
+def replica_lost(exc: BaseException) -> bool:
+    """Did the call fail because the replica serving it died or became unreachable (not the request's fault)?"""
+    from ray.exceptions import RayActorError  # ActorDiedError and ActorUnavailableError derive from it
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, ReplicaUnavailableError))
+
+
+def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_BACKOFF_S):
+    """``call(stage, request, priority)`` through Serve handles, resent when the replica died under it."""
+
+    async def call(stage: str, request, priority: str):
+        for attempt in range(retries + 1):
+            try:
+                return await handles[stage].run.remote(request, priority)
+            except Exception as exc:
+                if attempt >= retries or not replica_lost(exc):
+                    raise
+                delay = backoff_s[min(attempt, len(backoff_s) - 1)]
+                log.warning("%s replica lost during %s (%s); retry %d/%d in %.1f s", stage, request.request_id,
+                            type(exc).__name__, attempt + 1, retries, delay)
+                await asyncio.sleep(delay)
+
+    return call
+
 
 def make_synthesizer(cfg: BarkConfig, handles: dict) -> Synthesizer:
     """Tokenizer and voices from the checkpoint (no weights); stage calls through Serve handles."""
-
-    async def call(stage: str, request, priority: str):
-        return await handles[stage].run.remote(request, priority)
-
     ckpt = Checkpoint.open(cfg.model)
     voices = VoiceLibrary(ckpt.spec, ckpt, [cfg.voices_dir] if cfg.voices_dir else [])
     ocfg = cfg.orchestrator
-    return Synthesizer(TextPreparer.from_checkpoint(ckpt), voices, ckpt.spec, call, ocfg.segment_max_tokens,
-                       ocfg.max_text_chars, cfg.voice_aliases)
+    return Synthesizer(TextPreparer.from_checkpoint(ckpt), voices, ckpt.spec, retrying_call(handles),
+                       ocfg.segment_max_tokens, ocfg.max_text_chars, cfg.voice_aliases, ocfg.max_segments_in_flight)

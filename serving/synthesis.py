@@ -8,11 +8,21 @@ i-1's voice). So segment 2 is in semantic while segment 1 is in coarse, and
 audio chunks stream out in order as the codec finishes them. Stage calls go
 through ``call(stage, request, priority)``: Ray Serve handles in the app, plain
 schedulers in tests.
+
+A request holds at most ``max_segments_in_flight`` calls in each stage at once
+(a ``SegmentWindow`` per stage, lowest segment first). Segments usually wait
+for their predecessor anyway (the history prompt), but a segment whose
+predecessor produced almost no semantic tokens carries the request's own voice
+instead, so without the window a long text of tiny segments would send all
+its coarse/fine/codec calls at once and fill the stage queues for everyone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import heapq
+import itertools
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -55,11 +65,64 @@ class AudioChunk:
     semantic_tokens: int
 
 
+STAGE_ORDER = ("semantic", "coarse", "fine", "codec")
+
+
+class SegmentWindow:
+    """At most ``size`` segments of one request inside one stage at once (None: no bound).
+
+    Waiting segments are let in lowest index first, so the segment the client
+    needs next is never stuck behind later ones. ``peak`` records the most
+    ever inside at once.
+    """
+
+    def __init__(self, size: int | None):
+        if size is not None and size < 1:
+            raise ValueError("a segment window needs size >= 1")
+        self.size, self.active, self.peak = size, 0, 0
+        self._waiting: list[tuple[int, int, asyncio.Future]] = []  # heap of (segment, seq, future)
+        self._seq = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def slot(self, index: int):
+        await self._acquire(index)
+        try:
+            yield
+        finally:
+            self._release()
+
+    async def _acquire(self, index: int) -> None:
+        if self.size is None or (self.active < self.size and not self._waiting):
+            self._enter()
+            return
+        fut = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._waiting, (index, next(self._seq), fut))
+        try:
+            await fut  # _release entered on our behalf before resolving it
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():  # granted, then cancelled before we ran: give it back
+                self._release()
+            raise
+
+    def _enter(self) -> None:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+
+    def _release(self) -> None:
+        self.active -= 1
+        while self._waiting and (self.size is None or self.active < self.size):
+            _, _, fut = heapq.heappop(self._waiting)
+            if not fut.done():  # a cancelled waiter's future is done: skip it
+                self._enter()
+                fut.set_result(None)
+
+
 class Synthesizer:
     def __init__(self, text: TextPreparer, voices: VoiceLibrary, spec: BarkSpec, call: StageCall,
                  segment_max_tokens: int = 200, max_text_chars: int = 20_000,
-                 voice_aliases: Mapping[str, str] | None = None):
+                 voice_aliases: Mapping[str, str] | None = None, max_segments_in_flight: int | None = 4):
         self.text, self.voices, self.spec, self.call = text, voices, spec, call
+        self.max_segments_in_flight = max_segments_in_flight  # per request and stage; None: unbounded
         self.segment_max_tokens = min(segment_max_tokens, text.max_tokens)
         self.max_text_chars = max_text_chars
         self.aliases = dict(voice_aliases or {})
@@ -84,13 +147,14 @@ class Synthesizer:
     async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded."""
         tasks: dict[tuple[str, int], asyncio.Task] = {}
+        windows = {stage: SegmentWindow(self.max_segments_in_flight) for stage in STAGE_ORDER}
         for i in range(len(plan.segments)):
-            for stage in ("semantic", "coarse", "fine", "codec"):
-                tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks))
+            for stage in STAGE_ORDER:
+                tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks, windows[stage]))
         try:
             for i in range(len(plan.segments)):
                 out = await tasks["codec", i]
-                timings = {s: _times(tasks[s, i].result()) for s in ("semantic", "coarse", "fine", "codec")}
+                timings = {s: _times(tasks[s, i].result()) for s in STAGE_ORDER}
                 yield AudioChunk(i, len(plan.segments), out.output, self.spec.sample_rate, timings,
                                  len(tasks["semantic", i].result().output))
         finally:
@@ -101,7 +165,7 @@ class Synthesizer:
         return [chunk async for chunk in self.stream(plan)]
 
     # -- one (stage, segment) task ----------------------------------------------------------------
-    async def _stage(self, stage: str, i: int, plan: Plan, tasks):
+    async def _stage(self, stage: str, i: int, plan: Plan, tasks, window: SegmentWindow):
         rid, p = f"{plan.request_id}:{i}", plan.params
         seed = segment_seed(plan.seed, i)
         if stage == "semantic":
@@ -115,7 +179,8 @@ class Synthesizer:
             req = FineRequest(rid, coarse, await self._history(i, plan, tasks, stage), p.fine, seed)
         else:
             req = CodecRequest(rid, (await tasks["fine", i]).output)
-        return await self.call(stage, req, plan.priority)
+        async with window.slot(i):  # inputs are ready; only the call itself takes a place in the window
+            return await self.call(stage, req, plan.priority)
 
     async def _history(self, i: int, plan: Plan, tasks, stage: str) -> VoicePrompt | None:
         """Segment i's history prompt, as far as ``stage`` reads it: segment i-1's output (or its history)."""

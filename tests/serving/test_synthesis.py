@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import zlib
 
 import numpy as np
 import pytest
 
-from bark_serve.serving.scheduler import StageScheduler
-from bark_serve.serving.synthesis import Synthesizer, TextTooLarge
+from bark_serve.serving.scheduler import StageOutput, StageScheduler
+from bark_serve.serving.synthesis import SegmentWindow, Synthesizer, TextTooLarge
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
@@ -62,3 +64,102 @@ def test_plan_checks_input_first(pipe):
         synth.plan("   ")
     with pytest.raises(InvalidRequestError, match="unknown voice"):
         synth.plan("hello", "nobody")
+
+
+# -- the per-request window of segments in each stage --------------------------------------------------
+class RecordingStages:
+    """A ``call`` whose outputs are a pure function of the request, recording concurrent calls per stage.
+
+    Most segments get a single semantic token, so the next segment carries the request's own voice
+    instead of waiting for its predecessor: the case that sent every coarse call of a long text at once.
+    """
+
+    def __init__(self):
+        self.active: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+
+    async def call(self, stage, req, priority):
+        self.active[stage] = self.active.get(stage, 0) + 1
+        self.peak[stage] = max(self.peak.get(stage, 0), self.active[stage])
+        try:
+            key = _digest(stage, req)
+            # semantic stops after one token (fast), the later stages take longer; jitter reorders finishes
+            await asyncio.sleep(STAGE_SECONDS[stage] * (1 + key % 4 / 4))
+            out = _fake_output(stage, req, key)
+        finally:
+            self.active[stage] -= 1
+        now = time.time()
+        return StageOutput(out, now, now, now)
+
+
+STAGE_SECONDS = {"semantic": 0.0, "coarse": 0.02, "fine": 0.004, "codec": 0.002}
+
+
+def _digest(stage, req) -> int:
+    """A checksum of everything the request carries (history prompt included)."""
+    parts = [stage.encode(), str(getattr(req, "seed", 0)).encode()]
+    for name in ("text_ids", "semantic_tokens", "coarse_codes", "fine_codes"):
+        if getattr(req, name, None) is not None:
+            parts.append(np.ascontiguousarray(getattr(req, name)).tobytes())
+    voice = getattr(req, "voice", None)
+    if voice is not None:
+        parts += [np.ascontiguousarray(a).tobytes() for a in (voice.semantic, voice.coarse, voice.fine)]
+    return zlib.crc32(b"|".join(parts))
+
+
+def _fake_output(stage, req, key):
+    rng = np.random.default_rng(key)
+    if stage == "semantic":
+        segment = int(req.request_id.rsplit(":", 1)[1])
+        return rng.integers(0, 100, size=5 if segment % 10 == 0 else 1)
+    if stage == "coarse":
+        return rng.integers(0, 100, size=(2, 3 * len(req.semantic_tokens)))
+    if stage == "fine":
+        return rng.integers(0, 100, size=(8, req.coarse_codes.shape[1]))
+    return rng.standard_normal(req.fine_codes.shape[1] * 4).astype(np.float32)
+
+
+def test_a_request_holds_at_most_the_window_in_each_stage(pipe):
+    text = " ".join(f"Line {i} is here." for i in range(100))
+
+    def run(window):
+        stages = RecordingStages()
+        synth = Synthesizer(pipe.text, pipe.voices, pipe.spec, stages.call, segment_max_tokens=8,
+                            max_segments_in_flight=window)
+        plan = synth.plan(text, "v2/en_speaker_1", GenerationParams(seed=7), request_id="r")
+        assert len(plan.segments) == 100
+        return asyncio.run(synth.collect(plan)), stages.peak
+
+    bounded, peak = run(4)
+    unbounded, flood = run(None)
+    print(f"max calls in flight per stage: window 4 {peak}, unbounded {flood}")
+    assert max(peak.values()) <= 4 and peak["coarse"] == 4  # bounded, yet still concurrent (semantic is
+    # sequential by nature: each segment's text prompt waits for its predecessor's semantic tokens)
+    assert flood["coarse"] > 8  # without the window the coarse calls pile up as fast as semantic ends
+    assert [c.index for c in bounded] == list(range(100))
+    for a, b in zip(bounded, unbounded):
+        np.testing.assert_array_equal(a.audio, b.audio)
+
+
+def test_the_window_lets_the_lowest_segment_in_first_and_survives_cancellation():
+    async def scenario():
+        window = SegmentWindow(1)
+        order = []
+
+        async def enter(i, hold):
+            async with window.slot(i):
+                order.append(i)
+                await hold.wait()
+
+        hold = asyncio.Event()
+        first = asyncio.ensure_future(enter(0, hold))
+        await asyncio.sleep(0)
+        late = [asyncio.ensure_future(enter(i, hold)) for i in (5, 3, 4)]
+        await asyncio.sleep(0)
+        late[2].cancel()  # segment 4 gives up while waiting: its turn must not be lost
+        hold.set()
+        await asyncio.gather(first, *late, return_exceptions=True)
+        return order, window.active, window.peak
+
+    order, active, peak = asyncio.run(scenario())
+    assert order == [0, 3, 5] and active == 0 and peak == 1
