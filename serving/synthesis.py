@@ -26,18 +26,18 @@ import itertools
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from bark_serve.stages.constants import BarkSpec
-from bark_serve.stages.longform import segment_seed, split_text
+from bark_serve.stages.constants import STAGES, BarkSpec
+from bark_serve.stages.longform import carries_voice, history_prompt, segment_seed, split_text
+from bark_serve.stages.requests import stage_request
 from bark_serve.stages.text import TextPreparer
-from bark_serve.stages.types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, InvalidRequestError,
-                          SemanticRequest, VoicePrompt)
+from bark_serve.stages.types import GenerationParams, InvalidRequestError, StageRequest, VoicePrompt
 from bark_serve.stages.voices import VoiceLibrary
 
-StageCall = Callable[[str, object, str], Awaitable[object]]  # (stage, request, priority) -> StageOutput
+StageCall = Callable[[str, StageRequest, str], Awaitable[object]]  # (stage, request, priority) -> StageOutput
 
 
 class TextTooLarge(InvalidRequestError):
@@ -63,9 +63,6 @@ class AudioChunk:
     sample_rate: int
     timings: dict[str, dict[str, float]]  # stage -> queued_at / started / finished (epoch seconds)
     semantic_tokens: int
-
-
-STAGE_ORDER = ("semantic", "coarse", "fine", "codec")
 
 
 class SegmentWindow:
@@ -147,14 +144,14 @@ class Synthesizer:
     async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded."""
         tasks: dict[tuple[str, int], asyncio.Task] = {}
-        windows = {stage: SegmentWindow(self.max_segments_in_flight) for stage in STAGE_ORDER}
+        windows = {stage: SegmentWindow(self.max_segments_in_flight) for stage in STAGES}
         for i in range(len(plan.segments)):
-            for stage in STAGE_ORDER:
+            for stage in STAGES:
                 tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks, windows[stage]))
         try:
             for i in range(len(plan.segments)):
                 out = await tasks["codec", i]
-                timings = {s: _times(tasks[s, i].result()) for s in STAGE_ORDER}
+                timings = {s: _times(tasks[s, i].result()) for s in STAGES}
                 yield AudioChunk(i, len(plan.segments), out.output, self.spec.sample_rate, timings,
                                  len(tasks["semantic", i].result().output))
         finally:
@@ -166,41 +163,29 @@ class Synthesizer:
 
     # -- one (stage, segment) task ----------------------------------------------------------------
     async def _stage(self, stage: str, i: int, plan: Plan, tasks, window: SegmentWindow):
-        rid, p = f"{plan.request_id}:{i}", plan.params
-        seed = segment_seed(plan.seed, i)
+        """Segment i in ``stage``: wait for its input and its history, then call the stage."""
         if stage == "semantic":
-            voice = await self._history(i, plan, tasks, stage)
-            req = SemanticRequest(rid, plan.text_ids[i], voice, p.semantic, p.min_eos_p, p.max_semantic_tokens, seed)
-        elif stage == "coarse":
-            sem = (await tasks["semantic", i]).output
-            req = CoarseRequest(rid, sem, await self._history(i, plan, tasks, stage), p.coarse, seed)
-        elif stage == "fine":
-            coarse = (await tasks["coarse", i]).output
-            req = FineRequest(rid, coarse, await self._history(i, plan, tasks, stage), p.fine, seed)
+            upstream = plan.text_ids[i]
         else:
-            req = CodecRequest(rid, (await tasks["fine", i]).output)
+            upstream = (await tasks[STAGES[STAGES.index(stage) - 1], i]).output
+        history = await self._history(i, plan, tasks, stage) if stage != "codec" else None
+        req = stage_request(stage, f"{plan.request_id}:{i}", upstream, history, plan.params,
+                            segment_seed(plan.seed, i))
         async with window.slot(i):  # inputs are ready; only the call itself takes a place in the window
             return await self.call(stage, req, plan.priority)
 
     async def _history(self, i: int, plan: Plan, tasks, stage: str) -> VoicePrompt | None:
-        """Segment i's history prompt, as far as ``stage`` reads it: segment i-1's output (or its history)."""
+        """Segment i's history prompt (stages/longform.py's rule), as far as ``stage`` reads it: semantic
+        needs only segment i-1's semantic tokens, so it need not wait for i-1's coarse and fine."""
         if i == 0:
             return plan.voice
         sem = (await tasks["semantic", i - 1]).output
-        if len(sem) < 2:  # too short to carry a voice: keep the one before
+        if not carries_voice(sem):
             return await self._history(i - 1, plan, tasks, stage)
-        coarse = (await tasks["coarse", i - 1]).output if stage in ("coarse", "fine") else _EMPTY2
-        fine = (await tasks["fine", i - 1]).output if stage == "fine" else _EMPTY8
-        return VoicePrompt(sem.astype(np.int64), coarse.astype(np.int64), fine.astype(np.int64), name="carried")
-
-
-_EMPTY2 = np.zeros((2, 0), dtype=np.int64)
-_EMPTY8 = np.zeros((8, 0), dtype=np.int64)
+        coarse = (await tasks["coarse", i - 1]).output if stage in ("coarse", "fine") else None
+        fine = (await tasks["fine", i - 1]).output if stage == "fine" else None
+        return history_prompt(sem, coarse, fine)
 
 
 def _times(out) -> dict[str, float]:
     return {"queued_at": out.queued_at, "started": out.started, "finished": out.finished}
-
-
-def with_seed(params: GenerationParams, seed: int | None) -> GenerationParams:
-    return params if seed is None else replace(params, seed=seed)
