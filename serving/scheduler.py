@@ -25,11 +25,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bark_serve.stages.types import InvalidRequestError, EngineResult
+from bark_serve.stages.types import EngineResult, InvalidRequestError, Priority, StageRequest
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
-PRIORITIES = {"interactive": 0, "batch": 1}
 
 
 class QueueFull(RuntimeError):
@@ -62,7 +61,7 @@ class NullMetrics:
 class _Entry:
     priority: int
     seq: int
-    request: object = field(compare=False)
+    request: StageRequest = field(compare=False)
     future: asyncio.Future = field(compare=False)
     queued_at: float = field(compare=False, default_factory=time.time)
 
@@ -106,14 +105,16 @@ class StageScheduler:
     def stats(self) -> dict:
         return {"queued": len(self._queue), "held": len(self._held), "steps": self.steps, "busy_s": self.busy_s}
 
-    async def submit(self, request, priority: str = "interactive") -> StageOutput:
+    async def submit(self, request: StageRequest, priority: Priority | str = Priority.INTERACTIVE) -> StageOutput:
         """Queue a request and wait for its output; raises InvalidRequestError, QueueFull or StageError."""
-        if priority not in PRIORITIES:
-            raise InvalidRequestError(f"priority must be one of {', '.join(PRIORITIES)}")
+        try:
+            priority = Priority(priority)
+        except ValueError:
+            raise InvalidRequestError(f"priority must be one of {', '.join(p.value for p in Priority)}") from None
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.engine.name} queue is full ({self.max_queue} waiting)")
         self.start()
-        entry = _Entry(PRIORITIES[priority], next(self._seq), request, asyncio.get_running_loop().create_future())
+        entry = _Entry(priority.rank, next(self._seq), request, asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, entry)
         self.metrics.queue_length(len(self._queue))
         self._wake.set()

@@ -14,6 +14,7 @@ import asyncio
 import logging
 
 from bark_serve.stages.text import TextPreparer
+from bark_serve.stages.types import Priority, StageRequest
 from bark_serve.stages.voices import VoiceLibrary
 from bark_serve.stages.weights import Checkpoint
 
@@ -37,7 +38,7 @@ def replica_lost(exc: BaseException) -> bool:
 def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_BACKOFF_S):
     """``call(stage, request, priority)`` through Serve handles, resent when the replica died under it."""
 
-    async def call(stage: str, request, priority: str):
+    async def call(stage: str, request: StageRequest, priority: Priority):
         for attempt in range(retries + 1):
             try:
                 return await handles[stage].run.remote(request, priority)

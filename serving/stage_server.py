@@ -14,7 +14,7 @@ import os
 from ray import serve
 
 from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
-from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 
 from .config import BarkConfig, StageConfig, parse_config
 from .scheduler import StageOutput, StageScheduler
@@ -76,7 +76,7 @@ class StageServer:
                                         batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
         log.info("%s ready: capacity %d, %s on %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device)
 
-    async def run(self, request, priority: str = "interactive") -> StageOutput:
+    async def run(self, request: StageRequest, priority: Priority = Priority.INTERACTIVE) -> StageOutput:
         """Process one stage request (a stages.types *Request); raises InvalidRequestError for a bad one."""
         if not hasattr(request, "request_id"):
             raise InvalidRequestError(f"{self.stage} expects a stage request, got {type(request).__name__}")

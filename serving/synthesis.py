@@ -34,10 +34,10 @@ from bark_serve.stages.constants import STAGES, BarkSpec
 from bark_serve.stages.longform import carries_voice, history_prompt, segment_seed, split_text
 from bark_serve.stages.requests import stage_request
 from bark_serve.stages.text import TextPreparer
-from bark_serve.stages.types import GenerationParams, InvalidRequestError, StageRequest, VoicePrompt
+from bark_serve.stages.types import GenerationParams, InvalidRequestError, Priority, StageRequest, VoicePrompt
 from bark_serve.stages.voices import VoiceLibrary
 
-StageCall = Callable[[str, StageRequest, str], Awaitable[object]]  # (stage, request, priority) -> StageOutput
+StageCall = Callable[[str, StageRequest, Priority], Awaitable[object]]  # (stage, request, priority) -> StageOutput
 
 
 class TextTooLarge(InvalidRequestError):
@@ -52,7 +52,7 @@ class Plan:
     voice: VoicePrompt | None
     params: GenerationParams
     seed: int
-    priority: str
+    priority: Priority
 
 
 @dataclass
@@ -130,7 +130,7 @@ class Synthesizer:
         return self.voices.resolve(voice)
 
     def plan(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
-             priority: str = "interactive", request_id: str | None = None) -> Plan:
+             priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None) -> Plan:
         """Check everything a request carries before any stage sees it; raises InvalidRequestError."""
         if not isinstance(text, str) or not text.strip():
             raise InvalidRequestError("input text is empty")
@@ -139,7 +139,8 @@ class Synthesizer:
         segments = tuple(split_text(text, self.text.count, self.segment_max_tokens))
         ids = tuple(self.text.encode(s) for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        return Plan(request_id or uuid.uuid4().hex, segments, ids, self.resolve_voice(voice), params, seed, priority)
+        return Plan(request_id or uuid.uuid4().hex, segments, ids, self.resolve_voice(voice), params, seed,
+                    Priority(priority))
 
     async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded."""

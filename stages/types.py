@@ -8,11 +8,24 @@ built (text, voices, the serving layer); engines re-check shapes and ranges in
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import constants as C
+
+
+class Priority(str, enum.Enum):
+    """Where a request waits in every stage queue: interactive work before batch work."""
+
+    INTERACTIVE = "interactive"
+    BATCH = "batch"
+
+    @property
+    def rank(self) -> int:
+        """Queue order: lower goes first."""
+        return 0 if self is Priority.INTERACTIVE else 1
 
 
 class InvalidRequestError(ValueError):
