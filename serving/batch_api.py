@@ -43,6 +43,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
@@ -69,7 +70,7 @@ log = logging.getLogger("bark.batch.api")
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "application/jsonlines")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-CURSOR_CHARS = set("0123456789-")
+CURSOR_RE = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 PARSE_INLINE_BYTES = 64 * 1024  # bigger submissions are parsed in a worker thread
 FINISHED = (JobState.COMPLETED, JobState.CANCELLED)
 
@@ -257,11 +258,18 @@ async def _result_dict(rec: ResultRecord) -> dict:
     return out
 
 
+def _is_cursor(text: str) -> bool:
+    """A Redis stream id as Redis takes it: ``ms`` or ``ms-seq``, each below 2**64 (else Redis errs: a 503)."""
+    if not CURSOR_RE.match(text):
+        return False
+    return all(int(part) < 2**64 for part in text.split("-"))
+
+
 def _query(request: Request) -> tuple[str, int, bool, float]:
     q = request.query_params
     after = q.get("after", "0") or "0"
-    if not set(after) <= CURSOR_CHARS or after.count("-") > 1 or after.startswith("-"):
-        raise ApiError(400, f"after={after[:40]!r} is not a cursor (use the 'cursor' of a result record)",
+    if not _is_cursor(after):
+        raise ApiError(400, f"after={clip(after, 40)!r} is not a cursor (use the 'cursor' of a result record)",
                        "invalid_cursor")
     try:
         limit = int(q.get("limit", "0")) or 10**12

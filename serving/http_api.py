@@ -183,7 +183,9 @@ class SlotStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                await self.body_iterator.aclose()  # stops the pipeline if the body never ran to its end
+                body = self.body_iterator
+                if not body.ag_running:  # else the task iterating it is unwinding it (its finally closes the pipeline)
+                    await body.aclose()  # a body that never started, or stopped at a yield: close the pipeline
             finally:
                 self._release()
 
