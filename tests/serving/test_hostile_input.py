@@ -168,7 +168,7 @@ def body_cases(route: str, path_base: dict) -> list[tuple[str, dict]]:
     }
     cases = [(f"{route}-body-{name}", {"content": body, "headers": headers}) for name, (body, headers) in bodies.items()]
     cases.append((f"{route}-body-oversize-chunked", {"content": "chunked", "headers": JSON}))
-    for name, auth in {"none": None, "wrong": "Bearer wrong", "basic": "Basic dGVzdA==", "empty-bearer": "Bearer ",
+    for name, auth in {"none": None, "wrong": "Bearer wrong", "basic": "Basic dGVzdA==", "empty-bearer": "Bearer",
                        "non-ascii": "Bearer tëst-kéy".encode("latin-1"), "non-utf8": b"Bearer \xff\xfe\xfd",
                        "huge": "Bearer " + "k" * 6000}.items():
         headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth is not None else {})}
