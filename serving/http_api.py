@@ -166,6 +166,16 @@ class StreamAborted(Exception):
     the audio so far for the whole answer (its status line, 200, was sent long before)."""
 
 
+async def close_quietly(gen) -> None:
+    """Close an async generator unless a task is still inside it: a cancelled ``wait_for(anext(gen))`` leaves
+    its inner task unwinding the generator (which then runs its own cleanup), and aclose() would raise."""
+    if not gen.ag_running:
+        try:
+            await gen.aclose()
+        except RuntimeError:  # it started running again between the check and the close
+            pass
+
+
 class SlotStreamingResponse(StreamingResponse):
     """A streaming answer that owns an admission slot (serving/admission.py).
 
@@ -183,9 +193,7 @@ class SlotStreamingResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             try:
-                body = self.body_iterator
-                if not body.ag_running:  # else the task iterating it is unwinding it (its finally closes the pipeline)
-                    await body.aclose()  # a body that never started, or stopped at a yield: close the pipeline
+                await close_quietly(self.body_iterator)  # a body that never started or stopped at a yield
             finally:
                 self._release()
 
@@ -237,7 +245,7 @@ def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[Aud
             yield msgpack.packb({"error": {"message": err.message, "type": err.type, "code": err.code}},
                                 use_bin_type=True)
         finally:
-            await rest.aclose()
+            await close_quietly(rest)
             on_done(ok)
 
     media = "application/msgpack" if packed else A.media_type(fmt)

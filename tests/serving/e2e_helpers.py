@@ -28,7 +28,8 @@ def running_app(raw_config: dict):
 
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     cfg = parse_config(raw_config)
-    ray.init(num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, configure_logging=False,
+    # address="local": a new cluster of our own, even when another Ray runs on this machine (ray start)
+    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, configure_logging=False,
              log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
     t0 = time.time()

@@ -59,7 +59,8 @@ class OpenStream:
         self.cm = self.client.stream("POST", url + "/v1/tts", json=body, headers=headers)
         self.resp = self.cm.__enter__()
         assert self.resp.status_code == 200, self.resp.read()[:300]
-        self.first = next(self.resp.iter_bytes())
+        self.chunks = self.resp.iter_bytes()
+        self.first = next(self.chunks)
 
     def close(self) -> None:
         """The client goes away mid-stream."""
@@ -198,35 +199,38 @@ def test_voice_cache_spellings_do_not_grow_the_orchestrator(app):
 
 
 def test_huge_chunked_bodies_are_cut_at_the_limit(app):
-    """No Content-Length: the orchestrator stops reading at max_body_bytes instead of buffering 50 MB."""
+    """No Content-Length: the orchestrator stops reading at max_body_bytes instead of buffering 200 MB."""
     url, pid = app["url"], app["pid"]
-    rss0 = rss_mb(pid)
 
     def body():
         yield b'{"text": "'
-        for _ in range(800):
-            yield b"x" * 65536  # 50 MB in all
+        for _ in range(3200):
+            yield b"x" * 65536  # 200 MB in all
         yield b'"}'
 
-    outcomes = []
-    for _ in range(3):
+    def post() -> tuple:
         t0 = time.time()
         try:
             r = httpx.post(url + "/v1/tts", content=body(), headers={**AUTH, "Content-Type": "application/json"},
                            timeout=60)
-            outcomes.append((r.status_code, time.time() - t0))
             assert r.status_code == 413 and assert_error_shape(r)["code"] == "body_too_large"
+            return r.status_code, round(time.time() - t0, 2)
         except httpx.TransportError as exc:  # the server answered 413 and closed while we were still sending
-            outcomes.append((type(exc).__name__, time.time() - t0))
+            return type(exc).__name__, round(time.time() - t0, 2)
+
+    post()  # the first one warms the allocator (Ray's receive queue holds a few chunks until the answer)
+    rss0 = rss_mb(pid)
+    outcomes = [post() for _ in range(3)]
     grown = rss_mb(pid) - rss0
-    print(f"chunked 50 MB bodies: {outcomes}; orchestrator RSS grew {grown:.0f} MB")
+    print(f"chunked 200 MB bodies: {outcomes}; orchestrator RSS {rss0:.0f} MB, grew {grown:.0f} MB over 3")
     assert grown < RSS_SLACK_MB
     assert_all_free(app)
 
 
 def test_health_answers_while_a_20k_character_request_is_planned(app):
+    """Splitting and tokenizing 20k characters of CJK (no spaces: the worst case) runs off the event loop."""
     url = app["url"]
-    text = " ".join(f"Sentence {i} is here, and it goes on for a while." for i in range(400))[:20_000]
+    text = ("我们今天去公园散步天气很好" * 1600)[:20_000]
     latencies, done = [], threading.Event()
 
     def probe():
@@ -239,17 +243,16 @@ def test_health_answers_while_a_20k_character_request_is_planned(app):
     prober = threading.Thread(target=probe)
     prober.start()
     t0 = time.time()
-    try:
-        for _ in range(2):  # tokenizing all of it, then the unknown voice: a 400 without synthesis
-            r = httpx.post(url + "/v1/tts", json={"text": text, "voice": "nobody"}, headers=AUTH, timeout=120)
-            assert r.status_code == 400 and assert_error_shape(r)["code"] == "voice_not_found"
+    try:  # planned in full (every segment tokenized), then the unknown voice: a 400 without synthesis
+        r = httpx.post(url + "/v1/tts", json={"text": text, "voice": "nobody"}, headers=AUTH, timeout=120)
+        assert r.status_code == 400 and assert_error_shape(r)["code"] == "voice_not_found"
     finally:
         planning = time.time() - t0
         done.set()
         prober.join()
-    print(f"20k characters planned twice in {planning:.1f} s; /healthz max {max(latencies) * 1000:.0f} ms "
+    print(f"20k characters planned in {planning:.1f} s; /healthz max {max(latencies) * 1000:.0f} ms "
           f"over {len(latencies)} probes")
-    assert max(latencies) < 1.0
+    assert max(latencies) < 1.0 and planning < 60
     assert_all_free(app)
 
 
