@@ -23,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import clip
+from bark_serve.stages.untrusted import check_plain_data, clip
 
 from . import http_api as H
 from .admission import Admission
@@ -169,6 +169,8 @@ class Orchestrator:
         Raises InvalidRequestError for bad input and APIError(429) when this replica is at
         ``max_active_requests`` (Ray Client callers especially: Serve's queue limits are relaxed there).
         """
+        # what the HTTP parser checks, for handle callers (whose inline voices may be numpy arrays)
+        check_plain_data({"text": text, "voice": voice if isinstance(voice, str) else None, **options})
         try:
             req = TTSRequest(text=text, voice=voice, **options)
         except ValidationError as exc:

@@ -44,8 +44,12 @@ def _check_str(value: str, where: str) -> None:
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise UntrustedDataError(f"{where or 'body'}: strings must be valid Unicode (a lone surrogate "
+        raise UntrustedDataError(f"{_where(where)}: strings must be valid Unicode (a lone surrogate "
                                  "such as \\ud800 is not)") from None
+
+
+def _where(path: str) -> str:
+    return clip(path, 100) or "body"
 
 
 def check_plain_data(value: Any, max_depth: int = MAX_DEPTH, where: str = "") -> None:
@@ -61,14 +65,14 @@ def check_plain_data(value: Any, max_depth: int = MAX_DEPTH, where: str = "") ->
         elif isinstance(item, _SCALARS):
             continue
         elif depth >= max_depth:
-            raise UntrustedDataError(f"{path or 'body'}: nested more than {max_depth} levels deep")
+            raise UntrustedDataError(f"{_where(path)}: nested more than {max_depth} levels deep")
         elif isinstance(item, dict):
             for key, sub in item.items():
                 if not isinstance(key, str):
-                    raise UntrustedDataError(f"{path or 'body'}: object keys must be strings")
+                    raise UntrustedDataError(f"{_where(path)}: object keys must be strings")
                 _check_str(key, path)
                 stack.append((sub, depth + 1, f"{path}.{key[:40]}" if path else key[:40]))
         elif isinstance(item, (list, tuple)):
             stack.extend((sub, depth + 1, path) for sub in item)
         else:  # e.g. a msgpack ExtType or Timestamp
-            raise UntrustedDataError(f"{path or 'body'}: unsupported value of type {type(item).__name__}")
+            raise UntrustedDataError(f"{_where(path)}: unsupported value of type {type(item).__name__}")
