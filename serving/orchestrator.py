@@ -285,7 +285,7 @@ class Orchestrator:
                         return response
                     rest = await asyncio.wait_for(_drain(chunks), _remaining(deadline)) if first else []
                 except BaseException:
-                    await chunks.aclose()  # stop the pipeline: error, timeout, or the client went away
+                    await H.close_quietly(chunks)  # stop the pipeline: error, timeout, or the client went away
                     raise
                 collected = [first, *rest] if first else []
                 meta["timings"] = H.timings_summary(collected, t0, t_first)
