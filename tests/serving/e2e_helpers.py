@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from tests.serving.conftest import API_KEY, free_port
+from tests.serving.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_ERROR_BYTES = 4096  # no error answer may be bigger than this, whatever was sent
@@ -29,8 +29,8 @@ def running_app(raw_config: dict):
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     cfg = parse_config(raw_config)
     # address="local": a new cluster of our own, even when another Ray runs on this machine (ray start)
-    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, configure_logging=False,
-             log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
+             configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
     t0 = time.time()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")

@@ -166,7 +166,8 @@ def body_cases(route: str, path_base: dict) -> list[tuple[str, dict]]:
         "msgpack-nan": (msgpack.packb({**path_base, "temperature": float("nan")}), MSGPACK),
         "oversize-declared": (b"x" * (MAX_BODY + 1), JSON),
     }
-    cases = [(f"{route}-body-{name}", {"content": body, "headers": headers}) for name, (body, headers) in bodies.items()]
+    cases = [(f"{route}-body-{name}", {"content": body, "headers": headers})
+             for name, (body, headers) in bodies.items()]
     cases.append((f"{route}-body-oversize-chunked", {"content": "chunked", "headers": JSON}))
     for name, auth in {"none": None, "wrong": "Bearer wrong", "basic": "Basic dGVzdA==", "empty-bearer": "Bearer",
                        "non-ascii": "Bearer tëst-kéy".encode("latin-1"), "non-utf8": b"Bearer \xff\xfe\xfd",

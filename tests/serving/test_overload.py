@@ -322,3 +322,57 @@ def test_voice_cache_is_keyed_by_file_and_bounded(tiny_ckpt, preset_dir):
     for name in ("announcer", "v2/en_speaker_1", "./v2/de_speaker_3", "announcer"):
         lib.resolve(name)
     assert lib.cached == 2
+
+
+def test_a_slot_is_released_exactly_once_on_every_path():
+    """No Ray: the with-block, an exception, a hand-off to a response that is sent, cut off, or never sent."""
+    import asyncio
+    import gc
+
+    from bark_serve.serving.admission import Admission
+    from bark_serve.serving.errors import APIError
+    from bark_serve.serving.http_api import SlotStreamingResponse
+
+    adm = Admission(limit=1, retry_after_s=2)
+    with adm.acquire():
+        assert adm.full
+        with pytest.raises(APIError) as info:
+            adm.acquire()
+        assert info.value.status == 429 and info.value.retry_after == 2
+    assert adm.active == 0
+    with pytest.raises(ValueError):
+        with adm.acquire():
+            raise ValueError("synthesis failed")
+    assert adm.active == 0
+
+    async def body(fail: bool):
+        yield b"a"
+        if fail:
+            raise RuntimeError("cut off")
+        yield b"b"
+
+    async def send(message):
+        pass
+
+    async def receive():
+        await asyncio.sleep(3600)
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
+    for fail in (False, True):
+        with adm.acquire() as slot:
+            response = SlotStreamingResponse(body(fail), slot.release)
+            slot.transfer()
+        assert adm.active == 1  # the response holds it now
+        try:
+            asyncio.run(response(scope, receive, send))
+        except RuntimeError:
+            assert fail
+        assert adm.active == 0
+        slot.release()  # a second release changes nothing
+        assert adm.active == 0
+    with adm.acquire() as slot:
+        response = SlotStreamingResponse(body(False), slot.release)
+        slot.transfer()
+    del response  # dropped without ever being sent
+    gc.collect()
+    assert adm.active == 0
