@@ -20,6 +20,9 @@ from typing import Any, Literal
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.untrusted import check_plain_data, clip
+
 AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
                "opus": "audio/ogg"}
@@ -28,6 +31,8 @@ ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
 JOB_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 BATCH_PRIORITY = "batch"
+MAX_ITEM_ERROR_CHARS = 500  # an item's error message (stored in Redis, sent back with its result)
+MAX_LISTED_ERRORS = 5  # validation problems named in one message
 
 
 class ItemState(str, enum.Enum):
@@ -64,7 +69,7 @@ class ErrorType(str, enum.Enum):
 class ItemIn(BaseModel):
     """One item as a client sends it (a JSONL line or a msgpack map)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str | int | None = None
     text: str
@@ -187,11 +192,19 @@ class BatchKeys:
 
 
 def _one_line(exc: ValidationError) -> str:
+    """The first few validation problems on one line (a message never grows with the input)."""
+    errors = exc.errors(include_url=False, include_input=False)
     parts = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"])
-        parts.append(f"{loc}: {e['msg']}" if loc else e["msg"])
+    for e in errors[:MAX_LISTED_ERRORS]:
+        loc = clip(".".join(str(p) for p in e["loc"]), 60)
+        parts.append(f"{loc}: {clip(e['msg'], 160)}" if loc else clip(e["msg"], 160))
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return "; ".join(parts)
+
+
+def _failed(item_id: str, index: int, error: str) -> ItemRecord:
+    return ItemRecord(id=item_id, index=index, error=clip(error, MAX_ITEM_ERROR_CHARS))
 
 
 def item_id_of(raw: Any, index: int) -> str:
@@ -211,18 +224,20 @@ def parse_item(raw: Any, index: int, max_text_chars: int, parse_error: str | Non
     """Validate one raw item. Never raises for a bad item: the record carries ``error`` instead."""
     item_id = item_id_of(raw, index)
     if parse_error is not None:
-        return ItemRecord(id=item_id, index=index, error=parse_error)
+        return _failed(item_id, index, parse_error)
     if not isinstance(raw, dict):
-        return ItemRecord(id=item_id, index=index, error=f"item {index}: expected an object")
+        return _failed(item_id, index, f"item {index}: expected an object")
     try:
+        check_plain_data(raw)  # nesting, lone surrogates (unstorable), msgpack extension types
         item = ItemIn.model_validate(raw)
+    except InvalidRequestError as exc:
+        return _failed(item_id, index, f"item {index}: {exc}")
     except ValidationError as exc:
-        return ItemRecord(id=item_id, index=index, error=f"item {index}: {_one_line(exc)}")
+        return _failed(item_id, index, f"item {index}: {_one_line(exc)}")
     if not item.text.strip():
-        return ItemRecord(id=item_id, index=index, error=f"item {index}: text is empty")
+        return _failed(item_id, index, f"item {index}: text is empty")
     if len(item.text) > max_text_chars:
-        return ItemRecord(id=item_id, index=index,
-                          error=f"item {index}: text has {len(item.text)} characters (max {max_text_chars})")
+        return _failed(item_id, index, f"item {index}: text has {len(item.text)} characters (max {max_text_chars})")
     return ItemRecord(id=item_id, index=index, text=item.text, voice=item.voice, seed=item.seed,
                       format=item.format, options=item.options)
 

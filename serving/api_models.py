@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -10,15 +10,25 @@ from bark_serve.stages import constants as C
 from bark_serve.stages.types import GenerationParams, SamplingParams
 
 
+# A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
+# a 100 KB name is refused by the request model, before any file-system lookup.
+MAX_VOICE_NAME = 256
+
+
 class BarkOptions(BaseModel):
-    """Bark's knobs, accepted by both APIs (OpenAI-style requests carry them as extra fields)."""
+    """Bark's knobs, accepted by both APIs (OpenAI-style requests carry them as extra fields).
+
+    NaN and infinities are refused in every float field (Python's json accepts them).
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
 
     seed: int | None = Field(None, ge=0, lt=2**63, description="same seed and input, same audio")
     temperature: float | None = Field(None, ge=0, le=100, description="every stage; 0 is greedy")
     semantic_temperature: float | None = Field(None, ge=0, le=100)
     coarse_temperature: float | None = Field(None, ge=0, le=100)
     fine_temperature: float | None = Field(None, ge=0, le=100)
-    top_k: int | None = Field(None, ge=1, description="semantic and coarse stages")
+    top_k: int | None = Field(None, ge=1, le=1_000_000, description="semantic and coarse stages")
     top_p: float | None = Field(None, gt=0, le=1, description="semantic and coarse stages")
     min_eos_p: float | None = Field(C.DEFAULT_MIN_EOS_P, gt=0, le=1, description="null disables the EOS threshold")
     max_semantic_tokens: int = Field(C.MAX_SEMANTIC_TOKENS, ge=1, le=C.MAX_SEMANTIC_TOKENS,
@@ -40,25 +50,38 @@ class BarkOptions(BaseModel):
 class SpeechRequest(BarkOptions):
     """POST /v1/audio/speech: OpenAI's audio API, plus Bark's options as extra fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    model: str = Field(..., description="bark, tts-1, tts-1-hd, gpt-4o-mini-tts or the served checkpoint's name")
+    model: str = Field(..., max_length=256,
+                       description="bark, tts-1, tts-1-hd, gpt-4o-mini-tts or the served checkpoint's name")
     input: str = Field(..., description="the text to speak")
-    voice: str = Field(..., description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
+    voice: str = Field(..., max_length=MAX_VOICE_NAME,
+                       description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
-    instructions: str | None = Field(None, description="accepted for compatibility; Bark has no instructions")
+    instructions: str | None = Field(None, max_length=4096,
+                                     description="accepted for compatibility; Bark has no instructions")
     stream_format: Literal["audio", "sse"] | None = None
+
+
+STREAMABLE = ("pcm", "wav")
 
 
 class TTSRequest(BarkOptions):
     """POST /v1/tts: the native API (JSON or msgpack)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     text: str
-    voice: str | dict[str, Any] | None = Field(None, description="preset name, or arrays: semantic_prompt, "
-                                                                  "coarse_prompt, fine_prompt")
+    voice: Annotated[str, Field(max_length=MAX_VOICE_NAME)] | dict[str, Any] | None = Field(
+        None, description="preset name, or arrays: semantic_prompt, coarse_prompt, fine_prompt")
     format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "wav"
     stream: bool = False
     priority: Literal["interactive", "batch"] = "interactive"
+
+    def stream_error(self, packed: bool) -> str | None:
+        """Why this request cannot stream as asked (None if it can): raw streams are pcm or wav."""
+        if self.stream and not packed and self.format not in STREAMABLE:
+            return (f"format {self.format!r} cannot stream: streaming returns pcm or wav "
+                    "(or msgpack chunks with Accept: application/msgpack)")
+        return None

@@ -42,27 +42,36 @@ import functools
 import inspect
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import msgpack
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from bark_serve.cluster.batch_types import JOB_ID_RE, JOB_KEY_RE, InvalidBatchError, ItemRecord, ItemState, JobState
-from bark_serve.cluster.batch_types import check_unique, parse_item
+from bark_serve.cluster.batch_types import (BATCH_PRIORITY, JOB_ID_RE, JOB_KEY_RE, MAX_ITEM_ERROR_CHARS,
+                                            InvalidBatchError, ItemRecord, ItemState, JobState, check_unique,
+                                            parse_item)
 from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
 from bark_serve.cluster.redis_conn import RedisUnavailable
+from bark_serve.stages.untrusted import clip
+
+from .api_models import TTSRequest
+from .http_api import validation_error
 
 log = logging.getLogger("bark.batch.api")
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "application/jsonlines")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
-CURSOR_CHARS = set("0123456789-")
+CURSOR_RE = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+PARSE_INLINE_BYTES = 64 * 1024  # bigger submissions are parsed in a worker thread
 FINISHED = (JobState.COMPLETED, JobState.CANCELLED)
 
 StoreFactory = Callable[[], JobStore | Awaitable[JobStore]]
@@ -160,41 +169,65 @@ def _jsonl_items(body: bytes) -> list[tuple[int, Any, str | None]]:
             continue
         try:
             out.append((index, json.loads(line), None))
-        except ValueError as exc:  # this line fails alone
-            out.append((index, None, f"item {index} (line {index + 1}): not valid JSON ({exc})"))
+        except RecursionError:  # this line fails alone
+            out.append((index, None, f"item {index} (line {index + 1}): nested too deeply"))
+        except ValueError as exc:
+            out.append((index, None, f"item {index} (line {index + 1}): not valid JSON ({clip(str(exc))})"))
     return out
 
 
 def _msgpack_items(body: bytes) -> list[tuple[int, Any, str | None]]:
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception:  # msgpack raises several unrelated types for bad input
+    except Exception:  # msgpack raises several unrelated types for bad input (too deep included)
         raise ApiError(400, "body is not valid msgpack", "invalid_body") from None
     if not isinstance(data, list):
         raise ApiError(400, "a msgpack body must be an array of item maps", "invalid_body")
     return [(index, raw, None) for index, raw in enumerate(data)]
 
 
+def _check_options(record: ItemRecord) -> ItemRecord:
+    """An item whose options the worker would refuse fails now, alone (NaN temperatures, unknown keys...).
+
+    The worker builds the same TTSRequest (serving/batch_app.py ``item_request``).
+    """
+    if record.error is not None:
+        return record
+    try:
+        TTSRequest(text=record.text, voice=record.voice, format=record.format, seed=record.seed,
+                   priority=BATCH_PRIORITY, **record.options)
+    except ValidationError as exc:
+        error = f"item {record.index}: {validation_error(exc).message}"
+    except TypeError:  # an option that is also an item field (text, voice, format, seed, priority)
+        error = f"item {record.index}: options repeat an item field ({', '.join(sorted(record.options))[:200]})"
+    else:
+        return record
+    return replace(record, text="", voice=None, seed=None, options={}, error=clip(error, MAX_ITEM_ERROR_CHARS))
+
+
+def _media(content_type: str) -> str:
+    """The submission's media type, or 415 (checked before the body is read)."""
+    ctype = content_type.split(";")[0].strip().lower()
+    if ctype not in JSONL_TYPES and ctype not in MSGPACK_TYPES:
+        raise ApiError(415, f"unsupported Content-Type {clip(ctype, 60) or '(none)'!r}: use application/jsonl, "
+                            "application/x-ndjson or application/msgpack", "unsupported_media_type")
+    return ctype
+
+
 def parse_submission(body: bytes, content_type: str, limits: BatchLimits) -> list[ItemRecord]:
     """Validate a whole submission; ApiError for the body as a whole, failed records for bad items."""
-    ctype = content_type.split(";")[0].strip().lower()
-    if ctype in JSONL_TYPES:
-        raws = _jsonl_items(body)
-    elif ctype in MSGPACK_TYPES:
-        raws = _msgpack_items(body)
-    else:
-        raise ApiError(415, f"unsupported Content-Type {ctype or '(none)'!r}: use application/jsonl, "
-                            "application/x-ndjson or application/msgpack", "unsupported_media_type")
+    ctype = _media(content_type)
+    raws = _jsonl_items(body) if ctype in JSONL_TYPES else _msgpack_items(body)
     if not raws:
         raise ApiError(422, "the submission has no items", "invalid_items")
     if len(raws) > limits.max_items:
         raise ApiError(413, f"{len(raws)} items exceed the limit of {limits.max_items} per submission; "
                             "split them over several submissions with the same Idempotency-Key", "too_many_items")
     try:
-        records = [parse_item(raw, index, limits.max_text_chars, error) for index, raw, error in raws]
+        records = [_check_options(parse_item(raw, index, limits.max_text_chars, error)) for index, raw, error in raws]
         check_unique(records)
     except InvalidBatchError as exc:
-        raise ApiError(422, str(exc), "invalid_items") from None
+        raise ApiError(422, clip(str(exc), 500), "invalid_items") from None
     return records
 
 
@@ -205,7 +238,7 @@ def _job_id(job_id: str) -> str:
 
 
 def _not_found(job_id: str) -> ApiError:
-    return ApiError(404, f"no batch job {job_id!r} (unknown, or expired)", "job_not_found")
+    return ApiError(404, f"no batch job {clip(job_id, 80)!r} (unknown, or expired)", "job_not_found")
 
 
 async def _result_dict(rec: ResultRecord) -> dict:
@@ -225,19 +258,26 @@ async def _result_dict(rec: ResultRecord) -> dict:
     return out
 
 
+def _is_cursor(text: str) -> bool:
+    """A Redis stream id as Redis takes it: ``ms`` or ``ms-seq``, each below 2**64 (else Redis errs: a 503)."""
+    if not CURSOR_RE.match(text):
+        return False
+    return all(int(part) < 2**64 for part in text.split("-"))
+
+
 def _query(request: Request) -> tuple[str, int, bool, float]:
     q = request.query_params
     after = q.get("after", "0") or "0"
-    if not set(after) <= CURSOR_CHARS or after.count("-") > 1 or after.startswith("-"):
-        raise ApiError(400, f"after={after[:40]!r} is not a cursor (use the 'cursor' of a result record)",
+    if not _is_cursor(after):
+        raise ApiError(400, f"after={clip(after, 40)!r} is not a cursor (use the 'cursor' of a result record)",
                        "invalid_cursor")
     try:
         limit = int(q.get("limit", "0")) or 10**12
         wait_s = float(q.get("wait_s", "0"))
     except ValueError:
         raise ApiError(400, "limit must be an integer and wait_s a number", "invalid_parameter") from None
-    if limit < 0 or wait_s < 0:
-        raise ApiError(400, "limit and wait_s must not be negative", "invalid_parameter")
+    if limit < 0 or not (0 <= wait_s < math.inf):  # NaN fails every comparison: it is refused here too
+        raise ApiError(400, "limit and wait_s must be finite and not negative", "invalid_parameter")
     follow = q.get("follow", "false").lower() in ("1", "true", "yes")
     return after, limit, follow, wait_s
 
@@ -302,8 +342,11 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
         if job_key is not None and not JOB_KEY_RE.match(job_key):
             raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
                            "invalid_idempotency_key")
+        ctype = _media(request.headers.get("content-type", ""))
         body = await read_body(request, limits.max_body_bytes)
-        records = parse_submission(body, request.headers.get("content-type", ""), limits)
+        # decoding and validating 100k items takes seconds: not on the event loop
+        records = (parse_submission(body, ctype, limits) if len(body) <= PARSE_INLINE_BYTES
+                   else await asyncio.to_thread(parse_submission, body, ctype, limits))
         store = await stores.get()
         try:
             result = await store.submit(records, job_key=job_key)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
+import logging
 import time
-from collections.abc import AsyncIterator
+import weakref
+from collections.abc import AsyncIterator, Callable
 
 import msgpack
 import numpy as np
@@ -14,11 +17,20 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.untrusted import check_plain_data, clip, short_repr
+
 from . import audio as A
-from .errors import APIError
+from .errors import APIError, to_api_error
 from .synthesis import AudioChunk
 
+log = logging.getLogger("ray.serve")  # shows in the replica logs
+
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
+JSON_TYPES = ("application/json", "")  # no Content-Type at all: JSON, as most clients mean
+DECODE_INLINE_BYTES = 64 * 1024  # bigger bodies are decoded in a worker thread, off the event loop
+MAX_LISTED_ERRORS = 5  # a validation error lists this many problems, then counts the rest
+REQUEST_ID_HEADER = "X-Bark-Request-Id"  # Ray Serve owns X-Request-Id (and takes the client's)
 
 
 def wants_msgpack(request: Request) -> bool:
@@ -30,44 +42,92 @@ def wants_json(request: Request) -> bool:
 
 
 def check_api_key(request: Request, keys: frozenset[str]) -> None:
+    """401 unless the request carries one of ``keys`` as a bearer token (compared as bytes, in constant time)."""
     if not keys:
         return
     auth = request.headers.get("authorization", "")
     token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-    if not token or not any(hmac.compare_digest(token, k) for k in keys):
+    # Starlette decodes header bytes as latin-1, so encoding back gives the bytes sent, whatever they are;
+    # compare_digest refuses non-ASCII str.
+    sent = token.encode("latin-1", "replace")
+    if not token or not any(hmac.compare_digest(sent, k.encode("utf-8")) for k in keys):
         raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key",
                        "authentication_error")
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
-    """JSON or msgpack body -> pydantic model; 413 if too large, 400 if unreadable, 422 if invalid."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise APIError(413, f"request body over {max_bytes} bytes", "body_too_large")
-    body = await request.body()
-    if len(body) > max_bytes:
-        raise APIError(413, f"request body over {max_bytes} bytes", "body_too_large")
-    ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+def too_large(max_bytes: int) -> APIError:
+    return APIError(413, f"request body over {max_bytes} bytes", "body_too_large")
+
+
+async def read_limited(request: Request, max_bytes: int) -> bytes:
+    """The body, read chunk by chunk and refused with 413 as soon as it passes ``max_bytes``.
+
+    A chunked upload has no Content-Length: reading it whole first would hold all of it in memory.
+    """
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:
+            raise too_large(max_bytes)
+    return bytes(body)
+
+
+def content_kind(request: Request) -> str:
+    """"json" or "msgpack" from the Content-Type; 415 for anything else (text/plain and forms included)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype in MSGPACK_TYPES:
+        return "msgpack"
+    if ctype in JSON_TYPES or (ctype.startswith("application/") and ctype.endswith("+json")):
+        return "json"
+    raise APIError(415, f"unsupported content type {short_repr(ctype)}: send application/json or "
+                        "application/msgpack", "unsupported_media_type")
+
+
+def decode_body(body: bytes, kind: str) -> dict:
+    """JSON or msgpack bytes -> a dict of plain data; 400 if unreadable, too deep, or not an object."""
     try:
-        if ctype in MSGPACK_TYPES:
+        if kind == "msgpack":
             data = msgpack.unpackb(body, raw=False)
-        elif ctype in ("application/json", "", "text/plain"):
-            data = json.loads(body or b"null")
         else:
-            raise APIError(415, f"unsupported content type {ctype!r}: send application/json or application/msgpack",
-                           "unsupported_media_type")
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise APIError(400, f"request body is not valid {ctype}: {exc}", "invalid_body") from None
+            data = json.loads(body or b"null")
+    except RecursionError:
+        raise APIError(400, "request body is nested too deeply", "invalid_body") from None
+    except Exception as exc:  # json: ValueError; msgpack raises several unrelated types for bad input
+        raise APIError(400, f"request body is not valid {kind}: {short_repr(str(exc))}", "invalid_body") from None
     if not isinstance(data, dict):
         raise APIError(400, "request body must be an object", "invalid_body")
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise validation_error(exc) from None
+        check_plain_data(data)
+    except InvalidRequestError as exc:
+        raise APIError(400, str(exc), "invalid_body") from None
+    return data
+
+
+async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+    """JSON or msgpack body -> pydantic model; 413 if too large, 415 if another type, 400 if unreadable,
+    422 if invalid. Big bodies are decoded and validated in a worker thread."""
+    kind = content_kind(request)
+    body = await read_limited(request, max_bytes)
+
+    def parse() -> BaseModel:
+        try:
+            return model.model_validate(decode_body(body, kind))
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+
+    return parse() if len(body) <= DECODE_INLINE_BYTES else await asyncio.to_thread(parse)
 
 
 def validation_error(exc: ValidationError) -> APIError:
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()]
+    """A 422 naming the first few problems, each cut short: the answer stays small whatever was sent."""
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{clip('.'.join(str(p) for p in e['loc']) or 'body', 60)}: {clip(e['msg'], 160)}"
+             for e in errors[:MAX_LISTED_ERRORS]]
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return APIError(422, "; ".join(parts), "invalid_parameters")
 
 
@@ -98,36 +158,96 @@ def full_response(request: Request, chunks: list[AudioChunk], fmt: str, meta: di
 
 def _meta_headers(meta: dict) -> dict[str, str]:
     return {"X-Bark-Seed": str(meta.get("seed")), "X-Bark-Segments": str(meta.get("segments", "")),
-            "X-Request-Id": str(meta.get("request_id", ""))}
+            REQUEST_ID_HEADER: str(meta.get("request_id", ""))}
 
 
-async def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str,
-                          meta: dict, on_done) -> StreamingResponse:
-    """Audio chunks as segments finish: raw pcm/wav bytes, or a stream of msgpack objects."""
+class StreamAborted(Exception):
+    """A raw audio stream ended early (timeout or failure): the transfer is cut, so no client takes
+    the audio so far for the whole answer (its status line, 200, was sent long before)."""
+
+
+async def close_quietly(gen) -> None:
+    """Close an async generator unless a task is still inside it: a cancelled ``wait_for(anext(gen))`` leaves
+    its inner task unwinding the generator (which then runs its own cleanup), and aclose() would raise."""
+    if not gen.ag_running:
+        try:
+            await gen.aclose()
+        except RuntimeError:  # it started running again between the check and the close
+            pass
+
+
+class SlotStreamingResponse(StreamingResponse):
+    """A streaming answer that owns an admission slot (serving/admission.py).
+
+    The slot is released when the ASGI call ends in any way (body finished, failed, cancelled, client
+    gone) and, should the response be dropped without being sent, when it is garbage-collected.
+    """
+
+    def __init__(self, content, release: Callable[[], None], **kwargs):
+        super().__init__(content, **kwargs)
+        self._release = release
+        weakref.finalize(self, release)
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            try:
+                await close_quietly(self.body_iterator)  # a body that never started or stopped at a yield
+            finally:
+                self._release()
+
+
+async def _next_chunk(rest: AsyncIterator[AudioChunk], deadline: float) -> AudioChunk | None:
+    """The next chunk, or None at the end; TimeoutError past ``deadline`` (loop time)."""
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise TimeoutError
+    return await asyncio.wait_for(anext(rest, None), remaining)
+
+
+def _packed_chunk(chunk: AudioChunk) -> bytes:
+    return msgpack.packb({"index": chunk.index, "n_segments": chunk.n_segments, "format": "pcm",
+                          "sample_rate": chunk.sample_rate, "audio": A.to_pcm16(chunk.audio),
+                          "timings": chunk.timings}, use_bin_type=True)
+
+
+def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str, meta: dict,
+                    *, deadline: float, release: Callable[[], None],
+                    on_done: Callable[[bool], None]) -> SlotStreamingResponse:
+    """Audio chunks as segments finish: raw pcm/wav bytes, or a stream of msgpack objects.
+
+    The stream obeys ``deadline`` (event-loop time) like a full answer: past it, or when a stage fails, a
+    msgpack stream ends with an ``{"error": ...}`` object and a raw stream is cut off (StreamAborted).
+    ``release`` frees the request's admission slot exactly once; ``on_done(ok)`` records the outcome.
+    """
     packed = wants_msgpack(request)
-    if not packed and fmt not in ("pcm", "wav"):
+    if not packed and fmt not in ("pcm", "wav"):  # parse-time checks refuse this before any work
         raise APIError(400, "streaming returns pcm or wav (or msgpack chunks); ask for one of those", "invalid_request")
 
     async def body():
-        if fmt == "wav" and not packed:
-            yield A.wav_stream_header(first.sample_rate)
-        chunk, ok = first, False
+        ok = False
         try:
+            if fmt == "wav" and not packed:
+                yield A.wav_stream_header(first.sample_rate)
+            chunk = first
             while chunk is not None:
-                pcm = A.to_pcm16(chunk.audio)
-                if packed:
-                    yield msgpack.packb({"index": chunk.index, "n_segments": chunk.n_segments, "format": "pcm",
-                                         "sample_rate": chunk.sample_rate, "audio": pcm, "timings": chunk.timings},
-                                        use_bin_type=True)
-                else:
-                    yield pcm
-                chunk = await anext(rest, None)
+                yield _packed_chunk(chunk) if packed else A.to_pcm16(chunk.audio)
+                chunk = await _next_chunk(rest, deadline)
             ok = True
             if packed:
                 yield msgpack.packb({"done": True, **meta}, use_bin_type=True)
+        except Exception as exc:  # the status line is gone: end the stream, in-band where the format allows
+            err = to_api_error(exc)
+            log.warning("stream %s ended early: %s", meta.get("request_id"), err.message)
+            if not packed:
+                raise StreamAborted(err.message) from None
+            yield msgpack.packb({"error": {"message": err.message, "type": err.type, "code": err.code}},
+                                use_bin_type=True)
         finally:
-            await rest.aclose()
+            await close_quietly(rest)
             on_done(ok)
 
     media = "application/msgpack" if packed else A.media_type(fmt)
-    return StreamingResponse(body(), media_type=media, headers={**_meta_headers(meta), "X-Bark-Stream": "1"})
+    return SlotStreamingResponse(body(), release, media_type=media,
+                                 headers={**_meta_headers(meta), "X-Bark-Stream": "1"})

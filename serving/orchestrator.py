@@ -7,27 +7,38 @@ weights: only the tokenizer and the voice presets of the checkpoint.
 
 # No `from __future__ import annotations` here: FastAPI must see real annotations on the ingress methods.
 import asyncio
+import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.untrusted import check_plain_data, clip
 
 from . import http_api as H
+from .admission import Admission
 from .api_models import SpeechRequest, TTSRequest
 from .config import parse_config
-from .errors import APIError, overloaded, to_api_error
+from .errors import APIError, to_api_error
 from .service import make_synthesizer
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
+          "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
+          "openapi": "/openapi.json"}
+BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: true` (and a Redis URL) in the "
+                  "config, or start it with `bark-serve up --batch`")
 
 app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
 
@@ -39,8 +50,26 @@ async def _api_error(request: Request, exc: APIError):
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError):
-    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    errors = exc.errors()
+    parts = [clip(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}", 200) for e in errors[:H.MAX_LISTED_ERRORS]]
+    if len(errors) > H.MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - H.MAX_LISTED_ERRORS} more errors")
     return APIError(422, "; ".join(parts), "invalid_parameters").response()
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """404 / 405 and friends from the router, in the API's error shape instead of FastAPI's {"detail"}."""
+    where = f"{request.method} {clip(request.url.path, 100)}"
+    if exc.status_code == 404:
+        err = APIError(404, f"no route {where}; see GET / for the routes", "not_found")
+    elif exc.status_code == 405:
+        err = APIError(405, f"method not allowed: {where}", "method_not_allowed")
+    else:
+        err = APIError(exc.status_code, clip(str(exc.detail), 200), "http_error")
+    response = err.response()
+    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+    return response
 
 
 @app.exception_handler(InvalidRequestError)
@@ -71,6 +100,29 @@ def _request_metrics():
         return _Null()
 
 
+def _batch_disabled_router():
+    """/v1/batches on a server without batch jobs: a JSON error that says how to turn them on."""
+    from fastapi import APIRouter
+
+    router = APIRouter(prefix=ROUTES["batches"], include_in_schema=False)
+
+    async def disabled(request: Request):
+        raise APIError(404, BATCH_DISABLED, "batch_disabled")
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    router.add_api_route("", disabled, methods=methods)
+    router.add_api_route("/{rest:path}", disabled, methods=methods)
+    return router
+
+
+def _remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (event-loop time); TimeoutError if none."""
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
 @serve.deployment
 @serve.ingress(app)
 class Orchestrator:
@@ -78,15 +130,20 @@ class Orchestrator:
         self.cfg = parse_config(config)
         ocfg = self.cfg.orchestrator
         self.handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
-        self.synth = make_synthesizer(self.cfg, self.handles)
+        self.synth = make_synthesizer(self.cfg, handles=self.handles)
         keys = os.environ.get(ocfg.api_keys_env, "") if ocfg.api_keys_env else ""
         self.api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
         self.model_names = {self.cfg.model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
-        self.active = 0
+        self.admission = Admission(ocfg.max_active_requests, ocfg.retry_after_s)
+        # Planning (splitting, tokenizing, reading voices) takes seconds on 20k characters: it runs off the
+        # event loop, in one thread, because a fast tokenizer must not be used by two threads at once.
+        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bark-plan")
         self.metrics = _request_metrics()
         self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
         if self.cfg.batch.enabled:
             self._mount_batch_api()
+        else:
+            app.include_router(_batch_disabled_router())
 
     def _mount_batch_api(self) -> None:
         from fastapi import Depends
@@ -100,6 +157,11 @@ class Orchestrator:
         app.include_router(batch_router(batch_store_factory(self.cfg), limits=BatchLimits.from_config(self.cfg),
                                         dependencies=[Depends(require_key)]))
 
+    async def _plan(self, text, voice, params, priority):
+        """Synthesizer.plan in the planning thread (InvalidRequestError for bad input)."""
+        call = functools.partial(self.synth.plan, text, voice, params, priority)
+        return await asyncio.get_running_loop().run_in_executor(self._planner, call)
+
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str, voice=None, **options) -> dict:
         """Synthesize ``text``; options are those of /v1/tts. -> {audio (float32 array), sample_rate, seed, timings}
@@ -107,35 +169,39 @@ class Orchestrator:
         Raises InvalidRequestError for bad input and APIError(429) when this replica is at
         ``max_active_requests`` (Ray Client callers especially: Serve's queue limits are relaxed there).
         """
+        # what the HTTP parser checks, for handle callers (whose inline voices may be numpy arrays)
+        check_plain_data({"text": text, "voice": voice if isinstance(voice, str) else None, **options})
         try:
             req = TTSRequest(text=text, voice=voice, **options)
         except ValidationError as exc:
             raise InvalidRequestError(H.validation_error(exc).message) from None
-        ocfg = self.cfg.orchestrator
-        plan = self.synth.plan(req.text, req.voice, req.generation_params(), req.priority)
-        self._begin()
-        t0 = time.time()
-        try:
-            chunks = await asyncio.wait_for(self.synth.collect(plan), ocfg.request_timeout_s)
-        finally:
-            self.active -= 1
+        with self.admission.acquire():
+            t0 = time.time()
+            plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority)
+            chunks = await asyncio.wait_for(self.synth.collect(plan),
+                                            self.cfg.orchestrator.request_timeout_s - (time.time() - t0))
         return {"audio": np.concatenate([c.audio for c in chunks]), "sample_rate": self.synth.spec.sample_rate,
                 "seed": plan.seed, "request_id": plan.request_id, "timings": H.timings_summary(chunks, t0, None)}
 
-    def _begin(self) -> None:
-        """Take one of this replica's ``max_active_requests`` places, or answer 429 with Retry-After."""
-        ocfg = self.cfg.orchestrator
-        if self.active >= ocfg.max_active_requests:
-            raise overloaded(f"{self.active} requests in progress; retry shortly", ocfg.retry_after_s, status=429)
-        self.active += 1
+    async def stats(self) -> dict:
+        """This replica's state, for operators and tests: pid, active requests, cached voices."""
+        return {"pid": os.getpid(), "active": self.admission.active, "max_active": self.admission.limit,
+                "voice_cache": self.synth.voices.cached, "voice_cache_size": self.synth.voices.cache_size}
 
     # -- HTTP -----------------------------------------------------------------------------------
+    @app.get("/")
+    async def index(self):
+        """What this server answers (no authentication needed)."""
+        return {"name": "bark-serve", "model": self.cfg.model, "docs": ROUTES["docs"], "routes": ROUTES,
+                "batch_enabled": self.cfg.batch.enabled}
+
     @app.get("/healthz")
     async def healthz(self):
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz(self):
+        """200 when every stage answers and this replica can admit a request; 503 otherwise."""
         async def ready(name):
             try:
                 return bool(await asyncio.wait_for(self.handles[name].ready.remote(), 5.0))
@@ -143,10 +209,13 @@ class Orchestrator:
                 return False
 
         states = dict(zip(self.handles, await asyncio.gather(*(ready(n) for n in self.handles))))
-        ok = all(states.values())
-        from fastapi.responses import JSONResponse
-
-        return JSONResponse({"status": "ready" if ok else "not_ready", "stages": states}, status_code=200 if ok else 503)
+        full = self.admission.full
+        ok = all(states.values()) and not full
+        status = "ready" if ok else ("busy" if full else "not_ready")
+        body = {"status": status, "stages": states, "active_requests": self.admission.active,
+                "max_active_requests": self.admission.limit}
+        headers = {"Retry-After": str(self.cfg.orchestrator.retry_after_s)} if full else None
+        return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
     @app.get("/v1/voices")
     async def voices(self, request: Request):
@@ -163,9 +232,10 @@ class Orchestrator:
     async def speech(self, request: Request):
         """OpenAI's audio API: the official client works against it unchanged."""
         H.check_api_key(request, self.api_keys)
+        self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, SpeechRequest, self.cfg.orchestrator.max_body_bytes)
         if req.model not in self.model_names:
-            raise APIError(404, f"model {req.model!r} not found; this server serves {self.cfg.model!r}",
+            raise APIError(404, f"model {clip(req.model)!r} not found; this server serves {self.cfg.model!r}",
                            "model_not_found")
         if req.response_format == "aac":
             raise APIError(400, "response_format 'aac' is not supported; use mp3, opus, flac, wav or pcm",
@@ -183,41 +253,47 @@ class Orchestrator:
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)
+        self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, TTSRequest, self.cfg.orchestrator.max_body_bytes)
+        problem = req.stream_error(packed=H.wants_msgpack(request))
+        if problem:  # refused before any work, not after the first segment
+            raise APIError(400, problem, "unsupported_format")
         return await self._respond(request, "tts", req.text, req.voice, req, req.format, req.stream, req.priority)
 
     async def _respond(self, request, api, text, voice, options, fmt, stream, priority):
+        """Admit, plan, synthesize; the admission slot is released exactly once, whatever happens."""
         ocfg = self.cfg.orchestrator
-        plan = self.synth.plan(text, voice, options.generation_params(), priority)
-        meta = {"seed": plan.seed, "request_id": plan.request_id}
-        self._begin()
-        t0, done = time.time(), False
-        chunks = self.synth.stream(plan)
-        try:
-            first = await asyncio.wait_for(anext(chunks), ocfg.request_timeout_s)
-            t_first = time.time()
-            self.metrics.first_audio(t_first - t0)
-            if stream:
-                def finished(ok):
-                    self.active -= 1
-                    self.metrics.request(api, time.time() - t0)
+        deadline = asyncio.get_running_loop().time() + ocfg.request_timeout_s
+        with self.admission.acquire() as slot:  # before voices are read or text is tokenized
+            t0 = time.time()
+            try:
+                plan = await asyncio.wait_for(self._plan(text, voice, options.generation_params(), priority),
+                                              _remaining(deadline))
+                meta = {"seed": plan.seed, "request_id": plan.request_id}
+                chunks = self.synth.stream(plan)
+                try:
+                    first = await asyncio.wait_for(anext(chunks, None), _remaining(deadline))
+                    t_first = time.time()
+                    self.metrics.first_audio(t_first - t0)
+                    if stream and first is not None:
+                        def finished(ok):
+                            self.metrics.request(api, time.time() - t0)
 
-                done = True  # the stream's own cleanup releases the slot
-                return await H.stream_response(request, first, chunks, fmt, meta, finished)
-            rest = await asyncio.wait_for(_drain(chunks), ocfg.request_timeout_s - (time.time() - t0))
-            collected = [first, *rest]
-            meta["timings"] = H.timings_summary(collected, t0, t_first)
-            self.metrics.audio(sum(len(c.audio) for c in collected) / first.sample_rate)
-            self.metrics.request(api, time.time() - t0)
-            return H.full_response(request, collected, fmt, meta)
-        except asyncio.CancelledError:  # the client went away: stop the pipeline, answer nothing
-            await chunks.aclose()
-            raise
-        except Exception as exc:
-            await chunks.aclose()
-            err = to_api_error(exc, ocfg.retry_after_s)
-            self.metrics.error(err.status)
-            raise err from None
-        finally:
-            if not done:
-                self.active -= 1
+                        response = H.stream_response(request, first, chunks, fmt, meta, deadline=deadline,
+                                                     release=slot.release, on_done=finished)
+                        slot.transfer()  # from here the response releases the slot (see SlotStreamingResponse)
+                        return response
+                    rest = await asyncio.wait_for(_drain(chunks), _remaining(deadline)) if first else []
+                except BaseException:
+                    await H.close_quietly(chunks)  # stop the pipeline: error, timeout, or the client went away
+                    raise
+                collected = [first, *rest] if first else []
+                meta["timings"] = H.timings_summary(collected, t0, t_first)
+                self.metrics.audio(sum(len(c.audio) for c in collected) / self.synth.spec.sample_rate)
+                self.metrics.request(api, time.time() - t0)
+                # encoding mp3/flac/opus of minutes of audio takes a while: not on the event loop
+                return await asyncio.to_thread(H.full_response, request, collected, fmt, meta)
+            except Exception as exc:
+                err = to_api_error(exc, ocfg.retry_after_s)
+                self.metrics.error(err.status)
+                raise err from None

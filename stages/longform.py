@@ -23,6 +23,26 @@ def _pieces(text: str, pattern: re.Pattern) -> list[str]:
     return [p.strip() for p in pattern.split(text) if p and p.strip()]
 
 
+_CHARS_PER_PIECE = 8  # a cut looks at most this many characters per token of budget
+
+
+def _cut_long_word(word: str, count: Callable[[str], int], max_tokens: int) -> tuple[list[str], str]:
+    """A "word" longer than a segment (e.g. CJK without spaces) cut into pieces that fit -> (pieces, rest).
+
+    Each cut tokenizes only a bounded window, never the whole remainder: 20k characters of CJK took 37 s
+    when every cut re-tokenized all that was left.
+    """
+    window = max_tokens * _CHARS_PER_PIECE
+    pieces = []
+    while count(word[:window]) > max_tokens or (len(word) > window and count(word) > max_tokens):
+        cut = max(1, len(word) // 2) if len(word) <= window else window
+        while cut > 1 and count(word[:cut]) > max_tokens:
+            cut //= 2
+        pieces.append(word[:cut])
+        word = word[cut:]
+    return pieces, word
+
+
 def _split_words(sentence: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
     out, cur = [], ""
     for word in sentence.split(" "):
@@ -30,12 +50,8 @@ def _split_words(sentence: str, count: Callable[[str], int], max_tokens: int) ->
         if cur and count(cand) > max_tokens:
             out.append(cur)
             cand = word
-        while count(cand) > max_tokens:  # one "word" longer than a segment (e.g. CJK without spaces)
-            cut = max(1, len(cand) // 2)
-            while cut > 1 and count(cand[:cut]) > max_tokens:
-                cut //= 2
-            out.append(cand[:cut])
-            cand = cand[cut:]
+        pieces, cand = _cut_long_word(cand, count, max_tokens)
+        out += pieces
         cur = cand
     if cur:
         out.append(cur)

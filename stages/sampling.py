@@ -17,6 +17,15 @@ import torch
 from .constants import STAGES
 from .types import SamplingParams
 
+# Below this, temperature sampling is argmax in all but name, and dividing float32 logits by it can
+# overflow to inf (softmax then gives NaN and every draw lands on the last token: an empty answer).
+GREEDY_BELOW = 1e-4
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Temperature 0, or one so small that sampling would pick the argmax anyway."""
+    return params.greedy or params.temperature < GREEDY_BELOW
+
 
 def stage_generator(seed: int, stage: str, segment: int = 0) -> torch.Generator:
     """A generator for one request, stage and long-form segment, from one user seed."""
@@ -48,11 +57,12 @@ def _filter_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.
 def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniform: torch.Tensor) -> torch.Tensor:
     """Pick one token per row. logits (R, V) float; params and uniform one per row.
 
-    Greedy rows (temperature 0) take the argmax and ignore their draw.
+    Greedy rows (temperature under ``GREEDY_BELOW``) take the argmax and ignore their draw, and so
+    does a row whose distribution is not finite.
     """
     logits = logits.float()
     choice = torch.argmax(logits, dim=-1)  # (R,)
-    sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
+    sampled_rows = [i for i, p in enumerate(params) if not is_greedy(p)]
     if not sampled_rows:
         return choice
     idx = torch.tensor(sampled_rows, device=logits.device)
@@ -67,5 +77,6 @@ def sample_rows(logits: torch.Tensor, params: Sequence[SamplingParams], uniform:
     cdf = torch.cumsum(torch.softmax(sub, dim=-1, dtype=torch.float64), dim=-1)  # (S, V)
     target = uniform.index_select(0, idx).to(cdf.dtype)[:, None] * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp_(max=logits.shape[-1] - 1)
-    choice[idx] = picked
+    finite = torch.isfinite(cdf[:, -1])  # (S,) a NaN row would pick the last token, whatever the logits
+    choice[idx] = torch.where(finite, picked, choice.index_select(0, idx))
     return choice

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -19,10 +20,13 @@ import numpy as np
 
 from .constants import BarkSpec
 from .types import InvalidRequestError, VoicePrompt
+from .untrusted import short_repr
 from .weights import Checkpoint, CheckpointError
 
 PROMPT_KEYS = ("semantic_prompt", "coarse_prompt", "fine_prompt")
 MAX_PROMPT_LEN = 8192  # longer histories are never read by Bark; refuse to carry them
+MAX_NAME_CHARS = 256  # longer than any preset path; refused before touching the file system
+CACHE_SIZE = 256  # presets kept decoded (each ~100 KB); a few hundred covers every shipped Bark voice
 
 
 class UnknownVoiceError(InvalidRequestError):
@@ -31,7 +35,7 @@ class UnknownVoiceError(InvalidRequestError):
 
 def validate_voice(data: Mapping[str, np.ndarray], spec: BarkSpec, name: str | None = None) -> VoicePrompt:
     """Check a history prompt's keys, ranks, dtypes, lengths and token ranges."""
-    label = f"voice {name!r}" if name else "voice"
+    label = f"voice {short_repr(name)}" if name else "voice"
     if not isinstance(data, Mapping):
         raise InvalidRequestError(f"{label} must be a mapping of {', '.join(PROMPT_KEYS)}")
     missing = [k for k in PROMPT_KEYS if k not in data]
@@ -40,7 +44,7 @@ def validate_voice(data: Mapping[str, np.ndarray], spec: BarkSpec, name: str | N
     arrays = {}
     for key, ndim, rows, min_len in (("semantic_prompt", 1, None, 2), ("coarse_prompt", 2, spec.n_coarse_codebooks, 2),
                                      ("fine_prompt", 2, spec.n_fine_codebooks, 1)):
-        arr = np.asarray(data[key]) if not isinstance(data[key], np.ndarray) else data[key]
+        arr = _as_array(data[key], label, key)
         if arr.dtype.kind not in "iu":
             raise InvalidRequestError(f"{label}: {key} must hold integers, got dtype {arr.dtype}")
         if arr.ndim != ndim or (rows is not None and arr.shape[0] != rows):
@@ -53,6 +57,25 @@ def validate_voice(data: Mapping[str, np.ndarray], spec: BarkSpec, name: str | N
             raise InvalidRequestError(f"{label}: {key} tokens must be in [0, {hi}), got [{arr.min()}, {arr.max()}]")
         arrays[key] = arr.astype(np.int64)
     return VoicePrompt(arrays["semantic_prompt"], arrays["coarse_prompt"], arrays["fine_prompt"], name=name)
+
+
+def _as_array(value, label: str, key: str) -> np.ndarray:
+    """An inline prompt (nested lists from JSON/msgpack) as an array; ragged or odd input is the client's error."""
+    if isinstance(value, np.ndarray):
+        return value
+    try:
+        return np.asarray(value)
+    except (ValueError, TypeError, OverflowError, RecursionError):  # ragged, mixed, or nested too deep
+        raise InvalidRequestError(f"{label}: {key} must be a rectangular array of integers") from None
+
+
+def check_voice_name(name: str) -> str:
+    """A preset name as a client may send it: short, printable, no NUL (else InvalidRequestError)."""
+    if len(name) > MAX_NAME_CHARS:
+        raise UnknownVoiceError(f"unknown voice {short_repr(name)}: names have at most {MAX_NAME_CHARS} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise UnknownVoiceError(f"unknown voice {short_repr(name)}: names hold no control characters")
+    return name
 
 
 def load_npz(path: str | os.PathLike, spec: BarkSpec, name: str | None = None) -> VoicePrompt:
@@ -82,7 +105,10 @@ class VoiceLibrary:
         self.preset_dirs = [Path(d).resolve() for d in preset_dirs]
         self.allow_paths = allow_paths
         self._hf_index = self._read_hf_index()
-        self._cache: dict[str, VoicePrompt] = {}
+        # Keyed by what a name resolves to (an index entry or a file), never by the raw name: the many
+        # spellings of one file ("./v2/x", "v2/../v2/x") share one entry. Bounded, least recently used out.
+        self._cache: OrderedDict[tuple[str, str], VoicePrompt] = OrderedDict()
+        self.cache_size = CACHE_SIZE
 
     def _read_hf_index(self) -> dict:
         if self.checkpoint is None:
@@ -110,22 +136,48 @@ class VoiceLibrary:
             return validate_voice(voice, self.spec)
         if not isinstance(voice, (str, os.PathLike)):
             raise InvalidRequestError(f"voice must be a name, a path or arrays, got {type(voice).__name__}")
-        key = os.fspath(voice)
-        if key not in self._cache:
-            self._cache[key] = self._load_named(key)
-        return self._cache[key]
+        key = check_voice_name(os.fspath(voice))
+        source = self._locate(key)
+        voice = self._cache.get(source)
+        if voice is None:
+            voice = self._load(source)
+            self._cache[source] = voice
+            if len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        else:
+            self._cache.move_to_end(source)
+        return voice
 
-    def _load_named(self, key: str) -> VoicePrompt:
+    @property
+    def cached(self) -> int:
+        """How many decoded presets the cache holds (at most ``cache_size``)."""
+        return len(self._cache)
+
+    def _locate(self, key: str) -> tuple[str, str]:
+        """("hf", index name) or ("npz", resolved file) of a preset name; UnknownVoiceError if none."""
         if key in self._hf_index:
-            return self._load_hf(key)
-        for d in self.preset_dirs if not os.path.isabs(key) else ():  # names only, never absolute paths
-            path = (d / (key if key.endswith(".npz") else key + ".npz")).resolve()
-            if d in path.parents and path.is_file():
-                return load_npz(path, self.spec, name=key)
-        if self.allow_paths and (key.endswith(".npz") or os.sep in key) and Path(key).exists():
-            return load_npz(key, self.spec)
+            return "hf", key
+        try:
+            for d in self.preset_dirs if not os.path.isabs(key) else ():  # names only, never absolute paths
+                path = (d / (key if key.endswith(".npz") else key + ".npz")).resolve()
+                if d in path.parents and path.is_file():
+                    return "npz", str(path)
+            if self.allow_paths and (key.endswith(".npz") or os.sep in key) and Path(key).exists():
+                return "npz", str(Path(key).resolve())
+        except (OSError, ValueError, RuntimeError):  # a name the file system refuses (too long, a loop...)
+            pass
         hint = ", ".join(self.names()[:12]) or "none configured"
-        raise UnknownVoiceError(f"unknown voice {key!r}; available: {hint}")
+        raise UnknownVoiceError(f"unknown voice {short_repr(key)}; available: {hint}")
+
+    def _load(self, source: tuple[str, str]) -> VoicePrompt:
+        kind, where = source
+        if kind == "hf":
+            return self._load_hf(where)
+        path = Path(where)
+        for d in self.preset_dirs:  # the canonical name, whichever spelling found the file
+            if d in path.parents:
+                return load_npz(path, self.spec, name=path.relative_to(d).with_suffix("").as_posix())
+        return load_npz(path, self.spec)
 
     def _load_hf(self, key: str) -> VoicePrompt:
         entry = self._hf_index[key]

@@ -1,0 +1,78 @@
+"""Checks for decoded, untrusted request data (JSON / msgpack), before any model or library sees it.
+
+Python's json module and msgpack decode whatever they are given: nesting a
+thousand levels deep (recursive code downstream, even ``repr``, then raises
+RecursionError), strings with lone surrogates (which no encoder, tokenizer or
+Redis client accepts), and msgpack extension objects. ``check_plain_data``
+walks a decoded value once, without recursion, and refuses all of that with an
+InvalidRequestError; ``short_repr`` keeps user values in error messages short.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .types import InvalidRequestError
+
+MAX_DEPTH = 32  # the deepest legitimate input is an inline voice inside a batch item's options (4 levels)
+MAX_REPR_CHARS = 100  # a user value quoted in an error message is cut here
+_SCALARS = (str, bytes, int, float, bool, type(None))
+
+
+class UntrustedDataError(InvalidRequestError):
+    """Decoded request data that no part of the server should see (too deep, invalid strings, odd types)."""
+
+
+def clip(text: str, limit: int = MAX_REPR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with an ellipsis)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: error messages never echo big user input."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+        return repr(value)[:-1] + f"…' ({len(value)}+ characters)"
+    try:
+        text = repr(value)
+    except RecursionError:  # a deeply nested value cannot even be printed
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _check_str(value: str, where: str) -> None:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UntrustedDataError(f"{_where(where)}: strings must be valid Unicode (a lone surrogate "
+                                 "such as \\ud800 is not)") from None
+
+
+def _where(path: str) -> str:
+    return clip(path, 100) or "body"
+
+
+def check_plain_data(value: Any, max_depth: int = MAX_DEPTH, where: str = "") -> None:
+    """Raise UntrustedDataError unless ``value`` is plain data: dicts with string keys, lists, and scalars.
+
+    Iterative (an explicit stack), so a value of any depth is checked without recursion.
+    """
+    stack: list[tuple[Any, int, str]] = [(value, 0, where)]
+    while stack:
+        item, depth, path = stack.pop()
+        if isinstance(item, str):
+            _check_str(item, path)
+        elif isinstance(item, _SCALARS):
+            continue
+        elif depth >= max_depth:
+            raise UntrustedDataError(f"{_where(path)}: nested more than {max_depth} levels deep")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                if not isinstance(key, str):
+                    raise UntrustedDataError(f"{_where(path)}: object keys must be strings")
+                _check_str(key, path)
+                stack.append((sub, depth + 1, f"{path}.{key[:40]}" if path else key[:40]))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, depth + 1, path) for sub in item)
+        else:  # e.g. a msgpack ExtType or Timestamp
+            raise UntrustedDataError(f"{_where(path)}: unsupported value of type {type(item).__name__}")
