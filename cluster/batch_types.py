@@ -21,7 +21,7 @@ import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import check_plain_data, clip
+from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
 
 AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
@@ -32,7 +32,6 @@ JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
 JOB_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
 BATCH_PRIORITY = "batch"
 MAX_ITEM_ERROR_CHARS = 500  # an item's error message (stored in Redis, sent back with its result)
-MAX_LISTED_ERRORS = 5  # validation problems named in one message
 
 
 class ItemState(str, enum.Enum):
@@ -192,15 +191,7 @@ class BatchKeys:
 
 
 def _one_line(exc: ValidationError) -> str:
-    """The first few validation problems on one line (a message never grows with the input)."""
-    errors = exc.errors(include_url=False, include_input=False)
-    parts = []
-    for e in errors[:MAX_LISTED_ERRORS]:
-        loc = clip(".".join(str(p) for p in e["loc"]), 60)
-        parts.append(f"{loc}: {clip(e['msg'], 160)}" if loc else clip(e["msg"], 160))
-    if len(errors) > MAX_LISTED_ERRORS:
-        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
-    return "; ".join(parts)
+    return summarize_errors(exc.errors(include_url=False, include_input=False))
 
 
 def _failed(item_id: str, index: int, error: str) -> ItemRecord:

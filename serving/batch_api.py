@@ -64,12 +64,12 @@ from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.stages.untrusted import clip
 
 from .api_models import TTSRequest
-from .http_api import validation_error
+from .errors import APIError, to_api_error
+from .http_api import MSGPACK_TYPES, read_limited, validation_error
 
 log = logging.getLogger("bark.batch.api")
 
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/x-jsonlines", "application/jsonlines")
-MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 CURSOR_RE = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 PARSE_INLINE_BYTES = 64 * 1024  # bigger submissions are parsed in a worker thread
 FINISHED = (JobState.COMPLETED, JobState.CANCELLED)
@@ -94,35 +94,19 @@ class BatchLimits:
                    max_body_bytes=cfg.batch.max_body_bytes)
 
 
-class ApiError(Exception):
-    """An answer other than 2xx, carried to the endpoint's edge."""
-
-    def __init__(self, status: int, message: str, code: str, type_: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.code, self.type = status, message, code, type_
-
-    def response(self) -> JSONResponse:
-        headers = {"Retry-After": "2"} if self.status == 503 else None
-        return JSONResponse({"error": {"message": self.message, "type": self.type, "code": self.code}},
-                            status_code=self.status, headers=headers)
-
-
 def _guard(endpoint):
-    """Turn every failure of an endpoint into an OpenAI-style error response."""
+    """Answer every failure of an endpoint in the API's error shape; the job store being away is a 503."""
 
     @functools.wraps(endpoint)
     async def wrapper(*args, **kwargs):
         try:
             return await endpoint(*args, **kwargs)
-        except ApiError as exc:
-            return exc.response()
         except (RedisError, RedisUnavailable, OSError) as exc:
-            log.warning("batch API: Redis unavailable: %s", exc)
-            return ApiError(503, "the batch job store (Redis) is unavailable; retry later", "store_unavailable",
-                            "service_unavailable").response()
-        except Exception:  # a bug: log it here, answer without the trace
-            log.exception("batch API: internal error")
-            return ApiError(500, "internal error", "internal_error", "server_error").response()
+            log.warning("batch API: job store unavailable: %s", exc)
+            return APIError(503, "the batch job store (Redis) is unavailable; retry later", "store_unavailable",
+                            "server_error", retry_after=2).response()
+        except Exception as exc:  # APIError as it is; a bug is logged by to_api_error and answered without a trace
+            return to_api_error(exc).response()
 
     return wrapper
 
@@ -144,24 +128,11 @@ class _StoreCache:
         return self._store
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"body of {declared} bytes exceeds the limit of {limit} bytes", "body_too_large")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise ApiError(413, f"body exceeds the limit of {limit} bytes", "body_too_large")
-    return bytes(body)
-
-
 def _jsonl_items(body: bytes) -> list[tuple[int, Any, str | None]]:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(400, "JSONL body is not valid UTF-8", "invalid_body") from None
+        raise APIError(400, "JSONL body is not valid UTF-8", "invalid_body") from None
     out = []
     for index, line in enumerate(text.split("\n")):
         line = line.strip()
@@ -180,9 +151,9 @@ def _msgpack_items(body: bytes) -> list[tuple[int, Any, str | None]]:
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=False)
     except Exception:  # msgpack raises several unrelated types for bad input (too deep included)
-        raise ApiError(400, "body is not valid msgpack", "invalid_body") from None
+        raise APIError(400, "body is not valid msgpack", "invalid_body") from None
     if not isinstance(data, list):
-        raise ApiError(400, "a msgpack body must be an array of item maps", "invalid_body")
+        raise APIError(400, "a msgpack body must be an array of item maps", "invalid_body")
     return [(index, raw, None) for index, raw in enumerate(data)]
 
 
@@ -209,36 +180,36 @@ def _media(content_type: str) -> str:
     """The submission's media type, or 415 (checked before the body is read)."""
     ctype = content_type.split(";")[0].strip().lower()
     if ctype not in JSONL_TYPES and ctype not in MSGPACK_TYPES:
-        raise ApiError(415, f"unsupported Content-Type {clip(ctype, 60) or '(none)'!r}: use application/jsonl, "
+        raise APIError(415, f"unsupported Content-Type {clip(ctype, 60) or '(none)'!r}: use application/jsonl, "
                             "application/x-ndjson or application/msgpack", "unsupported_media_type")
     return ctype
 
 
 def parse_submission(body: bytes, content_type: str, limits: BatchLimits) -> list[ItemRecord]:
-    """Validate a whole submission; ApiError for the body as a whole, failed records for bad items."""
+    """Validate a whole submission; APIError for the body as a whole, failed records for bad items."""
     ctype = _media(content_type)
     raws = _jsonl_items(body) if ctype in JSONL_TYPES else _msgpack_items(body)
     if not raws:
-        raise ApiError(422, "the submission has no items", "invalid_items")
+        raise APIError(422, "the submission has no items", "invalid_items")
     if len(raws) > limits.max_items:
-        raise ApiError(413, f"{len(raws)} items exceed the limit of {limits.max_items} per submission; "
+        raise APIError(413, f"{len(raws)} items exceed the limit of {limits.max_items} per submission; "
                             "split them over several submissions with the same Idempotency-Key", "too_many_items")
     try:
         records = [_check_options(parse_item(raw, index, limits.max_text_chars, error)) for index, raw, error in raws]
         check_unique(records)
     except InvalidBatchError as exc:
-        raise ApiError(422, clip(str(exc), 500), "invalid_items") from None
+        raise APIError(422, clip(str(exc), 500), "invalid_items") from None
     return records
 
 
 def _job_id(job_id: str) -> str:
     if not JOB_ID_RE.match(job_id):
-        raise ApiError(404, f"no batch job {job_id[:80]!r}", "job_not_found")
+        raise APIError(404, f"no batch job {job_id[:80]!r}", "job_not_found")
     return job_id
 
 
-def _not_found(job_id: str) -> ApiError:
-    return ApiError(404, f"no batch job {clip(job_id, 80)!r} (unknown, or expired)", "job_not_found")
+def _not_found(job_id: str) -> APIError:
+    return APIError(404, f"no batch job {clip(job_id, 80)!r} (unknown, or expired)", "job_not_found")
 
 
 async def _result_dict(rec: ResultRecord) -> dict:
@@ -269,15 +240,15 @@ def _query(request: Request) -> tuple[str, int, bool, float]:
     q = request.query_params
     after = q.get("after", "0") or "0"
     if not _is_cursor(after):
-        raise ApiError(400, f"after={clip(after, 40)!r} is not a cursor (use the 'cursor' of a result record)",
+        raise APIError(400, f"after={clip(after, 40)!r} is not a cursor (use the 'cursor' of a result record)",
                        "invalid_cursor")
     try:
         limit = int(q.get("limit", "0")) or 10**12
         wait_s = float(q.get("wait_s", "0"))
     except ValueError:
-        raise ApiError(400, "limit must be an integer and wait_s a number", "invalid_parameter") from None
+        raise APIError(400, "limit must be an integer and wait_s a number", "invalid_parameter") from None
     if limit < 0 or not (0 <= wait_s < math.inf):  # NaN fails every comparison: it is refused here too
-        raise ApiError(400, "limit and wait_s must be finite and not negative", "invalid_parameter")
+        raise APIError(400, "limit and wait_s must be finite and not negative", "invalid_parameter")
     follow = q.get("follow", "false").lower() in ("1", "true", "yes")
     return after, limit, follow, wait_s
 
@@ -340,10 +311,10 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
     async def create_batch(request: Request) -> Response:
         job_key = request.headers.get("idempotency-key") or request.query_params.get("job_key")
         if job_key is not None and not JOB_KEY_RE.match(job_key):
-            raise ApiError(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
+            raise APIError(400, "Idempotency-Key must be 1-200 printable ASCII characters without spaces",
                            "invalid_idempotency_key")
         ctype = _media(request.headers.get("content-type", ""))
-        body = await read_body(request, limits.max_body_bytes)
+        body = await read_limited(request, limits.max_body_bytes)
         # decoding and validating 100k items takes seconds: not on the event loop
         records = (parse_submission(body, ctype, limits) if len(body) <= PARSE_INLINE_BYTES
                    else await asyncio.to_thread(parse_submission, body, ctype, limits))
@@ -351,7 +322,7 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
         try:
             result = await store.submit(records, job_key=job_key)
         except (JobCancelled, JobNotFound):  # the keyed job was cancelled or expired while we added to it
-            raise ApiError(409, "the job was cancelled or expired during submission; resubmit", "job_conflict")
+            raise APIError(409, "the job was cancelled or expired during submission; resubmit", "job_conflict")
         return JSONResponse(result.to_dict(), status_code=202,
                             headers={"Location": f"{prefix}/{result.job.job_id}"})
 

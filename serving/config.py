@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX, pool_resource
 from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.untrusted import summarize_errors
 
 __all__ = ["POOL_RESOURCE_PREFIX", "BarkConfig", "BatchConfig", "ConfigError", "load_config", "parse_config"]
 
@@ -180,8 +181,8 @@ def parse_config(data: dict, source: str = "config") -> BarkConfig:
     try:
         return BarkConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
-        raise ConfigError(f"{source} is invalid: " + "; ".join(lines)) from None
+        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        raise ConfigError(f"{source} is invalid: {problems}") from None
 
 
 def profiles() -> list[str]:

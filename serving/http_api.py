@@ -14,11 +14,12 @@ from collections.abc import AsyncIterator, Callable
 import msgpack
 import numpy as np
 from fastapi import Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import check_plain_data, clip, short_repr
+from bark_serve.stages.untrusted import check_plain_data, short_repr, summarize_errors
 
 from . import audio as A
 from .errors import APIError, to_api_error
@@ -29,7 +30,6 @@ log = logging.getLogger("ray.serve")  # shows in the replica logs
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 JSON_TYPES = ("application/json", "")  # no Content-Type at all: JSON, as most clients mean
 DECODE_INLINE_BYTES = 64 * 1024  # bigger bodies are decoded in a worker thread, off the event loop
-MAX_LISTED_ERRORS = 5  # a validation error lists this many problems, then counts the rest
 REQUEST_ID_HEADER = "X-Bark-Request-Id"  # Ray Serve owns X-Request-Id (and takes the client's)
 
 
@@ -121,14 +121,10 @@ async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -
     return parse() if len(body) <= DECODE_INLINE_BYTES else await asyncio.to_thread(parse)
 
 
-def validation_error(exc: ValidationError) -> APIError:
+def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     """A 422 naming the first few problems, each cut short: the answer stays small whatever was sent."""
-    errors = exc.errors(include_url=False, include_input=False)
-    parts = [f"{clip('.'.join(str(p) for p in e['loc']) or 'body', 60)}: {clip(e['msg'], 160)}"
-             for e in errors[:MAX_LISTED_ERRORS]]
-    if len(errors) > MAX_LISTED_ERRORS:
-        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
-    return APIError(422, "; ".join(parts), "invalid_parameters")
+    errors = exc.errors(include_url=False, include_input=False) if isinstance(exc, ValidationError) else exc.errors()
+    return APIError(422, summarize_errors(errors), "invalid_parameters")
 
 
 def timings_summary(chunks: list[AudioChunk], t0: float, first_audio: float | None) -> dict:

@@ -15,12 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bark_serve.stages.types import InvalidRequestError
 from bark_serve.stages.untrusted import check_plain_data, clip
@@ -30,58 +28,11 @@ from .admission import Admission
 from .api_models import SpeechRequest, TTSRequest
 from .config import parse_config
 from .errors import APIError, to_api_error
+from .routes import ROUTES, build_http_app
 from .service import make_synthesizer
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
-          "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
-          "openapi": "/openapi.json"}
-BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: true` (and a Redis URL) in the "
-                  "config, or start it with `bark-serve up --batch`")
-
-app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
-
-
-@app.exception_handler(APIError)
-async def _api_error(request: Request, exc: APIError):
-    return exc.response()
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError):
-    errors = exc.errors()
-    parts = [clip(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}", 200) for e in errors[:H.MAX_LISTED_ERRORS]]
-    if len(errors) > H.MAX_LISTED_ERRORS:
-        parts.append(f"and {len(errors) - H.MAX_LISTED_ERRORS} more errors")
-    return APIError(422, "; ".join(parts), "invalid_parameters").response()
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException):
-    """404 / 405 and friends from the router, in the API's error shape instead of FastAPI's {"detail"}."""
-    where = f"{request.method} {clip(request.url.path, 100)}"
-    if exc.status_code == 404:
-        err = APIError(404, f"no route {where}; see GET / for the routes", "not_found")
-    elif exc.status_code == 405:
-        err = APIError(405, f"method not allowed: {where}", "method_not_allowed")
-    else:
-        err = APIError(exc.status_code, clip(str(exc.detail), 200), "http_error")
-    response = err.response()
-    response.headers.update(exc.headers or {})  # e.g. Allow on a 405
-    return response
-
-
-@app.exception_handler(InvalidRequestError)
-async def _invalid(request: Request, exc: InvalidRequestError):
-    return to_api_error(exc).response()
-
-
-@app.exception_handler(Exception)
-async def _unexpected(request: Request, exc: Exception):
-    return to_api_error(exc).response()
-
-
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
 async def _drain(chunks):
     return [c async for c in chunks]
@@ -100,21 +51,6 @@ def _request_metrics():
         return _Null()
 
 
-def _batch_disabled_router():
-    """/v1/batches on a server without batch jobs: a JSON error that says how to turn them on."""
-    from fastapi import APIRouter
-
-    router = APIRouter(prefix=ROUTES["batches"], include_in_schema=False)
-
-    async def disabled(request: Request):
-        raise APIError(404, BATCH_DISABLED, "batch_disabled")
-
-    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
-    router.add_api_route("", disabled, methods=methods)
-    router.add_api_route("/{rest:path}", disabled, methods=methods)
-    return router
-
-
 def _remaining(deadline: float) -> float:
     """Seconds left until ``deadline`` (event-loop time); TimeoutError if none."""
     left = deadline - asyncio.get_running_loop().time()
@@ -124,7 +60,7 @@ def _remaining(deadline: float) -> float:
 
 
 @serve.deployment
-@serve.ingress(app)
+@serve.ingress()  # late-bound: each replica builds its app in __serve_build_asgi_app__ (serving/routes.py)
 class Orchestrator:
     def __init__(self, config: dict, semantic, coarse, fine, codec, batch_worker=None):
         self.cfg = parse_config(config)
@@ -140,22 +76,10 @@ class Orchestrator:
         self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bark-plan")
         self.metrics = _request_metrics()
         self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
-        if self.cfg.batch.enabled:
-            self._mount_batch_api()
-        else:
-            app.include_router(_batch_disabled_router())
 
-    def _mount_batch_api(self) -> None:
-        from fastapi import Depends
-
-        from .batch_api import BatchLimits, batch_router
-        from .batch_app import batch_store_factory
-
-        def require_key(request: Request):
-            H.check_api_key(request, self.api_keys)
-
-        app.include_router(batch_router(batch_store_factory(self.cfg), limits=BatchLimits.from_config(self.cfg),
-                                        dependencies=[Depends(require_key)]))
+    def __serve_build_asgi_app__(self):
+        """Serve calls this once, after __init__: this replica's FastAPI app."""
+        return build_http_app(self)
 
     async def _plan(self, text, voice, params, priority):
         """Synthesizer.plan in the planning thread (InvalidRequestError for bad input)."""
@@ -188,18 +112,15 @@ class Orchestrator:
         return {"pid": os.getpid(), "active": self.admission.active, "max_active": self.admission.limit,
                 "voice_cache": self.synth.voices.cached, "voice_cache_size": self.synth.voices.cache_size}
 
-    # -- HTTP -----------------------------------------------------------------------------------
-    @app.get("/")
+    # -- HTTP (paths in serving/routes.py) --------------------------------------------------------
     async def index(self):
         """What this server answers (no authentication needed)."""
         return {"name": "bark-serve", "model": self.cfg.model, "docs": ROUTES["docs"], "routes": ROUTES,
                 "batch_enabled": self.cfg.batch.enabled}
 
-    @app.get("/healthz")
     async def healthz(self):
         return {"status": "ok"}
 
-    @app.get("/readyz")
     async def readyz(self):
         """200 when every stage answers and this replica can admit a request; 503 otherwise."""
         async def ready(name):
@@ -217,18 +138,15 @@ class Orchestrator:
         headers = {"Retry-After": str(self.cfg.orchestrator.retry_after_s)} if full else None
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
-    @app.get("/v1/voices")
     async def voices(self, request: Request):
         H.check_api_key(request, self.api_keys)
         return {"voices": self.synth.voices.names(), "aliases": self.synth.aliases}
 
-    @app.get("/v1/models")
     async def models(self, request: Request):
         H.check_api_key(request, self.api_keys)
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "bark-serve"}
                                            for m in sorted(self.model_names)]}
 
-    @app.post("/v1/audio/speech")
     async def speech(self, request: Request):
         """OpenAI's audio API: the official client works against it unchanged."""
         H.check_api_key(request, self.api_keys)
@@ -249,7 +167,6 @@ class Orchestrator:
         return await self._respond(request, "speech", req.input, req.voice, req, req.response_format, stream,
                                    "interactive")
 
-    @app.post("/v1/tts")
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)

@@ -76,3 +76,22 @@ def check_plain_data(value: Any, max_depth: int = MAX_DEPTH, where: str = "") ->
             stack.extend((sub, depth + 1, path) for sub in item)
         else:  # e.g. a msgpack ExtType or Timestamp
             raise UntrustedDataError(f"{_where(path)}: unsupported value of type {type(item).__name__}")
+
+
+MAX_LISTED_ERRORS = 5  # a validation message names this many problems, then counts the rest
+
+
+def summarize_errors(errors: list[dict]) -> str:
+    """pydantic's ``ValidationError.errors()`` on one short line: the first few problems, each cut short.
+
+    The one formatter of validation errors (HTTP answers, batch items, the config file, the CLI):
+    the message never grows with the input, however many fields were wrong.
+    """
+    parts = []
+    for e in errors[:MAX_LISTED_ERRORS]:
+        loc = clip(".".join(str(p) for p in e.get("loc", ())), 60)
+        msg = clip(str(e.get("msg", "invalid")), 160)
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    if len(errors) > MAX_LISTED_ERRORS:
+        parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
+    return "; ".join(parts)

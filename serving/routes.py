@@ -1,0 +1,96 @@
+"""The HTTP API as a FastAPI app, built once per orchestrator replica.
+
+The orchestrator uses Serve's late-bound ingress (``@serve.ingress()`` plus
+``__serve_build_asgi_app__``): each replica builds its own app here after its
+constructor ran, so the routes (the batch router or its "disabled" stand-in
+included) and the error handlers are fixed per replica, and no module-level
+app is ever mutated.
+"""
+
+# No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.untrusted import clip
+
+from .errors import APIError, to_api_error
+from .http_api import check_api_key, validation_error
+
+ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
+          "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
+          "openapi": "/openapi.json"}
+BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: true` (and a Redis URL) in the "
+                  "config, or start it with `bark-serve up --batch`")
+
+
+def build_http_app(orch) -> FastAPI:
+    """The app of one Orchestrator replica: its routes, the batch routes, and the error handlers."""
+    app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
+    install_error_handlers(app)
+    app.add_api_route("/", orch.index, methods=["GET"])
+    app.add_api_route(ROUTES["health"], orch.healthz, methods=["GET"])
+    app.add_api_route(ROUTES["ready"], orch.readyz, methods=["GET"])
+    app.add_api_route(ROUTES["voices"], orch.voices, methods=["GET"])
+    app.add_api_route(ROUTES["models"], orch.models, methods=["GET"])
+    app.add_api_route(ROUTES["speech"], orch.speech, methods=["POST"])
+    app.add_api_route(ROUTES["tts"], orch.tts, methods=["POST"])
+    app.include_router(_batch_routes(orch) if orch.cfg.batch.enabled else _batch_disabled_router())
+    return app
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``."""
+
+    async def api_error(request: Request, exc: APIError):
+        return exc.response()
+
+    async def invalid_parameters(request: Request, exc: RequestValidationError):
+        return validation_error(exc).response()
+
+    async def router_error(request: Request, exc: StarletteHTTPException):
+        """404 / 405 and friends from the router, instead of FastAPI's ``{"detail": ...}``."""
+        where = f"{request.method} {clip(request.url.path, 100)}"
+        if exc.status_code == 404:
+            err = APIError(404, f"no route {where}; see GET / for the routes", "not_found")
+        elif exc.status_code == 405:
+            err = APIError(405, f"method not allowed: {where}", "method_not_allowed")
+        else:
+            err = APIError(exc.status_code, clip(str(exc.detail), 200), "http_error")
+        response = err.response()
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
+
+    async def any_error(request: Request, exc: Exception):
+        return to_api_error(exc).response()
+
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
+    app.add_exception_handler(StarletteHTTPException, router_error)
+    app.add_exception_handler(InvalidRequestError, any_error)  # 4xx: not through Starlette's 500 path
+    app.add_exception_handler(Exception, any_error)
+
+
+def _batch_routes(orch) -> APIRouter:
+    from .batch_api import BatchLimits, batch_router
+    from .batch_app import batch_store_factory
+
+    def require_key(request: Request):
+        check_api_key(request, orch.api_keys)
+
+    return batch_router(batch_store_factory(orch.cfg), limits=BatchLimits.from_config(orch.cfg),
+                        dependencies=[Depends(require_key)])
+
+
+def _batch_disabled_router() -> APIRouter:
+    """/v1/batches on a server without batch jobs: a JSON error that says how to turn them on."""
+    router = APIRouter(prefix=ROUTES["batches"], include_in_schema=False)
+
+    async def disabled(request: Request):
+        raise APIError(404, BATCH_DISABLED, "batch_disabled")
+
+    methods = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+    router.add_api_route("", disabled, methods=methods)
+    router.add_api_route("/{rest:path}", disabled, methods=methods)
+    return router
