@@ -52,7 +52,7 @@ class ServedApp:
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
-        ray.init(resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"

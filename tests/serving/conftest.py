@@ -45,8 +45,8 @@ def served(tiny_ckpt):
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     port, metrics_port = free_port(), free_port()
     cfg = parse_config(e2e_config(str(tiny_ckpt), port))
-    ray.init(num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, _metrics_export_port=metrics_port,
-             configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
+             _metrics_export_port=metrics_port, configure_logging=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     t0 = time.time()
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")

@@ -22,7 +22,7 @@ def running_app(raw_config: dict):
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 

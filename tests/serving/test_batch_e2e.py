@@ -52,7 +52,7 @@ def batch_app(tiny_ckpt, redis_srv):
     raw["batch"] = {"enabled": True, "redis_url": redis_srv.url, "claim_timeout_s": 4, "max_in_flight": 4,
                     "worker": {"num_replicas": 2, "num_cpus": 0.1}}
     cfg = parse_config(raw)
-    ray.init(num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(cfg), name="bark", route_prefix="/")
     try:

@@ -145,7 +145,7 @@ def batch_stack(tiny_ckpt, tmp_path_factory):
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 
@@ -158,8 +158,8 @@ def batch_stack(tiny_ckpt, tmp_path_factory):
     cfg = parse_config(raw)
     tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     try:
-        ray.init(num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False, _temp_dir=tmp)
+        ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
+                 configure_logging=False, log_to_driver=False, _temp_dir=tmp)
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name="bark", route_prefix="/")
         yield f"http://127.0.0.1:{port}", redis_srv

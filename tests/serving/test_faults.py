@@ -38,7 +38,7 @@ def fault_app(tiny_ckpt):
     import ray
     from ray import serve
 
-    from bark_serve.cluster.serve_config import pool_resources
+    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 
@@ -50,8 +50,8 @@ def fault_app(tiny_ckpt):
     raw["orchestrator"].update(max_text_chars=20_000, max_body_bytes=400_000)
     cfg = parse_config(raw)
     tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    ray.init(num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, configure_logging=False,
-             log_to_driver=False, _temp_dir=tmp)
+    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
+             configure_logging=False, log_to_driver=False, _temp_dir=tmp)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
