@@ -180,8 +180,8 @@ def _deploy(cfg, verbose: bool) -> None:
 
     from .app import build_app
 
+    _quiet_ray(verbose)  # importing ray.serve set up its logger again
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    _quiet_ray(verbose)  # Serve configures its logger when it starts
     serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
 
 
