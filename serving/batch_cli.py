@@ -304,6 +304,9 @@ def format_status(job: dict) -> str:
     c = job["counts"]
     text = (f"{job['id']}: {job['status']}; {c['succeeded']} succeeded, {c['failed']} failed, "
             f"{c['queued']} queued, {c['running']} running, {c['cancelled']} cancelled of {c['total']}")
+    stages = {k: v for k, v in (job.get("stages") or {}).items() if v}
+    if stages:  # where the running items are: semantic 3, coarse 1, ...
+        text += " (" + ", ".join(f"{k} {v}" for k, v in stages.items()) + ")"
     if job.get("rate_items_per_s"):
         text += f"; {job['rate_items_per_s']:.2f} items/s"
     if job.get("eta_s") is not None:
