@@ -11,6 +11,7 @@ have the shapes of suno/bark-small and suno/bark.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +31,11 @@ PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6",
            "v2/en_speaker_2", "v2/en_speaker_3", "v2/en_speaker_9")
 WEIGHT_STD = 0.2  # peakier attention than 0.02, so outputs depend on the text and the voice
 # End of speech on random weights (see _tune_semantic_eos): one residual dimension of the semantic
-# GPT is a clock that counts generated tokens, and the EOS logit reads it.
-EOS_CLOCK_TOKENS = 100.0  # the clock gains 1.0 per this many generated tokens
+# GPT is a clock that counts generated tokens, set back by the share of text tokens; the EOS logit reads it.
+EOS_CLOCK_TOKENS = 100.0  # the clock gains one unit (the residual's spread) per this many generated tokens
 EOS_TEXT_GAIN = 10.0      # how far back the share of text tokens sets the clock
-EOS_GAIN = 10.0           # the EOS logit per unit of the (layer-normed) clock
+EOS_TARGET_TOKENS = 180   # where P(EOS) should cross min_eos_p for a short (8-token) text
+EOS_MIN_P = 0.2           # Bark's default min_eos_p, the threshold the tuning aims at
 CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 
 
@@ -83,21 +85,34 @@ def _tune_semantic_eos(semantic, spec: BarkSpec) -> None:
     - a text marker: 1 in the embedding of every text token, 0 elsewhere;
     - a clock: its position embedding grows linearly with the generated tokens (0 over the
       prompt), minus what head 0 of layer 0 reads from the marker. That head attends uniformly
-      (zero queries), so it adds -EOS_TEXT_GAIN x (share of text tokens so far): longer text
+      (zero queries), so it subtracts EOS_TEXT_GAIN x (share of text tokens so far): longer text
       starts the clock lower, and speaks longer.
 
-    Only the EOS row of ``lm_head`` reads the clock, and nothing else writes into either
-    dimension. The final layer norm divides the clock by the spread of the other dimensions,
-    which also varies with the text and the tokens so far. transformers' BarkModel runs these
-    weights unchanged, so the parity tests hold whichever way a checkpoint was made.
+    Nothing else writes into either dimension, and only the EOS row of ``lm_head`` reads the
+    clock. The clock's unit is the spread of the residual stream before the final layer norm
+    (about 3 in tiny, 190 in small), measured on a probe prompt, and the EOS gain is set from the
+    same probe so that P(EOS) crosses min_eos_p near EOS_TARGET_TOKENS for a short text.
+    transformers' BarkModel runs these weights unchanged, so parity with it holds either way.
     """
+    clock = semantic.config.hidden_size - 1
+    _wire_eos(semantic, spec, unit=0.0)  # the clock silent: measure the residual spread and the logits
+    spread, logsumexp, _ = _probe(semantic, spec, clock)
+    _wire_eos(semantic, spec, unit=spread)
+    _, _, clock_at_start = _probe(semantic, spec, clock)  # layer-normed clock after the prompt
+    needed = logsumexp + math.log(EOS_MIN_P / (1 - EOS_MIN_P))  # the EOS logit where P(EOS) = min_eos_p
+    rise = max(EOS_TARGET_TOKENS / EOS_CLOCK_TOKENS + clock_at_start, 0.25)
+    semantic.lm_head.weight[spec.semantic_eos_token, clock] = needed / rise
+
+
+def _wire_eos(semantic, spec: BarkSpec, unit: float) -> None:
+    """The clock and text-marker dimensions of :func:`_tune_semantic_eos`, the clock in units of ``unit``."""
     hidden = semantic.config.hidden_size
     head = hidden // semantic.config.num_heads
     clock, marker = hidden - 1, hidden - 2
     prompt = spec.max_input_semantic_length + 1  # positions 0..256: merged text/history + infer token
     positions = torch.arange(semantic.position_embeds_layer.num_embeddings, dtype=torch.float32)
-    semantic.position_embeds_layer.weight[:, [clock, marker]] = 0
-    semantic.position_embeds_layer.weight[:, clock] = (positions - (prompt - 1)).clamp(min=0) / EOS_CLOCK_TOKENS
+    semantic.position_embeds_layer.weight[:, marker] = 0
+    semantic.position_embeds_layer.weight[:, clock] = (positions - (prompt - 1)).clamp(min=0) / EOS_CLOCK_TOKENS * unit
     semantic.input_embeds_layer.weight[:, [clock, marker]] = 0
     semantic.input_embeds_layer.weight[spec.text_encoding_offset:spec.text_pad_token, marker] = 1.0
     for layer in semantic.layers:  # nothing writes into the two dimensions ...
@@ -108,10 +123,28 @@ def _tune_semantic_eos(semantic, spec: BarkSpec) -> None:
     attn.att_proj.weight[2 * hidden] = 0
     attn.att_proj.weight[2 * hidden, marker] = 1.0  # its first value reads the marker
     attn.out_proj.weight[:, 0] = 0
-    attn.out_proj.weight[clock, 0] = -EOS_TEXT_GAIN
+    attn.out_proj.weight[clock, 0] = -EOS_TEXT_GAIN * unit
     semantic.lm_head.weight[:, [clock, marker]] = 0  # no token logit reads them
     semantic.lm_head.weight[spec.semantic_eos_token] = 0
-    semantic.lm_head.weight[spec.semantic_eos_token, clock] = EOS_GAIN
+
+
+def _probe(semantic, spec: BarkSpec, clock: int, n_text: int = 8) -> tuple[float, float, float]:
+    """One forward of a short-text prompt: (spread of the residual before the final layer norm,
+    logsumexp of the semantic logits, the layer-normed clock) at the last prompt position."""
+    text = torch.full((spec.max_input_semantic_length,), spec.text_pad_token)
+    text[:n_text] = torch.arange(n_text) * 37 % 1000 + spec.text_encoding_offset
+    history = torch.full_like(text, spec.semantic_pad_token)
+    emb = semantic.input_embeds_layer
+    embeds = torch.cat([emb(text) + emb(history), emb(torch.tensor([spec.semantic_infer_token]))])[None]
+    seen = {}
+    hook = semantic.layernorm_final.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], y=out))
+    try:
+        logits = semantic(inputs_embeds=embeds).logits[0, -1]  # (V,)
+    finally:
+        hook.remove()
+    residual = seen["h"][0, -1]  # (C,)
+    return (residual.std().item(), torch.logsumexp(logits[: spec.semantic_vocab_size], 0).item(),
+            seen["y"][0, -1, clock].item())
 
 
 def write_tokenizer(directory: Path, vocab_size: int) -> None:
