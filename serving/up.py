@@ -126,6 +126,9 @@ def up(args) -> int:
             time.sleep(3600)
     except _Stopping:
         pass
+    except SystemExit as exc:  # ray.init's own SIGTERM handler (sys.exit(15)) caught the signal mid-start
+        if exc.code != signal.SIGTERM:
+            raise
     finally:
         for sig in SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
@@ -214,17 +217,41 @@ def _stop(cfg, state: dict) -> None:
     try:
         import ray
 
-        if ray.is_initialized():
-            if not state.get("local_ray"):
-                from ray import serve
+        ours = _our_ray_processes(state) if state.get("local_ray") else []
+        if ray.is_initialized() and not state.get("local_ray"):
+            from ray import serve
 
-                serve.delete(cfg.app_name)  # someone else's cluster: remove our app, leave the rest
-            ray.shutdown()
+            serve.delete(cfg.app_name)  # someone else's cluster: remove our app, leave the rest
+        ray.shutdown()
+        _reap(ours)
     finally:
         if state.get("redis") is not None:
             state["redis"].stop()
         if state.get("ray_tmp"):
             shutil.rmtree(state["ray_tmp"], ignore_errors=True)
+
+
+def _our_ray_processes(state: dict) -> list:
+    """Every process this one started for Ray (raylet, GCS, agents, workers), taken before ray.shutdown: a
+    start cut short by a signal leaves ray.shutdown without the list of what it started."""
+    import psutil
+
+    redis = state.get("redis")
+    skip = {redis.process.pid} if redis is not None else set()
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in skip]
+
+
+def _reap(processes: list, timeout_s: float = 3.0) -> None:
+    """Wait briefly for processes ray.shutdown stopped; kill the ones it missed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
 
 
 def _check_redis(cfg) -> None:
