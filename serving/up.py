@@ -217,7 +217,7 @@ def _stop(cfg, state: dict) -> None:
     try:
         import ray
 
-        ours = _our_ray_processes(state) if state.get("local_ray") else []
+        ours = _our_processes(state)
         if ray.is_initialized() and not state.get("local_ray"):
             from ray import serve
 
@@ -231,9 +231,10 @@ def _stop(cfg, state: dict) -> None:
             shutil.rmtree(state["ray_tmp"], ignore_errors=True)
 
 
-def _our_ray_processes(state: dict) -> list:
-    """Every process this one started for Ray (raylet, GCS, agents, workers), taken before ray.shutdown: a
-    start cut short by a signal leaves ray.shutdown without the list of what it started."""
+def _our_processes(state: dict) -> list:
+    """Every process this one started (raylet, GCS, agents, workers; a redis-server still starting), taken
+    before ray.shutdown: a start cut short by a signal leaves ray.shutdown without the list of what it started.
+    A running local redis-server is left out: it is stopped gracefully, so that it writes its data."""
     import psutil
 
     redis = state.get("redis")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bark_serve.serving.config import BarkConfig
 from bark_serve.stages.checkpoint import PRESETS, make_checkpoint
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.semantic import SemanticEngine
@@ -58,8 +59,7 @@ def test_readme_in_the_checkpoint_says_how_it_ends(eos_ckpt, tiny_ckpt):
     assert "--full-length" in (tiny_ckpt / "README.md").read_text()
 
 
-@pytest.mark.parametrize("alias_target", sorted(set(
-    __import__("bark_serve.serving.config", fromlist=["BarkConfig"]).BarkConfig().voice_aliases.values())))
+@pytest.mark.parametrize("alias_target", sorted(set(BarkConfig().voice_aliases.values())))
 def test_every_default_voice_alias_resolves_on_a_fresh_checkpoint(eos_ckpt, alias_target):
     from bark_serve.stages.voices import VoiceLibrary
 

