@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -45,10 +47,11 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
     serve_yaml.write_text(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
     gcs_port, client_port = free_port(), free_port()
     address = f"ray://127.0.0.1:{client_port}"
+    ray_tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must fit in 107 bytes
     head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
                              f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
                              f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={tmp_path / 'ray'}"],
+                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
                             stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for_port(client_port, head, tmp_path / "head.log")
@@ -78,6 +81,7 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
         assert denied.returncode != 0  # token authentication is on
     finally:
         _stop_group(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
