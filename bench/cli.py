@@ -19,26 +19,32 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmark transformers vs bark-serve (engines and served); prints JSON")
+    p = sub.add_parser("bench", help="benchmark transformers vs bark-serve (engines and served); prints JSON",
+                       description="Measure, on one random checkpoint, transformers' BarkModel.generate (one at a "
+                                   "time and in static batches), bark-serve's engines in one process and the "
+                                   "served app over HTTP. Prints one JSON report on stdout (progress on stderr).")
     p.add_argument("--model", help="checkpoint directory (default: a random one of --size, made once and cached)")
-    p.add_argument("--size", default="small", choices=["tiny", "small", "large"])
+    p.add_argument("--size", default="small", choices=["tiny", "small", "large"],
+                   help="shapes of the random checkpoint made when --model is not given (default small)")
     p.add_argument("--semantic-tokens", type=int, default=32, help="semantic tokens per request (49.9 per second)")
     p.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baselines")
     p.add_argument("--hf-batches", default="4,16", help="static batch sizes tried for baseline (2)")
-    p.add_argument("--engine-batches", default="1,4,16")
-    p.add_argument("--engine-requests", type=int, default=16)
-    p.add_argument("--concurrency", default="1,4,16,32")
+    p.add_argument("--engine-batches", default="1,4,16",
+                   help="comma list of batch sizes for the in-process engines, configuration (3)")
+    p.add_argument("--engine-requests", type=int, default=16,
+                   help="requests per engine batch size (at least the batch size)")
+    p.add_argument("--concurrency", default="1,4,16,32",
+                   help="comma list of client concurrency levels for the served app, configuration (4)")
     p.add_argument("--served-requests", type=int, help="requests per concurrency level (default: max(4, level))")
     p.add_argument("--stage-threads", default="",
                    help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
                         "(default: the profile's)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
     p.add_argument("--skip", default="", help="comma list of hf,engines,served")
-    p.add_argument("--gemm-seconds", type=float, default=2.0)
+    p.add_argument("--gemm-seconds", type=float, default=2.0,
+                   help="seconds spent measuring each dtype's GEMM peak (default 2)")
     p.add_argument("--out", help="also write the JSON here")
     p.set_defaults(func=bench)
 
@@ -59,7 +65,7 @@ def _checkpoint(args) -> str:
     path = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve")) / f"bench-{args.size}"
     if not (path / "model.safetensors").exists():
         _log(f"writing a random {args.size} checkpoint to {path}")
-        make_checkpoint(path, args.size, seed=0)
+        make_checkpoint(path, args.size, seed=0, eos=False)  # full length: every request makes the same audio
     return str(path)
 
 
@@ -77,6 +83,8 @@ def bench(args) -> int:
 
 
 def _bench(args) -> dict:
+    import torch
+
     from .engine_runs import engines
     from .gemm import gemm_peaks
     from .hf_runs import hf_batched, hf_sequential

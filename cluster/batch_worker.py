@@ -98,6 +98,8 @@ class BatchWorkerLoop:
         self._grace_s = 30.0
         self._running = False
         self._reclaim_cursor = "0-0"
+        self._progress_writes: dict[tuple[str, str], set[asyncio.Task]] = {}  # report_stage's writes by item
+        self._progress_lock = asyncio.Lock()
 
     @classmethod
     def from_config(cls, queue: WorkQueue, synthesize: Synthesize, cfg, consumer: str | None = None,
@@ -190,9 +192,10 @@ class BatchWorkerLoop:
     async def _reclaim(self) -> None:
         self._reclaim_cursor, leases = await self.queue.reclaim(
             self.consumer, self._free(), int(self.claim_timeout_s * 1000), start=self._reclaim_cursor)
-        for lease in leases:
-            log.info("batch worker %s: took over item %s/%s (attempt %d)", self.consumer,
-                     lease.entry.job_id, lease.entry.item_id, lease.attempt)
+        for lease in leases:  # a restart from scratch: say so, and why
+            log.warning("batch worker %s: took over item %s/%s (attempt %d): its worker sent no heartbeat for "
+                        "%.0f s (claim_timeout_s)", self.consumer, lease.entry.job_id, lease.entry.item_id,
+                        lease.attempt, self.claim_timeout_s)
             self._spawn(lease)
 
     async def _heartbeat(self) -> None:
@@ -218,10 +221,7 @@ class BatchWorkerLoop:
     async def _process(self, lease: Lease) -> None:
         item = lease.batch_item()
         try:
-            if self.item_timeout_s is None:
-                result = await self.synthesize(item)
-            else:
-                result = await asyncio.wait_for(self.synthesize(item), self.item_timeout_s)
+            result = await self._synthesize_within_timeout(item)
             if not isinstance(result, SynthesisResult) or not isinstance(result.audio, (bytes, bytearray)):
                 raise TypeError(f"synthesize returned {type(result).__name__}, expected SynthesisResult")
         except asyncio.CancelledError:
@@ -243,6 +243,40 @@ class BatchWorkerLoop:
         """Wait before requeuing, if another attempt follows (the heartbeat keeps the lease meanwhile)."""
         if self.retry_backoff_s > 0 and lease.attempt < self.queue.max_attempts:
             await asyncio.sleep(min(self.retry_backoff_s * 2 ** (lease.attempt - 1), MAX_RETRY_BACKOFF_S))
+
+    async def _synthesize_within_timeout(self, item: BatchItem) -> SynthesisResult:
+        """``synthesize``, bounded by item_timeout_s if set (else only heartbeats bound it: a live worker
+        keeps its item however long it takes, a dead one's item is reclaimed after claim_timeout_s)."""
+        try:
+            if self.item_timeout_s is None:
+                return await self.synthesize(item)
+            return await asyncio.wait_for(self.synthesize(item), self.item_timeout_s)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"took longer than batch.item_timeout_s ({self.item_timeout_s:g} s)") from None
+        finally:  # its progress lands before its result (the result's write ends the item's progress)
+            pending = self._progress_writes.pop((item.job_id, item.item_id), set())
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    def report_stage(self, job_id: str, item_id: str, stage: str | None, passed: list[str]) -> None:
+        """Record, in the background, which stage an in-flight item is in (job status shows it).
+
+        Best effort: progress never delays or fails an item, so Redis errors are only logged.
+        """
+        lease = next((held for held in self._tasks.values()
+                      if held.entry.job_id == job_id and held.entry.item_id == item_id), None)
+        if lease is not None:
+            pending = self._progress_writes.setdefault((job_id, item_id), set())
+            task = asyncio.ensure_future(self._write_stage(lease, stage, passed))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    async def _write_stage(self, lease: Lease, stage: str | None, passed: list[str]) -> None:
+        try:
+            async with self._progress_lock:  # FIFO: an item's stages land in the order they happened
+                await self.queue.set_stage(lease, stage, passed)
+        except (*REDIS_DOWN, ResponseError) as exc:
+            log.debug("batch worker %s: progress of %s not recorded: %s", self.consumer, lease.entry.item_id, exc)
 
     async def _commit(self, write: Callable[[], Awaitable[Outcome]]) -> Outcome | None:
         """Run the guarded write, retrying while Redis is down (until stop's grace runs out)."""

@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
 from bark_serve.cluster.queue import ensure_group
+from bark_serve.stages.constants import STAGES
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
 
@@ -117,13 +118,15 @@ class JobInfo:
     job_key: str | None = None
     rate_items_per_s: float | None = None  # items finished by workers per second since the first start
     eta_s: float | None = None
+    stages: dict[str, int] = field(default_factory=dict)  # running items by the stage they are in now
+    stage_rates: dict[str, float] = field(default_factory=dict)  # items per second through each stage
 
     def to_dict(self) -> dict:
         return {"id": self.job_id, "object": "batch", "status": self.state.value,
                 "job_key": self.job_key, "counts": self.counts.__dict__.copy(),
                 "created_at": self.created_at, "started_at": self.started_at,
                 "finished_at": self.finished_at, "rate_items_per_s": self.rate_items_per_s,
-                "eta_s": self.eta_s}
+                "eta_s": self.eta_s, "stages": dict(self.stages), "stage_rates_items_per_s": dict(self.stage_rates)}
 
 
 @dataclass(frozen=True)
@@ -247,14 +250,27 @@ class JobStore:
             state = JobState.QUEUED
         rate = eta = None
         processed = int(h.get(b"processed", 0))
-        if started is not None and processed:
-            elapsed = max((finished or self.clock()) - started, 1e-6)
+        elapsed = None if started is None else max((finished or self.clock()) - started, 1e-6)
+        if elapsed is not None and processed:
             rate = processed / elapsed
             if state in (JobState.QUEUED, JobState.RUNNING):
                 eta = (counts.queued + counts.running) / rate
+        open_job = state in (JobState.QUEUED, JobState.RUNNING)
+        stages = await self._stage_counts(job_id) if open_job else {}
+        rates = {} if elapsed is None else {s: int(h.get(f"passed:{s}".encode(), 0)) / elapsed for s in STAGES}
+        if open_job:
+            eta = stage_eta(counts, stages, rates) or eta
         return JobInfo(job_id=job_id, state=state, counts=counts, created_at=float(h[b"created_at"]),
                        started_at=started, finished_at=finished, job_key=_s(h.get(b"jobkey")) or None,
-                       rate_items_per_s=rate, eta_s=eta)
+                       rate_items_per_s=rate, eta_s=eta, stages=stages, stage_rates=rates)
+
+    async def _stage_counts(self, job_id: str) -> dict[str, int]:
+        """Running items by stage (the hash holds only items in flight, so it stays small)."""
+        stages = {s: 0 for s in STAGES}
+        for value in await self.redis.hvals(self.keys.job(job_id, "stage")):
+            if value.decode() in stages:
+                stages[value.decode()] += 1
+        return stages
 
     async def cancel(self, job_id: str) -> JobInfo | None:
         """Cancel a job: queued items will not run, in-flight results are discarded. None if unknown.
@@ -288,6 +304,21 @@ class JobStore:
     async def item(self, job_id: str, item_id: str) -> ItemRecord | None:
         data = await self.redis.hget(self.keys.job(job_id, "items"), item_id)
         return None if data is None else ItemRecord.unpack(data)
+
+
+def stage_eta(counts: JobCounts, stages: dict[str, int], rates: dict[str, float]) -> float | None:
+    """Seconds until the job is done, from each stage's rate: the pipeline is as fast as its slowest stage.
+
+    Stage s still has to see every queued item and every running item not past it yet. None until
+    every stage has passed at least one item (no rate to go by).
+    """
+    if not rates or any(rates.get(s, 0) <= 0 for s in STAGES):
+        return None
+    etas = []
+    for i, stage in enumerate(STAGES):
+        past = sum(stages.get(later, 0) for later in STAGES[i + 1:])
+        etas.append((counts.queued + counts.running - past) / rates[stage])
+    return max(0.0, max(etas))
 
 
 async def open_store(cfg, keys: BatchKeys | None = None) -> JobStore:

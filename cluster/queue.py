@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import os
 import time
 from collections.abc import Sequence
@@ -35,6 +36,7 @@ from redis.exceptions import ResponseError
 
 from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ErrorType, ItemRecord, Lease, QueueEntry, SynthesisResult
 
+log = logging.getLogger("bark.batch.queue")
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream is for operators, not a store: keep it bounded
 _LEASE_PRELUDE = LUA_PRELUDE + f"local DEAD_MAXLEN = {DEAD_LETTER_MAXLEN}\n"
 
@@ -80,11 +82,13 @@ if redis.call('EXISTS', jk(jid)) == 0 or not st then ack(queue, group, e) return
 if terminal(st) then ack(queue, group, e) return 'duplicate' end
 if redis.call('HGET', jk(jid), 'status') == 'cancelled' then
   redis.call('HSET', jk(jid, 'state'), iid, 'cancelled')
+  redis.call('HDEL', jk(jid, 'stage'), iid)
   ack(queue, group, e)
   touch(jid)
   return 'cancelled'
 end
 if mode == 'ok' then  -- the first result wins, whichever attempt produced it
+  redis.call('HDEL', jk(jid, 'stage'), iid)
   redis.call('HINCRBY', jk(jid), st, -1)
   redis.call('HINCRBY', jk(jid), 'succeeded', 1)
   redis.call('HINCRBY', jk(jid), 'processed', 1)
@@ -97,6 +101,7 @@ if mode == 'ok' then  -- the first result wins, whichever attempt produced it
   return 'ok'
 end
 if tonumber(redis.call('HGET', jk(jid, 'attempts'), iid)) ~= attempt then return 'stale' end
+redis.call('HDEL', jk(jid, 'stage'), iid)  -- requeued or failed: in no stage now
 if mode == 'release' or (mode == 'retry' and attempt < max_attempts) then
   if mode == 'release' then redis.call('HINCRBY', jk(jid, 'attempts'), iid, -1) end
   if st == 'running' then
@@ -132,6 +137,7 @@ for i = 7, #ARGV, 3 do
   elseif redis.call('EXISTS', jk(jid)) == 0 or redis.call('HGET', jk(jid), 'status') == 'cancelled' then
     local st = redis.call('HGET', jk(jid, 'state'), iid)
     if st and not terminal(st) then redis.call('HSET', jk(jid, 'state'), iid, 'cancelled') end
+    redis.call('HDEL', jk(jid, 'stage'), iid)
     ack(queue, group, e)
     out[#out + 1] = 'cancelled'
   else
@@ -140,6 +146,21 @@ for i = 7, #ARGV, 3 do
   end
 end
 return out
+"""
+
+
+# ARGV[4..]: jid iid attempt stage, then the stages the item has just passed. Progress only: it acts
+# only for the attempt that holds the item, and the 'stage' hash is not part of the item's state.
+_STAGE = LUA_PRELUDE + """
+local jid, iid, attempt, stage = ARGV[4], ARGV[5], tonumber(ARGV[6]), ARGV[7]
+if redis.call('HGET', jk(jid, 'state'), iid) ~= 'running'
+   or tonumber(redis.call('HGET', jk(jid, 'attempts'), iid)) ~= attempt then return 0 end
+if stage ~= '' then
+  redis.call('HSET', jk(jid, 'stage'), iid, stage)
+  redis.call('EXPIRE', jk(jid, 'stage'), TTL)
+end
+for i = 8, #ARGV do redis.call('HINCRBY', jk(jid), 'passed:' .. ARGV[i], 1) end
+return 1
 """
 
 
@@ -202,6 +223,7 @@ class WorkQueue:
         self._finish = client.register_script(_FINISH)
         self._heartbeat = client.register_script(_HEARTBEAT)
         self._prune = client.register_script(_PRUNE)
+        self._stage = client.register_script(_STAGE)
 
     @classmethod
     def from_config(cls, client: aioredis.Redis, cfg, keys: BatchKeys = BatchKeys()) -> "WorkQueue":
@@ -288,8 +310,26 @@ class WorkQueue:
         return path
 
     async def fail(self, lease: Lease, reason: str, error_type: ErrorType, retry: bool) -> Outcome:
-        """Requeue the item (``retry`` and attempts left) or mark it failed with ``reason``."""
-        return await self._run_finish(lease, "retry" if retry else "fail", reason[:2000], error_type.value)
+        """Requeue the item (``retry`` and attempts left) or mark it failed with ``reason``; logs either."""
+        outcome = await self._run_finish(lease, "retry" if retry else "fail", reason[:2000], error_type.value)
+        e = lease.entry
+        if outcome is Outcome.RETRIED:  # a retry starts the item from scratch: say so, and why
+            log.warning("batch item %s/%s: attempt %d of %d failed, retrying: %s", e.job_id, e.item_id,
+                        lease.attempt, self.max_attempts, reason)
+        elif outcome is Outcome.FAILED:
+            log.warning("batch item %s/%s: failed after attempt %d of %d: %s", e.job_id, e.item_id,
+                        lease.attempt, self.max_attempts, reason)
+        return outcome
+
+    async def set_stage(self, lease: Lease, stage: str | None, passed: Sequence[str] = ()) -> bool:
+        """Record the stage the item is in now (None: none) and count the stages it has just passed.
+
+        Progress for ``GET /v1/batches/{id}`` (items per stage, stage rates for the ETA); acts only
+        while this lease's attempt holds the item. False when it did nothing.
+        """
+        e = lease.entry
+        args = [*self._base(), e.job_id, e.item_id, lease.attempt, stage or "", *passed]
+        return bool(await self._stage(args=args))
 
     async def release(self, lease: Lease) -> Outcome:
         """Give the item back untouched (worker shutdown): requeued, the attempt not counted."""
@@ -321,14 +361,24 @@ async def open_queue(cfg, keys: BatchKeys | None = None) -> WorkQueue:
 
 
 def _plain_timings(timings: dict) -> dict:
-    """Timings as str -> float (numpy scalars and the like would not pack)."""
-    out = {}
-    for key, value in timings.items():
-        try:
-            out[str(key)] = float(value)
-        except (TypeError, ValueError):
-            out[str(key)] = str(value)
-    return out
+    """Timings as plain JSON types: nested dicts stay dicts, ints stay ints (a seed), numpy scalars become
+    Python numbers, anything else its str (msgpack and the results' <id>.json need plain values)."""
+    return {str(key): _plain(value) for key, value in timings.items()}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return _plain_timings(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if hasattr(value, "item"):  # numpy scalar
+        return _plain(value.item())
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> QueueEntry:

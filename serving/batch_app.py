@@ -20,6 +20,7 @@ from bark_serve.cluster.batch_types import BatchItem, SynthesisResult
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
+from bark_serve.stages.constants import STAGES
 from bark_serve.stages.types import InvalidRequestError
 
 from . import audio as A
@@ -30,6 +31,28 @@ from .http_api import validation_error
 from .service import make_synthesizer
 
 log = logging.getLogger("ray.serve")
+
+
+class ItemProgress:
+    """Which stage one batch item is in, from its segments' finished stage calls.
+
+    An item is in the first stage that has not finished all its segments; ``report(stage, passed)``
+    is called whenever that changes (``passed``: the stages it has just finished, for stage rates).
+    """
+
+    def __init__(self, n_segments: int, report):
+        self.n, self.report = n_segments, report
+        self.done = {s: 0 for s in STAGES}
+        self.passed: list[str] = []
+        self.report(STAGES[0], [])
+
+    def finished(self, stage: str) -> None:
+        self.done[stage] += 1
+        passed = [s for s in STAGES if self.done[s] >= self.n and s not in self.passed]
+        if passed:
+            self.passed += passed
+            current = next((s for s in STAGES if self.done[s] < self.n), None)
+            self.report(current, passed)
 
 
 def batch_store_factory(cfg: BarkConfig):
@@ -54,10 +77,12 @@ class BatchWorker:
         self.cfg = parse_config(config)
         handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
         self.synth = make_synthesizer(self.cfg, handles)
+        self.synth.call = self._tracking(self.synth.call)
+        self.progress: dict[str, ItemProgress] = {}  # plan request id -> its item's progress
         bcfg = self.cfg.batch
-        timeout = bcfg.item_timeout_s or self.cfg.orchestrator.request_timeout_s
         self.queue = await open_queue(bcfg)
-        self.loop = BatchWorkerLoop.from_config(self.queue, self.synthesize, bcfg, item_timeout_s=timeout)
+        # Only batch.item_timeout_s bounds an item: the interactive request_timeout_s is for people waiting.
+        self.loop = BatchWorkerLoop.from_config(self.queue, self.synthesize, bcfg, item_timeout_s=bcfg.item_timeout_s)
         self.task = asyncio.get_running_loop().create_task(self.loop.run())
         log.info("batch worker %s started (max %d in flight)", self.loop.consumer, bcfg.max_in_flight)
 
@@ -66,14 +91,30 @@ class BatchWorker:
         try:
             plan = self.synth.plan(req.text, req.voice, req.generation_params(), "batch",
                                    request_id=f"{item.job_id}-{item.item_id}")
+            report = functools.partial(self.loop.report_stage, item.job_id, item.item_id)
+            self.progress[plan.request_id] = ItemProgress(len(plan.segments), report)
             chunks = await self.synth.collect(plan)
         except Exception as exc:
             raise unwrap(exc) from None  # InvalidRequestError fails the item at once; others are retried
+        finally:
+            self.progress.pop(f"{item.job_id}-{item.item_id}", None)
         audio = np.concatenate([c.audio for c in chunks])
         sr = self.synth.spec.sample_rate
         timings = {s: sum(c.timings[s]["finished"] - c.timings[s]["started"] for c in chunks) for s in chunks[0].timings}
         return SynthesisResult(audio=A.encode(audio, sr, req.format), sample_rate=sr, duration_s=len(audio) / sr,
                                media_type=A.media_type(req.format), timings={"seed": plan.seed, "stages_s": timings})
+
+    def _tracking(self, call):
+        """The Synthesizer's stage call, also telling the item's progress when a segment leaves a stage."""
+
+        async def tracked(stage: str, request, priority: str):
+            out = await call(stage, request, priority)
+            progress = self.progress.get(request.request_id.rpartition(":")[0])  # "<plan id>:<segment>"
+            if progress is not None:
+                progress.finished(stage)
+            return out
+
+        return tracked
 
     async def stats(self) -> dict:
         return {"consumer": self.loop.consumer, "running": not self.task.done()}

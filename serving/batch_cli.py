@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bark_serve.cluster.batch_types import AUDIO_FORMATS, ITEM_ID_RE
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from .cli_common import DEFAULT_URL, URL_ENV, server_url
 STATE_FILE = ".bark-batch.json"
 FAILED_FILE = "failed.jsonl"
 CHUNK_ITEMS = 1000
@@ -384,8 +384,7 @@ def _follow(client: BatchClient, job_id: str, cursor: str, outdir: OutputDir, ba
 
 
 def _client(args) -> BatchClient:
-    url = args.url or os.environ.get("BARK_SERVE_URL") or DEFAULT_URL
-    return BatchClient(url, args.api_key or os.environ.get("BARK_API_KEY"))
+    return BatchClient(server_url(args.url), args.api_key or os.environ.get("BARK_API_KEY"))
 
 
 def cmd_submit(args) -> int:
@@ -412,6 +411,9 @@ def format_status(job: dict) -> str:
     c = job["counts"]
     text = (f"{job['id']}: {job['status']}; {c['succeeded']} succeeded, {c['failed']} failed, "
             f"{c['queued']} queued, {c['running']} running, {c['cancelled']} cancelled of {c['total']}")
+    stages = {k: v for k, v in (job.get("stages") or {}).items() if v}
+    if stages:  # where the running items are: semantic 3, coarse 1, ...
+        text += " (" + ", ".join(f"{k} {v}" for k, v in stages.items()) + ")"
     if job.get("rate_items_per_s"):
         text += f"; {job['rate_items_per_s']:.2f} items/s"
     if job.get("eta_s") is not None:
@@ -432,14 +434,21 @@ def cmd_cancel(args) -> int:
 
 def add_batch_commands(subparsers) -> argparse.ArgumentParser:
     """Add ``batch submit|status|cancel`` to a CLI; each sets ``args.handler`` (call :func:`run` with args)."""
-    batch = subparsers.add_parser("batch", help="durable batch jobs (submit a JSONL file, follow, cancel)")
-    sub = batch.add_subparsers(dest="batch_command", required=True)
+    batch = subparsers.add_parser("batch", help="durable batch jobs (submit a JSONL file, follow, cancel)",
+                                  description="Durable batch jobs on a server started with batch enabled "
+                                              "(`bark-serve up --batch`). Items are kept in Redis and each result "
+                                              "is written exactly once; submit resumes where it stopped.")
+    sub = batch.add_subparsers(dest="batch_command", required=True, metavar="SUBCOMMAND")
 
     def common(p):
-        p.add_argument("--url", help=f"server URL (default $BARK_SERVE_URL or {DEFAULT_URL})")
+        p.add_argument("--url", help=f"server URL (default ${URL_ENV}, else {DEFAULT_URL})")
         p.add_argument("--api-key", help="API key (default $BARK_API_KEY)")
 
-    p = sub.add_parser("submit", help="submit items.jsonl and write results to --out (resumable)")
+    p = sub.add_parser("submit", help="submit items.jsonl and write results to --out (resumable)",
+                       description="Submit the items of a JSONL file as one job, follow it with a progress bar "
+                                   "and write <id>.<format>, <id>.json and failed.jsonl into --out. Re-running the "
+                                   "same command resumes. Exit codes: 0 done, 1 failed items or cancelled, "
+                                   "2 bad input, 3 --timeout ran out.")
     p.add_argument("items", help="JSONL file: one {id?, text, voice?, seed?, format?, options?} a line")
     p.add_argument("--out", required=True, help="directory for <id>.<format>, <id>.json and failed.jsonl")
     p.add_argument("--job-key", help="idempotency key of the job (default: a hash of the file)")
@@ -450,8 +459,8 @@ def add_batch_commands(subparsers) -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_submit)
     for name, handler, text in (("status", cmd_status, "show a job's status and progress"),
                                 ("cancel", cmd_cancel, "cancel a job")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("job_id")
+        p = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]} (the id `submit` printed).")
+        p.add_argument("job_id", help="the job id (submit prints it; also in DIR/.bark-batch.json)")
         if name == "status":
             p.add_argument("--json", action="store_true", help="print the raw status object")
         common(p)
@@ -461,14 +470,16 @@ def add_batch_commands(subparsers) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     """Run the handler ``add_batch_commands`` chose; errors become one line on stderr and an exit code."""
+    prefix = f"bark-serve batch {args.batch_command}"
+    error = f"{prefix}: error:"  # the same shape as every other command's errors
     try:
         return args.handler(args)
     except CliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{error} {exc}", file=sys.stderr)
         return exc.code
     except httpx.HTTPError as exc:
-        print(f"error: cannot reach the server: {exc}", file=sys.stderr)
+        print(f"{error} cannot reach the server: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:
-        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        print(f"{prefix}: interrupted; re-run the same command to resume", file=sys.stderr)
         return 130

@@ -3,6 +3,9 @@
 Subcommands: synth (in-process), make-checkpoint, up (serve locally), say
 (HTTP client), render-config, voices, bench, batch. Bad arguments and bad
 input end with one line on stderr and exit code 2, never a stack trace.
+
+Building the parser imports no torch, ray or transformers: each command's
+module imports what it needs when it runs, so ``--help`` answers at once.
 """
 
 from __future__ import annotations
@@ -10,13 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bark_serve.stages.types import InvalidRequestError
+from .cli_common import EXIT_USAGE, UsageError
 
-EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A user error the CLI reports in one line with exit code 2."""
+__all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,10 +29,23 @@ def _float_or_none(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import cli_commands as cmd
+    from . import up
+    from .batch_cli import add_batch_commands
+    from .batch_cli import run as run_batch
 
     parser = _Parser(prog="bark-serve", description="Serve Suno's Bark text-to-speech at scale.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    _add_synth(sub, cmd)
+    _add_checkpoint_commands(sub, cmd)
+    up.register(sub)
+    from bark_serve.bench.cli import register as register_bench  # argparse only: bench imports torch when it runs
 
+    register_bench(sub)
+    add_batch_commands(sub).set_defaults(func=run_batch)
+    return parser
+
+
+def _add_synth(sub, cmd) -> None:
     p = sub.add_parser("synth", help="synthesize speech in this process and write an audio file",
                        description="Synthesize TEXT with all four Bark stages in this process. Long text is split "
                                    "at sentence boundaries; each segment continues the previous one's voice.")
@@ -56,35 +68,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-voice", metavar="FILE.npz", help="also save the generated tokens as a voice preset")
     p.set_defaults(func=cmd.synth)
 
-    p = sub.add_parser("make-checkpoint", help="write a random-weight Bark checkpoint (Hugging Face layout)")
-    p.add_argument("directory")
+
+def _add_checkpoint_commands(sub, cmd) -> None:
+    p = sub.add_parser("make-checkpoint", help="write a random-weight Bark checkpoint (Hugging Face layout)",
+                       description="Write a Bark checkpoint with random weights in the exact Hugging Face layout "
+                                   "(config, safetensors, tokenizer, voice presets), for running every path of the "
+                                   "system without the hub. Random weights give noise, not speech. By default the "
+                                   "semantic stage ends by itself after about 1-4 s of audio, so demo requests are "
+                                   "quick; --full-length makes every request run to the 768-token cap (benchmarks).")
+    p.add_argument("directory", help="where to write the checkpoint (created if missing)")
     p.add_argument("--size", choices=["tiny", "small", "large"], default="tiny",
                    help="tiny for tests; small/large have the shapes of suno/bark-small and suno/bark")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and presets (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype the weights are stored in (default float32)")
+    p.add_argument("--full-length", "--no-eos", dest="full_length", action="store_true",
+                   help="no end-of-speech tuning: requests run to max_semantic_tokens (for benchmarks)")
     p.set_defaults(func=cmd.make_checkpoint)
 
-    p = sub.add_parser("voices", help="list the voice presets of a checkpoint")
-    p.add_argument("--model", default="suno/bark-small")
-    p.add_argument("--voices-dir", action="append", default=[])
+    p = sub.add_parser("voices", help="list the voice presets of a checkpoint",
+                       description="List the voice presets a checkpoint ships (speaker_embeddings/) and those in "
+                                   "--voices-dir. A running server lists its voices and aliases at GET /v1/voices.")
+    p.add_argument("--model", help="hub id (suno/bark-small) or local checkpoint directory (required)")
+    p.add_argument("--voices-dir", action="append", default=[],
+                   help="extra directory of suno-style .npz presets (repeatable)")
     p.set_defaults(func=cmd.voices)
 
-    p = sub.add_parser("render-config", help="print the Ray Serve config (serve deploy / RayService) of a config")
+    p = sub.add_parser("render-config", help="print the Ray Serve config (serve deploy / RayService) of a config",
+                       description="Print the Ray Serve config (YAML) that `up` deploys, for `serve deploy` or a "
+                                   "RayService's serveConfigV2.")
     p.add_argument("--config", help="YAML config file or profile name (default: local-cpu)")
     p.add_argument("--model", help="override the config's model")
     p.set_defaults(func=cmd.render_config)
-
-    from . import up
-    from .batch_cli import add_batch_commands
-
-    up.register(sub)
-    from bark_serve.bench.cli import register as register_bench
-
-    register_bench(sub)
-    from .batch_cli import run as run_batch
-
-    add_batch_commands(sub).set_defaults(func=run_batch)
-    return parser
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -97,10 +112,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bark_serve.serving.config import ConfigError
-
     parser = build_parser()
     args = parser.parse_args(argv)
+    from bark_serve.serving.config import ConfigError
+    from bark_serve.stages.types import InvalidRequestError
+
     try:
         return int(args.func(args) or 0)
     except (InvalidRequestError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:

@@ -10,6 +10,8 @@ import yaml
 
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
+from .cli_common import UsageError
+
 
 def _engine_options(args, capacity: int = 4):
     from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
@@ -73,8 +75,9 @@ def synth(args) -> int:
 def make_checkpoint(args) -> int:
     from bark_serve.stages.checkpoint import make_checkpoint as make
 
-    path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype)
-    print(f"wrote a random {args.size} Bark checkpoint to {path}")
+    path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype, eos=not args.full_length)
+    ending = "requests run to the semantic cap" if args.full_length else "requests end after about 1-4 s of audio"
+    print(f"wrote a random {args.size} Bark checkpoint to {path} ({ending}; see {path}/README.md)")
     return 0
 
 
@@ -82,6 +85,10 @@ def voices(args) -> int:
     from bark_serve.stages.voices import VoiceLibrary
     from bark_serve.stages.weights import Checkpoint
 
+    if not args.model:  # never a silent hub download: presets belong to a checkpoint
+        raise UsageError("give --model: a hub id (suno/bark-small) or a checkpoint directory "
+                         "(`bark-serve make-checkpoint DIR` writes one); a running server lists its voices "
+                         "at GET /v1/voices")
     ckpt = Checkpoint.open(args.model)
     for name in VoiceLibrary(ckpt.spec, ckpt, args.voices_dir).names():
         print(name)

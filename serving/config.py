@@ -106,7 +106,9 @@ class BatchConfig(_Strict):
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_in_flight: int = Field(8, ge=1)  # items one worker replica has in the pipeline at once
     claim_timeout_s: float = Field(300.0, gt=0)  # an item held longer by a silent worker is reclaimed
-    item_timeout_s: float | None = Field(None, gt=0)  # one item's synthesis limit; None: the orchestrator's timeout
+    # One item's synthesis limit (then it is retried). None: no limit; heartbeats keep a live worker's item,
+    # a dead worker's item is reclaimed after claim_timeout_s. orchestrator.request_timeout_s never applies.
+    item_timeout_s: float | None = Field(None, gt=0)
     max_attempts: int = Field(3, ge=1)
     max_items: int = Field(100_000, ge=1)  # per submission
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # per submission

@@ -1,39 +1,83 @@
-"""``bark-serve up`` (run the app on a local or existing Ray) and ``bark-serve say`` (an HTTP client)."""
+"""``bark-serve up`` (run the app on a local or existing Ray) and ``bark-serve say`` (an HTTP client).
+
+How ``up`` stops: SIGINT and SIGTERM both raise :class:`_Stopping` in the main thread, whatever
+it is doing (starting Ray, waiting for the stages, idling). ``ray.init`` installs its own SIGTERM
+handler, so ours is installed again after it. The ``finally`` block then ignores both signals (a
+second Ctrl-C must not cut the shutdown short) and stops everything it started: a local Ray
+instance (``ray.shutdown`` stops the head that ``ray.init`` started, and with it every worker),
+the local redis-server, the Ray temp dir.
+"""
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from .cli import UsageError
+from .cli_common import UsageError, server_url
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class _Stopping(BaseException):
+    """Raised by the signal handler: unwinds whatever ``up`` is doing (BaseException, like Ctrl-C)."""
 
 
 def register(sub) -> None:
-    p = sub.add_parser("up", help="start Ray (or join RAY_ADDRESS) and serve the whole app; Ctrl-C stops it",
-                       description="Serve bark-serve: the four stage deployments and the orchestrator. Without "
-                                   "--address (or RAY_ADDRESS) a local Ray instance is started and stopped with it.")
+    _register_up(sub)
+    _register_say(sub)
+
+
+def _register_up(sub) -> None:
+    p = sub.add_parser("up", help="start a local Ray instance (or join --address) and serve the whole app",
+                       description="Serve bark-serve: the four stage deployments and the orchestrator (and the "
+                                   "batch workers with --batch). Without --address, a new local Ray instance is "
+                                   "started (never one found on the machine) and stopped with it. Prints one line "
+                                   "with the URL, the Ray address and the routes when every stage is ready; "
+                                   "Ctrl-C or SIGTERM stops everything within seconds.")
     p.add_argument("--config", help="YAML config or profile name (local-cpu, pipelined-gpu, single-gpu)")
     p.add_argument("--model", help="hub id or local checkpoint directory (overrides the config)")
     p.add_argument("--host", help="HTTP host (overrides the config; default 127.0.0.1 in local-cpu)")
     p.add_argument("--port", type=int, help="HTTP port (overrides the config)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help="an existing Ray cluster to deploy to")
+    p.add_argument("--address", help="an existing Ray cluster to deploy to (e.g. 10.0.0.5:6379); "
+                                     "without it a new local Ray instance is started")
     p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--batch", action="store_true",
+                   help="enable batch jobs (/v1/batches); without batch.redis_url a local redis-server is "
+                        "started, with its data in $BARK_STATE_DIR or ~/.cache/bark-serve/redis")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for all stages")
+    p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own logs in this terminal")
     p.set_defaults(func=up)
 
-    p = sub.add_parser("say", help="synthesize through a running server and write an audio file")
-    p.add_argument("text")
-    p.add_argument("-o", "--output", required=True, help=".wav, .flac, .mp3, .ogg/.opus or .pcm")
-    p.add_argument("--url", default=os.environ.get("BARK_URL", "http://127.0.0.1:8000"))
-    p.add_argument("--voice")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--api-key", default=os.environ.get("BARK_API_KEY"), help="Bearer key (or BARK_API_KEY)")
-    p.add_argument("--timeout", type=float, default=900.0)
+
+def _register_say(sub) -> None:
+    p = sub.add_parser("say", help="synthesize through a running server and write an audio file",
+                       description="Send TEXT to a running bark-serve (POST /v1/tts) and write the audio it "
+                                   "answers. The server is --url, else $BARK_URL, else http://127.0.0.1:8000.")
+    p.add_argument("text", help="the text to speak")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file; its extension picks the format: .wav, .flac, .mp3, .ogg/.opus or .pcm")
+    p.add_argument("--url", help="server URL (default: $BARK_URL, else http://127.0.0.1:8000)")
+    p.add_argument("--voice", help="voice preset or alias (GET /v1/voices lists them)")
+    p.add_argument("--seed", type=int, help="random seed (same seed, same audio)")
+    p.add_argument("--temperature", type=float, help="temperature of every stage; 0 is greedy")
+    p.add_argument("--api-key", default=os.environ.get("BARK_API_KEY"), help="Bearer key (default: $BARK_API_KEY)")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the answer (default 900)")
     p.set_defaults(func=say)
+
+
+def _raise_stopping(signum, frame):
+    raise _Stopping(signal.Signals(signum).name)
+
+
+def _catch_signals() -> None:
+    for sig in SIGNALS:
+        signal.signal(sig, _raise_stopping)
 
 
 def _wait_ready(url: str, timeout: float) -> None:
@@ -46,80 +90,197 @@ def _wait_ready(url: str, timeout: float) -> None:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(1)
-    raise RuntimeError(f"bark-serve did not become ready within {timeout:.0f} s")
+        time.sleep(0.5)
+    raise UsageError(f"bark-serve did not become ready within {timeout:.0f} s")
 
 
-def up(args) -> int:
-    import ray
-    from ray import serve
-
-    from bark_serve.serving.serve_config import pool_resources
-
-    from .app import build_app
+def _config(args):
     from .config import load_config
 
     overrides = {k: v for k, v in {"model": args.model, "http_host": args.host, "http_port": args.port}.items() if v}
     cfg = load_config(args.config, overrides)
+    if args.batch and not cfg.batch.enabled:
+        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"enabled": True})})
+    return cfg
+
+
+def up(args) -> int:
     from bark_serve.stages.weights import Checkpoint
 
+    cfg = _config(args)
     Checkpoint.open(cfg.model)  # a wrong model is a one-line error now, not a failing deployment later
-    local_redis = _maybe_start_redis(cfg)
-    if local_redis is not None:
-        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"redis_url": local_redis.url})})
-    if cfg.batch.enabled:
-        _check_redis(cfg, local_redis)
-    stop = {"now": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    _catch_signals()
+    _quiet_ray(args.verbose)
+    state: dict = {}
     try:
-        if args.address:
-            ray.init(address=args.address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=args.num_cpus, resources=pool_resources(cfg), include_dashboard=False, log_to_driver=False)
-        serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+        cfg = _start_redis(cfg, state)
+        where = f"Ray at {args.address}" if args.address else "a new local Ray instance"
+        print(f"bark-serve: deploying {cfg.model} on {where} ...", flush=True)
+        ray_address = _start_ray(args, cfg, state)
+        _catch_signals()  # ray.init replaced our SIGTERM handler
+        _deploy(cfg, args.verbose)
         url = f"http://{'127.0.0.1' if cfg.http_host in ('0.0.0.0', '::') else cfg.http_host}:{cfg.http_port}"
-        print(f"bark-serve: deploying {cfg.model} ...", flush=True)
         _wait_ready(url, args.ready_timeout)
-        print(f"bark-serve is up on {url}  (POST /v1/audio/speech, POST /v1/tts, GET /v1/voices, docs at /docs); "
-              "Ctrl-C stops it", flush=True)
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
+        _print_ready(cfg, url, ray_address, local=not args.address)
+        while True:
+            time.sleep(3600)
+    except _Stopping:
         pass
+    except SystemExit as exc:  # ray.init's own SIGTERM handler (sys.exit(15)) caught the signal mid-start
+        if exc.code != signal.SIGTERM:
+            raise
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
         print("bark-serve: stopping ...", flush=True)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
-            if local_redis is not None:
-                local_redis.stop()
+        _stop(cfg, state)
     print("bark-serve: stopped", flush=True)
     return 0
 
 
-def _check_redis(cfg, local_redis) -> None:
+def _quiet_ray(verbose: bool) -> None:
+    """Ray's and Serve's INFO/WARNING lines are for operators: keep them out of the terminal unless --verbose.
+
+    Serve logs "New http_options will not be applied" from serve.run even though serve.start
+    applied ours: serve.run always calls serve_start, which says so whenever Serve already runs.
+    """
+    if not verbose:
+        for name in ("ray", "ray.serve", "ray.data", "ray.train"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _start_redis(cfg, state: dict):
+    local_redis = _maybe_start_redis(cfg)
+    if local_redis is not None:
+        state["redis"] = local_redis
+        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"redis_url": local_redis.url})})
+    if cfg.batch.enabled:
+        _check_redis(cfg)
+    return cfg
+
+
+def _start_ray(args, cfg, state: dict) -> str:
+    """ray.init; a local instance gets its own temp dir and never joins a cluster found on the machine."""
+    import ray
+
+    from bark_serve.serving.serve_config import pool_resources
+
+    level = logging.INFO if args.verbose else logging.ERROR
+    if args.address:
+        ray.init(address=args.address, log_to_driver=args.verbose, logging_level=level)
+        return args.address
+    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
+    state["ray_tmp"] = tempfile.mkdtemp(prefix="bark-ray-", dir=base)
+    state["local_ray"] = True
+    ctx = ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg),
+                   include_dashboard=False, log_to_driver=args.verbose, logging_level=level,
+                   _temp_dir=state["ray_tmp"])
+    return ctx.address_info.get("gcs_address") or ray.get_runtime_context().gcs_address
+
+
+def _deploy(cfg, verbose: bool) -> None:
+    from ray import serve
+
+    from .app import build_app
+
+    _quiet_ray(verbose)  # importing ray.serve set up its logger again
+    serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
+    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+
+
+def _routes(cfg) -> str:
+    routes = ["POST /v1/audio/speech", "POST /v1/tts", "GET /v1/voices", "GET /v1/models"]
+    if cfg.batch.enabled:
+        routes.append("/v1/batches")
+    return ", ".join(routes) + ", /docs"
+
+
+def _auth_hint() -> str:
+    """Where a Ray driver finds the token of a Ray 2.60 cluster (token auth is on unless disabled)."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return "token auth disabled"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "RAY_AUTH_MODE=token, token in $RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or str(Path.home() / ".ray" / "auth_token")
+    return f"RAY_AUTH_MODE=token, token in {path}"
+
+
+def _print_ready(cfg, url: str, ray_address: str, local: bool) -> None:
+    print(f"bark-serve is up: {url}  Ray: {ray_address}  app: {cfg.app_name!r}  routes: {_routes(cfg)}",
+          flush=True)
+    print(f"  Python: export RAY_ADDRESS={ray_address} ({_auth_hint()}), then "
+          f"serve.get_app_handle({cfg.app_name!r}). {'Ctrl-C stops it.' if local else ''}".rstrip(), flush=True)
+
+
+def _stop(cfg, state: dict) -> None:
+    """Stop what up started; a local Ray instance goes whole (no graceful replica drain: nobody is left)."""
+    try:
+        import ray
+
+        ours = _our_processes(state)
+        if ray.is_initialized() and not state.get("local_ray"):
+            from ray import serve
+
+            serve.delete(cfg.app_name)  # someone else's cluster: remove our app, leave the rest
+        ray.shutdown()
+        _reap(ours)
+    finally:
+        if state.get("redis") is not None:
+            state["redis"].stop()
+        if state.get("ray_tmp"):
+            shutil.rmtree(state["ray_tmp"], ignore_errors=True)
+
+
+def _our_processes(state: dict) -> list:
+    """Every process this one started (raylet, GCS, agents, workers; a redis-server still starting), taken
+    before ray.shutdown: a start cut short by a signal leaves ray.shutdown without the list of what it started.
+    A running local redis-server is left out: it is stopped gracefully, so that it writes its data."""
+    import psutil
+
+    redis = state.get("redis")
+    skip = {redis.process.pid} if redis is not None else set()
+    return [p for p in psutil.Process().children(recursive=True) if p.pid not in skip]
+
+
+def _reap(processes: list, timeout_s: float = 3.0) -> None:
+    """Wait briefly for processes ray.shutdown stopped; kill the ones it missed."""
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=timeout_s)
+
+
+def _check_redis(cfg) -> None:
     """An unreachable Redis is a one-line error now, not a batch worker failing to start later."""
     from bark_serve.cluster.redis_conn import RedisUnavailable, connect
 
     try:
         connect(cfg.batch.redis()).close()
     except RedisUnavailable as exc:
-        if local_redis is not None:
-            local_redis.stop()
         raise UsageError(str(exc)) from None
 
 
 def _maybe_start_redis(cfg):
     """Batch jobs without a configured Redis: start a local redis-server with persistence (if installed)."""
-    if not cfg.batch.enabled or cfg.batch.redis_url:
+    if not cfg.batch.enabled or cfg.batch.redis_url or _redis_url_from_env(cfg):
         return None
     from bark_serve.cluster.local_redis import LocalRedis
 
     state = Path(os.environ.get("BARK_STATE_DIR", Path.home() / ".cache" / "bark-serve" / "redis"))
-    return LocalRedis.start(state)
+    try:
+        return LocalRedis.start(state)
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def _redis_url_from_env(cfg) -> str | None:
+    """The URL the batch config names through the environment (redis_url_env, else REDIS_URL)."""
+    return os.environ.get(cfg.batch.redis_url_env or "REDIS_URL") or None
 
 
 def say(args) -> int:
@@ -127,15 +288,16 @@ def say(args) -> int:
 
     from .audio import format_for_path
 
+    url = server_url(args.url)
     fmt = format_for_path(args.output)
     body = {"text": args.text, "voice": args.voice, "format": fmt, "seed": args.seed}
     if args.temperature is not None:
         body["temperature"] = args.temperature
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     try:
-        r = httpx.post(args.url.rstrip("/") + "/v1/tts", json=body, headers=headers, timeout=args.timeout)
+        r = httpx.post(url.rstrip("/") + "/v1/tts", json=body, headers=headers, timeout=args.timeout)
     except httpx.HTTPError as exc:
-        raise UsageError(f"cannot reach {args.url}: {exc}") from None
+        raise UsageError(f"cannot reach {url}: {exc}") from None
     if r.status_code != 200:
         try:
             message = r.json()["error"]["message"]

@@ -11,6 +11,7 @@ have the shapes of suno/bark-small and suno/bark.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,17 @@ SIZES = {
     "small": {"gpt": (768, 12, 12), "codec": (128, 32, 2), "vocab": 8000},
     "large": {"gpt": (1024, 24, 16), "codec": (128, 32, 2), "vocab": 8000},
 }
-PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6", "v2/de_speaker_3", "v2/zh_speaker_1")
+# Every preset the default OpenAI voice aliases name (serving/config.py) is here. New names go at the
+# end: presets are drawn in this order from one generator, so earlier ones stay the same.
+PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6", "v2/de_speaker_3", "v2/zh_speaker_1",
+           "v2/en_speaker_2", "v2/en_speaker_3", "v2/en_speaker_9")
 WEIGHT_STD = 0.2  # peakier attention than 0.02, so outputs depend on the text and the voice
+# End of speech on random weights (see _tune_semantic_eos): one residual dimension of the semantic
+# GPT is a clock that counts generated tokens, set back by the share of text tokens; the EOS logit reads it.
+EOS_CLOCK_TOKENS = 100.0  # the clock gains one unit (the residual's spread) per this many generated tokens
+EOS_TEXT_GAIN = 10.0      # how far back the share of text tokens sets the clock
+EOS_TARGET_TOKENS = 180   # where P(EOS) should cross min_eos_p for a short (8-token) text
+EOS_MIN_P = 0.2           # Bark's default min_eos_p, the threshold the tuning aims at
 CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
 
 
@@ -66,6 +76,77 @@ def _randomize(model, spec: BarkSpec, gen: torch.Generator) -> None:
             cb.inited.fill_(1.0)
 
 
+def _tune_semantic_eos(semantic, spec: BarkSpec) -> None:
+    """Make the random semantic GPT end its speech by itself, after a text-dependent length.
+
+    Random weights never make EOS likely, so every request would run to the 768-token cap
+    (15 s of audio, minutes on a CPU). Two residual dimensions get a meaning instead:
+
+    - a text marker: 1 in the embedding of every text token, 0 elsewhere;
+    - a clock: its position embedding grows linearly with the generated tokens (0 over the
+      prompt), minus what head 0 of layer 0 reads from the marker. That head attends uniformly
+      (zero queries), so it subtracts EOS_TEXT_GAIN x (share of text tokens so far): longer text
+      starts the clock lower, and speaks longer.
+
+    Nothing else writes into either dimension, and only the EOS row of ``lm_head`` reads the
+    clock. The clock's unit is the spread of the residual stream before the final layer norm
+    (about 3 in tiny, 190 in small), measured on a probe prompt, and the EOS gain is set from the
+    same probe so that P(EOS) crosses min_eos_p near EOS_TARGET_TOKENS for a short text.
+    transformers' BarkModel runs these weights unchanged, so parity with it holds either way.
+    """
+    clock = semantic.config.hidden_size - 1
+    _wire_eos(semantic, spec, unit=0.0)  # the clock silent: measure the residual spread and the logits
+    spread, logsumexp, _ = _probe(semantic, spec, clock)
+    _wire_eos(semantic, spec, unit=spread)
+    _, _, clock_at_start = _probe(semantic, spec, clock)  # layer-normed clock after the prompt
+    needed = logsumexp + math.log(EOS_MIN_P / (1 - EOS_MIN_P))  # the EOS logit where P(EOS) = min_eos_p
+    rise = max(EOS_TARGET_TOKENS / EOS_CLOCK_TOKENS + clock_at_start, 0.25)
+    semantic.lm_head.weight[spec.semantic_eos_token, clock] = needed / rise
+
+
+def _wire_eos(semantic, spec: BarkSpec, unit: float) -> None:
+    """The clock and text-marker dimensions of :func:`_tune_semantic_eos`, the clock in units of ``unit``."""
+    hidden = semantic.config.hidden_size
+    head = hidden // semantic.config.num_heads
+    clock, marker = hidden - 1, hidden - 2
+    prompt = spec.max_input_semantic_length + 1  # positions 0..256: merged text/history + infer token
+    positions = torch.arange(semantic.position_embeds_layer.num_embeddings, dtype=torch.float32)
+    semantic.position_embeds_layer.weight[:, marker] = 0
+    semantic.position_embeds_layer.weight[:, clock] = (positions - (prompt - 1)).clamp(min=0) / EOS_CLOCK_TOKENS * unit
+    semantic.input_embeds_layer.weight[:, [clock, marker]] = 0
+    semantic.input_embeds_layer.weight[spec.text_encoding_offset:spec.text_pad_token, marker] = 1.0
+    for layer in semantic.layers:  # nothing writes into the two dimensions ...
+        layer.attn.out_proj.weight[[clock, marker], :] = 0
+        layer.mlp.out_proj.weight[[clock, marker], :] = 0
+    attn = semantic.layers[0].attn  # ... but head 0 of layer 0, from the marker into the clock
+    attn.att_proj.weight[:head] = 0  # zero queries: uniform attention over the positions so far
+    attn.att_proj.weight[2 * hidden] = 0
+    attn.att_proj.weight[2 * hidden, marker] = 1.0  # its first value reads the marker
+    attn.out_proj.weight[:, 0] = 0
+    attn.out_proj.weight[clock, 0] = -EOS_TEXT_GAIN * unit
+    semantic.lm_head.weight[:, [clock, marker]] = 0  # no token logit reads them
+    semantic.lm_head.weight[spec.semantic_eos_token] = 0
+
+
+def _probe(semantic, spec: BarkSpec, clock: int, n_text: int = 8) -> tuple[float, float, float]:
+    """One forward of a short-text prompt: (spread of the residual before the final layer norm,
+    logsumexp of the semantic logits, the layer-normed clock) at the last prompt position."""
+    text = torch.full((spec.max_input_semantic_length,), spec.text_pad_token)
+    text[:n_text] = torch.arange(n_text) * 37 % 1000 + spec.text_encoding_offset
+    history = torch.full_like(text, spec.semantic_pad_token)
+    emb = semantic.input_embeds_layer
+    embeds = torch.cat([emb(text) + emb(history), emb(torch.tensor([spec.semantic_infer_token]))])[None]
+    seen = {}
+    hook = semantic.layernorm_final.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], y=out))
+    try:
+        logits = semantic(inputs_embeds=embeds).logits[0, -1]  # (V,)
+    finally:
+        hook.remove()
+    residual = seen["h"][0, -1]  # (C,)
+    return (residual.std().item(), torch.logsumexp(logits[: spec.semantic_vocab_size], 0).item(),
+            seen["y"][0, -1, clock].item())
+
+
 def write_tokenizer(directory: Path, vocab_size: int) -> None:
     """Train a cased multilingual BERT WordPiece tokenizer and save it in HF format."""
     from tokenizers import BertWordPieceTokenizer
@@ -104,8 +185,32 @@ def write_speaker_embeddings(directory: Path, spec: BarkSpec, rng: np.random.Gen
     (directory / "speaker_embeddings_path.json").write_text(json.dumps(index, indent=2))
 
 
-def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32") -> Path:
-    """Write a random Bark checkpoint that transformers' BarkModel/BarkProcessor load."""
+def write_readme(directory: Path, size: str, seed: int, eos: bool) -> None:
+    """Say in the checkpoint itself what it is, so nobody mistakes it for Bark."""
+    if eos:
+        ending = ("The semantic stage is tuned to end by itself (see `_tune_semantic_eos` in "
+                  "bark_serve/stages/checkpoint.py): with the default `min_eos_p` 0.2 a short text stops after "
+                  "roughly 50-200 semantic tokens (1-4 s of audio at 49.9 tokens/s), longer texts later. "
+                  "Made without `--full-length`.")
+    else:
+        ending = ("The semantic stage never ends by itself: every request runs to `max_semantic_tokens` "
+                  "(768 by default, 15 s of audio). Made with `--full-length` (benchmarks need full-length requests).")
+    (directory / "README.md").write_text(
+        f"# Random Bark checkpoint ({size}, seed {seed})\n\n"
+        "Written by `bark-serve make-checkpoint`. The weights are random: the audio is noise, not speech, but "
+        "every path of bark-serve (and transformers' BarkModel) runs on it.\n\n"
+        f"{ending}\n\nVoice presets: {', '.join(PRESETS)}.\n")
+
+
+def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32",
+                    eos: bool = False) -> Path:
+    """Write a random Bark checkpoint that transformers' BarkModel/BarkProcessor load.
+
+    ``eos=True`` (the ``make-checkpoint`` command's default) tunes the semantic GPT so that
+    requests end by themselves after about 1-4 s of audio (:func:`_tune_semantic_eos`).
+    The default here, ``False``, keeps the plain random weights, where requests run to
+    ``max_semantic_tokens``: tests that set lengths with it and benchmarks rely on that.
+    """
     from transformers import BarkModel
 
     if size not in SIZES:
@@ -117,6 +222,9 @@ def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dt
     gen = torch.Generator().manual_seed(seed)
     model = BarkModel(bark_config(size, spec))
     _randomize(model, spec, gen)
+    if eos:
+        with torch.no_grad():
+            _tune_semantic_eos(model.semantic, spec)
     model.to(torch_dtype)
     model.config.save_pretrained(str(directory))
     model.save_pretrained(str(directory), safe_serialization=True)
@@ -124,4 +232,5 @@ def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dt
     (directory / "generation_config.json").write_text(json.dumps(spec.to_generation_config(), indent=2))
     write_tokenizer(directory, SIZES[size]["vocab"])
     write_speaker_embeddings(directory, spec, np.random.default_rng(seed))
+    write_readme(directory, size, seed, eos)
     return directory

@@ -44,6 +44,7 @@ class Checkpoint:
     name: str
     local_dir: Path | None = None
     _config: dict | None = field(default=None, repr=False)
+    _hub_online: bool | None = field(default=None, repr=False)  # probed once, at the first hub file
 
     @classmethod
     def open(cls, name_or_path: str | os.PathLike) -> "Checkpoint":
@@ -70,7 +71,9 @@ class Checkpoint:
             if required:
                 raise CheckpointError(f"checkpoint {self.name!r} has no {relpath}")
             return None
-        return _hub_file(self.name, relpath, required)
+        if self._hub_online is None:
+            self._hub_online = hub_reachable()
+        return _hub_file(self.name, relpath, required, online=self._hub_online)
 
     @property
     def config(self) -> dict:
@@ -123,27 +126,47 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(p and not p.startswith(".") for p in parts)
 
 
-def _hub_file(repo_id: str, relpath: str, required: bool) -> Path | None:
+HUB_PROBE_TIMEOUT_S = 3.0  # one quick look at the hub, instead of huggingface_hub's ~30 s of retries
+FALLBACK_HINT = ("pass a local checkpoint directory, set HF_HOME to a cache that holds the model, or serve random "
+                 "weights with the same layout: `bark-serve make-checkpoint /tmp/bark-small --size small`, "
+                 "then `--model /tmp/bark-small`")
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub endpoint (HF_ENDPOINT) does not answer within ``timeout_s``."""
+    import httpx
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        httpx.head(constants.ENDPOINT, timeout=timeout_s)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def _hub_file(repo_id: str, relpath: str, required: bool, online: bool = True) -> Path | None:
+    """A file of a hub model; ``online=False`` reads only the local cache (the hub was found unreachable)."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(hf_hub_download(repo_id, relpath))
+        return Path(hf_hub_download(repo_id, relpath, local_files_only=not online))
     except RepositoryNotFoundError:
         raise CheckpointError(f"hub model {repo_id!r} not found") from None
-    except LocalEntryNotFoundError as exc:  # offline, or the hub unreachable (before EntryNotFound: a subclass)
+    except LocalEntryNotFoundError:  # offline, or the hub unreachable (before EntryNotFound: a subclass)
         if not required and relpath != "config.json":
             return None
         raise CheckpointError(
-            f"cannot fetch {relpath} of {repo_id!r}: the Hugging Face hub is unreachable and it is not cached "
-            f"(set HF_HOME to a cache that holds it, or pass a local checkpoint directory): {exc}"
-        ) from None
+            f"cannot fetch {relpath} of {repo_id!r}: the Hugging Face hub is unreachable (or HF_HUB_OFFLINE is set) "
+            f"and it is not cached; {FALLBACK_HINT}") from None
     except EntryNotFoundError:
         if required:
             raise CheckpointError(f"hub model {repo_id!r} has no {relpath}") from None
         return None
     except OSError as exc:
-        raise CheckpointError(f"cannot fetch {relpath} of {repo_id!r}: {exc}") from None
+        raise CheckpointError(f"cannot fetch {relpath} of {repo_id!r}: {exc}; {FALLBACK_HINT}") from None
 
 
 def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:

@@ -151,7 +151,7 @@ def test_status_cancel_and_errors(server, synth, tmp_path, capsys):
     def one_line_error(code: int, *argv: str) -> str:
         assert cli(*argv) == code
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err
+        assert err.count("\n") == 1 and err.startswith(f"bark-serve batch {argv[1]}: error: ") and "Traceback" not in err
         return err
 
     assert "404" in one_line_error(2, "batch", "status", "b_" + "0" * 32, "--url", server.url)

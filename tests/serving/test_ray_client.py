@@ -1,14 +1,23 @@
-"""A Ray cluster started with `ray start --head` (client server on 10001, token auth on), the app deployed
-from the rendered Serve config file with `serve run`, and a driver outside the cluster calling it through
-Ray Client (`ray.init("ray://127.0.0.1:10001")`)."""
+"""A Ray cluster started with `ray start --head` (client server on a free port, token auth on), the app
+deployed from the rendered Serve config file with `serve run`, and a driver outside the cluster calling it
+through Ray Client (`ray.init("ray://127.0.0.1:PORT")`).
+
+The head runs with --block in its own session and temp dir, and the test stops exactly that process group:
+`ray stop --force` would kill every Ray process on the machine, other people's included. Ports come from
+the kernel's ephemeral range (32768+), never from 10002-19999, which are Ray's worker ports here."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,18 +45,23 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
     cfg = parse_config(raw)
     serve_yaml = tmp_path / "serve.yaml"
     serve_yaml.write_text(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
-    gcs_port = free_port()
-    run([str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-         "--ray-client-server-port=10001", "--num-cpus=4", f"--resources={json.dumps(pool_resources(cfg))}",
-         "--include-dashboard=false", "--disable-usage-stats"], timeout=120)
+    gcs_port, client_port = free_port(), free_port()
+    address = f"ray://127.0.0.1:{client_port}"
+    ray_tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must fit in 107 bytes
+    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                             f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
+                             f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
+                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        _wait_for_port(client_port, head, tmp_path / "head.log")
         # deployed through Ray Client too: `serve run` submits the rendered config file
-        run([str(BIN / "serve"), "run", "--address", "ray://127.0.0.1:10001", "--non-blocking", str(serve_yaml)],
+        run([str(BIN / "serve"), "run", "--address", address, "--non-blocking", str(serve_yaml)],
             env={"RAY_AUTH_MODE": "token"}, timeout=300)
         client = textwrap.dedent("""
             import json, time, ray
             from ray import serve
-            ray.init("ray://127.0.0.1:10001")
+            ray.init(ADDRESS)
             deadline = time.time() + 240
             while (app := serve.status().applications.get("bark")) is None or app.status != "RUNNING":
                 assert app is None or app.status != "DEPLOY_FAILED", app.message
@@ -58,6 +72,7 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
                                            max_semantic_tokens=10, seed=5).result()
             print(json.dumps({"n": len(out["audio"]), "sr": out["sample_rate"], "seed": out["seed"]}))
         """)
+        client = client.replace("ADDRESS", repr(address))
         res = run([sys.executable, "-c", client], env={"RAY_AUTH_MODE": "token"}, timeout=300)
         out = json.loads(res.stdout.strip().splitlines()[-1])
         assert out == {"n": out["n"], "sr": 24000, "seed": 5} and out["n"] > 0
@@ -65,4 +80,39 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
                      timeout=120, check=False)
         assert denied.returncode != 0  # token authentication is on
     finally:
-        run([str(BIN / "ray"), "stop", "--force"], timeout=120, check=False)
+        _stop_group(head)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, f"the Ray client server did not open port {port}"
+            time.sleep(0.5)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the head's process group (`ray start --block` stops its processes), then SIGKILL what is left."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        p.kill()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,4 +1,5 @@
-"""`bark-serve up` starts a local Ray with the app; `say` talks to it; Ctrl-C stops everything cleanly."""
+"""`bark-serve up` starts a local Ray with the app; `say` talks to it; Ctrl-C and SIGTERM stop everything
+cleanly and fast. (SIGTERM once it is up is checked by tests/test_readme.py, which serves the README.)"""
 
 from __future__ import annotations
 
@@ -12,36 +13,56 @@ import pytest
 import soundfile as sf
 
 from tests.serving.conftest import free_port
+from tests.serving.up_process import UpProcess
 
 pytestmark = pytest.mark.slow
 
 
+STOP_S = 20  # up must stop within this (it takes ~2-6 s; Ray's own shutdown is most of it)
+
+
+def _assert_clean_stop(stopped) -> None:
+    assert stopped.returncode == 0, stopped.log[-3000:]
+    assert "bark-serve: stopped" in stopped.log
+    assert stopped.seconds < STOP_S, f"took {stopped.seconds:.1f} s"
+    assert not stopped.leftovers, f"left behind: {stopped.leftovers}"
+
+
 def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
     port = free_port()
-    log = open(tmp_path / "up.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "bark_serve.serving.cli", "up", "--model", str(tiny_ckpt), "--port", str(port),
-                             "--num-cpus", "2"], stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    up = UpProcess(["--model", tiny_ckpt, "--port", port, "--num-cpus", "2"], tmp_path / "up.log")
     try:
-        deadline = time.time() + 240
-        while "is up on" not in (tmp_path / "up.log").read_text():
-            assert proc.poll() is None, (tmp_path / "up.log").read_text()[-2000:]
-            assert time.time() < deadline, "bark-serve up did not come up"
-            time.sleep(1)
+        ready = up.wait_ready(300)
+        assert ready["url"] == f"http://127.0.0.1:{port}" and ready["app"] == "bark"
+        assert "/v1/batches" not in ready["routes"] and "POST /v1/tts" in ready["routes"]
+        log = up.log()
+        assert log.index("deploying") < log.index("bark-serve is up")  # in the order things happen
+        assert "will not be applied" not in log and "INFO" not in log  # Ray's own logs stay out (no --verbose)
+        assert "RAY_AUTH_MODE=token" in log and "auth_token" in log
         out = tmp_path / "said.flac"
         cli = [sys.executable, "-m", "bark_serve.serving.cli", "say"]
-        res = subprocess.run([*cli, "Hello from say.", "-o", str(out), "--url", f"http://127.0.0.1:{port}",
-                              "--seed", "4"], capture_output=True, text=True, timeout=300)
+        res = subprocess.run([*cli, "Hello from say.", "-o", str(out), "--seed", "4"], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "BARK_URL": f"http://127.0.0.1:{port}"})
         assert res.returncode == 0, res.stderr
         assert sf.info(out).samplerate == 24000
         bad = subprocess.run([*cli, "Hi", "-o", str(out), "--url", f"http://127.0.0.1:{port}", "--voice", "nobody"],
                              capture_output=True, text=True, timeout=60)
         assert bad.returncode == 2 and "unknown voice 'nobody'" in bad.stderr
-        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
-        assert proc.wait(timeout=120) == 0
-        assert "bark-serve: stopped" in (tmp_path / "up.log").read_text()
+        _assert_clean_stop(up.stop(signal.SIGINT))  # Ctrl-C
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        up.kill()
+
+
+def test_up_stops_on_sigterm_while_starting(tiny_ckpt, tmp_path):
+    """Started in the background from a script and killed while Ray is starting: still a clean stop."""
+    up = UpProcess(["--model", tiny_ckpt, "--port", free_port(), "--num-cpus", "2"], tmp_path / "up.log",
+                   env={"RAY_ADDRESS": "127.0.0.1:1"})  # a stale RAY_ADDRESS: up starts its own Ray anyway
+    try:
+        up.wait_for("deploying .* on a new local Ray instance", 120)
+        time.sleep(3)  # inside ray.init / the deployment
+        _assert_clean_stop(up.stop(signal.SIGTERM))
+    finally:
+        up.kill()
 
 
 def test_up_rejects_a_bad_model_or_config_with_exit_2(tmp_path):

@@ -106,3 +106,19 @@ def test_make_checkpoint_command_writes_what_transformers_loads(tmp_path):
     assert audio.shape[-1] > 0
     voices = run_cli("voices", "--model", tmp_path / "ck")
     assert "v2/en_speaker_0" in voices.stdout.split()
+    assert "end by itself" in (tmp_path / "ck" / "README.md").read_text()  # the command's default: EOS tuned
+    assert "requests end after about 1-4 s of audio" in res.stdout
+
+
+def test_make_checkpoint_full_length_keeps_the_plain_random_weights(tmp_path):
+    """`--full-length` (alias `--no-eos`): the weights make_checkpoint() writes by default, as benchmarks need."""
+    from bark_serve.stages.checkpoint import make_checkpoint
+    from safetensors.torch import load_file
+
+    res = run_cli("make-checkpoint", tmp_path / "full", "--no-eos")
+    assert res.returncode == 0, res.stderr
+    assert "--full-length" in (tmp_path / "full" / "README.md").read_text()
+    ours, plain = load_file(tmp_path / "full" / "model.safetensors"), load_file(
+        make_checkpoint(tmp_path / "plain", "tiny") / "model.safetensors")
+    semantic = [k for k in plain if k.startswith("semantic.")]  # (the codec keeps transformers' unseeded init)
+    assert semantic and all((ours[k] == plain[k]).all() for k in semantic)
