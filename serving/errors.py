@@ -8,7 +8,7 @@ import logging
 from fastapi.responses import JSONResponse
 
 from bark_serve.stages.text import TextTooLongError
-from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.types import CheckpointError, InvalidRequestError
 from bark_serve.stages.voices import UnknownVoiceError
 
 from .scheduler import QueueFull, StageError
@@ -66,6 +66,10 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
         return overloaded("a pipeline stage replica was lost and is restarting; retry shortly", retry_after)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return APIError(504, "the request took longer than the server's timeout", "timeout", "server_error")
+    if isinstance(exc, CheckpointError):  # a broken deployment, not a bad request: never a 4xx
+        log.error("checkpoint error: %s", exc)
+        return APIError(500, "the server's model checkpoint is broken; see the server log", "server_misconfigured",
+                        "server_error")
     if isinstance(exc, StageError):
         log.error("stage error: %s", exc)
         return APIError(500, "a pipeline stage failed while processing this request", "stage_error", "server_error")

@@ -16,6 +16,14 @@ import numpy as np
 from . import constants as C
 
 
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, incomplete or not a Bark checkpoint.
+
+    A deployment's problem, not a request's: the server answers it with a 500 (and says so in its
+    log), the CLI with a one-line message and exit code 2.
+    """
+
+
 class Priority(str, enum.Enum):
     """Where a request waits in every stage queue: interactive work before batch work."""
 

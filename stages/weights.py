@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .constants import BarkSpec
-from .types import InvalidRequestError
+from .types import CheckpointError
 
 SUBMODEL_PREFIX = {
     "semantic": "semantic.",
@@ -31,10 +31,6 @@ SUBMODEL_CONFIG = {
     "codec": "codec_config",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
-
-
-class CheckpointError(InvalidRequestError):
-    """The checkpoint is missing, incomplete or not a Bark checkpoint."""
 
 
 @dataclass

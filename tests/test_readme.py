@@ -32,7 +32,7 @@ import pytest
 import soundfile as sf
 
 from tests.serving.conftest import free_port
-from tests.serving.up_process import UpProcess
+from tests.cli.up_process import UpProcess
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = "<!-- readme-test: skip"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_bench_runs_all_four_configurations(tiny_ckpt, tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "bark_serve.serving.cli", "bench", "--model", str(tiny_ckpt), "--semantic-tokens", "8",
+    cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--semantic-tokens", "8",
            "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "1,2", "--engine-requests", "2",
            "--concurrency", "1,2", "--served-requests", "2", "--gemm-seconds", "0.2", "--out", str(out)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)

@@ -153,7 +153,7 @@ def test_cli_submit_writes_every_result_and_resumes(batch_app, tmp_path):
     items.write_text("\n".join(json.dumps({"id": f"cli-{i}", "text": f"From the CLI {i}.", "format": "flac",
                                            "options": OPTS}) for i in range(8)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bark_serve.serving.cli", "batch", "submit", str(items), "--out", str(out), "--url", url,
+    cmd = [sys.executable, "-m", "bark_serve.cli", "batch", "submit", str(items), "--out", str(out), "--url", url,
            "--api-key", API_KEY, "--quiet"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr

@@ -29,11 +29,11 @@ from bark_serve.cluster.batch_types import BatchKeys, ItemState
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import JobStore
 from bark_serve.cluster.queue import WorkQueue
-from bark_serve.serving.batch_cli import add_batch_commands, run
+from bark_serve.cli.batch import add_batch_commands, run
 from tests.cluster.helpers import FakeSynth, all_results, expected_audio, records, wait_finished
 from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
 from tests.serving.conftest import API_KEY, e2e_config, free_port
-from tests.serving.test_batch_cli import LiveServer
+from tests.cli.test_batch_cli import LiveServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OPTS = {"max_semantic_tokens": 12, "temperature": 0, "min_eos_p": None}
@@ -226,7 +226,7 @@ def test_cli_submit_survives_worker_redis_and_ingress_kills(batch_stack, tmp_pat
     items.write_text("".join(json.dumps({"id": f"f{i:02d}", "text": f"Fault line number {i}.", "options": OPTS}) + "\n"
                              for i in range(n)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "bark_serve.serving.cli", "batch", "submit", str(items), "--out", str(out),
+    cmd = [sys.executable, "-m", "bark_serve.cli", "batch", "submit", str(items), "--out", str(out),
            "--url", url, "--api-key", API_KEY, "--quiet", "--timeout", "400"]
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from bark_serve.serving.cli import build_parser
-from bark_serve.serving.cli_common import DEFAULT_URL, server_url
+from bark_serve.cli.main import build_parser
+from bark_serve.cli.common import DEFAULT_URL, server_url
 
 HEAVY = ("torch", "ray", "transformers", "bark_serve.bench.hf_runs")
 
@@ -41,8 +41,8 @@ def test_every_command_option_and_positional_has_help():
 
 
 def _imported_modules(*argv: str) -> set[str]:
-    """Modules imported by `python -m bark_serve.serving.cli ARGV` (from -X importtime)."""
-    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "bark_serve.serving.cli", *argv],
+    """Modules imported by `python -m bark_serve.cli ARGV` (from -X importtime)."""
+    res = subprocess.run([sys.executable, "-X", "importtime", "-m", "bark_serve.cli", *argv],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "usage:" in res.stdout
@@ -56,9 +56,9 @@ def test_help_imports_no_torch_or_ray(argv):
     assert not [m for m in HEAVY if m in loaded]
 
 
-def test_up_imports_without_the_cli_module():
-    """cli.py and up.py no longer import each other (UsageError lives in cli_common)."""
-    code = "import bark_serve.serving.up, sys; assert 'bark_serve.serving.cli' not in sys.modules"
+def test_up_imports_without_the_parser_module():
+    """The command modules never import the parser (what they share lives in cli/common.py)."""
+    code = "import bark_serve.cli.up, bark_serve.cli.batch, sys; assert 'bark_serve.cli.main' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
@@ -78,7 +78,7 @@ def test_batch_reads_bark_url(monkeypatch):
     """`batch status` with no --url goes to $BARK_URL (a closed port here): the error names it."""
     env = {**os.environ, "BARK_URL": "http://127.0.0.1:9"}
     env.pop("BARK_SERVE_URL", None)
-    res = subprocess.run([sys.executable, "-m", "bark_serve.serving.cli", "batch", "status", "b_" + "0" * 32],
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "batch", "status", "b_" + "0" * 32],
                          capture_output=True, text=True, timeout=60, env=env)
     assert res.returncode == 1
     assert res.stderr.startswith("bark-serve batch status: error: cannot reach the server")
@@ -86,7 +86,7 @@ def test_batch_reads_bark_url(monkeypatch):
 
 
 def test_voices_without_model_is_a_usage_error():
-    res = subprocess.run([sys.executable, "-m", "bark_serve.serving.cli", "voices"], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "voices"], capture_output=True, text=True,
                          timeout=60, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 2
     assert res.stderr.count("\n") == 1 and "--model" in res.stderr and "make-checkpoint" in res.stderr

@@ -10,7 +10,7 @@ import yaml
 
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
-from .cli_common import UsageError
+from .common import CliError
 
 
 def _engine_options(args, capacity: int = 4):
@@ -25,8 +25,8 @@ def _generation_params(args) -> GenerationParams:
     """The same options, defaults and checks as the HTTP API's."""
     from pydantic import ValidationError
 
-    from .api_models import BarkOptions
-    from .http_api import validation_error
+    from bark_serve.serving.api_models import BarkOptions
+    from bark_serve.serving.http_api import validation_error
 
     fields = {k: getattr(args, k) for k in ("seed", "temperature", "semantic_temperature", "coarse_temperature",
                                             "fine_temperature", "top_k", "top_p", "min_eos_p", "max_semantic_tokens")}
@@ -42,7 +42,7 @@ def synth(args) -> int:
     from bark_serve.stages.pipeline import BarkPipeline
     from bark_serve.stages.voices import save_npz
 
-    from .audio import encode, format_for_path
+    from bark_serve.serving.audio import encode, format_for_path
 
     fmt = format_for_path(args.output)
     params = _generation_params(args)
@@ -86,7 +86,7 @@ def voices(args) -> int:
     from bark_serve.stages.weights import Checkpoint
 
     if not args.model:  # never a silent hub download: presets belong to a checkpoint
-        raise UsageError("give --model: a hub id (suno/bark-small) or a checkpoint directory "
+        raise CliError("give --model: a hub id (suno/bark-small) or a checkpoint directory "
                          "(`bark-serve make-checkpoint DIR` writes one); a running server lists its voices "
                          "at GET /v1/voices")
     ckpt = Checkpoint.open(args.model)
@@ -98,7 +98,7 @@ def voices(args) -> int:
 def render_config(args) -> int:
     from bark_serve.serving.serve_config import render_serve_config
 
-    from .config import load_config
+    from bark_serve.serving.config import load_config
 
     cfg = load_config(args.config, {"model": args.model} if args.model else None)
     yaml.safe_dump(render_serve_config(cfg), sys.stdout, sort_keys=False)

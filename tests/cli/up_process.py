@@ -32,7 +32,7 @@ class UpProcess:
     def __init__(self, args: list[str], log_path: Path, env: dict | None = None):
         self.log_path = log_path
         self.log_file = open(log_path, "w+")
-        cmd = [sys.executable, "-m", "bark_serve.serving.cli", "up", *map(str, args)]
+        cmd = [sys.executable, "-m", "bark_serve.cli", "up", *map(str, args)]
         self.proc = subprocess.Popen(cmd, stdout=self.log_file, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         self.descendants: set[psutil.Process] = set()

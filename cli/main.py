@@ -13,9 +13,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .cli_common import EXIT_USAGE, UsageError
+from .common import EXIT_USAGE, CliError
 
-__all__ = ["EXIT_USAGE", "UsageError", "build_parser", "main"]
+__all__ = ["EXIT_USAGE", "CliError", "build_parser", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -28,10 +28,10 @@ def _float_or_none(value: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import cli_commands as cmd
+    from . import commands as cmd
     from . import up
-    from .batch_cli import add_batch_commands
-    from .batch_cli import run as run_batch
+    from .batch import add_batch_commands
+    from .batch import run as run_batch
 
     parser = _Parser(prog="bark-serve", description="Serve Suno's Bark text-to-speech at scale.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -115,11 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from bark_serve.serving.config import ConfigError
-    from bark_serve.stages.types import InvalidRequestError
+    from bark_serve.stages.types import CheckpointError, InvalidRequestError
 
     try:
         return int(args.func(args) or 0)
-    except (InvalidRequestError, ConfigError, UsageError, FileNotFoundError, IsADirectoryError) as exc:
+    except CliError as exc:
+        print(f"bark-serve {args.command}: error: {exc}", file=sys.stderr)
+        return exc.code
+    except (InvalidRequestError, CheckpointError, ConfigError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"bark-serve {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
@@ -128,6 +131,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # run the imported module's main, so exception classes are the same objects
-    from bark_serve.serving.cli import main as _main
+    from bark_serve.cli.main import main as _main
 
     sys.exit(_main())

@@ -17,7 +17,7 @@ from bark_serve.stages.types import GenerationParams
 
 
 def run_cli(*args, env=None, timeout=300):
-    cmd = [sys.executable, "-m", "bark_serve.serving.cli", *map(str, args)]
+    cmd = [sys.executable, "-m", "bark_serve.cli", *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

@@ -1,6 +1,6 @@
-"""What every ``bark-serve`` command module shares: the usage error, its exit code, the server URL.
+"""What every ``bark-serve`` command module shares: the error type and exit codes, the server URL.
 
-``cli.py`` (the parser) and the command modules (``up.py``, ``batch_cli.py``, ...) import this small
+``main.py`` (the parser) and the command modules (``up.py``, ``batch.py``, ...) import this small
 module, never each other, so there is no import cycle and ``--help`` stays light.
 """
 
@@ -15,8 +15,12 @@ URL_ENV = "BARK_URL"
 DEPRECATED_URL_ENV = "BARK_SERVE_URL"  # what `batch` read before; still honoured, with a warning
 
 
-class UsageError(Exception):
-    """A user error the CLI reports in one line with exit code 2."""
+class CliError(Exception):
+    """What a command reports in one line on stderr, and the exit code it leaves with (2: the user's mistake)."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.code = code
 
 
 def server_url(explicit: str | None) -> str:

@@ -20,7 +20,7 @@ from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import JobStore
 from bark_serve.cluster.queue import WorkQueue
 from bark_serve.serving.batch_api import batch_router
-from bark_serve.serving.batch_cli import BatchClient, add_batch_commands, run, submit_and_fetch
+from bark_serve.cli.batch import BatchClient, add_batch_commands, run, submit_and_fetch
 from tests.cluster.helpers import FakeSynth, expected_audio
 from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
 

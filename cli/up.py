@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .cli_common import UsageError, server_url
+from .common import CliError, server_url
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -91,11 +91,11 @@ def _wait_ready(url: str, timeout: float) -> None:
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
-    raise UsageError(f"bark-serve did not become ready within {timeout:.0f} s")
+    raise CliError(f"bark-serve did not become ready within {timeout:.0f} s")
 
 
 def _config(args):
-    from .config import load_config
+    from bark_serve.serving.config import load_config
 
     overrides = {k: v for k, v in {"model": args.model, "http_host": args.host, "http_port": args.port}.items() if v}
     cfg = load_config(args.config, overrides)
@@ -181,7 +181,7 @@ def _start_ray(args, cfg, state: dict) -> str:
 def _deploy(cfg, verbose: bool) -> None:
     from ray import serve
 
-    from .app import build_app
+    from bark_serve.serving.app import build_app
 
     _quiet_ray(verbose)  # importing ray.serve set up its logger again
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
@@ -262,7 +262,7 @@ def _check_redis(cfg) -> None:
     try:
         connect(cfg.batch.redis()).close()
     except RedisUnavailable as exc:
-        raise UsageError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _maybe_start_redis(cfg):
@@ -275,7 +275,7 @@ def _maybe_start_redis(cfg):
     try:
         return LocalRedis.start(state)
     except RuntimeError as exc:
-        raise UsageError(str(exc)) from None
+        raise CliError(str(exc)) from None
 
 
 def _redis_url_from_env(cfg) -> str | None:
@@ -286,7 +286,7 @@ def _redis_url_from_env(cfg) -> str | None:
 def say(args) -> int:
     import httpx
 
-    from .audio import format_for_path
+    from bark_serve.serving.audio import format_for_path
 
     url = server_url(args.url)
     fmt = format_for_path(args.output)
@@ -297,13 +297,13 @@ def say(args) -> int:
     try:
         r = httpx.post(url.rstrip("/") + "/v1/tts", json=body, headers=headers, timeout=args.timeout)
     except httpx.HTTPError as exc:
-        raise UsageError(f"cannot reach {url}: {exc}") from None
+        raise CliError(f"cannot reach {url}: {exc}") from None
     if r.status_code != 200:
         try:
             message = r.json()["error"]["message"]
         except (ValueError, KeyError, TypeError):
             message = r.text[:200]
-        raise UsageError(f"server answered {r.status_code}: {message}")
+        raise CliError(f"server answered {r.status_code}: {message}")
     Path(args.output).write_bytes(r.content)
     print(f"wrote {args.output} ({len(r.content)} bytes, seed {r.headers.get('x-bark-seed')})", file=sys.stderr)
     return 0

@@ -36,21 +36,13 @@ from tqdm import tqdm
 
 from bark_serve.cluster.batch_types import AUDIO_FORMATS, ITEM_ID_RE
 
-from .cli_common import DEFAULT_URL, URL_ENV, server_url
+from .common import DEFAULT_URL, URL_ENV, CliError, server_url
 STATE_FILE = ".bark-batch.json"
 FAILED_FILE = "failed.jsonl"
 CHUNK_ITEMS = 1000
 CHUNK_BYTES = 4 * 1024 * 1024
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_TIMEOUT = 0, 1, 2, 3
 MAX_OUTAGE_S = 600.0  # without --timeout, one outage longer than this ends the run (exit 1; re-run resumes)
-
-
-class CliError(Exception):
-    """A one-line message for stderr and the exit code to leave with."""
-
-    def __init__(self, message: str, code: int = EXIT_USAGE):
-        super().__init__(message)
-        self.code = code
 
 
 class ServerBusy(CliError):

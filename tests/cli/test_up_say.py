@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 
 from tests.serving.conftest import free_port
-from tests.serving.up_process import UpProcess
+from tests.cli.up_process import UpProcess
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
         assert "will not be applied" not in log and "INFO" not in log  # Ray's own logs stay out (no --verbose)
         assert "RAY_AUTH_MODE=token" in log and "auth_token" in log
         out = tmp_path / "said.flac"
-        cli = [sys.executable, "-m", "bark_serve.serving.cli", "say"]
+        cli = [sys.executable, "-m", "bark_serve.cli", "say"]
         res = subprocess.run([*cli, "Hello from say.", "-o", str(out), "--seed", "4"], capture_output=True,
                              text=True, timeout=300, env={**os.environ, "BARK_URL": f"http://127.0.0.1:{port}"})
         assert res.returncode == 0, res.stderr
@@ -66,7 +66,7 @@ def test_up_stops_on_sigterm_while_starting(tiny_ckpt, tmp_path):
 
 
 def test_up_rejects_a_bad_model_or_config_with_exit_2(tmp_path):
-    cli = [sys.executable, "-m", "bark_serve.serving.cli", "up"]
+    cli = [sys.executable, "-m", "bark_serve.cli", "up"]
     res = subprocess.run([*cli, "--model", str(tmp_path / "missing")], capture_output=True, text=True, timeout=120)
     assert res.returncode == 2 and "no such directory" in res.stderr
     bad = tmp_path / "bad.yaml"
