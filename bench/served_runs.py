@@ -33,9 +33,9 @@ class ServedApp:
         import ray
         from ray import serve
 
-        from bark_serve.serving.serve_config import pool_resources
         from bark_serve.serving.app import make_app
         from bark_serve.serving.config import DEPLOYMENT_NAMES, load_config
+        from bark_serve.serving.serve_config import pool_resources
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = _free_port()

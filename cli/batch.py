@@ -37,6 +37,7 @@ from tqdm import tqdm
 from bark_serve.cluster.batch_types import AUDIO_FORMATS, ITEM_ID_RE
 
 from .common import DEFAULT_URL, URL_ENV, CliError, server_url
+
 STATE_FILE = ".bark-batch.json"
 FAILED_FILE = "failed.jsonl"
 CHUNK_ITEMS = 1000

@@ -39,10 +39,9 @@ def _generation_params(args) -> GenerationParams:
 def synth(args) -> int:
     from tqdm import tqdm
 
+    from bark_serve.serving.audio import encode, format_for_path
     from bark_serve.stages.pipeline import BarkPipeline
     from bark_serve.stages.voices import save_npz
-
-    from bark_serve.serving.audio import encode, format_for_path
 
     fmt = format_for_path(args.output)
     params = _generation_params(args)
@@ -96,9 +95,8 @@ def voices(args) -> int:
 
 
 def render_config(args) -> int:
-    from bark_serve.serving.serve_config import render_serve_config
-
     from bark_serve.serving.config import load_config
+    from bark_serve.serving.serve_config import render_serve_config
 
     cfg = load_config(args.config, {"model": args.model} if args.model else None)
     yaml.safe_dump(render_serve_config(cfg), sys.stdout, sort_keys=False)

@@ -34,7 +34,15 @@ import msgpack
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ErrorType, ItemRecord, Lease, QueueEntry, SynthesisResult
+from bark_serve.cluster.batch_types import (
+    LUA_PRELUDE,
+    BatchKeys,
+    ErrorType,
+    ItemRecord,
+    Lease,
+    QueueEntry,
+    SynthesisResult,
+)
 
 log = logging.getLogger("bark.batch.queue")
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream is for operators, not a store: keep it bounded

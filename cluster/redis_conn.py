@@ -19,7 +19,6 @@ from urllib.parse import urlsplit, urlunsplit
 import redis
 import redis.asyncio as aioredis
 
-
 CONNECT_TIMEOUT_S = 5.0
 # Longer than any blocking stream read we issue (those block for at most a few seconds).
 SOCKET_TIMEOUT_S = 30.0

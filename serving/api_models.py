@@ -9,7 +9,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from bark_serve.stages import constants as C
 from bark_serve.stages.types import GenerationParams, SamplingParams
 
-
 # A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
 # a 100 KB name is refused by the request model, before any file-system lookup.
 MAX_VOICE_NAME = 256

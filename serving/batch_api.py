@@ -56,9 +56,18 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from redis.exceptions import RedisError
 
-from bark_serve.cluster.batch_types import (BATCH_PRIORITY, JOB_ID_RE, JOB_KEY_RE, MAX_ITEM_ERROR_CHARS,
-                                            InvalidBatchError, ItemRecord, ItemState, JobState, check_unique,
-                                            parse_item)
+from bark_serve.cluster.batch_types import (
+    BATCH_PRIORITY,
+    JOB_ID_RE,
+    JOB_KEY_RE,
+    MAX_ITEM_ERROR_CHARS,
+    InvalidBatchError,
+    ItemRecord,
+    ItemState,
+    JobState,
+    check_unique,
+    parse_item,
+)
 from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
 from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.stages.untrusted import clip
@@ -322,7 +331,8 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
         try:
             result = await store.submit(records, job_key=job_key)
         except (JobCancelled, JobNotFound):  # the keyed job was cancelled or expired while we added to it
-            raise APIError(409, "the job was cancelled or expired during submission; resubmit", "job_conflict")
+            raise APIError(409, "the job was cancelled or expired during submission; resubmit",
+                           "job_conflict") from None
         return JSONResponse(result.to_dict(), status_code=202,
                             headers={"Location": f"{prefix}/{result.job.job_id}"})
 

@@ -100,7 +100,8 @@ class BatchWorker:
             self.progress.pop(f"{item.job_id}-{item.item_id}", None)
         audio = np.concatenate([c.audio for c in chunks])
         sr = self.synth.spec.sample_rate
-        timings = {s: sum(c.timings[s]["finished"] - c.timings[s]["started"] for c in chunks) for s in chunks[0].timings}
+        timings = {s: sum(c.timings[s]["finished"] - c.timings[s]["started"] for c in chunks)
+                   for s in chunks[0].timings}
         return SynthesisResult(audio=A.encode(audio, sr, req.format), sample_rate=sr, duration_s=len(audio) / sr,
                                media_type=A.media_type(req.format), timings={"seed": plan.seed, "stages_s": timings})
 

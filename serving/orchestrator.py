@@ -14,7 +14,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError

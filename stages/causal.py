@@ -28,8 +28,7 @@ from .engine import EngineOptions, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
 from .modeling import CausalLM
 from .sampling import draw_uniform
-from .types import CoarseRequest, SemanticRequest, EngineResult
-
+from .types import CoarseRequest, EngineResult, SemanticRequest
 
 StateT = TypeVar("StateT")
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .types import InvalidRequestError, StageRequest, EngineResult
+from .types import EngineResult, InvalidRequestError, StageRequest
 
 
 @dataclass(frozen=True)

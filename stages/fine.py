@@ -22,7 +22,7 @@ from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .flops import Shape, fine_flops
 from .modeling import FineLM, ModelConfig
 from .sampling import draw_uniform, sample_rows, stage_generator
-from .types import FineRequest, EngineResult
+from .types import EngineResult, FineRequest
 from .weights import Checkpoint
 
 

@@ -13,16 +13,16 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from .codec import CodecEngine
 from .coarse import CoarseEngine
+from .codec import CodecEngine
 from .constants import STAGES, BarkSpec
 from .engine import EngineOptions, StageEngine
-from .longform import carry_voice, segment_seed, split_text
 from .fine import FineEngine
+from .longform import carry_voice, segment_seed, split_text
+from .requests import stage_request
 from .semantic import SemanticEngine
 from .text import TextPreparer
-from .requests import stage_request
-from .types import GenerationParams, EngineResult, VoicePrompt
+from .types import EngineResult, GenerationParams, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 

@@ -10,8 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from .types import (CodecRequest, CoarseRequest, FineRequest, GenerationParams, SemanticRequest, StageRequest,
-                    VoicePrompt)
+from .types import (
+    CoarseRequest,
+    CodecRequest,
+    FineRequest,
+    GenerationParams,
+    SemanticRequest,
+    StageRequest,
+    VoicePrompt,
+)
 
 
 def stage_request(stage: str, request_id: str, upstream: np.ndarray, history: VoicePrompt | None,

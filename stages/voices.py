@@ -51,7 +51,8 @@ def validate_voice(data: Mapping[str, np.ndarray], spec: BarkSpec, name: str | N
             want = "(T,)" if ndim == 1 else f"({rows}, T)"
             raise InvalidRequestError(f"{label}: {key} must have shape {want}, got {arr.shape}")
         if not (min_len <= arr.shape[-1] <= MAX_PROMPT_LEN):
-            raise InvalidRequestError(f"{label}: {key} length must be in [{min_len}, {MAX_PROMPT_LEN}], got {arr.shape[-1]}")
+            raise InvalidRequestError(f"{label}: {key} length must be in [{min_len}, {MAX_PROMPT_LEN}], "
+                                      f"got {arr.shape[-1]}")
         hi = spec.semantic_vocab_size if key == "semantic_prompt" else spec.codebook_size
         if arr.min() < 0 or arr.max() >= hi:
             raise InvalidRequestError(f"{label}: {key} tokens must be in [0, {hi}), got [{arr.min()}, {arr.max()}]")

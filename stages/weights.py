@@ -53,7 +53,7 @@ class Checkpoint:
             ckpt = cls(name=str(name_or_path))
         else:
             raise CheckpointError(f"model {str(name_or_path)!r}: no such directory, and not a hub id like suno/bark")
-        ckpt.config  # fail early on a missing or broken config.json
+        _ = ckpt.config  # fail early on a missing or broken config.json
         return ckpt
 
     def file(self, relpath: str, required: bool = True) -> Path | None:

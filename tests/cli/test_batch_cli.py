@@ -15,12 +15,12 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
+from bark_serve.cli.batch import BatchClient, add_batch_commands, run, submit_and_fetch
 from bark_serve.cluster.batch_types import BatchKeys
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import JobStore
 from bark_serve.cluster.queue import WorkQueue
 from bark_serve.serving.batch_api import batch_router
-from bark_serve.cli.batch import BatchClient, add_batch_commands, run, submit_and_fetch
 from tests.cluster.helpers import FakeSynth, expected_audio
 from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
 
@@ -151,7 +151,8 @@ def test_status_cancel_and_errors(server, synth, tmp_path, capsys):
     def one_line_error(code: int, *argv: str) -> str:
         assert cli(*argv) == code
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and err.startswith(f"bark-serve batch {argv[1]}: error: ") and "Traceback" not in err
+        assert err.count("\n") == 1 and err.startswith(f"bark-serve batch {argv[1]}: error: ")
+        assert "Traceback" not in err
         return err
 
     assert "404" in one_line_error(2, "batch", "status", "b_" + "0" * 32, "--url", server.url)

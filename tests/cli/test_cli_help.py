@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from bark_serve.cli.main import build_parser
 from bark_serve.cli.common import DEFAULT_URL, server_url
+from bark_serve.cli.main import build_parser
 
 HEAVY = ("torch", "ray", "transformers", "bark_serve.bench.hf_runs")
 

@@ -112,8 +112,9 @@ def test_make_checkpoint_command_writes_what_transformers_loads(tmp_path):
 
 def test_make_checkpoint_full_length_keeps_the_plain_random_weights(tmp_path):
     """`--full-length` (alias `--no-eos`): the weights make_checkpoint() writes by default, as benchmarks need."""
-    from bark_serve.stages.checkpoint import make_checkpoint
     from safetensors.torch import load_file
+
+    from bark_serve.stages.checkpoint import make_checkpoint
 
     res = run_cli("make-checkpoint", tmp_path / "full", "--no-eos")
     assert res.returncode == 0, res.stderr

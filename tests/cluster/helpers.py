@@ -9,7 +9,15 @@ from collections import Counter
 import redis
 import redis.asyncio as aioredis
 
-from bark_serve.cluster.batch_types import MEDIA_TYPES, BatchItem, BatchKeys, ItemRecord, JobState, SynthesisResult, parse_item
+from bark_serve.cluster.batch_types import (
+    MEDIA_TYPES,
+    BatchItem,
+    BatchKeys,
+    ItemRecord,
+    JobState,
+    SynthesisResult,
+    parse_item,
+)
 from bark_serve.cluster.jobs import JobInfo, JobStore
 from bark_serve.cluster.queue import WorkQueue
 from bark_serve.stages.types import InvalidRequestError

@@ -62,7 +62,8 @@ class RedisServer:
                 pass
             except redis.ConnectionError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited: {(self.workdir / 'redis.log').read_text()[-2000:]}")
+                    log = (self.workdir / "redis.log").read_text()[-2000:]
+                    raise RuntimeError(f"redis-server exited: {log}") from None
             if time.monotonic() > deadline:
                 raise RuntimeError("redis-server did not start within 10 s")
             time.sleep(0.02)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from bark_serve.cluster.batch_types import (BatchKeys, InvalidBatchError, ItemState, JobState, check_unique, parse_item)
+from bark_serve.cluster.batch_types import BatchKeys, InvalidBatchError, ItemState, JobState, check_unique, parse_item
 from bark_serve.cluster.jobs import JobCancelled
 from tests.cluster.helpers import FakeSynth, all_results, build, records
 

@@ -29,7 +29,8 @@ def test_local_redis_starts_persists_and_stops(tmp_path):
 def test_up_refuses_an_unreachable_redis_in_one_line(tiny_ckpt, tmp_path):
     cfg = tmp_path / "batch.yaml"
     cfg.write_text("batch: {enabled: true, redis_url: 'redis://127.0.0.1:1/0'}\n")
-    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "up", "--config", str(cfg), "--model", str(tiny_ckpt)],
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "up", "--config", str(cfg),
+                          "--model", str(tiny_ckpt)],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 2, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1 and "redis" in res.stderr.lower()

@@ -1,4 +1,5 @@
-"""Connecting from RedisSettings (BatchConfig.redis()): URL, password from the env, TLS, and a one-line error when Redis is away."""
+"""Connecting from RedisSettings (BatchConfig.redis()): URL, password from the env, TLS, and a one-line
+error when Redis is away."""
 
 from __future__ import annotations
 
@@ -9,8 +10,15 @@ import time
 
 import pytest
 
-from bark_serve.cluster.redis_conn import (RedisSettings, RedisUnavailable, aconnect, connect, connection_kwargs,
-                                           redacted, resolve_url)
+from bark_serve.cluster.redis_conn import (
+    RedisSettings,
+    RedisUnavailable,
+    aconnect,
+    connect,
+    connection_kwargs,
+    redacted,
+    resolve_url,
+)
 from bark_serve.serving.config import BatchConfig
 from tests.cluster.redis_server import RedisServer, free_port
 

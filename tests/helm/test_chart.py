@@ -23,9 +23,9 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from bark_serve.serving.serve_config import render_serve_config
 from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX
 from bark_serve.serving.config import BarkConfig, parse_config
+from bark_serve.serving.serve_config import render_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "bark-serve"
@@ -273,7 +273,8 @@ def test_kuberay_admission_rules(name):
 
 def ray_containers(name: str) -> list[dict]:
     cluster = rayservice(name)["spec"]["rayClusterConfig"]
-    return [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
 
 
 def secret_env(container: dict, var: str) -> dict:

@@ -22,9 +22,9 @@ def running_app(raw_config: dict):
     import ray
     from ray import serve
 
-    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
+    from bark_serve.serving.serve_config import pool_resources
 
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     cfg = parse_config(raw_config)

@@ -42,9 +42,9 @@ def batch_app(tiny_ckpt, redis_srv):
     import ray
     from ray import serve
 
-    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
+    from bark_serve.serving.serve_config import pool_resources
 
     os.environ["BARK_E2E_API_KEYS"] = API_KEY
     port = free_port()
@@ -101,8 +101,8 @@ def test_job_survives_a_killed_worker_and_a_redis_restart(batch_app, redis_srv, 
     url = batch_app
     items = [json.dumps({"id": f"item-{i:03d}", "text": f"Batch line number {i}.", "format": "wav",
                          "voice": "v2/en_speaker_6" if i % 2 else None, "options": OPTS}) for i in range(60)]
-    items += [json.dumps({"id": "empty", "text": "   "}), json.dumps({"id": "badvoice", "text": "hi", "voice": "nobody"}),
-              "{this is not json"]
+    items += [json.dumps({"id": "empty", "text": "   "}),
+              json.dumps({"id": "badvoice", "text": "hi", "voice": "nobody"}), "{this is not json"]
     job = submit(url, items, key="e2e-job")
     job_id = job["id"]
     wait_for(lambda: status(url, job_id)["counts"].get("succeeded", 0) >= 5)

@@ -25,15 +25,15 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from bark_serve.cli.batch import add_batch_commands, run
 from bark_serve.cluster.batch_types import BatchKeys, ItemState
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import JobStore
 from bark_serve.cluster.queue import WorkQueue
-from bark_serve.cli.batch import add_batch_commands, run
+from tests.cli.test_batch_cli import LiveServer
 from tests.cluster.helpers import FakeSynth, all_results, expected_audio, records, wait_finished
 from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
 from tests.serving.conftest import API_KEY, e2e_config, free_port
-from tests.cli.test_batch_cli import LiveServer
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OPTS = {"max_semantic_tokens": 12, "temperature": 0, "min_eos_p": None}
@@ -145,9 +145,9 @@ def batch_stack(tiny_ckpt, tmp_path_factory):
     import ray
     from ray import serve
 
-    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
+    from bark_serve.serving.serve_config import pool_resources
 
     redis_srv = RedisServer(tmp_path_factory.mktemp("redis-faults")).start()
     os.environ["BARK_E2E_API_KEYS"] = API_KEY

@@ -38,9 +38,9 @@ def fault_app(tiny_ckpt):
     import ray
     from ray import serve
 
-    from bark_serve.serving.serve_config import pool_resources
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
+    from bark_serve.serving.serve_config import pool_resources
 
     os.environ["BARK_E2E_API_KEYS"] = API_KEY  # inherited by the Ray workers started below
     port = free_port()

@@ -15,8 +15,15 @@ import msgpack
 import pytest
 
 from tests.serving.conftest import e2e_config, free_port
-from tests.serving.e2e_helpers import (AUTH, MAX_ERROR_BYTES, assert_error_shape, orchestrator_stats, replica_pids,
-                                       running_app, speak)
+from tests.serving.e2e_helpers import (
+    AUTH,
+    MAX_ERROR_BYTES,
+    assert_error_shape,
+    orchestrator_stats,
+    replica_pids,
+    running_app,
+    speak,
+)
 
 pytestmark = pytest.mark.slow
 JSON = {**AUTH, "Content-Type": "application/json"}

@@ -19,8 +19,16 @@ import pytest
 
 from bark_serve.serving.audio import from_pcm16
 from tests.serving.conftest import e2e_config, free_port
-from tests.serving.e2e_helpers import (AUTH, assert_error_shape, orchestrator_stats, replica_pids, rss_mb, running_app,
-                                       speak, wait_idle)
+from tests.serving.e2e_helpers import (
+    AUTH,
+    assert_error_shape,
+    orchestrator_stats,
+    replica_pids,
+    rss_mb,
+    running_app,
+    speak,
+    wait_idle,
+)
 
 pytestmark = pytest.mark.slow
 MAX_ACTIVE, TIMEOUT_S = 2, 10.0

@@ -15,8 +15,8 @@ def test_stage_replicas_land_on_their_pool_nodes(tiny_ckpt):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from bark_serve.serving.app import build_app
     from bark_serve.cluster.placement import pool_resource
+    from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})

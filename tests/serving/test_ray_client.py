@@ -37,8 +37,8 @@ def run(cmd, env=None, timeout=300, check=True):
 
 
 def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tmp_path):
-    from bark_serve.serving.serve_config import pool_resources, render_serve_config
     from bark_serve.serving.config import parse_config
+    from bark_serve.serving.serve_config import pool_resources, render_serve_config
 
     raw = e2e_config(str(tiny_ckpt), free_port())
     raw["orchestrator"].pop("api_keys_env")

@@ -12,7 +12,7 @@ import pytest
 from bark_serve.serving.scheduler import QueueFull, StageError, StageScheduler
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
-from bark_serve.stages.types import InvalidRequestError, SamplingParams, SemanticRequest, EngineResult
+from bark_serve.stages.types import EngineResult, InvalidRequestError, SamplingParams, SemanticRequest
 
 
 class CountingEngine:

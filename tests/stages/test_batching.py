@@ -11,7 +11,7 @@ import pytest
 
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline, load_engines
-from bark_serve.stages.types import (CoarseRequest, FineRequest, GenerationParams, SamplingParams, SemanticRequest)
+from bark_serve.stages.types import CoarseRequest, FineRequest, GenerationParams, SamplingParams, SemanticRequest
 from bark_serve.stages.weights import Checkpoint
 
 SAMPLED = SamplingParams(temperature=0.8, top_k=200, top_p=0.95)
@@ -147,7 +147,8 @@ def test_bfloat16_runs_and_stays_close_to_float32(tiny_ckpt):
     codes = torch.from_numpy(a.fine.T[None].astype(np.int64))  # (1, T, 8)
     with torch.inference_mode():
         for codebook in (2, 7):
-            assert rel_err(bf16.engines["fine"].model(codes, codebook), fp32.engines["fine"].model(codes, codebook)) < 0.05
+            got = bf16.engines["fine"].model(codes, codebook)
+            assert rel_err(got, fp32.engines["fine"].model(codes, codebook)) < 0.05
         ids = torch.from_numpy(a.semantic.astype(np.int64))[None]  # (1, T)
         logits = [p.engines["semantic"].model.prefill(p.engines["semantic"].model.input_embeds_layer(ids),
                                                       torch.tensor([ids.shape[1]]), p.engines["semantic"].cache,

@@ -13,8 +13,15 @@ from bark_serve.stages.engine import EngineOptions, parse_device, parse_dtype
 from bark_serve.stages.longform import split_text
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.text import TextPreparer, TextTooLongError
-from bark_serve.stages.types import (CoarseRequest, FineRequest, GenerationParams, InvalidRequestError, SamplingParams,
-                          SemanticRequest, VoicePrompt)
+from bark_serve.stages.types import (
+    CoarseRequest,
+    FineRequest,
+    GenerationParams,
+    InvalidRequestError,
+    SamplingParams,
+    SemanticRequest,
+    VoicePrompt,
+)
 from bark_serve.stages.voices import UnknownVoiceError, VoiceLibrary, load_npz, save_npz
 from bark_serve.stages.weights import Checkpoint, CheckpointError
 
