@@ -26,14 +26,15 @@ def _generation_params(args) -> GenerationParams:
     from pydantic import ValidationError
 
     from bark_serve.serving.api_models import BarkOptions
-    from bark_serve.serving.http_api import validation_error
+    from bark_serve.stages.untrusted import summarize_errors
 
     fields = {k: getattr(args, k) for k in ("seed", "temperature", "semantic_temperature", "coarse_temperature",
                                             "fine_temperature", "top_k", "top_p", "min_eos_p", "max_semantic_tokens")}
     try:
         return BarkOptions(**fields).generation_params()
     except ValidationError as exc:
-        raise InvalidRequestError(validation_error(exc).message.replace("_", "-")) from None
+        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        raise InvalidRequestError(problems.replace("_", "-")) from None
 
 
 def synth(args) -> int:

@@ -15,12 +15,12 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError, Priority, check_seed
 from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
 
 AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
@@ -30,7 +30,6 @@ MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp
 ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
 JOB_KEY_RE = re.compile(r"^[\x21-\x7e]{1,200}$")  # printable ASCII, no spaces
-BATCH_PRIORITY = "batch"
 MAX_ITEM_ERROR_CHARS = 500  # an item's error message (stored in Redis, sent back with its result)
 
 
@@ -73,7 +72,7 @@ class ItemIn(BaseModel):
     id: str | int | None = None
     text: str
     voice: str | None = Field(None, max_length=256)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    seed: Annotated[int | None, AfterValidator(check_seed)] = None
     format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "wav"
     options: dict[str, Any] = Field(default_factory=dict)  # per-stage temperatures etc., passed through
 
@@ -117,7 +116,7 @@ class BatchItem:
     format: str
     options: dict
     attempt: int = 1
-    priority: str = BATCH_PRIORITY  # stage servers schedule batch work behind interactive requests
+    priority: Priority = Priority.BATCH  # stage servers schedule batch work behind interactive requests
 
 
 @dataclass(frozen=True)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from bark_serve.stages import constants as C
-from bark_serve.stages.types import GenerationParams, SamplingParams
+from bark_serve.stages.types import GenerationParams, Priority, SamplingParams, check_seed
 
 # A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
 # a 100 KB name is refused by the request model, before any file-system lookup.
@@ -22,7 +22,7 @@ class BarkOptions(BaseModel):
 
     model_config = ConfigDict(allow_inf_nan=False)
 
-    seed: int | None = Field(None, ge=0, lt=2**63, description="same seed and input, same audio")
+    seed: Annotated[int | None, AfterValidator(check_seed)] = Field(None, description="same seed and input, same audio")
     temperature: float | None = Field(None, ge=0, le=100, description="every stage; 0 is greedy")
     semantic_temperature: float | None = Field(None, ge=0, le=100)
     coarse_temperature: float | None = Field(None, ge=0, le=100)
@@ -76,7 +76,7 @@ class TTSRequest(BarkOptions):
         None, description="preset name, or arrays: semantic_prompt, coarse_prompt, fine_prompt")
     format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "wav"
     stream: bool = False
-    priority: Literal["interactive", "batch"] = "interactive"
+    priority: Priority = Priority.INTERACTIVE
 
     def stream_error(self, packed: bool) -> str | None:
         """Why this request cannot stream as asked (None if it can): raw streams are pcm or wav."""

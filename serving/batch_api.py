@@ -57,7 +57,6 @@ from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from bark_serve.cluster.batch_types import (
-    BATCH_PRIORITY,
     JOB_ID_RE,
     JOB_KEY_RE,
     MAX_ITEM_ERROR_CHARS,
@@ -70,6 +69,7 @@ from bark_serve.cluster.batch_types import (
 )
 from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
 from bark_serve.cluster.redis_conn import RedisUnavailable
+from bark_serve.stages.types import Priority
 from bark_serve.stages.untrusted import clip
 
 from .api_models import TTSRequest
@@ -175,7 +175,7 @@ def _check_options(record: ItemRecord) -> ItemRecord:
         return record
     try:
         TTSRequest(text=record.text, voice=record.voice, format=record.format, seed=record.seed,
-                   priority=BATCH_PRIORITY, **record.options)
+                   priority=Priority.BATCH, **record.options)
     except ValidationError as exc:
         error = f"item {record.index}: {validation_error(exc).message}"
     except TypeError:  # an option that is also an item field (text, voice, format, seed, priority)

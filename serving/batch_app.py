@@ -21,14 +21,14 @@ from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
+from bark_serve.stages.untrusted import summarize_errors
 
 from . import audio as A
 from .api_models import TTSRequest
 from .config import BarkConfig, parse_config
 from .errors import unwrap
-from .http_api import validation_error
-from .service import make_synthesizer
+from .stage_calls import make_synthesizer
 
 log = logging.getLogger("ray.serve")
 
@@ -66,7 +66,7 @@ def item_request(item: BatchItem) -> TTSRequest:
         return TTSRequest(text=item.text, voice=item.voice, format=item.format, seed=item.seed,
                           priority=item.priority, **(item.options or {}))
     except ValidationError as exc:
-        raise InvalidRequestError(validation_error(exc).message) from None
+        raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
     except TypeError as exc:
         raise InvalidRequestError(f"bad options: {exc}") from None
 
@@ -89,7 +89,7 @@ class BatchWorker:
     async def synthesize(self, item: BatchItem) -> SynthesisResult:
         req = item_request(item)
         try:
-            plan = self.synth.plan(req.text, req.voice, req.generation_params(), "batch",
+            plan = self.synth.plan(req.text, req.voice, req.generation_params(), Priority.BATCH,
                                    request_id=f"{item.job_id}-{item.item_id}")
             report = functools.partial(self.loop.report_stage, item.job_id, item.item_id)
             self.progress[plan.request_id] = ItemProgress(len(plan.segments), report)
@@ -108,7 +108,7 @@ class BatchWorker:
     def _tracking(self, call):
         """The Synthesizer's stage call, also telling the item's progress when a segment leaves a stage."""
 
-        async def tracked(stage: str, request, priority: str):
+        async def tracked(stage: str, request: StageRequest, priority: Priority):
             out = await call(stage, request, priority)
             progress = self.progress.get(request.request_id.rpartition(":")[0])  # "<plan id>:<segment>"
             if progress is not None:

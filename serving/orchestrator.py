@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import check_plain_data, clip
+from bark_serve.stages.types import InvalidRequestError, Priority
+from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
 
 from . import http_api as H
 from .admission import Admission
@@ -28,7 +28,7 @@ from .api_models import SpeechRequest, TTSRequest
 from .config import parse_config
 from .errors import APIError, to_api_error
 from .routes import ROUTES, build_http_app
-from .service import make_synthesizer
+from .stage_calls import make_synthesizer
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
@@ -97,7 +97,7 @@ class Orchestrator:
         try:
             req = TTSRequest(text=text, voice=voice, **options)
         except ValidationError as exc:
-            raise InvalidRequestError(H.validation_error(exc).message) from None
+            raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
         with self.admission.acquire():
             t0 = time.time()
             plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority)
@@ -164,7 +164,7 @@ class Orchestrator:
                            "unsupported_parameter")
         stream = req.response_format in ("pcm", "wav")
         return await self._respond(request, "speech", req.input, req.voice, req, req.response_format, stream,
-                                   "interactive")
+                                   Priority.INTERACTIVE)
 
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""

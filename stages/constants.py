@@ -23,6 +23,7 @@ SEMANTIC_VOCAB_SIZE = 10_000
 SEMANTIC_EOS_TOKEN = 10_000  # also the semantic pad token
 SEMANTIC_RATE_HZ = 49.9
 MAX_SEMANTIC_TOKENS = 768  # max_new_tokens of the semantic stage
+SEED_LIMIT = 2**63  # seeds are in [0, SEED_LIMIT): they seed torch generators (int64)
 
 # Coarse tokens
 CODEBOOK_SIZE = 1024

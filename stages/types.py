@@ -43,6 +43,13 @@ class InvalidRequestError(ValueError):
     """
 
 
+def check_seed(seed: int | None) -> int | None:
+    """The one seed rule: None (a random seed is drawn) or an integer in [0, 2**63)."""
+    if seed is not None and not (0 <= seed < C.SEED_LIMIT):
+        raise InvalidRequestError(f"seed must be in [0, 2**63), got {str(seed)[:40]}")
+    return seed
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling of one stage. ``temperature == 0`` means greedy (argmax)."""
@@ -85,8 +92,7 @@ class GenerationParams:
             raise InvalidRequestError(
                 f"max_semantic_tokens must be in [1, {C.MAX_SEMANTIC_TOKENS}], got {self.max_semantic_tokens}"
             )
-        if self.seed is not None and not (0 <= self.seed < 2**63):
-            raise InvalidRequestError(f"seed must be in [0, 2**63), got {self.seed}")
+        check_seed(self.seed)
 
     @classmethod
     def greedy(cls, **kwargs) -> "GenerationParams":

@@ -9,16 +9,12 @@ BARE = ("stages", "serving", "cluster", "bench", "cli")
 
 _IMPORT_ALL = """
 import importlib, pkgutil, sys
-import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench
-roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench]
-try:
-    import bark_serve.cli
-    roots.append(bark_serve.cli)
-except ImportError:
-    pass
+import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench, bark_serve.cli
+roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench, bark_serve.cli]
 for root in roots:
     for info in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
-        importlib.import_module(info.name)
+        if not info.name.endswith(".__main__"):  # running it is `python -m`, not an import
+            importlib.import_module(info.name)
 print(sorted({m.split(".")[0] for m in sys.modules} & set(sys.argv[1:])))
 """
 
