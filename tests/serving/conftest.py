@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import socket
-import time
 
 import pytest
 
@@ -35,24 +33,8 @@ def e2e_config(model: str, port: int, **overrides) -> dict:
 @pytest.fixture(scope="module")
 def served(tiny_ckpt):
     """Start Ray + Serve with the app; yields (base_url, metrics_url). Torn down after the module."""
-    import ray
-    from ray import serve
+    from tests.serving.e2e_helpers import running_app
 
-    from bark_serve.serving.app import build_app
-    from bark_serve.serving.config import parse_config
-    from bark_serve.serving.serve_config import pool_resources
-
-    os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
-    port, metrics_port = free_port(), free_port()
-    cfg = parse_config(e2e_config(str(tiny_ckpt), port))
-    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
-             _metrics_export_port=metrics_port, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    t0 = time.time()
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"bark app up in {time.time() - t0:.1f} s")
-    try:
-        yield f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}/metrics"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    metrics_port = free_port()
+    with running_app(e2e_config(str(tiny_ckpt), free_port()), metrics_port=metrics_port) as url:
+        yield url, f"http://127.0.0.1:{metrics_port}/metrics"

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,8 +19,12 @@ MAX_ERROR_BYTES = 4096  # no error answer may be bigger than this, whatever was 
 
 
 @contextlib.contextmanager
-def running_app(raw_config: dict):
-    """Ray + Serve + the bark app from ``raw_config`` (an e2e_config dict); yields the base URL."""
+def running_app(raw_config: dict, metrics_port: int | None = None):
+    """Ray + Serve + the bark app from ``raw_config`` (an e2e_config dict); yields the base URL.
+
+    The one way the end-to-end tests start the app: a new Ray instance of its own (``address="local"``,
+    even when another Ray runs on this machine) in a temp dir of its own, removed afterwards.
+    """
     import ray
     from ray import serve
 
@@ -28,18 +34,20 @@ def running_app(raw_config: dict):
 
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     cfg = parse_config(raw_config)
-    # address="local": a new cluster of our own, even when another Ray runs on this machine (ray start)
+    tmp = tempfile.mkdtemp(prefix="bark-e2e-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
+    extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
-             configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
-    t0 = time.time()
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-    print(f"bark app up in {time.time() - t0:.1f} s")
+             configure_logging=False, log_to_driver=False, _temp_dir=tmp, **extra)
     try:
+        serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})
+        t0 = time.time()
+        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+        print(f"bark app up in {time.time() - t0:.1f} s")
         yield f"http://127.0.0.1:{cfg.http_port}"
     finally:
         serve.shutdown()
         ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def replica_pids() -> dict[str, int]:

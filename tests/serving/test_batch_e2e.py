@@ -22,10 +22,19 @@ from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
 from tests.cluster.redis_server import RedisServer
 from tests.serving.conftest import API_KEY, e2e_config, free_port
+from tests.serving.e2e_helpers import running_app
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OPTS = {"max_semantic_tokens": 6, "temperature": 0, "min_eos_p": None}
+
+
+def batch_config(tiny_ckpt, redis_srv) -> dict:
+    """The e2e app with batch jobs on ``redis_srv`` and two BatchWorker replicas that take over fast."""
+    raw = e2e_config(str(tiny_ckpt), free_port())
+    raw["batch"] = {"enabled": True, "redis_url": redis_srv.url, "claim_timeout_s": 4, "max_in_flight": 4,
+                    "worker": {"num_replicas": 2, "num_cpus": 0.1}}
+    return raw
 
 
 @pytest.fixture(scope="module")
@@ -37,29 +46,8 @@ def redis_srv(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def batch_app(tiny_ckpt, redis_srv):
-    import os
-
-    import ray
-    from ray import serve
-
-    from bark_serve.serving.app import build_app
-    from bark_serve.serving.config import parse_config
-    from bark_serve.serving.serve_config import pool_resources
-
-    os.environ["BARK_E2E_API_KEYS"] = API_KEY
-    port = free_port()
-    raw = e2e_config(str(tiny_ckpt), port)
-    raw["batch"] = {"enabled": True, "redis_url": redis_srv.url, "claim_timeout_s": 4, "max_in_flight": 4,
-                    "worker": {"num_replicas": 2, "num_cpus": 0.1}}
-    cfg = parse_config(raw)
-    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(cfg), name="bark", route_prefix="/")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with running_app(batch_config(tiny_ckpt, redis_srv)) as url:
+        yield url
 
 
 def submit(url, lines: list[str], key: str | None = None):

@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -33,7 +30,9 @@ from bark_serve.cluster.queue import WorkQueue
 from tests.cli.test_batch_cli import LiveServer
 from tests.cluster.helpers import FakeSynth, all_results, expected_audio, records, wait_finished
 from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
-from tests.serving.conftest import API_KEY, e2e_config, free_port
+from tests.serving.conftest import API_KEY
+from tests.serving.e2e_helpers import running_app
+from tests.serving.test_batch_e2e import batch_config
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OPTS = {"max_semantic_tokens": 12, "temperature": 0, "min_eos_p": None}
@@ -142,31 +141,11 @@ def test_an_item_whose_stage_replica_died_is_retried_not_failed(redis_server, pr
 @pytest.fixture(scope="module")
 def batch_stack(tiny_ckpt, tmp_path_factory):
     """Redis (AOF) + a Ray instance of its own with the app and two BatchWorker replicas."""
-    import ray
-    from ray import serve
-
-    from bark_serve.serving.app import build_app
-    from bark_serve.serving.config import parse_config
-    from bark_serve.serving.serve_config import pool_resources
-
     redis_srv = RedisServer(tmp_path_factory.mktemp("redis-faults")).start()
-    os.environ["BARK_E2E_API_KEYS"] = API_KEY
-    port = free_port()
-    raw = e2e_config(str(tiny_ckpt), port)
-    raw["batch"] = {"enabled": True, "redis_url": redis_srv.url, "claim_timeout_s": 4, "max_in_flight": 4,
-                    "worker": {"num_replicas": 2, "num_cpus": 0.1}}
-    cfg = parse_config(raw)
-    tmp = tempfile.mkdtemp(prefix="rb-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     try:
-        ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
-                 configure_logging=False, log_to_driver=False, _temp_dir=tmp)
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name="bark", route_prefix="/")
-        yield f"http://127.0.0.1:{port}", redis_srv
+        with running_app(batch_config(tiny_ckpt, redis_srv)) as url:
+            yield url, redis_srv
     finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
         redis_srv.stop(kill=True)
 
 

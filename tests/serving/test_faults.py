@@ -11,9 +11,7 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,6 +21,7 @@ import pytest
 
 from bark_serve.serving.audio import from_pcm16
 from tests.serving.conftest import API_KEY, e2e_config, free_port
+from tests.serving.e2e_helpers import running_app
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -35,31 +34,12 @@ RECOVERY_BOUND_S = 90.0
 @pytest.fixture(scope="module")
 def fault_app(tiny_ckpt):
     """A Ray instance of its own (own temp dir) with the app; stage queues kept small on purpose."""
-    import ray
-    from ray import serve
-
-    from bark_serve.serving.app import build_app
-    from bark_serve.serving.config import parse_config
-    from bark_serve.serving.serve_config import pool_resources
-
-    os.environ["BARK_E2E_API_KEYS"] = API_KEY  # inherited by the Ray workers started below
-    port = free_port()
-    raw = e2e_config(str(tiny_ckpt), port)
+    raw = e2e_config(str(tiny_ckpt), free_port())
     for stage in ("semantic", "coarse", "fine", "codec"):
         raw[stage].update(TIGHT)
     raw["orchestrator"].update(max_text_chars=20_000, max_body_bytes=400_000)
-    cfg = parse_config(raw)
-    tmp = tempfile.mkdtemp(prefix="rf-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
-             configure_logging=False, log_to_driver=False, _temp_dir=tmp)
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-        shutil.rmtree(tmp, ignore_errors=True)
+    with running_app(raw) as url:
+        yield url
 
 
 def tts(url, body, timeout=180):
