@@ -39,3 +39,19 @@ def test_a_folder_named_serving_does_not_shadow_the_app(tmp_path):
 
 def test_no_test_session_module_is_bare():
     assert not {m.split(".")[0] for m in sys.modules} & set(BARE)
+
+
+def test_the_image_copies_every_package_folder():
+    """helm/Dockerfile installs the wheel from the folders it copies: each package folder must be there."""
+    from pathlib import Path
+
+    import pytest
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    repo = Path(__file__).resolve().parents[1]
+    folders = set(tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    dockerfile = (repo / "helm" / "Dockerfile").read_text()
+    ignore = (repo / "helm" / "Dockerfile.dockerignore").read_text().split()
+    for folder in folders:
+        assert f"COPY --chown=1000:100 {folder} ./{folder}" in dockerfile, folder
+        assert f"!{folder}/" in ignore, folder
