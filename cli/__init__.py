@@ -2,7 +2,7 @@
 
 What lives here: the parser (main.py) and one module per family of commands:
 commands.py (synth, make-checkpoint, voices, render-config), up.py (up, say),
-batch.py (batch submit/status/results/cancel); common.py holds what they
+batch.py (batch submit/status/cancel) with its HTTP client in batch_client.py; common.py holds what they
 share. ``bark-serve bench`` is registered from ``bark_serve.bench``.
 
 Layer: the top. It may import every other ``bark_serve`` package, and nothing
