@@ -41,6 +41,7 @@ class Slot(Generic[StateT]):
     generator: torch.Generator
     state: StateT
     position: int = 0  # tokens in the cache; the next decode writes here
+    reach: int = 0  # cache positions reserved: the most this request can use
     last_token: int = 0
     needs_prefill: bool = True
     started: float = field(default_factory=time.perf_counter)
@@ -53,6 +54,7 @@ class CausalEngine(StageEngine):
         super().__init__(options)
         self.model = model
         self.max_len = min(max_len, model.block_size)
+        # empty until requests come: reserve() sizes it to the held requests' reach (stages/modeling.py)
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
         self.slots: list[Slot] = []
         self._ready: list[EngineResult] = []
@@ -72,6 +74,8 @@ class CausalEngine(StageEngine):
         slot = self._new_slot(request)
         if slot is None:
             return
+        slot.reach = min(self.max_len, self._reach(slot))
+        self.cache.reserve(len(self.slots) + 1, max(s.reach for s in [*self.slots, slot]))
         self.slots.append(slot)
 
     def cancel(self, request_id: str) -> bool:
@@ -184,12 +188,22 @@ class CausalEngine(StageEngine):
         """Tokens the slot's next prefill holds (for chunking); subclasses with varying prompts override."""
         return self.max_len
 
+    def _reach(self, slot: Slot) -> int:
+        """The most cache positions this request can ever use (its KV reservation); subclasses bound it."""
+        return self.max_len
+
+    def kv_bytes_per_slot(self, reach: int | None = None) -> int:
+        """KV memory of one slot reserved for ``reach`` positions (default: the stage's maximum)."""
+        return self.cache.bytes_per_token() * (reach or self.max_len)
+
     def _release(self, i: int) -> None:
         last = len(self.slots) - 1
         if i != last:
             self.cache.move(last, i)
             self.slots[i] = self.slots[last]
         self.slots.pop()
+        if not self.slots:
+            self.cache.shrink()  # an idle replica holds no KV memory
 
     def _uniform(self, slots: list[Slot]) -> torch.Tensor:
         return draw_uniform([s.generator for s in slots], [1] * len(slots), self.device)
@@ -199,7 +213,8 @@ def _new_cache(model: CausalLM, n_slots: int, max_len: int, dtype, device):
     from .modeling import SlotKVCache
 
     hidden = model.lm_head.weight.shape[1]
-    return SlotKVCache(len(model.layers), n_slots, model.n_heads, max_len, hidden // model.n_heads, dtype, device)
+    return SlotKVCache(len(model.layers), 0, model.n_heads, max_len, hidden // model.n_heads, dtype, device,
+                       max_slots=n_slots)
 
 
 def pad_right(rows: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

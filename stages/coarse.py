@@ -83,6 +83,11 @@ class CoarseEngine(CausalEngine):
     def _prompt_length(self, slot: Slot[CoarseState]) -> int:
         return T.coarse_window_length(len(slot.state.coarse_all), self.spec)
 
+    def _reach(self, slot: Slot[CoarseState]) -> int:
+        """The last window's prompt (history + all but its new tokens, at most 630) plus its new tokens."""
+        st = slot.state
+        return T.coarse_window_length(st.n_history + st.target, self.spec) + self.spec.sliding_window_len
+
     def _select(self, slots: list[Slot[CoarseState]], logits: torch.Tensor) -> torch.Tensor:
         spec = self.spec
         lo = torch.tensor([T.coarse_token_range(s.state.in_window, spec)[0] for s in slots], device=logits.device)

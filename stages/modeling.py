@@ -23,20 +23,63 @@ from torch import nn
 
 
 class SlotKVCache:
-    """Keys and values of every layer for ``n_slots`` requests. (layers, slots, heads, max_len, head_dim)"""
+    """Keys and values of every layer for ``n_slots`` requests. (layers, slots, heads, length, head_dim)
 
-    def __init__(self, n_layers: int, n_slots: int, n_heads: int, max_len: int, head_dim: int, dtype, device):
-        shape = (n_layers, n_slots, n_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    Allocated for what the held requests can reach, not for the engine's capacity at the stage's
+    maximum length: ``reserve(n, length)`` grows the slots (doubling, up to ``max_slots``) and the
+    length (in steps of ``LENGTH_STEP``, up to ``max_len``) with a copy when a request needs more,
+    and ``shrink`` gives memory back when the engine empties. So ``max_batch`` costs memory only
+    when that many requests are held, and short requests make a short cache.
+    """
+
+    LENGTH_STEP = 64
+
+    def __init__(self, n_layers: int, n_slots: int, n_heads: int, max_len: int, head_dim: int, dtype, device,
+                 max_slots: int | None = None):
+        self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
+        self.dtype, self.device = dtype, device
         self.max_len = max_len
+        self.max_slots = max(max_slots or n_slots, 1)
+        length = max_len if n_slots else 0
+        self.k, self.v = self._zeros(n_slots, length), self._zeros(n_slots, length)
+
+    def _zeros(self, n_slots: int, length: int) -> torch.Tensor:
+        return torch.zeros((self.n_layers, n_slots, self.n_heads, length, self.head_dim), dtype=self.dtype,
+                           device=self.device)
 
     @property
     def n_slots(self) -> int:
         return self.k.shape[1]
 
+    @property
+    def length(self) -> int:
+        return self.k.shape[3]
+
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()
+
+    def bytes_per_token(self) -> int:
+        """Keys and values of one position of one slot, every layer."""
+        return 2 * self.n_layers * self.n_heads * self.head_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def reserve(self, n_slots: int, length: int) -> bool:
+        """Make room for ``n_slots`` slots of ``length`` positions (keeping what is stored); True if it grew."""
+        if n_slots > self.max_slots or length > self.max_len:
+            raise ValueError(f"KV cache limit is {self.max_slots} slots x {self.max_len} positions")
+        if n_slots <= self.n_slots and length <= self.length:
+            return False
+        slots = min(self.max_slots, max(n_slots, 2 * self.n_slots))
+        step = self.LENGTH_STEP
+        new_len = min(self.max_len, max(self.length, -(-length // step) * step))
+        k, v = self._zeros(slots, new_len), self._zeros(slots, new_len)
+        k[:, : self.n_slots, :, : self.length] = self.k
+        v[:, : self.n_slots, :, : self.length] = self.v
+        self.k, self.v = k, v
+        return True
+
+    def shrink(self) -> None:
+        """Free everything (the engine holds no request)."""
+        self.k, self.v = self._zeros(0, 0), self._zeros(0, 0)
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` onto ``dst`` (the engine compacts its slots this way)."""

@@ -69,6 +69,9 @@ class SemanticEngine(CausalEngine):
     def _prompt_length(self, slot: Slot[SemanticState]) -> int:
         return self.spec.max_input_semantic_length + 1  # every prompt: 256 merged positions + infer token
 
+    def _reach(self, slot: Slot[SemanticState]) -> int:
+        return self._prompt_length(slot) + slot.request.max_new_tokens
+
     def _select(self, slots: list[Slot[SemanticState]], logits: torch.Tensor) -> torch.Tensor:
         eos = self.spec.semantic_eos_token
         allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS

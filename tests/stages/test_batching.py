@@ -150,6 +150,8 @@ def test_bfloat16_runs_and_stays_close_to_float32(tiny_ckpt):
             got = bf16.engines["fine"].model(codes, codebook)
             assert rel_err(got, fp32.engines["fine"].model(codes, codebook)) < 0.05
         ids = torch.from_numpy(a.semantic.astype(np.int64))[None]  # (1, T)
+        for p in (bf16, fp32):
+            p.engines["semantic"].cache.reserve(1, ids.shape[1])  # the cache is empty while no request is held
         logits = [p.engines["semantic"].model.prefill(p.engines["semantic"].model.input_embeds_layer(ids),
                                                       torch.tensor([ids.shape[1]]), p.engines["semantic"].cache,
                                                       torch.tensor([0])) for p in (bf16, fp32)]
