@@ -31,8 +31,9 @@ def resolve_threads(setting: int | str | None) -> int | None:
 
 def engine_options(cfg: StageConfig) -> EngineOptions:
     device = resolve_device(cfg.device)
-    return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device), capacity=cfg.max_batch,
-                         torch_threads=resolve_threads(cfg.torch_threads), cpu_offload=cfg.cpu_offload,
+    threads = resolve_threads(cfg.torch_threads)
+    return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads), capacity=cfg.max_batch,
+                         torch_threads=threads, cpu_offload=cfg.cpu_offload,
                          max_forward_tokens=cfg.max_forward_tokens)
 
 

@@ -49,29 +49,25 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
-def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16: bfloat16 matmuls run faster than float32 on this CPU."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
 def resolve_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return str(parse_device(name))
 
 
-def resolve_dtype(name: str, device: str) -> str:
-    """'auto' is bfloat16 where it is fast (CUDA with bf16, or a CPU with AMX/AVX512-BF16), else float32."""
+def resolve_dtype(name: str, device: str, torch_threads: int | None = None) -> str:
+    """'auto': the dtype whose GEMM measured fastest on this host (stages/dtype_probe.py); else ``name``.
+
+    ``torch_threads`` is the thread count the engine will run with: the probe measures with it.
+    """
     if name != "auto":
         parse_dtype(name)
         return name
-    if device.startswith("cuda"):
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "bfloat16" if cpu_has_fast_bf16() else "float32"
+    from .dtype_probe import auto_dtype
+
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return auto_dtype(device)
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -1,0 +1,140 @@
+"""``dtype: auto`` by measurement: time a small GEMM in each candidate dtype and keep the fastest.
+
+CPU flags do not tell: on an AVX2 EPYC bfloat16 matmuls ran 100x slower than float32, on AMX Xeons
+6x faster, and AMD parts with AVX512-BF16 sit in between. So each replica, at start-up, times a
+matmul of a transformer block's shape (``rows x hidden`` by ``hidden x 4*hidden``) in every
+candidate dtype and picks the highest rate. The result is cached per host (device name, torch
+version and thread count) in a small JSON file, so later replicas on the same machine skip the
+measurement. An explicit dtype in the config is an override: nothing is measured then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# The shape of one MLP matmul of a batched bark-small prefill: big enough to reach the kernel's
+# steady rate, small enough that a slow dtype costs a fraction of a second.
+PROBE_ROWS, PROBE_HIDDEN = 256, 768
+PROBE_SECONDS = 0.15  # per dtype
+CACHE_ENV = "BARK_DTYPE_PROBE_CACHE"  # a file path, or "off" to measure every time
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str
+    tflops: dict[str, float]  # measured rate per candidate
+    cached: bool
+
+
+def candidates(device: str) -> list[str]:
+    """float32 always; bfloat16 where the device can run it; float16 on CUDA."""
+    if device.startswith("cuda"):
+        out = ["float32", "float16"]
+        return out + ["bfloat16"] if torch.cuda.is_bf16_supported() else out
+    return ["float32", "bfloat16"]
+
+
+def gemm_rate(dtype: str, device: str, seconds: float = PROBE_SECONDS, clock: Callable[[], float] = time.perf_counter,
+              rows: int = PROBE_ROWS, hidden: int = PROBE_HIDDEN) -> float:
+    """Best TFLOP/s of (rows x hidden) @ (hidden x 4*hidden) over about ``seconds`` (at least 2 products)."""
+    dt = getattr(torch, dtype)
+    a = torch.randn(rows, hidden, device=device).to(dt)
+    b = torch.randn(hidden, 4 * hidden, device=device).to(dt)
+    flops = 2.0 * rows * hidden * 4 * hidden
+    best, start, n = 0.0, clock(), 0
+    while n < 2 or clock() - start < seconds:
+        _sync(device)
+        t0 = clock()
+        torch.matmul(a, b)
+        _sync(device)
+        best = max(best, flops / max(clock() - t0, 1e-9) / 1e12)
+        n += 1
+    return best
+
+
+def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cache_file: Path | None = None,
+                 ) -> DtypeChoice:
+    """The candidate with the highest measured rate (read from the host cache when it has this key)."""
+    key = host_key(device)
+    path = cache_file if cache_file is not None else default_cache_file()
+    cache = _read(path) if path else {}
+    if key in cache and cache[key].get("dtype") in candidates(device):
+        hit = cache[key]
+        return DtypeChoice(hit["dtype"], dict(hit.get("tflops", {})), cached=True)
+    rates = {name: rate(name, device) for name in candidates(device)}
+    best = max(rates, key=rates.get)
+    choice = DtypeChoice(best, rates, cached=False)
+    if path:
+        _write(path, {**cache, key: {"dtype": best, "tflops": rates}})
+    return choice
+
+
+def auto_dtype(device: str) -> str:
+    """What ``dtype: auto`` resolves to on this host; logs the choice and the rates behind it."""
+    choice = choose_dtype(device)
+    rates = ", ".join(f"{k} {v:.3f}" for k, v in choice.tflops.items())
+    log.warning("dtype auto -> %s on %s (GEMM TFLOP/s: %s%s)", choice.dtype, device, rates,
+                "; cached for this host" if choice.cached else "")
+    return choice.dtype
+
+
+def host_key(device: str) -> str:
+    if device.startswith("cuda"):
+        name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        name = _cpu_model()
+    return f"{device.split(':')[0]}|{name}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+
+
+def default_cache_file() -> Path | None:
+    env = os.environ.get(CACHE_ENV)
+    if env == "off":
+        return None
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "bark-serve" / "dtype-probe.json"
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _write(path: Path, data: dict) -> None:
+    """Best effort and atomic (replicas starting together may race; the last one wins)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        tmp.replace(path)
+    except OSError as exc:
+        log.info("could not cache the dtype probe in %s: %s", path, exc)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()

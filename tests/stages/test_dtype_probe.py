@@ -1,0 +1,77 @@
+"""``dtype: auto`` is measured: the probe times a GEMM per candidate dtype, keeps the faster, caches per host."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bark_serve.stages import dtype_probe as P
+from bark_serve.stages.engine import resolve_dtype
+
+
+class FakeClock:
+    """Each reading advances by ``step`` seconds: every timed product "takes" exactly ``step``."""
+
+    def __init__(self, step: float):
+        self.t, self.step = 0.0, step
+
+    def __call__(self) -> float:
+        self.t += self.step
+        return self.t
+
+
+def _timed(slow: str):
+    """A rate function whose clock makes ``slow`` 100x slower than the other dtypes (as on an AVX2 EPYC)."""
+    def rate(name: str, device: str) -> float:
+        return P.gemm_rate(name, device, seconds=0.0, clock=FakeClock(0.1 if name == slow else 0.001))
+    return rate
+
+
+@pytest.mark.parametrize("slow, expected", [("bfloat16", "float32"), ("float32", "bfloat16")])
+def test_the_probe_picks_the_dtype_whose_gemm_ran_faster(tmp_path, slow, expected):
+    choice = P.choose_dtype("cpu", rate=_timed(slow), cache_file=tmp_path / "probe.json")
+    assert choice.dtype == expected and not choice.cached
+    flops = 2.0 * P.PROBE_ROWS * P.PROBE_HIDDEN * 4 * P.PROBE_HIDDEN
+    assert choice.tflops[expected] == pytest.approx(flops / 0.001 / 1e12)
+    assert choice.tflops[slow] == pytest.approx(flops / 0.1 / 1e12)
+
+
+def test_the_choice_is_cached_per_host_and_thread_count(tmp_path, monkeypatch):
+    cache = tmp_path / "probe.json"
+    first = P.choose_dtype("cpu", rate=_timed("float32"), cache_file=cache)
+
+    def never(name, device):
+        raise AssertionError("measured again although the host's choice is cached")
+
+    again = P.choose_dtype("cpu", rate=never, cache_file=cache)
+    assert again.cached and again.dtype == first.dtype == "bfloat16"
+    stored = json.loads(cache.read_text())
+    assert list(stored) == [P.host_key("cpu")] and "threads" in P.host_key("cpu")
+    monkeypatch.setattr(P.torch, "get_num_threads", lambda: 977)  # another thread count: another key, measured
+    assert not P.choose_dtype("cpu", rate=_timed("bfloat16"), cache_file=cache).cached
+    assert len(json.loads(cache.read_text())) == 2
+
+
+def test_a_corrupt_cache_is_measured_over(tmp_path):
+    cache = tmp_path / "probe.json"
+    cache.write_text("{not json")
+    assert P.choose_dtype("cpu", rate=_timed("bfloat16"), cache_file=cache).dtype == "float32"
+    assert json.loads(cache.read_text())[P.host_key("cpu")]["dtype"] == "float32"
+
+
+def test_an_explicit_dtype_is_an_override_and_measures_nothing(tmp_path, monkeypatch):
+    cache = tmp_path / "probe.json"
+    monkeypatch.setenv(P.CACHE_ENV, str(cache))
+    assert resolve_dtype("bfloat16", "cpu") == "bfloat16"
+    assert not cache.exists()
+
+
+def test_auto_measures_for_real_and_logs_the_rates(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv(P.CACHE_ENV, str(tmp_path / "probe.json"))
+    with caplog.at_level("WARNING"):
+        picked = resolve_dtype("auto", "cpu", torch_threads=1)
+    assert picked in ("float32", "bfloat16")
+    rates = json.loads((tmp_path / "probe.json").read_text())[P.host_key("cpu")]["tflops"]
+    assert picked == max(rates, key=rates.get) and all(v > 0 for v in rates.values())
+    assert f"dtype auto -> {picked}" in caplog.text
