@@ -86,6 +86,9 @@ class OrchestratorConfig(Placement):
     max_text_chars: int = Field(20_000, ge=1)
     max_body_bytes: int = Field(2_000_000, ge=1024)
     segment_max_tokens: int = Field(200, ge=8, le=256)  # long text is split into segments of at most this
+    # The first segment of a long text is cut shorter, so its audio (time to first audio) comes sooner;
+    # null: the same budget as the others.
+    first_segment_max_tokens: int | None = Field(48, ge=8, le=256)
     # calls one request has in each stage at once: a long text of many segments cannot fill a stage's queue
     max_segments_in_flight: int = Field(4, ge=1)
     request_timeout_s: float = Field(900.0, gt=0)

@@ -1,8 +1,10 @@
 """The batching loop inside every stage replica: plain asyncio, testable without Ray or torch.
 
 How this works:
-- ``submit`` puts a request in a priority queue (interactive before batch,
-  then arrival order) and awaits its future;
+- ``submit`` puts a request in a priority queue and awaits its future. The
+  order: interactive before batch, then lower segment index first (a request's
+  first segment is never stuck behind the later segments of other long texts:
+  time to first audio under load), then arrival order;
 - one loop task admits queued requests whenever the engine has room, then
   runs ``engine.step()`` in a worker thread (so the event loop keeps
   accepting requests), and resolves the futures of the requests that finished;
@@ -60,6 +62,7 @@ class NullMetrics:
 @dataclass(order=True)
 class _Entry:
     priority: int
+    segment: int  # the request's segment index (StageRequest.segment)
     seq: int
     request: StageRequest = field(compare=False)
     future: asyncio.Future = field(compare=False)
@@ -114,7 +117,9 @@ class StageScheduler:
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.engine.name} queue is full ({self.max_queue} waiting)")
         self.start()
-        entry = _Entry(priority.rank, next(self._seq), request, asyncio.get_running_loop().create_future())
+        segment = getattr(request, "segment", 0)
+        segment = segment if isinstance(segment, int) and segment > 0 else 0
+        entry = _Entry(priority.rank, segment, next(self._seq), request, asyncio.get_running_loop().create_future())
         heapq.heappush(self._queue, entry)
         self.metrics.queue_length(len(self._queue))
         self._wake.set()

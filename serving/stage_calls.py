@@ -59,4 +59,5 @@ def make_synthesizer(cfg: BarkConfig, handles: dict) -> Synthesizer:
     voices = VoiceLibrary(ckpt.spec, ckpt, [cfg.voices_dir] if cfg.voices_dir else [])
     ocfg = cfg.orchestrator
     return Synthesizer(TextPreparer.from_checkpoint(ckpt), voices, ckpt.spec, retrying_call(handles),
-                       ocfg.segment_max_tokens, ocfg.max_text_chars, cfg.voice_aliases, ocfg.max_segments_in_flight)
+                       ocfg.segment_max_tokens, ocfg.max_text_chars, cfg.voice_aliases, ocfg.max_segments_in_flight,
+                       first_segment_max_tokens=ocfg.first_segment_max_tokens)

@@ -117,10 +117,12 @@ class SegmentWindow:
 class Synthesizer:
     def __init__(self, text: TextPreparer, voices: VoiceLibrary, spec: BarkSpec, call: StageCall,
                  segment_max_tokens: int = 200, max_text_chars: int = 20_000,
-                 voice_aliases: Mapping[str, str] | None = None, max_segments_in_flight: int | None = 4):
+                 voice_aliases: Mapping[str, str] | None = None, max_segments_in_flight: int | None = 4,
+                 first_segment_max_tokens: int | None = None):
         self.text, self.voices, self.spec, self.call = text, voices, spec, call
         self.max_segments_in_flight = max_segments_in_flight  # per request and stage; None: unbounded
         self.segment_max_tokens = min(segment_max_tokens, text.max_tokens)
+        self.first_segment_max_tokens = first_segment_max_tokens  # None: the first segment is like the others
         self.max_text_chars = max_text_chars
         self.aliases = dict(voice_aliases or {})
 
@@ -136,7 +138,7 @@ class Synthesizer:
             raise InvalidRequestError("input text is empty")
         if len(text) > self.max_text_chars:
             raise TextTooLarge(f"input has {len(text)} characters; this server accepts at most {self.max_text_chars}")
-        segments = tuple(split_text(text, self.text.count, self.segment_max_tokens))
+        segments = tuple(split_text(text, self.text.count, self.segment_max_tokens, self.first_segment_max_tokens))
         ids = tuple(self.text.encode(s) for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         return Plan(request_id or uuid.uuid4().hex, segments, ids, self.resolve_voice(voice), params, seed,
@@ -171,7 +173,7 @@ class Synthesizer:
             upstream = (await tasks[STAGES[STAGES.index(stage) - 1], i]).output
         history = await self._history(i, plan, tasks, stage) if stage != "codec" else None
         req = stage_request(stage, f"{plan.request_id}:{i}", upstream, history, plan.params,
-                            segment_seed(plan.seed, i))
+                            segment_seed(plan.seed, i), segment=i)
         async with window.slot(i):  # inputs are ready; only the call itself takes a place in the window
             return await self.call(stage, req, plan.priority)
 

@@ -67,15 +67,22 @@ def _fit(piece: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
     return out
 
 
-def split_text(text: str, count: Callable[[str], int], max_tokens: int) -> list[str]:
-    """Segments of at most ``max_tokens`` tokens, cut at sentence ends where possible, packed greedily."""
+def split_text(text: str, count: Callable[[str], int], max_tokens: int, first_max_tokens: int | None = None,
+               ) -> list[str]:
+    """Segments of at most ``max_tokens`` tokens, cut at sentence ends where possible, packed greedily.
+
+    ``first_max_tokens`` (smaller than ``max_tokens``) caps the first segment only: a long text's
+    first audio then comes from a short segment, so it starts sooner; the rest is packed as usual.
+    """
+    first = min(first_max_tokens or max_tokens, max_tokens)
     units = []
     for sentence in _pieces(" ".join(text.split()), _SENTENCE_END):
-        units += _fit(sentence, count, max_tokens)
+        units += _fit(sentence, count, first if not units else max_tokens)  # the opening sentence: the finer cut
     segments, cur = [], ""
     for unit in units:
+        limit = first if not segments else max_tokens
         cand = f"{cur} {unit}".strip()
-        if cur and count(cand) > max_tokens:
+        if cur and count(cand) > limit:
             segments.append(cur)
             cand = unit
         cur = cand

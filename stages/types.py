@@ -126,6 +126,7 @@ class SemanticRequest:
     min_eos_p: float | None = None
     max_new_tokens: int = C.MAX_SEMANTIC_TOKENS
     seed: int = 0
+    segment: int = 0  # index of the segment in its request: every stage queue serves lower segments first
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class CoarseRequest:
     voice: VoicePrompt | None = None
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    segment: int = 0  # index of the segment in its request: every stage queue serves lower segments first
 
 
 @dataclass(frozen=True)
@@ -144,12 +146,14 @@ class FineRequest:
     voice: VoicePrompt | None = None
     sampling: SamplingParams = GREEDY
     seed: int = 0
+    segment: int = 0  # index of the segment in its request: every stage queue serves lower segments first
 
 
 @dataclass(frozen=True)
 class CodecRequest:
     request_id: str
     fine_codes: np.ndarray  # (8, T) in [0, codebook_size)
+    segment: int = 0  # index of the segment in its request: every stage queue serves lower segments first
 
 
 StageRequest = SemanticRequest | CoarseRequest | FineRequest | CodecRequest

@@ -58,8 +58,8 @@ class CountingEngine:
 
 
 class Req:
-    def __init__(self, rid, n=1):
-        self.request_id, self.n = rid, n
+    def __init__(self, rid, n=1, segment=0):
+        self.request_id, self.n, self.segment = rid, n, segment
 
 
 def run(coro):
@@ -79,6 +79,24 @@ def test_interactive_requests_go_before_batch_requests():
     admitted, outputs = run(main())
     assert admitted[:2] == ["i0", "i1"] and admitted[2:] == ["b0", "b1", "b2"]
     assert outputs == ["B0", "B1", "B2", "I0", "I1"]
+
+
+def test_first_segments_go_before_later_segments_of_other_requests():
+    """Segment-aware priority: a new request's first segment overtakes queued later segments of long texts
+    (so it hears audio early), but never overtakes interactive work when it is batch work."""
+    async def main():
+        eng = CountingEngine(capacity=1)
+        sched = StageScheduler(eng, batch_wait_s=0.01)
+        tasks = [asyncio.create_task(sched.submit(Req(f"long:{i}", 1, segment=i), "interactive")) for i in (3, 4, 5)]
+        tasks.append(asyncio.create_task(sched.submit(Req("batch:0", 1, segment=0), "batch")))
+        tasks.append(asyncio.create_task(sched.submit(Req("new:0", 1, segment=0), "interactive")))
+        tasks.append(asyncio.create_task(sched.submit(Req("other:1", 1, segment=1), "interactive")))
+        tasks.append(asyncio.create_task(sched.submit(Req("odd", 1, segment="x"), "interactive")))  # not an int: 0
+        await asyncio.gather(*tasks)
+        await sched.stop()
+        return eng.admitted
+
+    assert run(main()) == ["new:0", "odd", "other:1", "long:3", "long:4", "long:5", "batch:0"]
 
 
 def test_requests_join_between_steps_and_timestamps_are_ordered():

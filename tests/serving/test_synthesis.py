@@ -55,6 +55,23 @@ def test_segments_overlap_across_stages(pipe):
     assert chunks[1].timings["semantic"]["started"] < chunks[0].timings["codec"]["finished"]
 
 
+def test_the_first_segment_budget_makes_a_short_first_segment_and_stage_requests_carry_their_index(pipe):
+    seen = []
+    synth = make_synth(pipe, segment_max_tokens=24, first_segment_max_tokens=8)
+    inner = synth.call
+
+    async def call(stage, req, priority):
+        seen.append((stage, req.request_id, req.segment))
+        return await inner(stage, req, priority)
+
+    synth.call = call
+    plan = synth.plan(LONG, None, GenerationParams.greedy(max_semantic_tokens=6, min_eos_p=None))
+    assert pipe.text.count(plan.segments[0]) <= 8 < max(pipe.text.count(s) for s in plan.segments[1:])
+    asyncio.run(synth.collect(plan))
+    assert sorted(seen) == sorted((st, f"{plan.request_id}:{i}", i)
+                                  for i in range(len(plan.segments)) for st in ("semantic", "coarse", "fine", "codec"))
+
+
 def test_plan_checks_input_first(pipe):
     synth = make_synth(pipe, max_text_chars=50, voice_aliases={"alloy": "v2/en_speaker_6"})
     assert synth.plan("hello", "alloy").voice.name == "v2/en_speaker_6"

@@ -174,3 +174,22 @@ def test_checkpoint_errors(tiny_ckpt, tmp_path):
     (broken / "config.json").unlink()
     with pytest.raises(CheckpointError, match="has no config.json"):
         Checkpoint.open(broken)
+
+
+def test_a_first_segment_budget_cuts_only_the_first_segment(tiny_ckpt):
+    """A long text's first segment is cut to the smaller budget (its audio starts sooner); the rest pack
+    as usual, and no word is lost or moved."""
+    from bark_serve.stages.longform import split_text
+    from bark_serve.stages.text import TextPreparer
+    from bark_serve.stages.weights import Checkpoint
+
+    count = TextPreparer.from_checkpoint(Checkpoint.open(tiny_ckpt)).count
+    text = ("This opening sentence is rather long, with several clauses, and more words than a first budget allows. "
+            "Then a second sentence follows. A third one is here. And the fourth closes the paragraph.")
+    plain = split_text(text, count, 40)
+    first = split_text(text, count, 40, first_max_tokens=10)
+    assert count(plain[0]) > 10 and count(first[0]) <= 10
+    assert all(count(s) <= 40 for s in first[1:])
+    assert " ".join(first).split() == " ".join(plain).split() == text.split()
+    assert split_text("Short.", count, 40, first_max_tokens=10) == ["Short."]
+    assert split_text(text, count, 40, first_max_tokens=400) == plain  # a budget above the others changes nothing

@@ -22,7 +22,7 @@ nullable field of BarkConfig to null and compares, so this list cannot drift.
 */}}
 {{- define "bark-serve.nullableFields" -}}
 ".": [voices_dir]
-orchestrator: [pool, autoscaling, api_keys_env]
+orchestrator: [pool, autoscaling, api_keys_env, first_segment_max_tokens]
 semantic: [pool, autoscaling, torch_threads]
 coarse: [pool, autoscaling, torch_threads]
 fine: [pool, autoscaling, torch_threads]
