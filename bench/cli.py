@@ -1,13 +1,15 @@
 """``bark-serve bench``: transformers vs bark-serve's engines vs the served app, one run, one JSON.
 
-Configurations, all on the same checkpoint (a random one with bark-small's shapes by default),
-texts, mixed voices and semantic length:
-  (1) transformers BarkModel.generate one request at a time, float32;
+Configurations, all on the same checkpoint (a random one with bark-small's shapes by default) and
+the same seeded workload (bench/workload.py: a mix of request lengths, one in eight a long text):
+  (1) transformers BarkModel.generate one segment at a time, float32;
   (2) transformers with static batches, in the dtype the measured GEMM peak favours;
   (3) bark-serve's engines in one process at each --engine-batches;
-  (4) the served app (Ray Serve, HTTP streaming) at each --concurrency.
-It also measures the GEMM peak of every dtype, so each stage's achieved FLOP/s is a fraction of a
-peak taken on the same machine in the same run.
+  (4) the served app (Ray Serve, HTTP streaming) in closed loop at each --concurrency, then under
+      open-loop Poisson arrivals at a sweep of rates around the measured saturation rate.
+It also measures the GEMM peak of every dtype, so achieved FLOP/s (per stage, and per request
+against the roofline) are fractions of a peak taken on the same machine in the same run, and it
+reports the goodput under a time-to-first-audio SLO and the issue's floors (``floors``).
 """
 
 from __future__ import annotations
@@ -22,30 +24,48 @@ from pathlib import Path
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark transformers vs bark-serve (engines and served); prints JSON",
-                       description="Measure, on one random checkpoint, transformers' BarkModel.generate (one at a "
-                                   "time and in static batches), bark-serve's engines in one process and the "
-                                   "served app over HTTP. Prints one JSON report on stdout (progress on stderr).")
+                       description="Measure, on one random checkpoint and one seeded workload, transformers' "
+                                   "BarkModel.generate (one at a time and in static batches), bark-serve's engines in "
+                                   "one process and the served app over HTTP (closed loop at given concurrency "
+                                   "levels, open-loop Poisson arrivals at a sweep of rates). Prints one JSON report "
+                                   "on stdout (progress on stderr).")
     p.add_argument("--model", help="checkpoint directory (default: a random one of --size, made once and cached)")
     p.add_argument("--size", default="small", choices=["tiny", "small", "large"],
                    help="shapes of the random checkpoint made when --model is not given (default small)")
-    p.add_argument("--semantic-tokens", type=int, default=32, help="semantic tokens per request (49.9 per second)")
+    p.add_argument("--mix", default="bark-mix-v1",
+                   help="request length mix (bench/workload.py): bark-mix-v1 (3-15 s, one in eight a long text), "
+                        "ci-tiny, or fixed-N (every request one sentence of N semantic tokens)")
+    p.add_argument("--semantic-tokens", type=int, help="shorthand for --mix fixed-N")
+    p.add_argument("--seed", type=int, default=0, help="workload and arrival seed (default 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baselines")
     p.add_argument("--hf-batches", default="4,16", help="static batch sizes tried for baseline (2)")
-    p.add_argument("--engine-batches", default="1,4,16",
+    p.add_argument("--engine-batches", default="16",
                    help="comma list of batch sizes for the in-process engines, configuration (3)")
     p.add_argument("--engine-requests", type=int, default=16,
                    help="requests per engine batch size (at least the batch size)")
-    p.add_argument("--concurrency", default="1,4,16,32",
-                   help="comma list of client concurrency levels for the served app, configuration (4)")
-    p.add_argument("--served-requests", type=int, help="requests per concurrency level (default: max(4, level))")
+    p.add_argument("--concurrency", default="1,4,16",
+                   help="closed-loop client concurrency levels for the served app, configuration (4); the highest "
+                        "sets the saturation rate of the Poisson sweep")
+    p.add_argument("--served-requests", type=int, default=16, help="requests per served run")
+    p.add_argument("--rate-fractions", default="0.3,0.5,0.7,0.9",
+                   help="open-loop Poisson rates as fractions of the measured saturation rate ('' for none)")
+    p.add_argument("--rates", default="", help="open-loop Poisson rates in requests/s (instead of --rate-fractions)")
+    p.add_argument("--ttfa-slo", type=float, default=3.0,
+                   help="goodput SLO: time-to-first-audio p95 within this multiple of a lone request's (default 3)")
+    p.add_argument("--max-batch", type=int, help="stage max_batch of the served app (default: max concurrency)")
     p.add_argument("--stage-threads", default="",
                    help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
                         "(default: the profile's)")
+    p.add_argument("--profile", default=None, help="config profile of the served app (default local-cpu, or "
+                                                   "single-gpu with --device cuda)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
     p.add_argument("--skip", default="", help="comma list of hf,engines,served")
     p.add_argument("--gemm-seconds", type=float, default=2.0,
                    help="seconds spent measuring each dtype's GEMM peak (default 2)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--plots", help="also draw the report's PNG plots into this folder (matplotlib)")
+    p.add_argument("--replot", metavar="JSON", help="only draw --plots from a saved report; measure nothing")
     p.set_defaults(func=bench)
 
 
@@ -73,60 +93,147 @@ def bench(args) -> int:
     """Everything but the JSON goes to stderr (Ray prints on stdout), so stdout parses as JSON."""
     import contextlib
 
+    if args.replot:
+        if not args.plots:
+            raise SystemExit("--replot needs --plots DIR")
+        from .plots import draw_all
+
+        for path in draw_all(json.loads(Path(args.replot).read_text()), args.plots):
+            _log(f"wrote {path}")
+        return 0
     with contextlib.redirect_stdout(sys.stderr):
         report = _bench(args)
     text = json.dumps(report, indent=2)
     print(text, flush=True)
     if args.out:
         Path(args.out).write_text(text + "\n")
+    if args.plots:
+        from .plots import draw_all
+
+        for path in draw_all(report, args.plots):
+            _log(f"wrote {path}")
     return 0
 
 
 def _bench(args) -> dict:
     import torch
 
+    from bark_serve.stages.engine import resolve_device
+
     from .engine_runs import engines
     from .gemm import gemm_peaks
     from .hf_runs import hf_batched, hf_sequential
-    from .served_runs import ServedApp, served
     from .workload import Workload
 
     skip = set(args.skip.split(","))
     model = _checkpoint(args)
-    work = Workload(semantic_tokens=args.semantic_tokens)
-    _log("measuring GEMM peaks")
-    peaks = gemm_peaks("cpu", seconds=args.gemm_seconds)
+    device = resolve_device(args.device)
+    work = Workload(mix=f"fixed-{args.semantic_tokens}" if args.semantic_tokens else args.mix, seed=args.seed)
+    _log(f"measuring GEMM peaks on {device}")
+    peaks = gemm_peaks(device, seconds=args.gemm_seconds)
     dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.get)
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "torch": torch.__version__, "threads": torch.get_num_threads()},
-              "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype,
-              "workload": {"model": model, "semantic_tokens": args.semantic_tokens,
-                           "voices": list(work.voices)}, "runs": []}
+    report = {"machine": _machine(device, torch),
+              "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
+              "workload": {"model": model, **work.describe()}, "runs": []}
     runs = _Runs(report, args.out)
     if "hf" not in skip:
         _log("(1) transformers, one at a time, float32")
-        runs.append(hf_sequential(model, work, args.hf_requests).summary())
+        runs.append(hf_sequential(model, work, args.hf_requests, device=device).summary())
         for b in _ints(args.hf_batches):
             _log(f"(2) transformers, static batch {b}, {dtype}")
-            runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype).summary())
+            runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype, device=device).summary())
     if "engines" not in skip:
         for b in _ints(args.engine_batches):
             _log(f"(3) engines in process, batch {b}, {dtype}")
-            runs.append(engines(model, work, max(args.engine_requests, b), b, dtype, peaks).summary())
+            runs.append(engines(model, work, max(args.engine_requests, b), b, dtype, peaks, device).summary())
     if "served" not in skip:
-        levels = _ints(args.concurrency)
-        _log("(4) starting the served app")
-        threads = {k: int(v) for k, v in (kv.split("=") for kv in args.stage_threads.split(",") if kv)}
-        app = ServedApp(model, dtype, max_batch=max(levels), stage_threads=threads)
-        try:
-            for c in levels:
-                n = args.served_requests or max(4, c)
-                _log(f"(4) served, concurrency {c}, {n} requests")
-                runs.append(served(app, work, c, n, peaks).summary())
-        finally:
-            app.close()
+        _served(args, model, work, dtype, device, peaks, runs, report)
     report["ratios"] = _ratios(runs)
+    report["floors"] = _floors(report)
     return report
+
+
+def _machine(device: str, torch) -> dict:
+    out = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "torch": torch.__version__,
+           "threads": torch.get_num_threads()}
+    try:
+        out["cpu_model"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                                if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if device.startswith("cuda"):
+        out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
+    from .served_runs import ServedApp, served_closed, served_poisson
+
+    levels = _ints(args.concurrency)
+    n = args.served_requests
+    _log("(4) starting the served app")
+    threads = {k: int(v) for k, v in (kv.split("=") for kv in args.stage_threads.split(",") if kv)}
+    profile = args.profile or ("single-gpu" if device.startswith("cuda") else "local-cpu")
+    app = ServedApp(model, dtype, max_batch=args.max_batch or max(levels), stage_threads=threads, device=device,
+                    profile=profile)
+    timelines = report.setdefault("timelines", {})
+    try:
+        closed = []
+        for c in levels:
+            _log(f"(4) served, closed loop, concurrency {c}, {n} requests")
+            run = served_closed(app, work, c, max(n, c), peaks)
+            closed.append(run.summary())
+            runs.append(closed[-1])
+        timelines[closed[-1]["name"]] = run.timeline
+        saturation = max(r["requests_per_s"] for r in closed)
+        report["saturation_rps"] = saturation
+        rates = [float(x) for x in args.rates.split(",") if x.strip()] or \
+            [round(f * saturation, 4) for f in (float(x) for x in args.rate_fractions.split(",") if x.strip())]
+        for rate in rates:
+            _log(f"(4) served, Poisson arrivals at {rate:g} requests/s, {n} requests")
+            run = served_poisson(app, work, rate, n, peaks, seed=args.seed)
+            summary = run.summary()
+            summary["rate_fraction_of_saturation"] = round(rate / saturation, 3) if saturation else None
+            runs.append(summary)
+            timelines[summary["name"]] = run.timeline
+        report["slo"] = _slo(runs, args.ttfa_slo)
+    finally:
+        app.close()
+
+
+def _slo(runs: list[dict], multiple: float) -> dict:
+    """Goodput: the highest Poisson rate whose TTFA p95 stays within ``multiple`` x a lone request's TTFA p95."""
+    lone = next((r for r in runs if r.get("mode") == "closed" and r.get("concurrency") == 1), None)
+    if lone is None or "ttfa_p95_s" not in lone:
+        return {"note": "no concurrency-1 run: no lone TTFA to compare with"}
+    bound = multiple * lone["ttfa_p95_s"]
+    rows = [{"rate_rps": r["rate_rps"], "fraction": r.get("rate_fraction_of_saturation"),
+             "ttfa_p95_s": r.get("ttfa_p95_s"), "ttfa_p95_vs_lone": round(r["ttfa_p95_s"] / lone["ttfa_p95_s"], 2),
+             "meets_slo": r["ttfa_p95_s"] <= bound}
+            for r in runs if r.get("mode") == "poisson" and "ttfa_p95_s" in r]
+    good = [row["rate_rps"] for row in rows if row["meets_slo"]]
+    return {"lone_ttfa_p50_s": lone["ttfa_p50_s"], "lone_ttfa_p95_s": lone["ttfa_p95_s"],
+            "ttfa_p95_bound_s": round(bound, 3), "rates": rows, "goodput_rps": max(good) if good else 0.0}
+
+
+def _floors(report: dict) -> dict:
+    """The issue's three floors, from this run alone."""
+    runs = report["runs"]
+    closed = [r for r in runs if r.get("mode") == "closed"]
+    out: dict = {}
+    if closed:
+        top = max(closed, key=lambda r: r["throughput_audio_s_per_s"])
+        out["served_at_saturation"] = top["name"]
+        out["served_frac_of_roofline"] = top.get("roofline", {}).get("frac_of_roofline")
+        best_hf = max((r["throughput_audio_s_per_s"] for r in runs if r["name"].startswith("transformers_batch")),
+                      default=None)
+        if best_hf:
+            out["served_vs_transformers_best_batch"] = round(top["throughput_audio_s_per_s"] / best_hf, 2)
+    rates = (report.get("slo") or {}).get("rates") or []
+    if rates:
+        near = min(rates, key=lambda r: abs((r["fraction"] or 0) - 0.7))
+        out["ttfa_p95_vs_lone_near_70pct"] = {"fraction": near["fraction"], "ratio": near["ttfa_p95_vs_lone"]}
+    return out
 
 
 class _Runs(list):

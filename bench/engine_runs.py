@@ -8,21 +8,23 @@ from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
 
-from .workload import Run, Workload, stage_efficiency
+from .hf_runs import segments_of
+from .workload import Run, Workload, counted_flops, roofline, stage_efficiency
 
 
-def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peaks: dict) -> Run:
-    pipe = BarkPipeline.from_pretrained(model_dir, EngineOptions(capacity=batch, dtype=dtype))
-    items = work.items(n)
-    params = GenerationParams.greedy(max_semantic_tokens=work.semantic_tokens, min_eos_p=None)
+def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peaks: dict, device: str = "cpu") -> Run:
+    pipe = BarkPipeline.from_pretrained(model_dir, EngineOptions(device=device, capacity=batch, dtype=dtype))
+    items = segments_of(work, n)  # every segment its own generation, as transformers' baselines do
+    params = [GenerationParams.greedy(max_semantic_tokens=cap, min_eos_p=None) for _, _, cap in items]
     t0 = time.perf_counter()
-    gens = pipe.generate([t for t, _ in items], [v for _, v in items], params)
+    gens = pipe.generate([t for t, _, _ in items], [v for _, v, _ in items], params)
     wall = time.perf_counter() - t0
     run = Run(f"engines_batch{batch}_{dtype}", wall_s=wall, extra={"dtype": dtype, "batch": batch})
     run.latencies = [wall] * n  # stage by stage: every request finishes with the last one
     run.ttfa = [wall] * n
     run.audio_s = sum(len(g.audio) for g in gens) / pipe.spec.sample_rate
     totals = {s: dict(e.totals) for s, e in pipe.engines.items()}
-    run.extra["stages"] = stage_efficiency(totals, peaks, {s: dtype for s in totals})
+    run.extra["stages"] = stage_efficiency(totals, peaks, {s: dtype for s in totals}, wall)
+    run.extra["roofline"] = roofline(counted_flops(totals), run.audio_s, wall, peaks.get(dtype, 0.0))
     run.extra["weights_mb"] = {s: round(e.weight_bytes() / 2**20, 1) for s, e in pipe.engines.items()}
     return run

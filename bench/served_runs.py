@@ -1,22 +1,34 @@
-"""(4) The served app: Ray Serve on this machine, HTTP clients at a given concurrency.
+"""(4) The served app: Ray Serve on this machine, HTTP clients in closed loop or open-loop Poisson arrivals.
 
-Each request streams msgpack chunks, so the client sees its own time to first audio. Stage
-replicas report their engine's work counters and peak memory through their ``stats`` method;
-the benchmark takes the difference over each concurrency level.
+Each request streams msgpack chunks, so the client sees its own time to first audio, and every
+chunk carries its segment's per-stage timestamps (kept for the timeline plot). Stage replicas
+report their engine's work counters and peak memory through their ``stats`` method; the
+benchmark takes the difference over each run.
 """
 
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import httpx
 import msgpack
 
 from bark_serve.stages.constants import STAGES
 
-from .workload import Run, Workload, stage_efficiency
+from .workload import (
+    SEGMENT_TOKENS,
+    BenchRequest,
+    Run,
+    Workload,
+    counted_flops,
+    poisson_arrivals,
+    roofline,
+    stage_efficiency,
+)
 
 
 def _free_port() -> int:
@@ -29,7 +41,7 @@ class ServedApp:
     """Ray + Serve with the bark app on this machine, started and stopped by the benchmark."""
 
     def __init__(self, model_dir: str, dtype: str, max_batch: int, profile: str = "local-cpu",
-                 stage_threads: dict[str, int] | None = None):
+                 stage_threads: dict[str, int] | None = None, device: str | None = None):
         import ray
         from ray import serve
 
@@ -39,16 +51,20 @@ class ServedApp:
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = _free_port()
-        stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 256,
-                      "max_queued_requests": 1024}
+        stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 1024,
+                      "max_queued_requests": 4096, **({"device": device} if device else {})}
+        # Every sentence of the workload is one segment (workload.SEGMENT_TOKENS), so all
+        # configurations see the same segments; the first-segment cut would change that.
         overrides = {"model": model_dir, "http_host": "127.0.0.1", "http_port": self.port,
-                     "orchestrator": {"num_cpus": 0.1, "max_active_requests": 256, "max_ongoing_requests": 512,
-                                      "request_timeout_s": 7200}}
+                     "orchestrator": {"num_cpus": 0.1, "max_active_requests": 1024, "max_ongoing_requests": 2048,
+                                      "request_timeout_s": 7200, "segment_max_tokens": SEGMENT_TOKENS,
+                                      "first_segment_max_tokens": None}}
         base = load_config(profile)
         for stage in STAGES:
             threads = (stage_threads or {}).get(stage, base.stage(stage).torch_threads)
+            gpus = base.stage(stage).num_gpus if device != "cpu" else 0
             overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
-                                "torch_threads": threads}
+                                "torch_threads": threads, "num_gpus": gpus}
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
@@ -70,21 +86,31 @@ class ServedApp:
         ray.shutdown()
 
 
-def _one(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, float, float] | None:
-    """(latency, time to first audio, audio seconds) of one streamed request; None if it failed."""
+@dataclass
+class Outcome:
+    """One streamed request as its client saw it."""
+
+    latency_s: float
+    ttfa_s: float
+    audio_s: float
+    sent_at: float  # epoch seconds
+    segments: list[dict] = field(default_factory=list)  # per chunk: stage -> queued_at/started/finished
+
+
+def _one(url: str, req: BenchRequest) -> Outcome | None:
     try:
-        return _stream(url, text, voice, semantic_tokens)
+        return _stream(url, req)
     except httpx.HTTPError as exc:
         print(f"[bench] request failed: {exc}", flush=True)
         return None
 
 
-def _stream(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, float, float]:
-    body = {"text": text, "voice": voice, "stream": True, "temperature": 0, "min_eos_p": None,
-            "max_semantic_tokens": semantic_tokens}
-    t0 = time.perf_counter()
-    first, samples = None, 0
-    with httpx.stream("POST", url + "/v1/tts", content=msgpack.packb(body), timeout=3600,
+def _stream(url: str, req: BenchRequest) -> Outcome:
+    body = {"text": req.text, "voice": req.voice, "stream": True, "temperature": 0, "min_eos_p": None,
+            "max_semantic_tokens": req.semantic_tokens}
+    sent_at, t0 = time.time(), time.perf_counter()
+    first, samples, segments = None, 0, []
+    with httpx.stream("POST", url + "/v1/tts", content=msgpack.packb(body), timeout=7200,
                       headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"}) as r:
         r.raise_for_status()
         unpacker = msgpack.Unpacker()
@@ -94,26 +120,68 @@ def _stream(url: str, text: str, voice, semantic_tokens: int) -> tuple[float, fl
                 if "audio" in msg:
                     first = first or time.perf_counter() - t0
                     samples += len(msg["audio"]) // 2
-    return time.perf_counter() - t0, first or 0.0, samples / 24_000
+                    segments.append(msg.get("timings", {}))
+                elif "error" in msg:
+                    raise httpx.HTTPError(f"stream ended with {msg['error']}")
+    return Outcome(time.perf_counter() - t0, first or 0.0, samples / 24_000, sent_at, segments)
 
 
-def served(app: ServedApp, work: Workload, concurrency: int, n: int, peaks: dict) -> Run:
+def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dict, submit) -> Run:
+    """Run ``submit(requests) -> outcomes`` and turn the outcomes and the replicas' counters into a Run."""
     before = app.stats()
-    items = work.items(n)
     t0 = time.perf_counter()
-    with ThreadPoolExecutor(concurrency) as pool:
-        results = list(pool.map(lambda it: _one(app.url, it[0], it[1], work.semantic_tokens), items))
-    run = Run(f"served_concurrency{concurrency}_{app.dtype}", wall_s=time.perf_counter() - t0,
-              extra={"dtype": app.dtype, "concurrency": concurrency, "torch_threads": app.threads})
-    ok = [r for r in results if r is not None]
-    run.latencies = [r[0] for r in ok]
-    run.ttfa = [r[1] for r in ok]
-    run.audio_s = sum(r[2] for r in ok)
-    run.extra["failed_requests"] = len(results) - len(ok)
+    outcomes = submit(requests)
+    wall = time.perf_counter() - t0
+    ok = [o for o in outcomes if o is not None]
+    run = Run(name, wall_s=wall, extra={"dtype": app.dtype, "torch_threads": app.threads})
+    run.latencies = [o.latency_s for o in ok]
+    run.ttfa = [o.ttfa_s for o in ok]
+    run.audio_s = sum(o.audio_s for o in ok)
+    run.extra["failed_requests"] = len(outcomes) - len(ok)
+    run.extra["segments"] = sum(len(o.segments) for o in ok)
     after = app.stats()
     totals = {s: {k: v - before[s]["totals"].get(k, 0.0) for k, v in after[s]["totals"].items()} for s in STAGES}
-    run.extra["stages"] = stage_efficiency(totals, peaks, {s: app.dtype for s in STAGES})
+    run.extra["stages"] = stage_efficiency(totals, peaks, {s: app.dtype for s in STAGES}, wall)
+    run.extra["roofline"] = roofline(counted_flops(totals), run.audio_s, wall, peaks.get(app.dtype, 0.0))
     run.extra["peak_rss_mb_per_replica"] = {s: round(after[s]["peak_rss_bytes"] / 2**20, 1) for s in STAGES}
-    run.extra["weights_mb_per_replica"] = {s: round(after[s]["weight_bytes"] / 2**20, 1) for s in STAGES}
+    run.extra["kv"] = {s: after[s]["kv"] for s in STAGES if after[s].get("kv")}
+    run.timeline = [{"sent_at": o.sent_at, "ttfa_s": o.ttfa_s, "segments": o.segments} for o in ok]  # not in summary
     return run
 
+
+def served_closed(app: ServedApp, work: Workload, concurrency: int, n: int, peaks: dict, offset: int = 0) -> Run:
+    """``concurrency`` clients, each sending its next request when the last one finished."""
+    def submit(requests):
+        with ThreadPoolExecutor(concurrency) as pool:
+            return list(pool.map(lambda r: _one(app.url, r), requests))
+
+    run = _measure(app, f"served_concurrency{concurrency}_{app.dtype}", work.requests(n, offset), peaks, submit)
+    run.extra.update(mode="closed", concurrency=concurrency)
+    return run
+
+
+def served_poisson(app: ServedApp, work: Workload, rate: float, n: int, peaks: dict, offset: int = 0,
+                   seed: int = 0) -> Run:
+    """Open loop: n requests sent at Poisson arrival times at ``rate`` per second, whatever the server does."""
+    arrivals = poisson_arrivals(rate, n, seed)
+
+    def submit(requests):
+        outcomes: list[Outcome | None] = [None] * len(requests)
+        start = time.perf_counter()
+
+        def fire(i: int) -> None:
+            outcomes[i] = _one(app.url, requests[i])
+
+        threads = []
+        for i, at in enumerate(arrivals):
+            time.sleep(max(0.0, start + at - time.perf_counter()))
+            t = threading.Thread(target=fire, args=(i,), daemon=True)
+            t.start()
+            threads.append(t)
+        for t in threads:
+            t.join()
+        return outcomes
+
+    run = _measure(app, f"served_poisson{rate:g}rps_{app.dtype}", work.requests(n, offset), peaks, submit)
+    run.extra.update(mode="poisson", rate_rps=rate)
+    return run

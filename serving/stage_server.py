@@ -87,6 +87,7 @@ class StageServer:
         s = self.scheduler.stats()
         s.update(stage=self.stage, capacity=self.engine.capacity, weight_bytes=self.engine.weight_bytes(),
                  totals=dict(self.engine.totals),
+                 kv=self.engine.kv_stats() if hasattr(self.engine, "kv_stats") else None,
                  peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id())
         return s
 

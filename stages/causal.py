@@ -196,6 +196,15 @@ class CausalEngine(StageEngine):
         """KV memory of one slot reserved for ``reach`` positions (default: the stage's maximum)."""
         return self.cache.bytes_per_token() * (reach or self.max_len)
 
+    def kv_stats(self) -> dict:
+        """KV memory now and at its peak, and slots per GB: at the peak's mix vs a cache sized to the maximum."""
+        c = self.cache
+        per_slot_at_peak = c.peak_bytes / c.peak_slots if c.peak_slots else 0
+        return {"bytes": c.nbytes(), "peak_bytes": c.peak_bytes, "peak_slots": c.peak_slots,
+                "bytes_per_slot_at_max_len": self.kv_bytes_per_slot(),
+                "slots_per_gb_at_max_len": round(1e9 / self.kv_bytes_per_slot(), 2),
+                "slots_per_gb_at_peak": round(1e9 / per_slot_at_peak, 2) if per_slot_at_peak else None}
+
     def _release(self, i: int) -> None:
         last = len(self.slots) - 1
         if i != last:

@@ -42,6 +42,7 @@ class SlotKVCache:
         self.max_slots = max(max_slots or n_slots, 1)
         length = max_len if n_slots else 0
         self.k, self.v = self._zeros(n_slots, length), self._zeros(n_slots, length)
+        self.peak_bytes, self.peak_slots = self.nbytes(), n_slots  # the most ever allocated, and its slots
 
     def _zeros(self, n_slots: int, length: int) -> torch.Tensor:
         return torch.zeros((self.n_layers, n_slots, self.n_heads, length, self.head_dim), dtype=self.dtype,
@@ -75,6 +76,8 @@ class SlotKVCache:
         k[:, : self.n_slots, :, : self.length] = self.k
         v[:, : self.n_slots, :, : self.length] = self.v
         self.k, self.v = k, v
+        if self.nbytes() > self.peak_bytes:
+            self.peak_bytes, self.peak_slots = self.nbytes(), self.n_slots
         return True
 
     def shrink(self) -> None:

@@ -8,30 +8,87 @@ import sys
 
 import pytest
 
+from bark_serve.bench.workload import SEGMENT_TOKENS, Workload, mix_named, poisson_arrivals
+
 pytestmark = pytest.mark.slow
 
 
-def test_bench_runs_all_four_configurations(tiny_ckpt, tmp_path):
-    out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--semantic-tokens", "8",
-           "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "1,2", "--engine-requests", "2",
-           "--concurrency", "1,2", "--served-requests", "2", "--gemm-seconds", "0.2", "--out", str(out)]
+def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path):
+    out, plots = tmp_path / "bench.json", tmp_path / "plots"
+    cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
+           "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "2", "--engine-requests", "2",
+           "--concurrency", "1,2", "--served-requests", "3", "--rate-fractions", "0.5,0.7",
+           "--gemm-seconds", "0.2", "--out", str(out), "--plots", str(plots)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
     assert json.loads(res.stdout) == report
     assert report["gemm_peak_tflops"]["float32"] > 0
+    assert report["workload"]["mix"] == "ci-tiny" and "lognormal" in report["workload"]["distribution"]
     names = [r["name"] for r in report["runs"]]
     assert names[0] == "transformers_sequential_float32" and names[1].startswith("transformers_batch2_")
     assert any(n.startswith("engines_batch2") for n in names)
     assert any(n.startswith("served_concurrency2") for n in names)
     for run in report["runs"]:
         assert run["requests"] >= 1 and run["audio_s"] > 0 and run["throughput_audio_s_per_s"] > 0
-        assert run["latency_p95_s"] >= run["latency_p50_s"] > 0
+        assert run["latency_p99_s"] >= run["latency_p95_s"] >= run["latency_p50_s"] > 0
     served = next(r for r in report["runs"] if r["name"].startswith("served_concurrency2"))
     assert 0 < served["ttfa_p50_s"] <= served["latency_p50_s"]
     assert set(served["stages"]) == {"semantic", "coarse", "fine", "codec"}
     assert served["stages"]["fine"]["window_tflops"] > 0 and served["stages"]["coarse"]["prefill_tflops"] > 0
+    assert 0 < served["stages"]["coarse"]["busy_frac"] <= 1.5  # step time / wall (two replicas may overlap)
+    assert 0 < served["roofline"]["frac_of_roofline"] < 1 and served["roofline"]["roofline_audio_s_per_s"] > 0
     assert all(v > 0 for v in served["peak_rss_mb_per_replica"].values())
+    kv = served["kv"]["semantic"]
+    assert kv["slots_per_gb_at_peak"] > kv["slots_per_gb_at_max_len"] > 0  # short requests reserve short caches
+    poisson = [r for r in report["runs"] if r.get("mode") == "poisson"]
+    assert [r["rate_fraction_of_saturation"] for r in poisson] == [0.5, 0.7]
+    assert report["saturation_rps"] > 0 and report["slo"]["lone_ttfa_p95_s"] > 0
+    assert {row["fraction"] for row in report["slo"]["rates"]} == {0.5, 0.7}
+    assert set(report["floors"]) >= {"served_frac_of_roofline", "served_vs_transformers_best_batch",
+                                     "ttfa_p95_vs_lone_near_70pct"}
     assert report["dtype"] in report["gemm_peak_tflops"]  # auto: the dtype with the faster measured peak
     assert f"served_concurrency2_{report['dtype']}_vs_transformers_sequential" in report["ratios"]
+    drawn = sorted(p.name for p in plots.iterdir())
+    assert drawn == ["throughput_latency.png", "timeline.png", "ttfa_cdf.png"]
+    assert all((plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in drawn)
+    again = tmp_path / "again"  # redrawn from the saved report, measuring nothing
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "bench", "--replot", str(out), "--plots", str(again)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(p.name for p in again.iterdir()) == drawn
+
+
+def test_the_workload_is_deterministic_for_a_seed_and_follows_its_mix():
+    a, b = Workload(seed=3).requests(400), Workload(seed=3).requests(400)
+    assert a == b and a != Workload(seed=4).requests(400)
+    assert Workload(seed=3).requests(10, offset=390) == a[390:]
+    spec = mix_named("bark-mix-v1")
+    caps = [r.semantic_tokens for r in a]
+    assert min(caps) >= spec.lo and max(caps) <= spec.hi and 250 < sorted(caps)[200] < 400  # median near 320
+    long = [r for r in a if r.segments > 1]
+    assert 0.07 < len(long) / len(a) < 0.2 and all(4 <= r.segments <= 8 for r in long)
+    assert all(r.text.count(".") >= r.segments for r in long)  # one sentence per segment
+    fixed = Workload(mix="fixed-32").requests(20)
+    assert {r.semantic_tokens for r in fixed} == {32} and {r.segments for r in fixed} == {1}
+    with pytest.raises(ValueError, match="unknown workload mix"):
+        Workload(mix="nope").requests(1)
+
+
+def test_long_texts_split_into_one_segment_per_sentence(tiny_ckpt):
+    from bark_serve.stages.longform import split_text
+    from bark_serve.stages.text import TextPreparer
+    from bark_serve.stages.weights import Checkpoint
+
+    count = TextPreparer.from_checkpoint(Checkpoint.open(tiny_ckpt)).count
+    for req in Workload().requests(200):
+        assert split_text(req.text, count, SEGMENT_TOKENS) == list(req.parts)
+
+
+def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
+    a = poisson_arrivals(4.0, 4000, seed=1)
+    assert a == poisson_arrivals(4.0, 4000, seed=1) and a != poisson_arrivals(4.0, 4000, seed=2)
+    assert all(x < y for x, y in zip(a, a[1:]))
+    assert abs(len(a) / a[-1] - 4.0) < 0.25
+    with pytest.raises(ValueError):
+        poisson_arrivals(0, 3)
