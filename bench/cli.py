@@ -130,7 +130,7 @@ def _bench(args) -> dict:
     device = resolve_device(args.device)
     work = Workload(mix=f"fixed-{args.semantic_tokens}" if args.semantic_tokens else args.mix, seed=args.seed)
     _log(f"measuring GEMM peaks on {device}")
-    peaks = gemm_peaks(device, seconds=args.gemm_seconds)
+    peaks = gemm_peaks(device, size=8192 if device.startswith("cuda") else 2048, seconds=args.gemm_seconds)
     dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.get)
     report = {"machine": _machine(device, torch),
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
