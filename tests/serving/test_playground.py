@@ -77,7 +77,7 @@ def generate(page, timeout_ms: int = 120_000) -> dict:
     return page.evaluate("window.playground.last")
 
 
-def audio_element(page) -> tuple[float, np.ndarray | None]:
+def audio_element(page) -> tuple[float, bytes]:
     """The <audio> element's duration once it has loaded, and its bytes (what the user would download)."""
     duration = page.evaluate("""() => new Promise((resolve, reject) => {
         const a = document.getElementById('audio');
