@@ -72,6 +72,7 @@
     if ($("voice").value) body.voice = $("voice").value;
     if ($("seed").value !== "") body.seed = Number($("seed").value);
     if ($("temperature").value !== "") body.temperature = Number($("temperature").value);
+    if ($("max-tokens").value !== "") body.max_semantic_tokens = Number($("max-tokens").value);
     return body;
   }
 

@@ -24,7 +24,7 @@ from tests.serving.conftest import API_KEY, e2e_config, free_port
 
 pytestmark = pytest.mark.slow
 TEXT = "One sentence to start. Then a second sentence, which is here. And a third."
-SEEDED = {"voice": "alloy", "seed": 7, "temperature": 0.6}
+SEEDED = {"voice": "alloy", "seed": 7, "temperature": 0.6, "max_semantic_tokens": 40}  # 3 short segments
 
 
 def chromium() -> str:
@@ -99,12 +99,17 @@ def api_tts(url: str, body: dict, headers: dict | None = None) -> httpx.Response
                       timeout=120)
 
 
-def fill(page, text: str, voice: str = "", seed: str = "", temperature: str = "", fmt: str = "stream"):
+def fill(page, text: str, voice: str = "", seed: str = "", temperature: str = "", fmt: str = "stream",
+         max_tokens: str = ""):
     page.fill("#text", text)
     page.select_option("#voice", voice)
     page.fill("#seed", seed)
     page.fill("#temperature", temperature)
     page.select_option("#format", fmt)
+    if max_tokens and not page.is_visible("#max-tokens"):
+        page.click("details summary")  # "More options"
+    if page.is_visible("#max-tokens"):
+        page.fill("#max-tokens", max_tokens)
 
 
 class TestWithoutKeys:
@@ -141,7 +146,8 @@ class TestWithoutKeys:
 
     def test_stream_plays_chunks_as_they_arrive_and_ends_with_the_apis_audio(self, page, app, tmp_path):
         open_playground(page, app)
-        fill(page, TEXT, SEEDED["voice"], str(SEEDED["seed"]), str(SEEDED["temperature"]))
+        fill(page, TEXT, SEEDED["voice"], str(SEEDED["seed"]), str(SEEDED["temperature"]),
+             max_tokens=str(SEEDED["max_semantic_tokens"]))
         last = generate(page)
         assert "error" not in last, last
         # one Web Audio buffer scheduled per segment, the first one before the stream had ended
@@ -166,21 +172,25 @@ class TestWithoutKeys:
 
     def test_a_file_format_plays_in_the_audio_element(self, page, app):
         open_playground(page, app)
-        fill(page, "A short one.", "v2/en_speaker_1", "3", "0.7", fmt="flac")
+        fill(page, "A short one.", "v2/en_speaker_1", "3", "0.7", fmt="flac", max_tokens="30")
         last = generate(page)
         assert "error" not in last and last["stream"] is False, last
         duration, flac = audio_element(page)
         assert flac[:4] == b"fLaC"
         api = api_tts(app, {"text": "A short one.", "voice": "v2/en_speaker_1", "seed": 3, "temperature": 0.7,
-                            "format": "flac"}).json()
+                            "max_semantic_tokens": 30, "format": "flac"}).json()
         assert duration == pytest.approx(api["duration_s"], abs=1e-3)
         assert page.eval_on_selector_all("#stages tr[data-stage]", "rs => rs.length") == 4
 
-    def test_empty_text_shows_the_servers_message(self, page, app):
+    @pytest.mark.parametrize("text, max_tokens", [("", ""), ("Too long a cap.", "100000")])
+    def test_bad_input_shows_the_servers_message(self, page, app, text, max_tokens):
         open_playground(page, app)
-        fill(page, "")
+        fill(page, text, max_tokens=max_tokens)
         last = generate(page)
-        server = api_tts(app, {"text": "", "stream": True, "format": "pcm"})
+        body = {"text": text, "stream": True, "format": "pcm"}
+        if max_tokens:
+            body["max_semantic_tokens"] = int(max_tokens)
+        server = api_tts(app, body)
         assert 400 <= server.status_code < 500
         message = server.json()["error"]["message"]
         assert last == {"error": message}
@@ -204,12 +214,12 @@ def test_with_api_keys_the_key_field_is_used_and_a_missing_key_shows_the_401_mes
     assert page.is_hidden("#error")
     offered = page.eval_on_selector_all("#voice option", "os => os.map(o => o.value)")
     assert "alloy" in offered
-    fill(page, "Hello there.", "alloy", "5")
+    fill(page, "Hello there.", "alloy", "5", max_tokens="20")
     last = generate(page)
     assert "error" not in last and last["segments"] >= 1, last
     duration, _ = audio_element(page)
-    api = api_tts(url, {"text": "Hello there.", "voice": "alloy", "seed": 5, "format": "pcm"},
-                  headers={"Authorization": f"Bearer {API_KEY}"}).json()
+    api = api_tts(url, {"text": "Hello there.", "voice": "alloy", "seed": 5, "max_semantic_tokens": 20,
+                        "format": "pcm"}, headers={"Authorization": f"Bearer {API_KEY}"}).json()
     assert duration == pytest.approx(api["duration_s"], abs=1e-4)
 
     page.fill("#api-key", "wrong-key")
