@@ -133,8 +133,9 @@ class TestWithoutKeys:
             r = httpx.get(f"{app}/playground/{asset}", timeout=30)
             assert r.status_code == 200 and r.content, asset
         assert "http" not in "".join(re.findall(r'(?:src|href)="([^"]+)"', html.text))  # nothing from elsewhere
-        missing = httpx.get(app + "/playground/nope.js", timeout=30)
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        for path in ("/playground/nope.js", "/playground/..%2Froutes.py", "/playground/%2e%2e/%2e%2e/pyproject.toml"):
+            missing = httpx.get(app + path, timeout=30)  # nothing outside serving/static/ is served
+            assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found", path
 
     def test_page_lists_the_servers_voices_and_aliases(self, page, app):
         open_playground(page, app)
