@@ -28,6 +28,7 @@ from . import audio as A
 from .api_models import TTSRequest
 from .config import BarkConfig, parse_config
 from .errors import unwrap
+from .metrics import BatchMetrics, BatchProgressReporter, read_worker_progress
 from .stage_calls import make_synthesizer
 
 log = logging.getLogger("ray.serve")
@@ -53,6 +54,13 @@ class ItemProgress:
             self.passed += passed
             current = next((s for s in STAGES if self.done[s] < self.n), None)
             self.report(current, passed)
+
+
+BATCH_METRICS_EVERY_S = 5.0
+
+
+def _publish_progress(worker: BatchWorkerLoop) -> BatchProgressReporter:
+    return BatchProgressReporter(functools.partial(read_worker_progress, worker), BatchMetrics())
 
 
 def batch_store_factory(cfg: BarkConfig):
@@ -84,6 +92,8 @@ class BatchWorker:
         # Only batch.item_timeout_s bounds an item: the interactive request_timeout_s is for people waiting.
         self.loop = BatchWorkerLoop.from_config(self.queue, self.synthesize, bcfg, item_timeout_s=bcfg.item_timeout_s)
         self.task = asyncio.get_running_loop().create_task(self.loop.run())
+        self.metrics_task = asyncio.get_running_loop().create_task(
+            _publish_progress(self.loop).run(BATCH_METRICS_EVERY_S))
         log.info("batch worker %s started (max %d in flight)", self.loop.consumer, bcfg.max_in_flight)
 
     async def synthesize(self, item: BatchItem) -> SynthesisResult:
@@ -125,4 +135,5 @@ class BatchWorker:
             raise RuntimeError(f"batch worker loop stopped: {self.task.exception()!r}")
 
     async def __del__(self):
+        self.metrics_task.cancel()
         await self.loop.stop(5.0)

@@ -13,10 +13,25 @@ Orchestrator:
 - ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
 - ``bark_audio_seconds_total`` (counter): seconds of audio produced
 - ``bark_http_errors_total`` (counter, tag ``code``)
+Batch workers (BatchWorker replicas, published every few seconds by :class:`BatchProgressReporter`):
+- ``bark_batch_items_total`` (counter, tag ``outcome`` succeeded|failed|retried|discarded): finished attempts
+- ``bark_batch_items_in_flight`` (gauge): items this worker holds in the pipeline
+- ``bark_batch_queue_waiting`` (gauge): items in the Redis stream that no worker has claimed yet (all jobs)
+- ``bark_batch_queue_pending`` (gauge): items claimed by some worker and not finished yet (all jobs)
 Ray Serve adds deployment, replica and application tags.
+
+Ray 2.60 exports each metric to Prometheus as ``ray_<name>`` (its namespace ``ray``; the name is kept as
+given, so a counter named ``..._total`` stays ``ray_..._total``); histograms add ``_bucket``, ``_sum``
+and ``_count``. The Grafana dashboard (helm/bark-serve/dashboards/) queries those names.
 """
 
 from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+log = logging.getLogger("ray.serve")
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
@@ -82,3 +97,73 @@ class RequestMetrics:
 
     def error(self, code: int) -> None:
         self._errors.inc(1, tags={"code": str(code)})
+
+
+BATCH_OUTCOMES = ("succeeded", "failed", "retried", "discarded")  # WorkerStats fields of the same names
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """One reading of a batch worker: its outcome counters so far, what it holds, and the shared queue."""
+
+    outcomes: dict[str, int]
+    in_flight: int
+    waiting: int
+    pending: int
+
+
+class BatchMetrics:
+    """The BatchWorker's metrics: outcome counters (fed with increments) and three gauges."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge
+
+        self._items = Counter("bark_batch_items_total", "Batch item attempts finished, by outcome",
+                              tag_keys=("outcome",))
+        self._in_flight = Gauge("bark_batch_items_in_flight", "Batch items this worker holds in the pipeline")
+        self._waiting = Gauge("bark_batch_queue_waiting", "Batch items no worker has claimed yet (all jobs)")
+        self._pending = Gauge("bark_batch_queue_pending", "Batch items claimed and not finished (all jobs)")
+
+    def items(self, outcome: str, n: int) -> None:
+        if n > 0:  # Ray counters refuse 0
+            self._items.inc(n, tags={"outcome": outcome})
+
+    def gauges(self, in_flight: int, waiting: int, pending: int) -> None:
+        self._in_flight.set(in_flight)
+        self._waiting.set(waiting)
+        self._pending.set(pending)
+
+
+async def read_worker_progress(worker) -> BatchProgress:
+    """A :class:`BatchProgress` of a ``cluster.batch_worker.BatchWorkerLoop``: its stats and its queue's backlog
+    (finished items are deleted from the stream, so what is in it is either waiting or pending)."""
+    length, pending = await worker.queue.backlog()
+    return BatchProgress(outcomes={o: getattr(worker.stats, o) for o in BATCH_OUTCOMES}, in_flight=worker.in_flight,
+                         waiting=max(length - pending, 0), pending=pending)
+
+
+class BatchProgressReporter:
+    """Turns a batch worker's running totals into metric updates: counters get what was added since the
+    last reading, gauges the current values. ``read`` returns a :class:`BatchProgress`."""
+
+    def __init__(self, read, sink: BatchMetrics):
+        self.read, self.sink = read, sink
+        self._seen = dict.fromkeys(BATCH_OUTCOMES, 0)
+
+    async def publish(self) -> BatchProgress:
+        progress = await self.read()
+        for outcome in BATCH_OUTCOMES:
+            now = progress.outcomes.get(outcome, 0)
+            self.sink.items(outcome, now - self._seen[outcome])
+            self._seen[outcome] = now
+        self.sink.gauges(progress.in_flight, progress.waiting, progress.pending)
+        return progress
+
+    async def run(self, every_s: float = 5.0) -> None:
+        """Publish until cancelled; a failed reading (Redis down) is skipped, never fatal."""
+        while True:
+            try:
+                await self.publish()
+            except Exception as exc:  # metrics must never stop the worker
+                log.debug("batch metrics not published: %r", exc)
+            await asyncio.sleep(every_s)

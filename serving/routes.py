@@ -8,8 +8,12 @@ app is ever mutated.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
+from pathlib import Path
+
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from bark_serve.stages.types import InvalidRequestError
@@ -20,7 +24,8 @@ from .http_api import check_api_key, validation_error
 
 ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
           "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
-          "openapi": "/openapi.json"}
+          "openapi": "/openapi.json", "playground": "/playground/"}
+STATIC_DIR = Path(__file__).with_name("static")  # the playground: package data, served as is
 BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: true` (and a Redis URL) in the "
                   "config, or start it with `bark-serve up --batch`")
 
@@ -29,7 +34,9 @@ def build_http_app(orch) -> FastAPI:
     """The app of one Orchestrator replica: its routes, the batch routes, and the error handlers."""
     app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
     install_error_handlers(app)
-    app.add_api_route("/", orch.index, methods=["GET"])
+    app.add_api_route("/", _index(orch), methods=["GET"])
+    app.add_api_route("/playground", _to_playground, methods=["GET"], include_in_schema=False)
+    app.mount(ROUTES["playground"].rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     app.add_api_route(ROUTES["health"], orch.healthz, methods=["GET"])
     app.add_api_route(ROUTES["ready"], orch.readyz, methods=["GET"])
     app.add_api_route(ROUTES["voices"], orch.voices, methods=["GET"])
@@ -38,6 +45,22 @@ def build_http_app(orch) -> FastAPI:
     app.add_api_route(ROUTES["tts"], orch.tts, methods=["POST"])
     app.include_router(_batch_routes(orch) if orch.cfg.batch.enabled else _batch_disabled_router())
     return app
+
+
+def _index(orch):
+    """``GET /``: the routes as JSON for API clients; a browser (Accept: text/html) goes to the playground."""
+
+    async def index(request: Request):
+        if "text/html" in request.headers.get("accept", ""):
+            return _to_playground()
+        return await orch.index()
+
+    return index
+
+
+def _to_playground() -> RedirectResponse:
+    # relative, so it stays right under any route prefix: /playground and / both lead to /playground/
+    return RedirectResponse("playground/", status_code=307)
 
 
 def install_error_handlers(app: FastAPI) -> None:

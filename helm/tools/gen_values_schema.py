@@ -2,7 +2,7 @@
 
 Helm checks values against it on install, upgrade, lint and template, so a typo
 (`max_batchs`) or a wrong type fails there, not later inside the RayService.
-Only `bark` is constrained; other values are free. tests/helm fails when the
+Only `bark` (and the small `grafanaDashboard` block) is constrained; other values are free. tests/helm fails when the
 file is stale:   python helm/tools/gen_values_schema.py
 """
 
@@ -23,7 +23,25 @@ def values_schema() -> dict:
     bark = BarkConfig.model_json_schema()
     defs = bark.pop("$defs")  # its "#/$defs/..." refs stay valid at the top level
     defs["BarkConfig"] = bark
-    return {"type": "object", "properties": {"bark": {"$ref": "#/$defs/BarkConfig"}}, "$defs": defs}
+    return {"type": "object", "properties": {"bark": {"$ref": "#/$defs/BarkConfig"},
+                                             "grafanaDashboard": GRAFANA_DASHBOARD}, "$defs": defs}
+
+
+# The dashboard ConfigMap's values (templates/grafana-dashboard.yaml): a label is a DNS-style key and a
+# string value, so a typo or a bare number fails at install time rather than in the API server.
+GRAFANA_DASHBOARD = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "labelKey": {"type": "string", "maxLength": 316,
+                     "pattern": r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"},
+        "labelValue": {"type": ["string", "integer"], "maxLength": 63,
+                       "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"},
+        "namespace": {"type": "string", "pattern": r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?)?$", "maxLength": 63},
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
 
 
 def render() -> str:
