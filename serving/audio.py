@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from bark_serve.stages.dsp import PostProcess, SegmentJoiner
 from bark_serve.stages.types import InvalidRequestError
 
 
@@ -181,3 +182,28 @@ def encode(audio: np.ndarray, sample_rate: int, fmt: str = "wav") -> bytes:
         return wav_header(sample_rate, len(audio)) + to_pcm16(audio)
     enc = open_encoder(fmt, sample_rate, stream=False)
     return enc.feed(audio) + enc.close()
+
+
+class AudioOut:
+    """One request's audio on its way out: segments joined (stages/dsp.py) and encoded as each arrives.
+
+    ``join(segment, last)`` gives the joined samples that are final (all the rest with the last segment),
+    ``encode(samples, last)`` their bytes in ``fmt`` (the end of the file with the last). One per request,
+    called from one thread at a time.
+    """
+
+    def __init__(self, fmt: str, sample_rate: int, post: PostProcess):
+        self.sample_rate = sample_rate
+        self.joiner = SegmentJoiner(sample_rate, post)
+        self.encoder = open_encoder(fmt, sample_rate, stream=True)
+
+    def join(self, segment: np.ndarray, last: bool) -> np.ndarray:
+        out = self.joiner.push(segment)
+        return np.concatenate([out, self.joiner.finish()]) if last else out
+
+    def encode(self, samples: np.ndarray, last: bool) -> bytes:
+        data = self.encoder.feed(samples)
+        return data + self.encoder.close() if last else data
+
+    def __call__(self, segment: np.ndarray, last: bool) -> bytes:
+        return self.encode(self.join(segment, last), last)

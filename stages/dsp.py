@@ -16,7 +16,8 @@ The loudness gain is chosen once per request, on the first segment loud enough t
 BS.1770's -70 LUFS absolute gate), and held for the rest: streamed audio cannot wait for the whole
 text, and one gain for the whole request keeps the level differences between segments as Bark made
 them (no pumping). The gain is capped at ``max_gain_db`` and so that that segment peaks at or below
--1 dBFS (later segments are clipped at full scale by the encoders, should they peak higher). A full answer is joined the same way, so streamed and full answers are the same audio.
+-1 dBFS (later segments are clipped at full scale by the encoders, should they peak higher).
+A full answer is joined the same way, so streamed and full answers are the same audio.
 """
 
 from __future__ import annotations
