@@ -54,6 +54,21 @@ def test_long_text_is_split_and_the_voice_carried(tiny_ckpt, tmp_path):
     assert len(audio) > 2 * 8 * 320 * 3 // 2  # more than one segment's worth
 
 
+def test_output_options_speed_and_aac(tiny_ckpt, tmp_path):
+    """--speed 2 halves the raw audio; the default joins write a valid .aac (ADTS) file."""
+    common = ["--model", tiny_ckpt, "--seed", "4", "--temperature", "0", "--max-semantic-tokens", "20"]
+    text = "A first sentence to say. And then a second one."
+    for name, extra in [("raw.wav", ["--raw"]), ("fast.wav", ["--raw", "--speed", "2"]), ("joined.aac", [])]:
+        res = run_cli("synth", text, "-o", tmp_path / name, *common, *extra)
+        assert res.returncode == 0, res.stderr
+    raw, fast = sf.read(tmp_path / "raw.wav")[0], sf.read(tmp_path / "fast.wav")[0]
+    assert len(fast) == pytest.approx(len(raw) / 2, rel=0.01)
+    import av
+
+    with av.open(str(tmp_path / "joined.aac")) as container:
+        assert container.format.name == "aac" and sum(f.samples for f in container.decode(audio=0)) > 0
+
+
 @pytest.mark.parametrize("args,message", [
     (["synth", "", "-o", "x.wav"], "text is empty"),
     (["synth", "hi", "-o", "x.wav", "--voice", "nobody"], "unknown voice 'nobody'"),
