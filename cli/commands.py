@@ -37,15 +37,38 @@ def _generation_params(args) -> GenerationParams:
         raise InvalidRequestError(problems.replace("_", "-")) from None
 
 
+def _post_process(args):
+    """The output options of synth, checked like the HTTP API's; --raw turns every step off."""
+    from pydantic import ValidationError
+
+    from bark_serve.serving.api_models import OutputOptions
+    from bark_serve.serving.config import AudioConfig
+    from bark_serve.stages.untrusted import summarize_errors
+
+    fields = {k: getattr(args, k) for k in ("speed", "trim_silence", "crossfade_ms", "normalize_loudness",
+                                            "target_lufs")}
+    try:
+        options = OutputOptions(**fields)
+    except ValidationError as exc:
+        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        raise InvalidRequestError(problems.replace("_", "-")) from None
+    if args.raw:
+        options = OutputOptions(speed=options.speed, trim_silence=False, crossfade_ms=0, normalize_loudness=False)
+    return options.post_process(AudioConfig())
+
+
 def synth(args) -> int:
+    import numpy as np
     from tqdm import tqdm
 
     from bark_serve.serving.audio import encode, format_for_path
+    from bark_serve.stages.dsp import join_segments
     from bark_serve.stages.pipeline import BarkPipeline
     from bark_serve.stages.voices import save_npz
 
     fmt = format_for_path(args.output)
     params = _generation_params(args)
+    post = _post_process(args)
     if args.save_voice and not args.save_voice.endswith(".npz"):
         raise InvalidRequestError("--save-voice must name a .npz file")
     t0 = time.perf_counter()
@@ -62,10 +85,12 @@ def synth(args) -> int:
             bar.update(1)
 
         gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step)
-    Path(args.output).write_bytes(encode(gen.audio, gen.sample_rate, fmt))
+    segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1]) if gen.segment_samples else [gen.audio]
+    audio = join_segments(segments, gen.sample_rate, post)
+    Path(args.output).write_bytes(encode(audio, gen.sample_rate, fmt))
     if args.save_voice:
         save_npz(gen.as_voice(), args.save_voice)
-    seconds = len(gen.audio) / gen.sample_rate
+    seconds = len(audio) / gen.sample_rate
     print(f"wrote {args.output}: {seconds:.2f} s of audio at {gen.sample_rate} Hz, seed {gen.seed} "
           f"(load {t_load:.1f} s, generate {time.perf_counter() - t0 - t_load:.1f} s)"
           + (f"; voice saved to {args.save_voice}" if args.save_voice else ""))

@@ -50,7 +50,8 @@ def _add_synth(sub, cmd) -> None:
                        description="Synthesize TEXT with all four Bark stages in this process. Long text is split "
                                    "at sentence boundaries; each segment continues the previous one's voice.")
     p.add_argument("text", help="the text to speak (multilingual; ♪ for music, cues like [laughter])")
-    p.add_argument("-o", "--output", required=True, help="output file: .wav, .flac, .mp3, .ogg/.opus or .pcm")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
     _add_model_args(p)
     p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer) or a .npz file")
     p.add_argument("--voices-dir", action="append", default=[], help="extra directory of suno-style .npz presets")
@@ -66,7 +67,21 @@ def _add_synth(sub, cmd) -> None:
     p.add_argument("--max-semantic-tokens", type=int, default=768,
                    help="cap on semantic tokens per segment (768, about 15 s)")
     p.add_argument("--save-voice", metavar="FILE.npz", help="also save the generated tokens as a voice preset")
+    _add_join_args(p)
     p.set_defaults(func=cmd.synth)
+
+
+def _add_join_args(p) -> None:
+    """The long-form joining and speed of the HTTP API's output options (defaults: the config's audio block)."""
+    p.add_argument("--speed", type=float, help="0.25-4: pitch-preserving time-stretch (default 1)")
+    p.add_argument("--no-trim", dest="trim_silence", action="store_const", const=False,
+                   help="keep each segment's leading and trailing silence")
+    p.add_argument("--crossfade-ms", type=float, help="crossfade of the joins between segments (default 20; 0: none)")
+    p.add_argument("--no-normalize", dest="normalize_loudness", action="store_const", const=False,
+                   help="keep the model's loudness (default: normalised to --target-lufs)")
+    p.add_argument("--target-lufs", type=float, help="integrated loudness target (ITU-R BS.1770; default -18)")
+    p.add_argument("--raw", action="store_true",
+                   help="the model's samples as they are: no trimming, crossfade, loudness or speed change")
 
 
 def _add_checkpoint_commands(sub, cmd) -> None:

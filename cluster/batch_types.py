@@ -23,9 +23,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from bark_serve.stages.types import InvalidRequestError, Priority, check_seed
 from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
 
-AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus")
+AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus", "aac")
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
-               "opus": "audio/ogg"}
+               "opus": "audio/ogg", "aac": "audio/aac"}
 # Item ids name files on the client (DIR/<id>.<format>), so they stay filename-safe.
 ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
@@ -73,7 +73,7 @@ class ItemIn(BaseModel):
     text: str
     voice: str | None = Field(None, max_length=256)
     seed: Annotated[int | None, AfterValidator(check_seed)] = None
-    format: Literal["wav", "flac", "pcm", "mp3", "opus"] = "wav"
+    format: Literal["wav", "flac", "pcm", "mp3", "opus", "aac"] = "wav"
     options: dict[str, Any] = Field(default_factory=dict)  # per-stage temperatures etc., passed through
 
 

@@ -7,7 +7,10 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from bark_serve.stages import constants as C
+from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.types import GenerationParams, Priority, SamplingParams, check_seed
+
+from .config import AudioConfig
 
 # A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
 # a 100 KB name is refused by the request model, before any file-system lookup.
@@ -46,7 +49,31 @@ class BarkOptions(BaseModel):
                                 seed=self.seed)
 
 
-class SpeechRequest(BarkOptions):
+class OutputOptions(BaseModel):
+    """How the audio comes out, on both APIs (and batch items' options): speed and the long-form joins.
+
+    Every field left out or null takes the server's ``audio:`` config (serving/config.py AudioConfig).
+    ``trim_silence: false, crossfade_ms: 0, normalize_loudness: false`` (and speed 1) give the model's raw samples.
+    """
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    speed: float | None = Field(None, ge=0.25, le=4.0,
+                                description="0.25-4, default 1: pitch-preserving time-stretch (Rubber Band)")
+    trim_silence: bool | None = Field(None, description="cut each segment's leading and trailing silence")
+    trim_threshold_db: float | None = Field(None, ge=-100, le=-1,
+                                            description="silence: this many dB below the segment's loudest frame")
+    crossfade_ms: float | None = Field(None, ge=0, le=500, description="segments join with a crossfade this long")
+    normalize_loudness: bool | None = Field(None, description="bring the audio to target_lufs (ITU-R BS.1770)")
+    target_lufs: float | None = Field(None, ge=-70, le=-5, description="integrated loudness target")
+
+    def post_process(self, defaults: AudioConfig) -> PostProcess:
+        """This request's joining: ``defaults`` (an AudioConfig) with this request's values where given."""
+        fields = ("trim_silence", "trim_threshold_db", "crossfade_ms", "normalize_loudness", "target_lufs")
+        return defaults.post_process(speed=self.speed, **{k: getattr(self, k) for k in fields})
+
+
+class SpeechRequest(BarkOptions, OutputOptions):
     """POST /v1/audio/speech: OpenAI's audio API, plus Bark's options as extra fields."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -56,17 +83,19 @@ class SpeechRequest(BarkOptions):
     input: str = Field(..., description="the text to speak")
     voice: str = Field(..., max_length=MAX_VOICE_NAME,
                        description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
-    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
-    speed: float = Field(1.0, ge=0.25, le=4.0)
+    response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] | None = Field(
+        None, description="mp3 (default), opus, aac, flac, wav, pcm: every one streams")
     instructions: str | None = Field(None, max_length=4096,
                                      description="accepted for compatibility; Bark has no instructions")
-    stream_format: Literal["audio", "sse"] | None = None
+    stream_format: Literal["audio", "sse"] | None = Field(
+        None, description="audio (default): the encoded bytes as they are made; sse: speech.audio.delta events")
+
+    @property
+    def format(self) -> str:
+        return self.response_format or "mp3"
 
 
-STREAMABLE = ("pcm", "wav")
-
-
-class TTSRequest(BarkOptions):
+class TTSRequest(BarkOptions, OutputOptions):
     """POST /v1/tts: the native API (JSON or msgpack)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -74,13 +103,6 @@ class TTSRequest(BarkOptions):
     text: str
     voice: Annotated[str, Field(max_length=MAX_VOICE_NAME)] | dict[str, Any] | None = Field(
         None, description="preset name, or arrays: semantic_prompt, coarse_prompt, fine_prompt")
-    format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "wav"
-    stream: bool = False
+    format: Literal["wav", "flac", "mp3", "opus", "aac", "pcm"] = "wav"
+    stream: bool = Field(False, description="send the audio as segments finish, in any format")
     priority: Priority = Priority.INTERACTIVE
-
-    def stream_error(self, packed: bool) -> str | None:
-        """Why this request cannot stream as asked (None if it can): raw streams are pcm or wav."""
-        if self.stream and not packed and self.format not in STREAMABLE:
-            return (f"format {self.format!r} cannot stream: streaming returns pcm or wav "
-                    "(or msgpack chunks with Accept: application/msgpack)")
-        return None

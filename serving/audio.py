@@ -1,29 +1,54 @@
-"""Audio encoding for responses and files: wav, flac, mp3, opus (soundfile/libsndfile) and raw pcm.
+"""Audio encoding for responses and files: mp3, opus, aac, flac (PyAV / FFmpeg), wav and raw pcm.
 
-``pcm`` is what OpenAI's audio API calls pcm: 16-bit signed little-endian mono
-samples at the model's rate (24 kHz for Bark), no header.
+Every format is encoded incrementally: ``open_encoder(fmt, sr, stream=True)`` takes the audio a
+piece at a time (``feed``) and returns the bytes that are ready, so a stream's first bytes leave
+as soon as its first segment is decoded; ``close`` returns the rest. Concatenated, the pieces are
+one valid file. ``encode`` is the whole-file case (seekable output, so mp3/flac headers carry the
+final length).
+
+Why PyAV: its wheels bundle FFmpeg with libmp3lame, libopus, FFmpeg's native AAC encoder and FLAC,
+one maintained library for every format OpenAI's API names, with muxers that write to a
+non-seekable stream (mp3 frames, Ogg pages, ADTS frames, FLAC frames). libsndfile (soundfile) has
+no AAC and encodes only whole files.
+
+Containers: mp3 is MPEG layer III frames, opus is Ogg Opus (pages of at most 60 ms, so they leave
+with the segment that filled them), aac is ADTS (what ``audio/aac`` means), flac is native FLAC,
+wav is 16-bit PCM (a stream's header says "unknown length", as players expect), ``pcm`` is what
+OpenAI's API calls pcm: 16-bit signed little-endian mono samples at the model's rate (24 kHz for
+Bark), no header. mp3 and aac decoders add the encoder's priming/padding (tens of ms).
 """
 
 from __future__ import annotations
 
 import io
 import struct
+from dataclasses import dataclass, field
 
 import numpy as np
-import soundfile as sf
 
+from bark_serve.stages.dsp import PostProcess, SegmentJoiner
 from bark_serve.stages.types import InvalidRequestError
 
-# format -> (libsndfile container, subtype, media type)
-FORMATS: dict[str, tuple[str | None, str | None, str]] = {
-    "wav": ("WAV", "PCM_16", "audio/wav"),
-    "flac": ("FLAC", "PCM_16", "audio/flac"),
-    "mp3": ("MP3", "MPEG_LAYER_III", "audio/mpeg"),
-    "opus": ("OGG", "OPUS", "audio/ogg"),
-    "pcm": (None, None, "audio/pcm"),
+
+@dataclass(frozen=True)
+class AudioFormat:
+    media_type: str
+    container: str | None = None  # FFmpeg muxer; None: written here (wav, pcm)
+    codec: str | None = None
+    options: dict[str, str] = field(default_factory=dict)  # muxer options
+
+
+FORMATS: dict[str, AudioFormat] = {
+    "mp3": AudioFormat("audio/mpeg", "mp3", "libmp3lame"),
+    "opus": AudioFormat("audio/ogg", "ogg", "libopus", {"page_duration": "60000"}),
+    "aac": AudioFormat("audio/aac", "adts", "aac"),
+    "flac": AudioFormat("audio/flac", "flac", "flac"),
+    "wav": AudioFormat("audio/wav"),
+    "pcm": AudioFormat("audio/pcm"),
 }
-EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".pcm": "pcm",
-              ".raw": "pcm"}
+EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".aac": "aac",
+              ".pcm": "pcm", ".raw": "pcm"}
+EMPTY_STAND_IN_S = 0.01  # mp3/opus/aac/flac cannot hold zero samples: 10 ms of silence stands in
 
 
 def check_format(fmt: str) -> str:
@@ -34,11 +59,11 @@ def check_format(fmt: str) -> str:
 
 
 def media_type(fmt: str) -> str:
-    return FORMATS[check_format(fmt)][2]
+    return FORMATS[check_format(fmt)].media_type
 
 
 def format_for_path(path: str) -> str:
-    """Audio format from a file name's extension (wav if unknown)."""
+    """Audio format from a file name's extension."""
     for ext, fmt in EXTENSIONS.items():
         if str(path).lower().endswith(ext):
             return fmt
@@ -55,23 +80,130 @@ def from_pcm16(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype="<i2").astype(np.float32) / 32767.0
 
 
-def encode(audio: np.ndarray, sample_rate: int, fmt: str = "wav") -> bytes:
-    """Encode a mono float waveform in the given format."""
-    fmt = check_format(fmt)
-    if fmt == "pcm":
-        return to_pcm16(audio)
-    container, subtype, _ = FORMATS[fmt]
-    buf = io.BytesIO()
-    data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    if data.size == 0 and fmt != "wav":  # flac/mp3/opus cannot hold zero frames: 10 ms of silence stands in
-        data = np.zeros((sample_rate // 100,), dtype=np.float32)
-    sf.write(buf, data, sample_rate, format=container, subtype=subtype)
-    return buf.getvalue()
+def wav_header(sample_rate: int, n_samples: int | None = None) -> bytes:
+    """A 16-bit mono WAV header; ``n_samples`` None: unknown length, for streaming (players read to the end)."""
+    data = 0xFFFFFFFF if n_samples is None else 2 * n_samples
+    riff = 0xFFFFFFFF if n_samples is None else 36 + data
+    return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " +
+            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
+            b"data" + struct.pack("<I", data))
 
 
 def wav_stream_header(sample_rate: int) -> bytes:
-    """A 16-bit mono WAV header of unknown length, for streaming (players read to the end)."""
-    unknown = 0xFFFFFFFF
-    return (b"RIFF" + struct.pack("<I", unknown) + b"WAVE" + b"fmt " +
-            struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
-            b"data" + struct.pack("<I", unknown))
+    return wav_header(sample_rate)
+
+
+class PcmEncoder:
+    """pcm (and wav, with a header first): samples out as they come in."""
+
+    def __init__(self, sample_rate: int, header: bytes = b""):
+        self.sample_rate, self._pending = sample_rate, header
+
+    def feed(self, audio: np.ndarray) -> bytes:
+        out, self._pending = self._pending + to_pcm16(audio), b""
+        return out
+
+    def close(self) -> bytes:
+        out, self._pending = self._pending, b""
+        return out
+
+
+class _Sink:
+    """A write-only, non-seekable file for FFmpeg's muxers: what they write is taken out piece by piece."""
+
+    def __init__(self):
+        self.parts: list[bytes] = []
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        return len(data)
+
+    def take(self) -> bytes:
+        out = b"".join(self.parts)
+        self.parts.clear()
+        return out
+
+
+class AvEncoder:
+    """mp3 / opus / aac / flac through PyAV: an FFmpeg encoder and muxer kept open across ``feed`` calls."""
+
+    def __init__(self, fmt: str, sample_rate: int, stream: bool = True):
+        import av
+
+        spec = FORMATS[fmt]
+        self.sample_rate, self.samples, self._closed = sample_rate, 0, False
+        self._out = _Sink() if stream else io.BytesIO()  # BytesIO is seekable: headers get the final length
+        self._container = av.open(self._out, mode="w", format=spec.container, options=dict(spec.options))
+        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
+
+    def _taken(self) -> bytes:
+        return self._out.take() if isinstance(self._out, _Sink) else b""
+
+    def feed(self, audio: np.ndarray) -> bytes:
+        import av
+
+        data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+        if data.size:
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[None, :]), format="flt", layout="mono")
+            frame.sample_rate, frame.pts = self.sample_rate, self.samples
+            self.samples += data.size
+            for packet in self._stream.encode(frame):  # PyAV converts and cuts frames to the codec's size
+                self._container.mux(packet)
+        return self._taken()
+
+    def close(self) -> bytes:
+        """Flush the encoder and end the container: the last bytes (the whole file when not streaming)."""
+        if self._closed:
+            return b""
+        out = b""
+        if self.samples == 0:
+            out += self.feed(np.zeros(max(1, int(self.sample_rate * EMPTY_STAND_IN_S)), np.float32))
+        for packet in self._stream.encode(None):
+            self._container.mux(packet)
+        self._container.close()
+        self._closed = True
+        return out + (self._out.take() if isinstance(self._out, _Sink) else self._out.getvalue())
+
+
+def open_encoder(fmt: str, sample_rate: int, stream: bool = True) -> PcmEncoder | AvEncoder:
+    """An incremental encoder of ``fmt``; ``stream`` False: the whole file comes at ``close`` (seekable)."""
+    fmt = check_format(fmt)
+    if fmt == "pcm":
+        return PcmEncoder(sample_rate)
+    if fmt == "wav":
+        return PcmEncoder(sample_rate, wav_header(sample_rate))
+    return AvEncoder(fmt, sample_rate, stream)
+
+
+def encode(audio: np.ndarray, sample_rate: int, fmt: str = "wav") -> bytes:
+    """Encode a whole mono float waveform in the given format."""
+    fmt = check_format(fmt)
+    if fmt == "wav":
+        return wav_header(sample_rate, len(audio)) + to_pcm16(audio)
+    enc = open_encoder(fmt, sample_rate, stream=False)
+    return enc.feed(audio) + enc.close()
+
+
+class AudioOut:
+    """One request's audio on its way out: segments joined (stages/dsp.py) and encoded as each arrives.
+
+    ``join(segment, last)`` gives the joined samples that are final (all the rest with the last segment),
+    ``encode(samples, last)`` their bytes in ``fmt`` (the end of the file with the last). One per request,
+    called from one thread at a time.
+    """
+
+    def __init__(self, fmt: str, sample_rate: int, post: PostProcess):
+        self.sample_rate = sample_rate
+        self.joiner = SegmentJoiner(sample_rate, post)
+        self.encoder = open_encoder(fmt, sample_rate, stream=True)
+
+    def join(self, segment: np.ndarray, last: bool) -> np.ndarray:
+        out = self.joiner.push(segment)
+        return np.concatenate([out, self.joiner.finish()]) if last else out
+
+    def encode(self, samples: np.ndarray, last: bool) -> bytes:
+        data = self.encoder.feed(samples)
+        return data + self.encoder.close() if last else data
+
+    def __call__(self, segment: np.ndarray, last: bool) -> bytes:
+        return self.encode(self.join(segment, last), last)

@@ -12,7 +12,6 @@ import asyncio
 import functools
 import logging
 
-import numpy as np
 from pydantic import ValidationError
 from ray import serve
 
@@ -21,6 +20,7 @@ from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.dsp import join_segments
 from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 from bark_serve.stages.untrusted import summarize_errors
 
@@ -108,11 +108,14 @@ class BatchWorker:
             raise unwrap(exc) from None  # InvalidRequestError fails the item at once; others are retried
         finally:
             self.progress.pop(f"{item.job_id}-{item.item_id}", None)
-        audio = np.concatenate([c.audio for c in chunks])
         sr = self.synth.spec.sample_rate
+        # joining and encoding minutes of audio is CPU work: not on this replica's event loop
+        audio = await asyncio.to_thread(join_segments, [c.audio for c in chunks], sr,
+                                        req.post_process(self.cfg.audio))
+        encoded = await asyncio.to_thread(A.encode, audio, sr, req.format)
         timings = {s: sum(c.timings[s]["finished"] - c.timings[s]["started"] for c in chunks)
                    for s in chunks[0].timings}
-        return SynthesisResult(audio=A.encode(audio, sr, req.format), sample_rate=sr, duration_s=len(audio) / sr,
+        return SynthesisResult(audio=encoded, sample_rate=sr, duration_s=len(audio) / sr,
                                media_type=A.media_type(req.format), timings={"seed": plan.seed, "stages_s": timings})
 
     def _tracking(self, call):

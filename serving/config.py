@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX, pool_resource
 from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.untrusted import summarize_errors
 
-__all__ = ["POOL_RESOURCE_PREFIX", "BarkConfig", "BatchConfig", "ConfigError", "load_config", "parse_config"]
+__all__ = ["POOL_RESOURCE_PREFIX", "AudioConfig", "BarkConfig", "BatchConfig", "ConfigError", "load_config",
+           "parse_config"]
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 DEPLOYMENT_NAMES = {"semantic": "SemanticServer", "coarse": "CoarseServer", "fine": "FineServer",
@@ -96,6 +98,23 @@ class OrchestratorConfig(Placement):
     retry_after_s: int = Field(2, ge=1)
 
 
+class AudioConfig(_Strict):
+    """How long-form audio is joined (stages/dsp.py): the defaults of every request, which may override each."""
+
+    trim_silence: bool = True  # cut each segment's leading/trailing silence
+    trim_threshold_db: float = Field(-40.0, ge=-100, le=-1)  # silence: this far below the segment's loudest frame
+    trim_margin_ms: float = Field(40.0, ge=0, le=1000)  # kept around the sound
+    crossfade_ms: float = Field(20.0, ge=0, le=500)  # joins fade over this long; 0: plain concatenation
+    normalize_loudness: bool = True  # one gain per request, measured on its first audible segment
+    target_lufs: float = Field(-18.0, ge=-70, le=-5)  # ITU-R BS.1770 integrated loudness
+    max_gain_db: float = Field(30.0, ge=0, le=60)
+
+    def post_process(self, **overrides) -> PostProcess:
+        """The joining of one request: these defaults, with the request's own values where it gave them."""
+        values = {**self.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        return PostProcess(**values)
+
+
 class BatchConfig(_Strict):
     """Durable batch jobs (Redis). Off unless enabled."""
 
@@ -138,6 +157,7 @@ class BarkConfig(_Strict):
     coarse: StageConfig = StageConfig(pool="coarse")
     fine: StageConfig = StageConfig(pool="fine", max_batch=4)
     codec: StageConfig = StageConfig(pool="codec", max_batch=8)
+    audio: AudioConfig = AudioConfig()
     batch: BatchConfig = BatchConfig()
 
     def stage(self, name: str) -> StageConfig:

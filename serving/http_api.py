@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from bark_serve.stages.dsp import PostProcess, join_segments
 from bark_serve.stages.types import InvalidRequestError
 from bark_serve.stages.untrusted import check_plain_data, short_repr, summarize_errors
 
@@ -138,10 +139,15 @@ def timings_summary(chunks: list[AudioChunk], t0: float, first_audio: float | No
             "stages": stages, "segments": [c.timings for c in chunks]}
 
 
-def full_response(request: Request, chunks: list[AudioChunk], fmt: str, meta: dict) -> Response:
-    """A finished request, as audio bytes, msgpack (PCM + timings) or JSON (base64 audio + timings)."""
-    audio = np.concatenate([c.audio for c in chunks]) if chunks else np.zeros((0,), np.float32)
+def joined_audio(chunks: list[AudioChunk], post: PostProcess) -> tuple[np.ndarray, int]:
+    """The request's segments joined as ``post`` says (stages/dsp.py), and the sample rate."""
     sr = chunks[0].sample_rate if chunks else 24_000
+    return join_segments([c.audio for c in chunks], sr, post), sr
+
+
+def full_response(request: Request, chunks: list[AudioChunk], fmt: str, meta: dict, post: PostProcess) -> Response:
+    """A finished request, as audio bytes, msgpack (PCM + timings) or JSON (base64 audio + timings)."""
+    audio, sr = joined_audio(chunks, post)
     meta = {**meta, "sample_rate": sr, "duration_s": len(audio) / sr, "segments": len(chunks)}
     if wants_msgpack(request):
         body = msgpack.packb({**meta, "format": "pcm", "audio": A.to_pcm16(audio)}, use_bin_type=True)
@@ -202,48 +208,72 @@ async def _next_chunk(rest: AsyncIterator[AudioChunk], deadline: float) -> Audio
     return await asyncio.wait_for(anext(rest, None), remaining)
 
 
-def _packed_chunk(chunk: AudioChunk) -> bytes:
+def _packed_chunk(chunk: AudioChunk, audio: np.ndarray) -> bytes:
     return msgpack.packb({"index": chunk.index, "n_segments": chunk.n_segments, "format": "pcm",
-                          "sample_rate": chunk.sample_rate, "audio": A.to_pcm16(chunk.audio),
+                          "sample_rate": chunk.sample_rate, "audio": A.to_pcm16(audio),
                           "timings": chunk.timings}, use_bin_type=True)
 
 
-def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str, meta: dict,
-                    *, deadline: float, release: Callable[[], None],
-                    on_done: Callable[[bool], None]) -> SlotStreamingResponse:
-    """Audio chunks as segments finish: raw pcm/wav bytes, or a stream of msgpack objects.
+def sse_event(event: dict) -> bytes:
+    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
 
-    The stream obeys ``deadline`` (event-loop time) like a full answer: past it, or when a stage fails, a
-    msgpack stream ends with an ``{"error": ...}`` object and a raw stream is cut off (StreamAborted).
+
+def _usage(input_tokens: int, output_tokens: int) -> dict:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens}
+
+
+def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str, meta: dict,
+                    *, post: PostProcess, deadline: float, release: Callable[[], None],
+                    on_done: Callable[[bool], None], sse: bool = False, input_tokens: int = 0) -> SlotStreamingResponse:
+    """Audio as segments finish: encoded bytes in ``fmt``, Server-Sent Events (``sse``), or msgpack objects.
+
+    Each segment is joined onto the previous ones (``post``, stages/dsp.py) and encoded incrementally
+    (serving/audio.py) in a worker thread. The stream obeys ``deadline`` (event-loop time) like a full
+    answer: past it, or when a stage fails, an SSE stream ends with an ``{"type": "error", "error": ...}``
+    event, a msgpack stream with an ``{"error": ...}`` object, and a raw stream is cut off (StreamAborted).
     ``release`` frees the request's admission slot exactly once; ``on_done(ok)`` records the outcome.
     """
-    packed = wants_msgpack(request)
-    if not packed and fmt not in ("pcm", "wav"):  # parse-time checks refuse this before any work
-        raise APIError(400, "streaming returns pcm or wav (or msgpack chunks); ask for one of those", "invalid_request")
+    packed = wants_msgpack(request) and not sse
+    out = A.AudioOut(fmt, first.sample_rate, post)
+
+    async def piece(chunk: AudioChunk) -> bytes:
+        last = chunk.index == chunk.n_segments - 1
+        if packed:
+            return _packed_chunk(chunk, await asyncio.to_thread(out.join, chunk.audio, last))
+        data = await asyncio.to_thread(out, chunk.audio, last)
+        if sse and data:
+            return sse_event({"type": "speech.audio.delta", "audio": base64.b64encode(data).decode()})
+        return data
 
     async def body():
-        ok = False
+        ok, semantic_tokens = False, 0
         try:
-            if fmt == "wav" and not packed:
-                yield A.wav_stream_header(first.sample_rate)
             chunk = first
             while chunk is not None:
-                yield _packed_chunk(chunk) if packed else A.to_pcm16(chunk.audio)
+                semantic_tokens += chunk.semantic_tokens
+                data = await piece(chunk)
+                if data:
+                    yield data
                 chunk = await _next_chunk(rest, deadline)
             ok = True
             if packed:
                 yield msgpack.packb({"done": True, **meta}, use_bin_type=True)
+            elif sse:
+                yield sse_event({"type": "speech.audio.done", "usage": _usage(input_tokens, semantic_tokens)})
         except Exception as exc:  # the status line is gone: end the stream, in-band where the format allows
             err = to_api_error(exc)
             log.warning("stream %s ended early: %s", meta.get("request_id"), err.message)
-            if not packed:
+            problem = {"message": err.message, "type": err.type, "code": err.code}
+            if sse:
+                yield sse_event({"type": "error", "error": problem})
+            elif packed:
+                yield msgpack.packb({"error": problem}, use_bin_type=True)
+            else:
                 raise StreamAborted(err.message) from None
-            yield msgpack.packb({"error": {"message": err.message, "type": err.type, "code": err.code}},
-                                use_bin_type=True)
         finally:
             await close_quietly(rest)
             on_done(ok)
 
-    media = "application/msgpack" if packed else A.media_type(fmt)
-    return SlotStreamingResponse(body(), release, media_type=media,
-                                 headers={**_meta_headers(meta), "X-Bark-Stream": "1"})
+    media = "application/msgpack" if packed else "text/event-stream" if sse else A.media_type(fmt)
+    headers = {**_meta_headers(meta), "X-Bark-Stream": "1", **({"Cache-Control": "no-cache"} if sse else {})}
+    return SlotStreamingResponse(body(), release, media_type=media, headers=headers)

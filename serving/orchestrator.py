@@ -13,7 +13,6 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
@@ -103,8 +102,9 @@ class Orchestrator:
             plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority)
             chunks = await asyncio.wait_for(self.synth.collect(plan),
                                             self.cfg.orchestrator.request_timeout_s - (time.time() - t0))
-        return {"audio": np.concatenate([c.audio for c in chunks]), "sample_rate": self.synth.spec.sample_rate,
-                "seed": plan.seed, "request_id": plan.request_id, "timings": H.timings_summary(chunks, t0, None)}
+            audio, sr = await asyncio.to_thread(H.joined_audio, chunks, req.post_process(self.cfg.audio))
+        return {"audio": audio, "sample_rate": sr, "seed": plan.seed, "request_id": plan.request_id,
+                "timings": H.timings_summary(chunks, t0, None)}
 
     async def stats(self) -> dict:
         """This replica's state, for operators and tests: pid, active requests, cached voices."""
@@ -154,31 +154,22 @@ class Orchestrator:
         if req.model not in self.model_names:
             raise APIError(404, f"model {clip(req.model)!r} not found; this server serves {self.cfg.model!r}",
                            "model_not_found")
-        if req.response_format == "aac":
-            raise APIError(400, "response_format 'aac' is not supported; use mp3, opus, flac, wav or pcm",
-                           "unsupported_format")
-        if req.speed != 1.0:
-            raise APIError(400, "Bark cannot change speed; send speed 1.0", "unsupported_parameter")
-        if req.stream_format == "sse":
-            raise APIError(400, "stream_format 'sse' is not supported; pcm and wav stream as audio bytes",
-                           "unsupported_parameter")
-        stream = req.response_format in ("pcm", "wav")
-        return await self._respond(request, "speech", req.input, req.voice, req, req.response_format, stream,
-                                   Priority.INTERACTIVE)
+        sse = req.stream_format == "sse"
+        stream = sse or not H.wants_json(request)  # every format streams; Accept: application/json gets it whole
+        return await self._respond(request, "speech", req.input, req.voice, req, req.format, stream,
+                                   Priority.INTERACTIVE, sse=sse)
 
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)
         self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, TTSRequest, self.cfg.orchestrator.max_body_bytes)
-        problem = req.stream_error(packed=H.wants_msgpack(request))
-        if problem:  # refused before any work, not after the first segment
-            raise APIError(400, problem, "unsupported_format")
         return await self._respond(request, "tts", req.text, req.voice, req, req.format, req.stream, req.priority)
 
-    async def _respond(self, request, api, text, voice, options, fmt, stream, priority):
+    async def _respond(self, request, api, text, voice, options, fmt, stream, priority, sse=False):
         """Admit, plan, synthesize; the admission slot is released exactly once, whatever happens."""
         ocfg = self.cfg.orchestrator
+        post = options.post_process(self.cfg.audio)
         deadline = asyncio.get_running_loop().time() + ocfg.request_timeout_s
         with self.admission.acquire() as slot:  # before voices are read or text is tokenized
             t0 = time.time()
@@ -195,8 +186,9 @@ class Orchestrator:
                         def finished(ok):
                             self.metrics.request(api, time.time() - t0)
 
-                        response = H.stream_response(request, first, chunks, fmt, meta, deadline=deadline,
-                                                     release=slot.release, on_done=finished)
+                        response = H.stream_response(request, first, chunks, fmt, meta, post=post, sse=sse,
+                                                     input_tokens=sum(len(ids) for ids in plan.text_ids),
+                                                     deadline=deadline, release=slot.release, on_done=finished)
                         slot.transfer()  # from here the response releases the slot (see SlotStreamingResponse)
                         return response
                     rest = await asyncio.wait_for(_drain(chunks), _remaining(deadline)) if first else []
@@ -207,8 +199,8 @@ class Orchestrator:
                 meta["timings"] = H.timings_summary(collected, t0, t_first)
                 self.metrics.audio(sum(len(c.audio) for c in collected) / self.synth.spec.sample_rate)
                 self.metrics.request(api, time.time() - t0)
-                # encoding mp3/flac/opus of minutes of audio takes a while: not on the event loop
-                return await asyncio.to_thread(H.full_response, request, collected, fmt, meta)
+                # joining and encoding minutes of audio takes a while: not on the event loop
+                return await asyncio.to_thread(H.full_response, request, collected, fmt, meta, post)
             except Exception as exc:
                 err = to_api_error(exc, ocfg.retry_after_s)
                 self.metrics.error(err.status)

@@ -40,6 +40,7 @@ class Generation:
     audio: np.ndarray  # (T * 320,) float32 at sample_rate
     sample_rate: int
     seed: int
+    segment_samples: tuple[int, ...] = ()  # long form: each segment's share of ``audio``, in order
 
     def as_voice(self, name: str | None = None) -> VoicePrompt:
         """This generation as a history prompt (Bark's save-as-prompt)."""
@@ -129,4 +130,5 @@ class BarkPipeline:
         return Generation("r0", np.concatenate([g.semantic for g in parts]),
                           np.concatenate([g.coarse for g in parts], axis=1),
                           np.concatenate([g.fine for g in parts], axis=1),
-                          np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed)
+                          np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed,
+                          tuple(len(g.audio) for g in parts))

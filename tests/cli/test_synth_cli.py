@@ -25,7 +25,7 @@ def test_synth_writes_24khz_wav_equal_to_the_pipeline(tiny_ckpt, tmp_path):
     out, voice = tmp_path / "out.wav", tmp_path / "voice.npz"
     res = run_cli("synth", "Hello, my dog is cute.", "-o", out, "--model", tiny_ckpt, "--voice", "v2/en_speaker_1",
                   "--temperature", "0", "--min-eos-p", "none", "--max-semantic-tokens", "30", "--save-voice", voice,
-                  "--dtype", "float32")  # the reference below is float32; auto may pick bfloat16
+                  "--dtype", "float32", "--raw")  # float32 like the reference (auto may pick bfloat16); raw: no joining
     assert res.returncode == 0, res.stderr
     assert "wrote" in res.stdout and "24000 Hz" in res.stdout
     audio, sr = sf.read(out, dtype="float32")
@@ -54,10 +54,27 @@ def test_long_text_is_split_and_the_voice_carried(tiny_ckpt, tmp_path):
     assert len(audio) > 2 * 8 * 320 * 3 // 2  # more than one segment's worth
 
 
+def test_output_options_speed_and_aac(tiny_ckpt, tmp_path):
+    """--speed 2 halves the raw audio; the default joins write a valid .aac (ADTS) file."""
+    common = ["--model", tiny_ckpt, "--seed", "4", "--temperature", "0", "--max-semantic-tokens", "20"]
+    text = "A first sentence to say. And then a second one."
+    for name, extra in [("raw.wav", ["--raw"]), ("fast.wav", ["--raw", "--speed", "2"]), ("joined.aac", [])]:
+        res = run_cli("synth", text, "-o", tmp_path / name, *common, *extra)
+        assert res.returncode == 0, res.stderr
+    raw, fast = sf.read(tmp_path / "raw.wav")[0], sf.read(tmp_path / "fast.wav")[0]
+    assert len(fast) == pytest.approx(len(raw) / 2, rel=0.01)
+    import av
+
+    with av.open(str(tmp_path / "joined.aac")) as container:
+        assert container.format.name == "aac" and sum(f.samples for f in container.decode(audio=0)) > 0
+
+
 @pytest.mark.parametrize("args,message", [
     (["synth", "", "-o", "x.wav"], "text is empty"),
     (["synth", "hi", "-o", "x.wav", "--voice", "nobody"], "unknown voice 'nobody'"),
-    (["synth", "hi", "-o", "x.aac"], "cannot tell the audio format"),
+    (["synth", "hi", "-o", "x.m4a"], "cannot tell the audio format"),
+    (["synth", "hi", "-o", "x.wav", "--speed", "nan"], "speed: Input should be a finite number"),
+    (["synth", "hi", "-o", "x.wav", "--speed", "5"], "speed: Input should be less than or equal to 4"),
     (["synth", "hi", "-o", "x.wav", "--dtype", "float8"], "invalid choice"),
     (["synth", "hi", "-o", "x.wav", "--device", "cuda:0"], "CUDA is not available|unknown device"),
     (["synth", "hi", "-o", "x.wav", "--temperature", "-2"], "temperature: Input should be greater than or equal to 0"),
@@ -65,7 +82,7 @@ def test_long_text_is_split_and_the_voice_carried(tiny_ckpt, tmp_path):
     (["synth", "hi"], "required: -o/--output"),
 ])
 def test_bad_arguments_exit_2_with_one_line(tiny_ckpt, tmp_path, args, message):
-    args = [tmp_path / a if a.endswith((".wav", ".aac", ".txt")) else a for a in args]
+    args = [tmp_path / a if a.endswith((".wav", ".m4a", ".txt")) else a for a in args]
     res = run_cli(*args, "--model", tiny_ckpt)
     assert res.returncode == 2
     lines = res.stderr.strip().splitlines()

@@ -87,15 +87,21 @@ def field_cases(route: str, base: dict) -> list[tuple[str, dict]]:
         "min_eos_p": [0, -1, 2, nan, inf, -inf, "eos"],
         "max_semantic_tokens": [0, -1, 769, 2**70, 1.5, None, "many", nan],
         "unknown_field": [1],
+        # output options (both routes): speed and the long-form joins
+        "speed": [0, 0.1, 0.2499, 4.01, -1, nan, inf, -inf, 1e308, 2**70, "fast", [], {}],
+        "trim_silence": ["maybe", 2, 0.5, [], {}],
+        "trim_threshold_db": [0, 5, -101, nan, inf, "quiet"],
+        "crossfade_ms": [-1, 501, nan, inf, 1e308, "long", [10]],
+        "normalize_loudness": ["maybe", 2, [True]],
+        "target_lufs": [0, -4, -71, nan, -inf, "loud"],
     }
     if route == "speech":
         bad.update({"model": [None, 1, "", "whisper-1", "x" * 100_000, "\x00", "\ud800"],
-                    "response_format": ["ogg", "", "WAV", 1, None, "aac", "\ud800"],
-                    "speed": [2.0, 0.1, 0, -1, nan, inf, "fast", None],
-                    "stream_format": ["sse", "x", 1],
+                    "response_format": ["ogg", "", "WAV", "m4a", 1, [], "\ud800"],
+                    "stream_format": ["x", "SSE", "", 1, []],
                     "instructions": [1, "x" * 5000, "\ud800"]})
     else:
-        bad.update({"format": ["ogg", "", "WAV", "aac", 1, None, "\ud800"],
+        bad.update({"format": ["ogg", "", "WAV", "m4a", 1, None, "\ud800"],
                     "stream": ["maybe", 2, [], {}, None],
                     "priority": ["urgent", 1, None, "BATCH"]})
     cases = []
@@ -193,12 +199,6 @@ def route_cases() -> list[tuple[str, str, str, dict]]:
     return [(f"route-{m}-{p[:30]}", m, p, {"headers": AUTH}) for m, p in wrong]
 
 
-def stream_cases() -> list[tuple[str, dict]]:
-    """Legal requests that cannot stream: refused at parse time, before any work."""
-    return [(f"tts-unstreamable-{fmt}", {"content": dumps({**TTS, "stream": True, "format": fmt}), "headers": JSON})
-            for fmt in ("mp3", "opus", "flac")]
-
-
 def batch_body_cases() -> list[tuple[str, dict]]:
     """Submissions refused as a whole: unreadable, wrong type, too big, unusable ids, bad keys/auth."""
     ok = dumps(GOOD_ITEM)
@@ -245,6 +245,11 @@ def batch_item_cases() -> list[tuple[str, object, str]]:
         "seed-negative": {"text": "a", "seed": -1}, "seed-huge": {"text": "a", "seed": 2**70},
         "seed-str": {"text": "a", "seed": "x"}, "seed-nan": {"text": "a", "seed": nan},
         "format-ogg": {"text": "a", "format": "ogg"}, "format-null": {"text": "a", "format": None},
+        "format-m4a": {"text": "a", "format": "m4a"}, "options-speed-nan": {"text": "a", "options": {"speed": nan}},
+        "options-speed-zero": {"text": "a", "options": {"speed": 0}},
+        "options-speed-huge": {"text": "a", "options": {"speed": 1e308}},
+        "options-crossfade-str": {"text": "a", "options": {"crossfade_ms": "x"}},
+        "options-lufs-inf": {"text": "a", "options": {"target_lufs": -inf}},
         "options-list": {"text": "a", "options": []}, "options-str": {"text": "a", "options": "x"},
         "options-nan": {"text": "a", "options": {"temperature": nan}},
         "options-inf": {"text": "a", "options": {"min_eos_p": inf}},
@@ -285,7 +290,6 @@ HTTP_CASES = ([("POST", "/v1/audio/speech", *c) for c in field_cases("speech", S
               + [("POST", "/v1/tts", *c) for c in voice_array_cases(TTS)]
               + [("POST", "/v1/audio/speech", *c) for c in body_cases("speech", SPEECH)]
               + [("POST", "/v1/tts", *c) for c in body_cases("tts", TTS)]
-              + [("POST", "/v1/tts", *c) for c in stream_cases()]
               + [(m, p, name, kw) for name, m, p, kw in route_cases()]
               + [("POST", "/v1/batches", *c) for c in batch_body_cases()])
 ITEM_CASES = batch_item_cases()
@@ -350,11 +354,8 @@ def test_the_corpus_is_wide():
 
 @pytest.mark.parametrize("method,path,name,kwargs", HTTP_CASES, ids=[c[2] for c in HTTP_CASES])
 def test_bad_request_gets_a_small_4xx_json_error(app, method, path, name, kwargs):
-    t0 = time.time()
     resp = send(app["url"], method, path, kwargs)
     assert_error_shape(resp, name)
-    if name.startswith("tts-unstreamable-"):  # refused at parse time: no synthesis ran first
-        assert resp.status_code == 400 and time.time() - t0 < 5
     check_still_serving(app, name)
 
 

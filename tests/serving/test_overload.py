@@ -8,6 +8,7 @@ are planned off the event loop.
 from __future__ import annotations
 
 import io
+import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -117,23 +118,35 @@ def test_full_replica_is_busy_on_readyz_and_frees_slots_when_clients_leave(app):
     assert_all_free(app)
 
 
-def test_unstreamable_format_is_refused_before_any_work_and_never_wedges(app):
-    """The old leak: stream + mp3 answered 400 after the first segment and kept its slot forever."""
+def test_every_format_streams_and_frees_its_slot(app):
+    """Streams of every format, read to the end or dropped after the first bytes, never keep a slot."""
     url = app["url"]
-    for _ in range(3 * MAX_ACTIVE):
-        t0 = time.time()
-        r = httpx.post(url + "/v1/tts", json={"text": "hi", "stream": True, "format": "mp3"}, headers=AUTH, timeout=30)
-        assert r.status_code == 400 and assert_error_shape(r)["code"] == "unsupported_format"
-        assert time.time() - t0 < 5
+    for i, fmt in enumerate(["mp3", "opus", "aac", "flac", "wav", "pcm"] * 2):
+        body = {"text": "One. Two. Three.", "stream": True, "format": fmt, "max_semantic_tokens": 8, "seed": i}
+        with httpx.stream("POST", url + "/v1/tts", json=body, headers=AUTH, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["x-bark-stream"] == "1"
+            if i < 6:
+                assert len(r.read()) > 0
+            else:
+                next(r.iter_bytes())  # then the client goes away
     assert speak(url).status_code == 200
     assert_all_free(app)
 
 
 def test_a_stream_obeys_request_timeout(app):
     """A stream cannot change its 200 afterwards: past request_timeout_s it is ended and its slot freed.
-    Raw audio is cut off (an incomplete transfer); msgpack ends with an in-band error object."""
+    Raw audio is cut off (an incomplete transfer); msgpack ends with an in-band error object, SSE with an
+    error event."""
     url = app["url"]
     results = {}
+
+    def sse():
+        t0 = time.time()
+        body = {"model": "bark", "voice": "alloy", "input": LONG_TEXT, "response_format": "pcm",
+                "stream_format": "sse", "max_semantic_tokens": 100, "min_eos_p": None}
+        r = httpx.post(url + "/v1/audio/speech", json=body, headers=AUTH, timeout=60)
+        events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: ")]
+        results["sse"] = (events, time.time() - t0)
 
     def raw():
         t0 = time.time()
@@ -160,6 +173,11 @@ def test_a_stream_obeys_request_timeout(app):
     assert kind == "RemoteProtocolError" and raw_s < TIMEOUT_S + 8
     assert parts[-1]["error"]["code"] == "timeout" and packed_s < TIMEOUT_S + 8
     assert 1 <= len(parts) - 1 < parts[0]["n_segments"]
+    assert wait_idle(url) == 0
+    sse()  # after the others: this app has MAX_ACTIVE slots
+    events, sse_s = results["sse"]
+    assert events[0]["type"] == "speech.audio.delta" and sse_s < TIMEOUT_S + 8
+    assert events[-1]["type"] == "error" and events[-1]["error"]["code"] == "timeout"
     assert_all_free(app)
 
 
