@@ -107,7 +107,9 @@ def _one(url: str, req: BenchRequest) -> Outcome | None:
 
 def _stream(url: str, req: BenchRequest) -> Outcome:
     body = {"text": req.text, "voice": req.voice, "stream": True, "temperature": 0, "min_eos_p": None,
-            "max_semantic_tokens": req.semantic_tokens}
+            "max_semantic_tokens": req.semantic_tokens,
+            # the model's raw samples, as the other configurations count them (no trim, crossfade or loudness)
+            "trim_silence": False, "crossfade_ms": 0, "normalize_loudness": False}
     sent_at, t0 = time.time(), time.perf_counter()
     first, samples, segments = None, 0, []
     with httpx.stream("POST", url + "/v1/tts", content=msgpack.packb(body), timeout=7200,
