@@ -4,20 +4,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, model_validator
 
+from bark_serve.cluster.request_fields import (
+    MAX_VOICE_NAME,
+    NullMeansDefault,
+    Script,
+    ScriptLine,
+    VoiceName,
+    VoiceRef,
+    check_text_or_script,
+    voice_ref,
+)
 from bark_serve.stages import constants as C
 from bark_serve.stages.types import GenerationParams, Priority, SamplingParams, check_seed
 
-# A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
-# a 100 KB name is refused by the request model, before any file-system lookup.
-MAX_VOICE_NAME = 256
+__all__ = ["MAX_VOICE_NAME", "BarkOptions", "ScriptLine", "SpeechRequest", "TTSRequest"]
 
 
-class BarkOptions(BaseModel):
+class BarkOptions(NullMeansDefault):
     """Bark's knobs, accepted by both APIs (OpenAI-style requests carry them as extra fields).
 
-    NaN and infinities are refused in every float field (Python's json accepts them).
+    NaN and infinities are refused in every float field (Python's json accepts them). An optional
+    field sent as null takes its default (``NullMeansDefault``); ``min_eos_p: null`` disables the threshold.
     """
 
     model_config = ConfigDict(allow_inf_nan=False)
@@ -54,12 +63,12 @@ class SpeechRequest(BarkOptions):
     model: str = Field(..., max_length=256,
                        description="bark, tts-1, tts-1-hd, gpt-4o-mini-tts or the served checkpoint's name")
     input: str = Field(..., description="the text to speak")
-    voice: str = Field(..., max_length=MAX_VOICE_NAME,
-                       description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
+    voice: VoiceRef = Field(..., description="a Bark preset (v2/en_speaker_6), an alias (alloy, ash, ...), "
+                                             "or OpenAI's {\"id\": NAME} object holding either")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] = "mp3"
     speed: float = Field(1.0, ge=0.25, le=4.0)
     instructions: str | None = Field(None, max_length=4096,
-                                     description="accepted for compatibility; Bark has no instructions")
+                                     description="accepted and ignored: Bark takes no style instructions")
     stream_format: Literal["audio", "sse"] | None = None
 
 
@@ -71,12 +80,26 @@ class TTSRequest(BarkOptions):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    text: str
-    voice: Annotated[str, Field(max_length=MAX_VOICE_NAME)] | dict[str, Any] | None = Field(
-        None, description="preset name, or arrays: semantic_prompt, coarse_prompt, fine_prompt")
+    text: str | None = Field(None, description="the text to speak (or send a script)")
+    script: Script | None = Field(None, description="instead of text: [{voice, text}, ...] lines; each speaker "
+                                                    "continues its own voice from its own previous lines")
+    voice: Annotated[VoiceName | dict[str, Any] | None, BeforeValidator(voice_ref)] = Field(
+        None, description="preset name or alias, {\"id\": NAME}, or arrays: semantic_prompt, coarse_prompt, "
+                          "fine_prompt")
     format: Literal["wav", "flac", "mp3", "opus", "pcm"] = "wav"
     stream: bool = False
     priority: Priority = Priority.INTERACTIVE
+
+    @model_validator(mode="after")
+    def _text_or_script(self):
+        check_text_or_script(self.text, self.script)
+        if self.script is not None and self.voice is not None:
+            raise ValueError("a script names the voice of each line: send no top-level 'voice' with it")
+        return self
+
+    def lines(self) -> list[tuple[str, str]] | None:
+        """The script as (voice, text) pairs (None for a text request)."""
+        return None if self.script is None else [(line.voice, line.text) for line in self.script]
 
     def stream_error(self, packed: bool) -> str | None:
         """Why this request cannot stream as asked (None if it can): raw streams are pcm or wav."""
