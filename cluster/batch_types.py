@@ -84,9 +84,7 @@ class ItemIn(NullMeansDefault):
 
     @model_validator(mode="after")
     def _text_or_script(self):
-        check_text_or_script(self.text, self.script)
-        if self.script is not None and self.voice is not None:
-            raise ValueError("a script names the voice of each line: send no top-level 'voice' with it")
+        check_text_or_script(self.text, self.script, self.voice)
         return self
 
     def stored_script(self) -> list[dict] | None:

@@ -14,6 +14,7 @@ import typing
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 # A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
 # a 100 KB name is refused by the request model, before any file-system lookup.
@@ -47,7 +48,7 @@ class NullMeansDefault(BaseModel):
 
 def _printable(name: str) -> str:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise ValueError("a voice name holds no control characters (NUL, newlines, ...)")
+        raise PydanticCustomError("voice_name", "a voice name holds no control characters (NUL, newlines, ...)")
     return name
 
 
@@ -55,9 +56,9 @@ def voice_ref(value: Any) -> Any:
     """OpenAI's custom-voice object ``{"id": NAME}`` as the name it holds; anything else unchanged."""
     if isinstance(value, dict) and "id" in value:
         if set(value) != {"id"}:
-            raise ValueError("a voice object holds only 'id' (OpenAI's {\"id\": NAME} shape)")
+            raise PydanticCustomError("voice_object", "a voice object holds only 'id' (OpenAI's {\"id\": NAME} shape)")
         if not isinstance(value["id"], str):
-            raise ValueError("voice.id must be a string")
+            raise PydanticCustomError("voice_object", "voice.id must be a string")
         return value["id"]
     return value
 
@@ -79,8 +80,12 @@ class ScriptLine(BaseModel):
 Script = Annotated[list[ScriptLine], Field(min_length=1, max_length=MAX_SCRIPT_LINES)]
 
 
-def check_text_or_script(text: str | None, script: list | None) -> None:
-    """Exactly one of ``text`` and ``script`` (ValueError otherwise)."""
-    if (text is None) == (script is None):
-        raise ValueError("send exactly one of 'text' and 'script'" if script is not None
-                         else "send 'text' (or a 'script' of {voice, text} lines)")
+def check_text_or_script(text: str | None, script: list | None, voice: Any = None) -> None:
+    """Exactly one of ``text`` and ``script``, and no top-level ``voice`` with a script (a validation error)."""
+    if script is not None and voice is not None:
+        raise PydanticCustomError("script_voice", "a script names the voice of each line: "
+                                  "send no top-level 'voice' with it")
+    if text is not None and script is not None:
+        raise PydanticCustomError("text_or_script", "send exactly one of 'text' and 'script'")
+    if text is None and script is None:
+        raise PydanticCustomError("missing", "text: Field required (or send a 'script' of {voice, text} lines)")

@@ -86,8 +86,8 @@ def test_a_native_request_takes_text_or_a_script():
 
 
 @pytest.mark.parametrize("body,message", [
-    ({}, "send 'text'"),
-    ({"text": None, "script": None}, "send 'text'"),
+    ({}, "text: Field required"),
+    ({"text": None, "script": None}, "text: Field required"),
     ({"text": "hi", "script": [{"voice": "a", "text": "b"}]}, "exactly one"),
     ({"script": []}, "at least 1 item"),
     ({"script": [{"voice": "a", "text": "b"}] * (MAX_SCRIPT_LINES + 1)}, f"at most {MAX_SCRIPT_LINES} items"),
@@ -123,7 +123,7 @@ def test_a_batch_item_takes_a_script_and_stores_it():
     ({"script": [{"voice": "a", "text": "x" * 60}, {"voice": "b", "text": "y" * 60}]}, "120 characters"),
     ({"script": []}, "at least 1 item"),
     ({"text": "a", "script": [{"voice": "a", "text": "b"}]}, "exactly one"),
-    ({}, "send 'text'"),
+    ({}, "text: Field required"),
 ])
 def test_bad_batch_scripts_fail_the_item_alone(raw, message):
     rec = parse_item(raw, 3, max_text_chars=100)
