@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, model_validator
 from pydantic_core import PydanticCustomError
 
 # A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
@@ -65,7 +65,10 @@ def voice_ref(value: Any) -> Any:
 
 VoiceName = Annotated[str, Field(max_length=MAX_VOICE_NAME), AfterValidator(_printable)]
 # a name, or {"id": NAME}: both resolve the same way (aliases, then presets)
-VoiceRef = Annotated[VoiceName, BeforeValidator(voice_ref)]
+_NAME_SCHEMA = {"type": "string", "maxLength": MAX_VOICE_NAME}
+VoiceRef = Annotated[VoiceName, BeforeValidator(voice_ref), WithJsonSchema({"anyOf": [
+    _NAME_SCHEMA, {"type": "object", "properties": {"id": _NAME_SCHEMA}, "required": ["id"],
+                   "additionalProperties": False}]})]
 
 
 class ScriptLine(BaseModel):
