@@ -108,9 +108,10 @@ def test_absent_and_null_optional_fields_are_the_defaults(served, pipe):
     np.testing.assert_allclose(wav(r.content), ref, atol=QUANT)
     tts = {"text": "Nulls are fine.", "voice": "alloy", "format": None, "stream": None, "priority": None,
            "script": None, "max_semantic_tokens": 8, **GREEDY}
-    r = httpx.post(url + "/v1/tts", json=tts, headers=AUTH, timeout=120)
-    assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
-    np.testing.assert_allclose(wav(r.content), ref, atol=QUANT)
+    for voice in ("alloy", {"id": "alloy"}, {"id": "v2/en_speaker_6"}):
+        r = httpx.post(url + "/v1/tts", json={**tts, "voice": voice}, headers=AUTH, timeout=120)
+        assert r.status_code == 200 and r.headers["content-type"] == "audio/wav", r.text
+        np.testing.assert_allclose(wav(r.content), ref, atol=QUANT)
     # the official client with only the required fields, and with explicit None where its types allow it
     resp = client(url).audio.speech.create(model="tts-1", voice="alloy", input="Nulls are fine.",
                                            extra_body={"max_semantic_tokens": 8, "response_format": None, **GREEDY})
@@ -158,11 +159,14 @@ def test_the_ray_handle_takes_a_script(served, pipe):
     np.testing.assert_allclose(out["audio"], expected_script(pipe, 6), atol=1e-5)
     from bark_serve.stages.types import InvalidRequestError
 
-    for bad in ([], [{"voice": "nobody", "text": "hi"}], [{"voice": "alloy", "text": " "}]):
-        with pytest.raises(Exception) as info:
-            handle.synthesize.remote(script=bad, max_semantic_tokens=2).result(timeout_s=60)
-        assert "InvalidRequestError" in type(info.value).__name__ or isinstance(info.value, InvalidRequestError) \
-            or "voice" in str(info.value)[-2000:] or "script" in str(info.value)[-2000:]
+    bad_scripts = {"at least 1 item": [], "unknown voice 'nobody'": [{"voice": "nobody", "text": "hi"}],
+                   "script line 0: text is empty": [{"voice": "alloy", "text": " "}],
+                   "exactly one of 'text' and 'script'": [{"voice": "alloy", "text": "hi"}]}
+    for message, bad in bad_scripts.items():
+        text = "also text" if message.startswith("exactly") else None
+        with pytest.raises(InvalidRequestError) as info:  # Ray's error is also the replica's exception class
+            handle.synthesize.remote(text, script=bad, max_semantic_tokens=2).result(timeout_s=60)
+        assert message in str(info.value), str(info.value)[-1000:]
 
 
 @pytest.mark.parametrize("script,status,code", [
