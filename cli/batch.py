@@ -320,7 +320,7 @@ def add_batch_commands(subparsers) -> argparse.ArgumentParser:
                                    "and write <id>.<format>, <id>.json and failed.jsonl into --out. Re-running the "
                                    "same command resumes. Exit codes: 0 done, 1 failed items or cancelled, "
                                    "2 bad input, 3 --timeout ran out.")
-    p.add_argument("items", help="JSONL file: one {id?, text, voice?, seed?, format?, options?} a line")
+    p.add_argument("items", help="JSONL file: one {id?, text or script, voice?, seed?, format?, options?} a line")
     p.add_argument("--out", required=True, help="directory for <id>.<format>, <id>.json and failed.jsonl")
     p.add_argument("--job-key", help="idempotency key of the job (default: a hash of the file)")
     p.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 3; re-run resumes)")

@@ -57,6 +57,31 @@ def _post_process(args):
     return options.post_process(AudioConfig())
 
 
+def read_script(path: str) -> list[tuple[str, str]]:
+    """A script file: a JSON list of {"voice", "text"} lines, checked as the HTTP API checks one."""
+    import json
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from bark_serve.cluster.request_fields import Script
+    from bark_serve.stages.untrusted import check_plain_data, summarize_errors
+
+    raw = Path(path).read_bytes()
+    try:
+        data = json.loads(raw)
+    except RecursionError:
+        raise InvalidRequestError(f"--script {path}: nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidRequestError(f"--script {path}: not valid JSON: {str(exc)[:200]}") from None
+    check_plain_data(data, where="script")
+    try:
+        lines = TypeAdapter(Script).validate_python(data)
+    except ValidationError as exc:
+        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        raise InvalidRequestError(f"--script {path}: expected a list of {{voice, text}} lines: {problems}") from None
+    return [(line.voice, line.text) for line in lines]
+
+
 def synth(args) -> int:
     import numpy as np
     from tqdm import tqdm
@@ -71,6 +96,12 @@ def synth(args) -> int:
     post = _post_process(args)
     if args.save_voice and not args.save_voice.endswith(".npz"):
         raise InvalidRequestError("--save-voice must name a .npz file")
+    if (args.text is None) == (args.script is None):
+        raise InvalidRequestError("give the text to speak or --script FILE.json, not both" if args.script
+                                  else "give the text to speak (or --script FILE.json)")
+    if args.script and (args.voice or args.save_voice):
+        raise InvalidRequestError("a script names each line's voice: --voice and --save-voice do not apply")
+    script = read_script(args.script) if args.script else None
     t0 = time.perf_counter()
     pipe = BarkPipeline.from_pretrained(args.model, _engine_options(args), preset_dirs=args.voices_dir)
     t_load = time.perf_counter() - t0
@@ -84,7 +115,10 @@ def synth(args) -> int:
             bar.set_description(f"segment {state['segment']}/{state['segments']} {stage}", refresh=False)
             bar.update(1)
 
-        gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step)
+        if script is not None:
+            gen = pipe.synthesize_script(script, params, on_segment=on_segment, on_step=on_step)
+        else:
+            gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step)
     segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1]) if gen.segment_samples else [gen.audio]
     audio = join_segments(segments, gen.sample_rate, post)
     Path(args.output).write_bytes(encode(audio, gen.sample_rate, fmt))

@@ -47,11 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_synth(sub, cmd) -> None:
     p = sub.add_parser("synth", help="synthesize speech in this process and write an audio file",
-                       description="Synthesize TEXT with all four Bark stages in this process. Long text is split "
-                                   "at sentence boundaries; each segment continues the previous one's voice.")
-    p.add_argument("text", help="the text to speak (multilingual; ♪ for music, cues like [laughter])")
-    p.add_argument("-o", "--output", required=True,
-                   help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
+                       description="Synthesize TEXT (or a --script of several speakers) with all four Bark stages "
+                                   "in this process. Long text is split at sentence boundaries; each segment "
+                                   "continues the previous one's voice (in a script: its own speaker's).")
+    p.add_argument("text", nargs="?", help="the text to speak (multilingual; ♪ for music, cues like [laughter])")
+    p.add_argument("--script", metavar="FILE.json",
+                   help='instead of TEXT: a multi-speaker script, a JSON list of {"voice": ..., "text": ...} lines; '
+                        "each speaker continues its own voice from its own previous lines")
+    p.add_argument("-o", "--output", required=True, help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
     _add_model_args(p)
     p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer) or a .npz file")
     p.add_argument("--voices-dir", action="append", default=[], help="extra directory of suno-style .npz presets")

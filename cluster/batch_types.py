@@ -18,10 +18,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Literal
 
 import msgpack
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
 from bark_serve.stages.types import InvalidRequestError, Priority, check_seed
 from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
+
+from .request_fields import NullMeansDefault, Script, VoiceRef, check_text_or_script
 
 AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus", "aac")
 MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
@@ -64,17 +66,29 @@ class ErrorType(str, enum.Enum):
     WORKER_LOST = "worker_lost"  # its worker vanished max_attempts times (a poison item)
 
 
-class ItemIn(BaseModel):
-    """One item as a client sends it (a JSONL line or a msgpack map)."""
+class ItemIn(NullMeansDefault):
+    """One item as a client sends it (a JSONL line or a msgpack map): ``text`` or a multi-speaker ``script``.
+
+    An optional field sent as null takes its default.
+    """
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     id: str | int | None = None
-    text: str
-    voice: str | None = Field(None, max_length=256)
+    text: str | None = None
+    script: Script | None = None  # [{voice, text}, ...] instead of text
+    voice: VoiceRef | None = None
     seed: Annotated[int | None, AfterValidator(check_seed)] = None
     format: Literal["wav", "flac", "pcm", "mp3", "opus", "aac"] = "wav"
     options: dict[str, Any] = Field(default_factory=dict)  # per-stage temperatures etc., passed through
+
+    @model_validator(mode="after")
+    def _text_or_script(self):
+        check_text_or_script(self.text, self.script, self.voice)
+        return self
+
+    def stored_script(self) -> list[dict] | None:
+        return None if self.script is None else [line.model_dump() for line in self.script]
 
 
 class InvalidBatchError(ValueError):
@@ -93,6 +107,7 @@ class ItemRecord:
     format: str = "wav"
     options: dict = field(default_factory=dict)
     error: str | None = None
+    script: list[dict] | None = None  # [{"voice", "text"}, ...] instead of text (then text is "")
 
     def pack(self) -> bytes:
         return msgpack.packb(asdict(self), use_bin_type=True)
@@ -117,6 +132,7 @@ class BatchItem:
     options: dict
     attempt: int = 1
     priority: Priority = Priority.BATCH  # stage servers schedule batch work behind interactive requests
+    script: list[dict] | None = None  # [{"voice", "text"}, ...] instead of text
 
 
 @dataclass(frozen=True)
@@ -150,7 +166,8 @@ class Lease:
     def batch_item(self) -> BatchItem:
         r = self.record
         return BatchItem(job_id=self.entry.job_id, item_id=r.id, text=r.text, voice=r.voice,
-                         seed=r.seed, format=r.format, options=dict(r.options), attempt=self.attempt)
+                         seed=r.seed, format=r.format, options=dict(r.options), attempt=self.attempt,
+                         script=r.script)
 
 
 @dataclass(frozen=True)
@@ -224,12 +241,16 @@ def parse_item(raw: Any, index: int, max_text_chars: int, parse_error: str | Non
         return _failed(item_id, index, f"item {index}: {exc}")
     except ValidationError as exc:
         return _failed(item_id, index, f"item {index}: {_one_line(exc)}")
-    if not item.text.strip():
-        return _failed(item_id, index, f"item {index}: text is empty")
-    if len(item.text) > max_text_chars:
-        return _failed(item_id, index, f"item {index}: text has {len(item.text)} characters (max {max_text_chars})")
-    return ItemRecord(id=item_id, index=index, text=item.text, voice=item.voice, seed=item.seed,
-                      format=item.format, options=item.options)
+    texts = [item.text] if item.script is None else [line.text for line in item.script]
+    for n, text in enumerate(texts):
+        if not text.strip():
+            where = "text" if item.script is None else f"script line {n}: text"
+            return _failed(item_id, index, f"item {index}: {where} is empty")
+    chars = sum(len(t) for t in texts)
+    if chars > max_text_chars:
+        return _failed(item_id, index, f"item {index}: text has {chars} characters (max {max_text_chars})")
+    return ItemRecord(id=item_id, index=index, text=item.text or "", voice=item.voice, seed=item.seed,
+                      format=item.format, options=item.options, script=item.stored_script())
 
 
 def check_unique(records: list[ItemRecord]) -> None:

@@ -4,23 +4,32 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, model_validator
 
+from bark_serve.cluster.request_fields import (
+    MAX_VOICE_NAME,
+    NullMeansDefault,
+    Script,
+    ScriptLine,
+    VoiceName,
+    VoiceRef,
+    check_text_or_script,
+    voice_ref,
+)
 from bark_serve.stages import constants as C
 from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.types import GenerationParams, Priority, SamplingParams, check_seed
 
 from .config import AudioConfig
 
-# A voice name longer than this is no preset (stages/voices.py refuses it too); bounded here so that
-# a 100 KB name is refused by the request model, before any file-system lookup.
-MAX_VOICE_NAME = 256
+__all__ = ["MAX_VOICE_NAME", "BarkOptions", "OutputOptions", "ScriptLine", "SpeechRequest", "TTSRequest"]
 
 
-class BarkOptions(BaseModel):
+class BarkOptions(NullMeansDefault):
     """Bark's knobs, accepted by both APIs (OpenAI-style requests carry them as extra fields).
 
-    NaN and infinities are refused in every float field (Python's json accepts them).
+    NaN and infinities are refused in every float field (Python's json accepts them). An optional
+    field sent as null takes its default (``NullMeansDefault``); ``min_eos_p: null`` disables the threshold.
     """
 
     model_config = ConfigDict(allow_inf_nan=False)
@@ -81,12 +90,12 @@ class SpeechRequest(BarkOptions, OutputOptions):
     model: str = Field(..., max_length=256,
                        description="bark, tts-1, tts-1-hd, gpt-4o-mini-tts or the served checkpoint's name")
     input: str = Field(..., description="the text to speak")
-    voice: str = Field(..., max_length=MAX_VOICE_NAME,
-                       description="a Bark preset (v2/en_speaker_6) or an alias (alloy, echo, ...)")
+    voice: VoiceRef = Field(..., description="a Bark preset (v2/en_speaker_6), an alias (alloy, ash, ...), "
+                                             "or OpenAI's {\"id\": NAME} object holding either")
     response_format: Literal["mp3", "opus", "aac", "flac", "wav", "pcm"] | None = Field(
         None, description="mp3 (default), opus, aac, flac, wav, pcm: every one streams")
     instructions: str | None = Field(None, max_length=4096,
-                                     description="accepted for compatibility; Bark has no instructions")
+                                     description="accepted and ignored: Bark takes no style instructions")
     stream_format: Literal["audio", "sse"] | None = Field(
         None, description="audio (default): the encoded bytes as they are made; sse: speech.audio.delta events")
 
@@ -100,9 +109,21 @@ class TTSRequest(BarkOptions, OutputOptions):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    text: str
-    voice: Annotated[str, Field(max_length=MAX_VOICE_NAME)] | dict[str, Any] | None = Field(
-        None, description="preset name, or arrays: semantic_prompt, coarse_prompt, fine_prompt")
+    text: str | None = Field(None, description="the text to speak (or send a script)")
+    script: Script | None = Field(None, description="instead of text: [{voice, text}, ...] lines; each speaker "
+                                                    "continues its own voice from its own previous lines")
+    voice: Annotated[VoiceName | dict[str, Any] | None, BeforeValidator(voice_ref)] = Field(
+        None, description="preset name or alias, {\"id\": NAME}, or arrays: semantic_prompt, coarse_prompt, "
+                          "fine_prompt")
     format: Literal["wav", "flac", "mp3", "opus", "aac", "pcm"] = "wav"
     stream: bool = Field(False, description="send the audio as segments finish, in any format")
     priority: Priority = Priority.INTERACTIVE
+
+    @model_validator(mode="after")
+    def _text_or_script(self):
+        check_text_or_script(self.text, self.script, self.voice)
+        return self
+
+    def lines(self) -> list[tuple[str, str]] | None:
+        """The script as (voice, text) pairs (None for a text request)."""
+        return None if self.script is None else [(line.voice, line.text) for line in self.script]

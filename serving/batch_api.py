@@ -174,15 +174,16 @@ def _check_options(record: ItemRecord) -> ItemRecord:
     if record.error is not None:
         return record
     try:
-        TTSRequest(text=record.text, voice=record.voice, format=record.format, seed=record.seed,
-                   priority=Priority.BATCH, **record.options)
+        TTSRequest(text=record.text if record.script is None else None, script=record.script, voice=record.voice,
+                   format=record.format, seed=record.seed, priority=Priority.BATCH, **record.options)
     except ValidationError as exc:
         error = f"item {record.index}: {validation_error(exc).message}"
-    except TypeError:  # an option that is also an item field (text, voice, format, seed, priority)
+    except TypeError:  # an option that is also an item field (text, script, voice, format, seed, priority)
         error = f"item {record.index}: options repeat an item field ({', '.join(sorted(record.options))[:200]})"
     else:
         return record
-    return replace(record, text="", voice=None, seed=None, options={}, error=clip(error, MAX_ITEM_ERROR_CHARS))
+    return replace(record, text="", voice=None, seed=None, options={}, script=None,
+                   error=clip(error, MAX_ITEM_ERROR_CHARS))
 
 
 def _media(content_type: str) -> str:

@@ -71,7 +71,8 @@ def batch_store_factory(cfg: BarkConfig):
 def item_request(item: BatchItem) -> TTSRequest:
     """A batch item as a native request; a bad item raises InvalidRequestError (it fails without retries)."""
     try:
-        return TTSRequest(text=item.text, voice=item.voice, format=item.format, seed=item.seed,
+        text = item.text if item.script is None else None
+        return TTSRequest(text=text, script=item.script, voice=item.voice, format=item.format, seed=item.seed,
                           priority=item.priority, **(item.options or {}))
     except ValidationError as exc:
         raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
@@ -100,7 +101,7 @@ class BatchWorker:
         req = item_request(item)
         try:
             plan = self.synth.plan(req.text, req.voice, req.generation_params(), Priority.BATCH,
-                                   request_id=f"{item.job_id}-{item.item_id}")
+                                   request_id=f"{item.job_id}-{item.item_id}", script=req.lines())
             report = functools.partial(self.loop.report_stage, item.job_id, item.item_id)
             self.progress[plan.request_id] = ItemProgress(len(plan.segments), report)
             chunks = await self.synth.collect(plan)

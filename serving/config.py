@@ -28,6 +28,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 DEPLOYMENT_NAMES = {"semantic": "SemanticServer", "coarse": "CoarseServer", "fine": "FineServer",
                     "codec": "CodecServer"}
 INGRESS_NAME = "Orchestrator"
+# OpenAI's voice names over Bark's ten English v2 presets (13 names, 10 presets: coral, nova and marin share
+# en_speaker_9, onyx and cedar en_speaker_0). Bark presets are recorded speakers, so a name picks a timbre,
+# not the OpenAI voice's style.
+OPENAI_VOICES = {
+    "alloy": "v2/en_speaker_6", "ash": "v2/en_speaker_4", "ballad": "v2/en_speaker_5", "coral": "v2/en_speaker_9",
+    "echo": "v2/en_speaker_1", "fable": "v2/en_speaker_3", "onyx": "v2/en_speaker_0", "nova": "v2/en_speaker_9",
+    "sage": "v2/en_speaker_8", "shimmer": "v2/en_speaker_2", "verse": "v2/en_speaker_7", "marin": "v2/en_speaker_9",
+    "cedar": "v2/en_speaker_0",
+}
 BATCH_WORKER_NAME = "BatchWorker"
 
 
@@ -147,9 +156,8 @@ class BarkConfig(_Strict):
     app_name: str = "bark"
     model: str = "suno/bark-small"
     voices_dir: str | None = None  # extra directory of suno-style .npz presets
-    voice_aliases: dict[str, str] = Field(default_factory=lambda: {
-        "alloy": "v2/en_speaker_6", "echo": "v2/en_speaker_1", "fable": "v2/en_speaker_3",
-        "onyx": "v2/en_speaker_0", "nova": "v2/en_speaker_9", "shimmer": "v2/en_speaker_2"})
+    # Every current OpenAI voice name -> a Bark preset (README "Voices"); a config may remap or add names.
+    voice_aliases: dict[str, str] = Field(default_factory=lambda: dict(OPENAI_VOICES))
     http_host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=1, le=65535)
     orchestrator: OrchestratorConfig = OrchestratorConfig()

@@ -49,6 +49,11 @@ def _request_metrics():
         return _Null()
 
 
+def _arrays(voice) -> bool:
+    """An inline voice of numpy arrays (handle callers): not plain data, and checked by the voice library."""
+    return isinstance(voice, dict) and any(isinstance(v, np.ndarray) for v in voice.values())
+
+
 def _remaining(deadline: float) -> float:
     """Seconds left until ``deadline`` (event-loop time); TimeoutError if none."""
     left = deadline - asyncio.get_running_loop().time()
@@ -79,27 +84,29 @@ class Orchestrator:
         """Serve calls this once, after __init__: this replica's FastAPI app."""
         return build_http_app(self)
 
-    async def _plan(self, text, voice, params, priority):
+    async def _plan(self, text, voice, params, priority, script=None):
         """Synthesizer.plan in the planning thread (InvalidRequestError for bad input)."""
-        call = functools.partial(self.synth.plan, text, voice, params, priority)
+        call = functools.partial(self.synth.plan, text, voice, params, priority, script=script)
         return await asyncio.get_running_loop().run_in_executor(self._planner, call)
 
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
-    async def synthesize(self, text: str, voice=None, **options) -> dict:
-        """Synthesize ``text``; options are those of /v1/tts. -> {audio (float32 array), sample_rate, seed, timings}
+    async def synthesize(self, text: str | None = None, voice=None, script=None, **options) -> dict:
+        """Synthesize ``text`` (or ``script``: [{"voice", "text"}, ...]); options are those of /v1/tts.
+        -> {audio (float32 array), sample_rate, seed, timings}
 
         Raises InvalidRequestError for bad input and APIError(429) when this replica is at
         ``max_active_requests`` (Ray Client callers especially: Serve's queue limits are relaxed there).
         """
         # what the HTTP parser checks, for handle callers (whose inline voices may be numpy arrays)
-        check_plain_data({"text": text, "voice": voice if isinstance(voice, str) else None, **options})
+        check_plain_data({"text": text, "voice": voice if isinstance(voice, (str, dict)) and not _arrays(voice)
+                          else None, "script": script, **options})
         try:
-            req = TTSRequest(text=text, voice=voice, **options)
+            req = TTSRequest(text=text, voice=voice, script=script, **options)
         except ValidationError as exc:
             raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
         with self.admission.acquire():
             t0 = time.time()
-            plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority)
+            plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority, req.lines())
             chunks = await asyncio.wait_for(self.synth.collect(plan),
                                             self.cfg.orchestrator.request_timeout_s - (time.time() - t0))
             audio, sr = await asyncio.to_thread(H.joined_audio, chunks, req.post_process(self.cfg.audio))
@@ -174,7 +181,8 @@ class Orchestrator:
         with self.admission.acquire() as slot:  # before voices are read or text is tokenized
             t0 = time.time()
             try:
-                plan = await asyncio.wait_for(self._plan(text, voice, options.generation_params(), priority),
+                plan = await asyncio.wait_for(self._plan(text, voice, options.generation_params(), priority,
+                                                         getattr(options, "lines", lambda: None)()),
                                               _remaining(deadline))
                 meta = {"seed": plan.seed, "request_id": plan.request_id}
                 chunks = self.synth.stream(plan)

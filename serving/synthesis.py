@@ -3,9 +3,12 @@
 How this works: a request becomes segments (sentences packed up to a token
 budget). Every (stage, segment) pair is one asyncio task that waits for what
 it needs: its own input from the previous stage, and the history prompt from
-the previous segment (Bark's long-form recipe: segment i continues segment
-i-1's voice). So segment 2 is in semantic while segment 1 is in coarse, and
-audio chunks stream out in order as the codec finishes them. Stage calls go
+the same speaker's previous segment (Bark's long-form recipe: segment i
+continues segment i-1's voice). So segment 2 is in semantic while segment 1
+is in coarse, and audio chunks stream out in order as the codec finishes
+them. A multi-speaker script is split line by line; a segment waits only for
+its own speaker's previous segment, so two speakers' lines can be in flight
+together, and the chunks still come out in script order. Stage calls go
 through ``call(stage, request, priority)``: Ray Serve handles in the app, plain
 schedulers in tests.
 
@@ -25,13 +28,19 @@ import heapq
 import itertools
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from bark_serve.stages.constants import STAGES, BarkSpec
-from bark_serve.stages.longform import carries_voice, history_prompt, segment_seed, split_text
+from bark_serve.stages.longform import (
+    carries_voice,
+    history_prompt,
+    previous_of_speaker,
+    script_segments,
+    segment_seed,
+)
 from bark_serve.stages.requests import stage_request
 from bark_serve.stages.text import TextPreparer
 from bark_serve.stages.types import GenerationParams, InvalidRequestError, Priority, StageRequest, VoicePrompt
@@ -49,10 +58,17 @@ class Plan:
     request_id: str
     segments: tuple[str, ...]
     text_ids: tuple[np.ndarray, ...]
-    voice: VoicePrompt | None
+    voices: tuple[VoicePrompt | None, ...]  # one per speaker (a text request has one)
+    speakers: tuple[int, ...]  # each segment's speaker, an index into ``voices``
+    previous: tuple[int | None, ...]  # each segment's history segment: its speaker's previous one
     params: GenerationParams
     seed: int
     priority: Priority
+
+    @property
+    def voice(self) -> VoicePrompt | None:
+        """The first speaker's voice (the only one of a text request)."""
+        return self.voices[0]
 
 
 @dataclass
@@ -131,18 +147,53 @@ class Synthesizer:
             voice = self.aliases.get(voice, voice)
         return self.voices.resolve(voice)
 
-    def plan(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
-             priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None) -> Plan:
-        """Check everything a request carries before any stage sees it; raises InvalidRequestError."""
-        if not isinstance(text, str) or not text.strip():
-            raise InvalidRequestError("input text is empty")
-        if len(text) > self.max_text_chars:
-            raise TextTooLarge(f"input has {len(text)} characters; this server accepts at most {self.max_text_chars}")
-        segments = tuple(split_text(text, self.text.count, self.segment_max_tokens, self.first_segment_max_tokens))
-        ids = tuple(self.text.encode(s) for s in segments)
+    def plan(self, text: str | None, voice=None, params: GenerationParams = GenerationParams(),
+             priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None,
+             script: Sequence[tuple[object, str]] | None = None) -> Plan:
+        """Check everything a request carries before any stage sees it; raises InvalidRequestError.
+
+        ``script``: (voice, text) lines instead of ``text`` and ``voice``; their characters together
+        count against ``max_text_chars``.
+        """
+        lines = self._lines(text, voice, script)
+        chars = sum(len(t) for _, t in lines)
+        if chars > self.max_text_chars:
+            raise TextTooLarge(f"input has {chars} characters; this server accepts at most {self.max_text_chars}")
+        keys = [(self._speaker_key(v), t) for v, t in lines]
+        speakers, segments = script_segments(keys, self.text.count, self.segment_max_tokens,
+                                             self.first_segment_max_tokens)
+        by_key = {self._speaker_key(v): v for v, _ in lines}
+        voices = tuple(self.resolve_voice(by_key[k]) for k in speakers)
+        ids = tuple(self.text.encode(s.text) for s in segments)
+        who = tuple(s.speaker for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        return Plan(request_id or uuid.uuid4().hex, segments, ids, self.resolve_voice(voice), params, seed,
-                    Priority(priority))
+        return Plan(request_id or uuid.uuid4().hex, tuple(s.text for s in segments), ids, voices, who,
+                    tuple(previous_of_speaker(who)), params, seed, Priority(priority))
+
+    @staticmethod
+    def _lines(text, voice, script) -> list[tuple[object, str]]:
+        if script is None:
+            if not isinstance(text, str) or not text.strip():
+                raise InvalidRequestError("input text is empty")
+            return [(voice, text)]
+        if text is not None or voice is not None:
+            raise InvalidRequestError("a script names each line's voice: send no text or voice with it")
+        if not script:
+            raise InvalidRequestError("the script has no lines")
+        for n, line in enumerate(script):
+            if not (isinstance(line, tuple) and len(line) == 2 and isinstance(line[1], str)):
+                raise InvalidRequestError(f"script line {n}: expected a (voice, text) pair")
+            if not line[1].strip():
+                raise InvalidRequestError(f"script line {n}: text is empty")
+        return list(script)
+
+    def _speaker_key(self, voice) -> object:
+        """Who speaks: lines with the same voice (after aliases) are one speaker."""
+        if isinstance(voice, str):
+            return self.aliases.get(voice, voice)
+        if voice is None:
+            return None
+        return ("inline", id(voice))  # arrays: one speaker per object given
 
     async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded."""
@@ -179,14 +230,16 @@ class Synthesizer:
 
     async def _history(self, i: int, plan: Plan, tasks, stage: str) -> VoicePrompt | None:
         """Segment i's history prompt (stages/longform.py's rule), as far as ``stage`` reads it: semantic
-        needs only segment i-1's semantic tokens, so it need not wait for i-1's coarse and fine."""
-        if i == 0:
-            return plan.voice
-        sem = (await tasks["semantic", i - 1]).output
+        needs only the history segment's semantic tokens, so it need not wait for its coarse and fine.
+        The history segment is the same speaker's previous one, never another speaker's."""
+        prev = plan.previous[i]
+        if prev is None:
+            return plan.voices[plan.speakers[i]]
+        sem = (await tasks["semantic", prev]).output
         if not carries_voice(sem):
-            return await self._history(i - 1, plan, tasks, stage)
-        coarse = (await tasks["coarse", i - 1]).output if stage in ("coarse", "fine") else None
-        fine = (await tasks["fine", i - 1]).output if stage == "fine" else None
+            return await self._history(prev, plan, tasks, stage)
+        coarse = (await tasks["coarse", prev]).output if stage in ("coarse", "fine") else None
+        fine = (await tasks["fine", prev]).output if stage == "fine" else None
         return history_prompt(sem, coarse, fine)
 
 

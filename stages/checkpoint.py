@@ -28,7 +28,8 @@ SIZES = {
 # Every preset the default OpenAI voice aliases name (serving/config.py) is here. New names go at the
 # end: presets are drawn in this order from one generator, so earlier ones stay the same.
 PRESETS = ("announcer", "v2/en_speaker_0", "v2/en_speaker_1", "v2/en_speaker_6", "v2/de_speaker_3", "v2/zh_speaker_1",
-           "v2/en_speaker_2", "v2/en_speaker_3", "v2/en_speaker_9")
+           "v2/en_speaker_2", "v2/en_speaker_3", "v2/en_speaker_9", "v2/en_speaker_4", "v2/en_speaker_5",
+           "v2/en_speaker_7", "v2/en_speaker_8")
 WEIGHT_STD = 0.2  # peakier attention than 0.02, so outputs depend on the text and the voice
 # End of speech on random weights (see _tune_semantic_eos): one residual dimension of the semantic
 # GPT is a clock that counts generated tokens, set back by the share of text tokens; the EOS logit reads it.

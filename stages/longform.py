@@ -9,7 +9,8 @@ segment is cut at clause punctuation, then between words.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -124,3 +125,39 @@ def segment_seed(seed: int, index: int) -> int:
     if index == 0:
         return int(seed)
     return int(np.random.SeedSequence([int(seed), index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# Multi-speaker scripts: each line is split like a text, and each speaker (identified by its voice key)
+# continues only its own previous segment's voice, never another speaker's.
+@dataclass(frozen=True)
+class ScriptSegment:
+    speaker: int  # index into the script's distinct speakers, in order of first appearance
+    line: int  # the script line this segment belongs to
+    text: str
+
+
+def script_segments(lines: Sequence[tuple[Hashable, str]], count: Callable[[str], int],
+                    max_tokens: int, first_max_tokens: int | None = None) -> tuple[list[Hashable], list[ScriptSegment]]:
+    """(speaker keys, segments in script order) of ``lines`` = (speaker key, text) pairs.
+
+    A line is split as ``split_text`` splits a text; segments never span two lines. ``first_max_tokens``
+    cuts the script's first segment only (its first audio comes sooner).
+    """
+    speakers: list[Hashable] = []
+    segments: list[ScriptSegment] = []
+    for n, (key, text) in enumerate(lines):
+        if key not in speakers:
+            speakers.append(key)
+        first = first_max_tokens if n == 0 else None
+        segments += [ScriptSegment(speakers.index(key), n, s) for s in split_text(text, count, max_tokens, first)]
+    return speakers, segments
+
+
+def previous_of_speaker(speakers: Sequence[int]) -> list[int | None]:
+    """For each segment, the index of the same speaker's previous segment (None for its first)."""
+    last: dict[int, int] = {}
+    out: list[int | None] = []
+    for i, speaker in enumerate(speakers):
+        out.append(last.get(speaker))
+        last[speaker] = i
+    return out

@@ -18,11 +18,11 @@ from .codec import CodecEngine
 from .constants import STAGES, BarkSpec
 from .engine import EngineOptions, StageEngine
 from .fine import FineEngine
-from .longform import carry_voice, segment_seed, split_text
+from .longform import carry_voice, script_segments, segment_seed, split_text
 from .requests import stage_request
 from .semantic import SemanticEngine
 from .text import TextPreparer
-from .types import EngineResult, GenerationParams, VoicePrompt
+from .types import EngineResult, GenerationParams, InvalidRequestError, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 
@@ -113,18 +113,33 @@ class BarkPipeline:
         and so is the audio. Progress: ``on_segment(i, n)`` is called before the first
         segment (i=0) and after each one, ``on_step(stage_name)`` after every engine step.
         """
-        segments = split_text(text, self.text.count, max_segment_tokens or self.text.max_tokens)
-        if not segments:
+        if not split_text(text, self.text.count, max_segment_tokens or self.text.max_tokens):
             self.text.encode(text)  # raises the empty-text error
+        return self.synthesize_script([(voice, text)], params, max_segment_tokens, on_segment, on_step)
+
+    def synthesize_script(self, lines: Sequence[tuple[object, str]], params: GenerationParams = GenerationParams(),
+                          max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
+        """A multi-speaker script of (voice, text) lines, in order. Each line is split like a text; each
+        speaker (lines with an equal voice) continues its own previous segment's voice, not another's.
+
+        Segment i of the whole script gets ``segment_seed(seed, i)``, as in the served pipeline.
+        """
+        for n, (_, line) in enumerate(lines):
+            if not isinstance(line, str) or not line.strip():
+                raise InvalidRequestError(f"script line {n}: text is empty")
+        keys = [(_speaker_key(v), t) for v, t in lines]
+        speakers, segments = script_segments(keys, self.text.count, max_segment_tokens or self.text.max_tokens)
+        by_key = {_speaker_key(v): v for v, _ in lines}
+        history = [self.voices.resolve(by_key[k]) for k in speakers]  # each speaker's current history prompt
         seed = params.seed if params.seed is not None else secrets.randbits(62)
-        history = self.voices.resolve(voice)
         parts = []
         if on_segment is not None and segments:
             on_segment(0, len(segments))
-        for i, segment in enumerate(segments):
-            gen = self.generate(segment, history, replace(params, seed=segment_seed(seed, i)), on_step)[0]
+        for i, seg in enumerate(segments):
+            who = seg.speaker
+            gen = self.generate(seg.text, history[who], replace(params, seed=segment_seed(seed, i)), on_step)[0]
             parts.append(gen)
-            history = carry_voice(history, gen.semantic, gen.coarse, gen.fine)
+            history[who] = carry_voice(history[who], gen.semantic, gen.coarse, gen.fine)
             if on_segment is not None:
                 on_segment(i + 1, len(segments))
         return Generation("r0", np.concatenate([g.semantic for g in parts]),
@@ -132,3 +147,8 @@ class BarkPipeline:
                           np.concatenate([g.fine for g in parts], axis=1),
                           np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed,
                           tuple(len(g.audio) for g in parts))
+
+
+def _speaker_key(voice) -> object:
+    """Lines with an equal voice name are one speaker; a prompt object given inline is a speaker of its own."""
+    return voice if voice is None or isinstance(voice, str) else ("inline", id(voice))

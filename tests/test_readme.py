@@ -137,8 +137,10 @@ def test_readme_examples_run_against_a_live_app(tmp_path):
         work = run.cwd
         assert sf.info(work / "hello.wav").samplerate == 24000
         assert 0.5 < sf.info(work / "hello.wav").duration < 8  # the checkpoint's own end of speech: ~1-4 s
+        assert sf.info(work / "dialogue.wav").duration > 0 and sf.info(work / "dialogue.flac").duration > 0
         if wants_batch:
             assert (work / "results" / "p1.flac").exists() and (work / "results" / "p2.wav").exists()
+            assert sf.info(work / "results" / "p3.wav").duration > 0  # a script item
         stopped = run.up.stop(signal.SIGTERM)  # as a script's `kill` would
         assert stopped.returncode == 0 and "bark-serve: stopped" in stopped.log, stopped.log[-3000:]
         assert stopped.seconds < 20, f"took {stopped.seconds:.1f} s"

@@ -155,3 +155,27 @@ def test_cli_submit_writes_every_result_and_resumes(batch_app, tmp_path):
     assert res.returncode == 0 and (out / "cli-3.flac").stat().st_mtime_ns == first
     bad = subprocess.run([*cmd[:5], str(tmp_path / "missing.jsonl"), *cmd[6:]], capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_a_batch_item_with_a_script_is_the_in_process_script(batch_app, tiny_ckpt):
+    url = batch_app
+    script = [{"voice": "v2/en_speaker_6", "text": "Chapter one. It was a quiet night."},
+              {"voice": "v2/de_speaker_3", "text": "Wer ist da?"},
+              {"voice": {"id": "alloy"}, "text": "Only the wind, said the narrator."}]
+    items = [json.dumps({"id": "dialogue", "script": script, "format": "wav", "options": OPTS}),
+             json.dumps({"id": "blank-line", "script": [{"voice": "alloy", "text": " "}]}),
+             json.dumps({"id": "bad-voice", "script": [{"voice": "alloy", "text": "a"},
+                                                       {"voice": "nobody", "text": "b"}]})]
+    job_id = submit(url, items)["id"]
+    wait_for(lambda: status(url, job_id)["status"] == "completed", timeout=300)
+    records = {r["id"]: r for r in results(url, job_id) if r.get("type") != "end"}
+    assert records["dialogue"]["state"] == "succeeded", records["dialogue"]
+    assert records["blank-line"]["state"] == "failed" and "script line 0: text is empty" in json.dumps(records)
+    assert records["bad-voice"]["state"] == "failed" and "unknown voice" in json.dumps(records["bad-voice"])
+    import base64
+
+    audio, _ = sf.read(io.BytesIO(base64.b64decode(records["dialogue"]["audio"])), dtype="float32")
+    lines = [(line["voice"] if isinstance(line["voice"], str) else "v2/en_speaker_6", line["text"]) for line in script]
+    ref = BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions()).synthesize_script(
+        lines, GenerationParams.greedy(max_semantic_tokens=6, min_eos_p=None), max_segment_tokens=24).audio
+    np.testing.assert_allclose(audio, ref, atol=2 / 32767)

@@ -31,6 +31,7 @@ MSGPACK = {**AUTH, "Content-Type": "application/msgpack"}
 JSONL = {**AUTH, "Content-Type": "application/jsonl"}
 SPEECH = {"model": "tts-1", "input": "hi", "voice": "alloy", "max_semantic_tokens": 2}
 TTS = {"text": "hi", "max_semantic_tokens": 2}
+TTS_SCRIPT = {"max_semantic_tokens": 2}  # + "script"
 MAX_TEXT, MAX_BODY, BATCH_MAX_BODY, BATCH_MAX_ITEMS = 4000, 2_000_000, 3_000_000, 50
 GOOD_ITEM = {"id": "good", "text": "ok", "options": {"max_semantic_tokens": 2, "temperature": 0}}
 BATCH_KEY = "hostile-corpus"
@@ -76,7 +77,9 @@ def field_cases(route: str, base: dict) -> list[tuple[str, dict]]:
         "voice": [1, 1.5, True, ["a"], "nobody", "\x00", "v2/en_speaker_6\x00", "x" * 100_000, "x" * 257,
                   "../" * 60 + "etc/passwd", "/etc/passwd", "/work/shared/data/voices/v2/en_speaker_6.npz",
                   "v2/../../../../../etc/hosts", "\ud800", "~root", ".", "v2", "v2/en_speaker_6\n",
-                  "é" * 200],
+                  "é" * 200, {"id": 1}, {"id": None}, {"id": "alloy", "name": "x"}, {"id": "\x00"},
+                  {"id": "x" * 100_000}, {"id": {"id": "alloy"}}, {"id": "nobody"}, {"id": "\ud800"},
+                  {"id": "../" * 60 + "etc/passwd"}],
         "seed": [-1, 2**63, 2**70, -(2**70), 1.5, "seven", [], {}, nan, inf],
         "temperature": [nan, inf, -inf, -1, 101, 1e308, 2**70, "hot", [], {}],
         "semantic_temperature": [nan, inf, -0.5, "x"],
@@ -85,7 +88,7 @@ def field_cases(route: str, base: dict) -> list[tuple[str, dict]]:
         "top_k": [0, -1, 2**70, 1.5, "k", nan],
         "top_p": [0, -0.1, 1.5, nan, inf, "p"],
         "min_eos_p": [0, -1, 2, nan, inf, -inf, "eos"],
-        "max_semantic_tokens": [0, -1, 769, 2**70, 1.5, None, "many", nan],
+        "max_semantic_tokens": [0, -1, 769, 2**70, 1.5, "many", nan],  # (null: the default)
         "unknown_field": [1],
         # output options (both routes): speed and the long-form joins
         "speed": [0, 0.1, 0.2499, 4.01, -1, nan, inf, -inf, 1e308, 2**70, "fast", [], {}],
@@ -97,13 +100,13 @@ def field_cases(route: str, base: dict) -> list[tuple[str, dict]]:
     }
     if route == "speech":
         bad.update({"model": [None, 1, "", "whisper-1", "x" * 100_000, "\x00", "\ud800"],
-                    "response_format": ["ogg", "", "WAV", "m4a", 1, [], "\ud800"],
+                    "response_format": ["ogg", "", "WAV", "m4a", 1, [], "\ud800"],  # (null: the default)
                     "stream_format": ["x", "SSE", "", 1, []],
                     "instructions": [1, "x" * 5000, "\ud800"]})
     else:
-        bad.update({"format": ["ogg", "", "WAV", "m4a", 1, None, "\ud800"],
-                    "stream": ["maybe", 2, [], {}, None],
-                    "priority": ["urgent", 1, None, "BATCH"]})
+        bad.update({"format": ["ogg", "", "WAV", "m4a", 1, "\ud800"],  # (null: the default)
+                    "stream": ["maybe", 2, [], {}],
+                    "priority": ["urgent", 1, "BATCH"]})
     cases = []
     for key, values in bad.items():
         for i, value in enumerate(values):
@@ -142,6 +145,37 @@ def voice_array_cases(base: dict) -> list[tuple[str, dict]]:
     }
     return [(f"tts-voice-{name}", {"content": dumps({**base, "voice": v}), "headers": JSON})
             for name, v in variants.items()]
+
+
+def script_cases() -> list[tuple[str, dict]]:
+    """Multi-speaker scripts (native API): wrong shapes, empty or blank lines, unknown voices, too many lines or
+    characters, deep nesting, text and script together."""
+    line = {"voice": "alloy", "text": "hi"}
+    variants = {
+        "empty": [], "string": "alloy: hi", "number": 1, "object": line, "null-line": [None],
+        "empty-line": [{}], "no-text": [{"voice": "alloy"}], "no-voice": [{"text": "hi"}],
+        "empty-text": [{"voice": "alloy", "text": ""}], "blank-text": [line, {"voice": "echo", "text": " \n "}],
+        "unknown-voice": [line, {"voice": "nobody", "text": "hi"}],
+        "path-voice": [{"voice": "/etc/passwd", "text": "a"}],
+        "nul-voice": [{"voice": "alloy\x00", "text": "hi"}], "surrogate-voice": [{"voice": "\ud800", "text": "hi"}],
+        "surrogate-text": [{"voice": "alloy", "text": "a\udfffb"}],
+        "long-voice": [{"voice": "x" * 100_000, "text": "a"}],
+        "voice-list": [{"voice": ["alloy"], "text": "hi"}], "voice-id-int": [{"voice": {"id": 5}, "text": "hi"}],
+        "voice-arrays": [{"voice": {"semantic_prompt": [1, 2]}, "text": "hi"}],
+        "text-list": [{"voice": "alloy", "text": ["hi"]}], "extra-key": [{**line, "speed": 2}],
+        "pairs": [["alloy", "hi"]], "too-many-lines": [line] * 1001,
+        "too-long-line": [{"voice": "alloy", "text": "x" * (MAX_TEXT + 1)}],
+        "too-long-total": [{"voice": "alloy", "text": "x" * (MAX_TEXT // 2)}] * 3,
+        "deep-40": nested(40), "deep-text-40": [{"voice": "alloy", "text": nested(40)}],
+    }
+    cases = [(f"tts-script-{name}", {"content": dumps({**TTS_SCRIPT, "script": v}), "headers": JSON})
+             for name, v in variants.items()]
+    cases.append(("tts-script-and-text", {"content": dumps({**TTS, "script": [line]}), "headers": JSON}))
+    cases.append(("tts-script-and-voice", {"content": dumps({**TTS_SCRIPT, "script": [line], "voice": "echo"}),
+                                           "headers": JSON}))
+    cases.append(("tts-script-msgpack-ext", {"content": msgpack.packb({**TTS_SCRIPT, "script": [
+        {"voice": msgpack.ExtType(5, b"x"), "text": "hi"}]}), "headers": MSGPACK}))
+    return cases
 
 
 def body_cases(route: str, path_base: dict) -> list[tuple[str, dict]]:
@@ -244,7 +278,7 @@ def batch_item_cases() -> list[tuple[str, object, str]]:
         "voice-surrogate": {"text": "a", "voice": "\ud800"}, "voice-dict": {"text": "a", "voice": {"x": 1}},
         "seed-negative": {"text": "a", "seed": -1}, "seed-huge": {"text": "a", "seed": 2**70},
         "seed-str": {"text": "a", "seed": "x"}, "seed-nan": {"text": "a", "seed": nan},
-        "format-ogg": {"text": "a", "format": "ogg"}, "format-null": {"text": "a", "format": None},
+        "format-ogg": {"text": "a", "format": "ogg"}, "format-list": {"text": "a", "format": ["wav"]},
         "format-m4a": {"text": "a", "format": "m4a"}, "options-speed-nan": {"text": "a", "options": {"speed": nan}},
         "options-speed-zero": {"text": "a", "options": {"speed": 0}},
         "options-speed-huge": {"text": "a", "options": {"speed": 1e308}},
@@ -264,6 +298,20 @@ def batch_item_cases() -> list[tuple[str, object, str]]:
         "options-deep-40": {"text": "a", "options": {"x": nested(40)}},
         "options-surrogate-key": {"text": "a", "options": {"\ud800": 1}},
         "unknown-key": {"text": "a", "speed": 2},
+        "voice-id-int": {"text": "a", "voice": {"id": 1}},
+        "voice-id-extra": {"text": "a", "voice": {"id": "a", "b": 1}},
+        "script-empty": {"script": []}, "script-string": {"script": "a: hi"},
+        "script-blank-line": {"script": [{"voice": "alloy", "text": "hi"}, {"voice": "echo", "text": "  "}]},
+        "script-and-text": {"text": "a", "script": [{"voice": "alloy", "text": "hi"}]},
+        "script-and-voice": {"voice": "echo", "script": [{"voice": "alloy", "text": "hi"}]},
+        "script-extra-key": {"script": [{"voice": "alloy", "text": "hi", "speed": 2}]},
+        "script-voice-int": {"script": [{"voice": 6, "text": "hi"}]},
+        "script-too-many-lines": {"script": [{"voice": "alloy", "text": "hi"}] * 1001},
+        "script-too-long": {"script": [{"voice": "alloy", "text": "x" * (MAX_TEXT // 2)}] * 3},
+        "script-deep-40": {"script": nested(40)},
+        "script-surrogate": {"script": [{"voice": "alloy", "text": "\ud800"}]},
+        "options-script": {"text": "a", "options": {"script": [{"voice": "alloy", "text": "hi"}]}},
+        "no-text-no-script": {"voice": "alloy"},
         "unknown-keys-150k": {"text": "a", **{f"k{i}": 0 for i in range(150_000)}},
         "line-broken": b"{",
         "line-deep-100k": b"[" * 100_000 + b"]" * 100_000,
@@ -288,6 +336,7 @@ def results_query_cases() -> list[str]:
 HTTP_CASES = ([("POST", "/v1/audio/speech", *c) for c in field_cases("speech", SPEECH)]
               + [("POST", "/v1/tts", *c) for c in field_cases("tts", TTS)]
               + [("POST", "/v1/tts", *c) for c in voice_array_cases(TTS)]
+              + [("POST", "/v1/tts", *c) for c in script_cases()]
               + [("POST", "/v1/audio/speech", *c) for c in body_cases("speech", SPEECH)]
               + [("POST", "/v1/tts", *c) for c in body_cases("tts", TTS)]
               + [(m, p, name, kw) for name, m, p, kw in route_cases()]
