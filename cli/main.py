@@ -54,7 +54,8 @@ def _add_synth(sub, cmd) -> None:
     p.add_argument("--script", metavar="FILE.json",
                    help='instead of TEXT: a multi-speaker script, a JSON list of {"voice": ..., "text": ...} lines; '
                         "each speaker continues its own voice from its own previous lines")
-    p.add_argument("-o", "--output", required=True, help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
+    p.add_argument("-o", "--output", required=True,
+                   help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
     _add_model_args(p)
     p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer) or a .npz file")
     p.add_argument("--voices-dir", action="append", default=[], help="extra directory of suno-style .npz presets")

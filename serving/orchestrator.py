@@ -13,6 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
