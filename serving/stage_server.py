@@ -32,7 +32,7 @@ def resolve_threads(setting: int | str | None) -> int | None:
 def engine_options(cfg: StageConfig) -> EngineOptions:
     device = resolve_device(cfg.device)
     threads = resolve_threads(cfg.torch_threads)
-    return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads), capacity=cfg.max_batch,
+    return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads, log), capacity=cfg.max_batch,
                          torch_threads=threads, cpu_offload=cfg.cpu_offload,
                          max_forward_tokens=cfg.max_forward_tokens)
 

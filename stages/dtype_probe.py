@@ -80,12 +80,12 @@ def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cac
     return choice
 
 
-def auto_dtype(device: str) -> str:
-    """What ``dtype: auto`` resolves to on this host; logs the choice and the rates behind it."""
+def auto_dtype(device: str, logger: logging.Logger | None = None) -> str:
+    """What ``dtype: auto`` resolves to on this host; logs (INFO) the choice and the rates behind it."""
     choice = choose_dtype(device)
     rates = ", ".join(f"{k} {v:.3f}" for k, v in choice.tflops.items())
-    log.warning("dtype auto -> %s on %s (GEMM TFLOP/s: %s%s)", choice.dtype, device, rates,
-                "; cached for this host" if choice.cached else "")
+    (logger or log).info("dtype auto -> %s on %s (GEMM TFLOP/s: %s%s)", choice.dtype, device, rates,
+                         "; cached for this host" if choice.cached else "")
     return choice.dtype
 
 

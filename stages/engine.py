@@ -55,10 +55,11 @@ def resolve_device(name: str = "auto") -> str:
     return str(parse_device(name))
 
 
-def resolve_dtype(name: str, device: str, torch_threads: int | None = None) -> str:
+def resolve_dtype(name: str, device: str, torch_threads: int | None = None, logger=None) -> str:
     """'auto': the dtype whose GEMM measured fastest on this host (stages/dtype_probe.py); else ``name``.
 
-    ``torch_threads`` is the thread count the engine will run with: the probe measures with it.
+    ``torch_threads`` is the thread count the engine will run with: the probe measures with it. The
+    choice and the measured rates are logged at INFO on ``logger`` (a replica passes its own).
     """
     if name != "auto":
         parse_dtype(name)
@@ -67,7 +68,7 @@ def resolve_dtype(name: str, device: str, torch_threads: int | None = None) -> s
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
-    return auto_dtype(device)
+    return auto_dtype(device, logger)
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -23,7 +23,7 @@ def test_synth_script_writes_the_in_process_script_audio(tiny_ckpt, tmp_path):
     path, out = tmp_path / "script.json", tmp_path / "dialogue.wav"
     path.write_text(json.dumps(SCRIPT))
     res = run_cli("synth", "--script", path, "-o", out, "--model", tiny_ckpt, "--temperature", "0",
-                  "--min-eos-p", "none", "--max-semantic-tokens", "12", "--dtype", "float32")
+                  "--min-eos-p", "none", "--max-semantic-tokens", "12", "--dtype", "float32", "--raw")
     assert res.returncode == 0, res.stderr
     audio, sr = sf.read(out, dtype="float32")
     ref = BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions()).synthesize_script(

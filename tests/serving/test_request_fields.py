@@ -8,7 +8,7 @@ from pydantic import ValidationError
 from bark_serve.cluster.batch_types import ItemIn, parse_item
 from bark_serve.cluster.request_fields import MAX_SCRIPT_LINES
 from bark_serve.serving.api_models import BarkOptions, SpeechRequest, TTSRequest
-from bark_serve.serving.config import OPENAI_VOICES, BarkConfig
+from bark_serve.serving.config import OPENAI_VOICES, AudioConfig, BarkConfig
 from bark_serve.stages import constants as C
 
 OPENAI_NAMES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "onyx", "nova", "sage", "shimmer", "verse",
@@ -59,7 +59,8 @@ def test_null_optional_fields_take_their_defaults():
                                "max_semantic_tokens")}
     req = SpeechRequest.model_validate({**SPEECH, **nulls})
     assert req == SpeechRequest.model_validate(SPEECH)
-    assert req.speed == 1.0 and req.response_format == "mp3" and req.max_semantic_tokens == C.MAX_SEMANTIC_TOKENS
+    assert req.format == "mp3" and req.max_semantic_tokens == C.MAX_SEMANTIC_TOKENS
+    assert req.post_process(AudioConfig()).speed == 1.0  # null output options take the config's audio block
     tts = TTSRequest.model_validate({"text": "hi", "voice": None, "format": None, "stream": None, "priority": None,
                                      "script": None, "max_semantic_tokens": None})
     assert tts == TTSRequest.model_validate({"text": "hi"})

@@ -69,7 +69,7 @@ def test_an_explicit_dtype_is_an_override_and_measures_nothing(tmp_path, monkeyp
 
 def test_auto_measures_for_real_and_logs_the_rates(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv(P.CACHE_ENV, str(tmp_path / "probe.json"))
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO", logger=P.log.name):
         picked = resolve_dtype("auto", "cpu", torch_threads=1)
     assert picked in ("float32", "bfloat16")
     rates = json.loads((tmp_path / "probe.json").read_text())[P.host_key("cpu")]["tflops"]
