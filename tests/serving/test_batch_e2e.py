@@ -162,7 +162,8 @@ def test_a_batch_item_with_a_script_is_the_in_process_script(batch_app, tiny_ckp
     script = [{"voice": "v2/en_speaker_6", "text": "Chapter one. It was a quiet night."},
               {"voice": "v2/de_speaker_3", "text": "Wer ist da?"},
               {"voice": {"id": "alloy"}, "text": "Only the wind, said the narrator."}]
-    items = [json.dumps({"id": "dialogue", "script": script, "format": "wav", "options": OPTS}),
+    raw = {"trim_silence": False, "crossfade_ms": 0, "normalize_loudness": False}  # the model's samples, as ref
+    items = [json.dumps({"id": "dialogue", "script": script, "format": "wav", "options": {**OPTS, **raw}}),
              json.dumps({"id": "blank-line", "script": [{"voice": "alloy", "text": " "}]}),
              json.dumps({"id": "bad-voice", "script": [{"voice": "alloy", "text": "a"},
                                                        {"voice": "nobody", "text": "b"}]})]
