@@ -35,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--input-format", default="auto", choices=["auto", "jsonl", "csv", "parquet"],
                    help="how to read INPUT (default: from its extension)")
     p.add_argument("--limit", type=int, help="read only the first N rows of INPUT")
+    p.add_argument("--manifest-flush-s", type=float, default=10.0,
+                   help="write finished rows to the manifest at least this often (seconds, default 10)")
     p.add_argument("--no-progress", action="store_true", help="no Ray Data progress bars")
     p.set_defaults(func=dataset)
 
@@ -48,7 +50,7 @@ def dataset(args) -> int:
         raise CliError("--limit must be at least 1")
     cfg = load_config(args.config, {"model": args.model} if args.model else None)
     opts = RunOptions(args.input, args.out, args.input_format, check_format(args.format), args.limit,
-                      progress=not args.no_progress)
+                      progress=not args.no_progress, flush_s=args.manifest_flush_s)
     tmp = _start_ray(args, cfg)
     try:
         summary = run_dataset(cfg, opts)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import ConfigDict, ValidationError
 
-from bark_serve.cluster.batch_types import InvalidBatchError, parse_item
+from bark_serve.cluster.batch_types import InvalidBatchError, item_id_of, parse_item
 from bark_serve.serving.api_models import BarkOptions
 from bark_serve.serving.audio import check_format
 from bark_serve.stages.constants import STAGES
@@ -133,8 +133,10 @@ def fallback_id(raw: Any, line: str | None) -> str:
 
 def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line: str | None = None) -> dict:
     """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
+    if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not
+        return failed_row(empty_row(fallback_id(raw, line)), "id is missing: every row needs a unique id")
     try:
-        row_id = parse_item(raw, 0, synth.max_text_chars).id if isinstance(raw, dict) else fallback_id(raw, line)
+        row_id = item_id_of(raw, 0) if isinstance(raw, dict) else fallback_id(raw, line)
     except InvalidBatchError as exc:
         return failed_row(empty_row(fallback_id(raw, line)), str(exc).removeprefix("item 0: "))
     row = empty_row(row_id)

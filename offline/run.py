@@ -27,7 +27,7 @@ from .manifest import MANIFEST, ManifestWriter, compact, done_ids
 from .outdir import OutDir, absolute, is_uri
 from .rows import Status
 from .settings import MapSpec, plan_spec, stage_specs
-from .udfs import Planner, StageWorker
+from .udfs import WORKERS, Planner
 
 INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
                ".pq": "parquet"}
@@ -138,7 +138,7 @@ def build_dataset(cfg: BarkConfig, opts: RunOptions, skip: frozenset[str]):
     ds = _map(ds, Planner, plan_spec(cfg), config=config, source="jsonl" if kind == "jsonl" else "table",
               default_format=opts.default_format, done_ids=skip)
     for stage, spec in stage_specs(cfg).items():
-        ds = _map(ds, StageWorker, spec, stage=stage, config=config, out=absolute(opts.out))
+        ds = _map(ds, WORKERS[stage], spec, config=config, out=absolute(opts.out))
     return ds
 
 

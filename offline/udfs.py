@@ -54,15 +54,16 @@ class Planner:
 
 
 class StageWorker:
-    """One engine stage (semantic, coarse, fine or codec) over batches of rows."""
+    """One engine stage over batches of rows (a subclass per stage names the stage in Ray's progress bars)."""
 
-    def __init__(self, stage: str, config: dict, out: str | None = None):
+    stage = ""
+
+    def __init__(self, config: dict, out: str | None = None):
         from bark_serve.serving.stage_server import engine_options, load_engine
         from bark_serve.stages.weights import Checkpoint
 
         cfg = parse_config(config)
-        self.stage = stage
-        self.engine = load_engine(stage, cfg, engine_options(cfg.stage(stage)))
+        self.engine = load_engine(self.stage, cfg, engine_options(cfg.stage(self.stage)))
         self.sample_rate = Checkpoint.open(cfg.model).spec.sample_rate
         self.out = OutDir(out) if out else None
 
@@ -89,3 +90,22 @@ class StageWorker:
             return
         row.update(status=Status.OK.value, duration_s=len(audio) / self.sample_rate, voice_prompt=None,
                    text_ids=None, **{s: None for s in STAGES[:-1]})
+
+
+class SemanticWorker(StageWorker):
+    stage = "semantic"
+
+
+class CoarseWorker(StageWorker):
+    stage = "coarse"
+
+
+class FineWorker(StageWorker):
+    stage = "fine"
+
+
+class CodecWorker(StageWorker):
+    stage = "codec"
+
+
+WORKERS = {w.stage: w for w in (SemanticWorker, CoarseWorker, FineWorker, CodecWorker)}
