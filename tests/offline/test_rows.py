@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pytest
 
-from bark_serve.offline.rows import Status, WORK_SCHEMA, raw_from_table
+from bark_serve.offline.rows import WORK_SCHEMA, Status, raw_from_table
 from bark_serve.offline.stage_run import run_stage
 from bark_serve.offline.udfs import Planner
 from bark_serve.serving.config import parse_config
