@@ -42,7 +42,7 @@ def register(sub) -> None:
 
 
 def dataset(args) -> int:
-    from bark_serve.offline.run import DatasetInputError, RunOptions, run_dataset
+    from bark_serve.offline.run import DatasetInputError, RunOptions, check_input, run_dataset
     from bark_serve.serving.audio import check_format
     from bark_serve.serving.config import load_config
 
@@ -51,6 +51,10 @@ def dataset(args) -> int:
     cfg = load_config(args.config, {"model": args.model} if args.model else None)
     opts = RunOptions(args.input, args.out, args.input_format, check_format(args.format), args.limit,
                       progress=not args.no_progress, flush_s=args.manifest_flush_s)
+    try:
+        check_input(opts)
+    except DatasetInputError as exc:
+        raise CliError(str(exc)) from None
     tmp = _start_ray(args, cfg)
     try:
         summary = run_dataset(cfg, opts)

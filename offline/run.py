@@ -115,19 +115,27 @@ def input_kind(path: str, kind: str = "auto") -> str:
                             "jsonl, csv or parquet")
 
 
-def read_input(opts: RunOptions):
-    import ray.data
-
+def check_input(opts: RunOptions) -> tuple[str, str]:
+    """(path, kind) of the input, or DatasetInputError before anything starts."""
     path = opts.input if is_uri(opts.input) else absolute(opts.input)
     if not is_uri(path) and not os.path.exists(path):
         raise DatasetInputError(f"input {opts.input!r} not found")
-    kind = input_kind(opts.input, opts.input_kind)
+    return path, input_kind(opts.input, opts.input_kind)
+
+
+def read_input(opts: RunOptions):
+    import ray.data
+
+    path, kind = check_input(opts)
     readers = {"jsonl": ray.data.read_text, "csv": ray.data.read_csv, "parquet": ray.data.read_parquet}
     ds = readers[kind](path, num_cpus=READ_CPUS)
     return (ds.limit(opts.limit) if opts.limit else ds), kind
 
 
 def _map(ds, fn, spec: MapSpec, **constructor):
+    # Blocks of at most one batch: a map task then takes one batch and hands its rows on when it ends
+    # (a task's small outputs are otherwise merged into one block released only at its end).
+    ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
     return ds.map_batches(fn, fn_constructor_kwargs=constructor, batch_format="pyarrow", **spec.kwargs())
 
 
