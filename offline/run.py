@@ -33,6 +33,10 @@ INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": 
                ".pq": "parquet"}
 COMPRESSION = (".gz", ".bz2", ".zst", ".lz4")
 READ_CPUS = 0.25  # reading is light; a whole CPU per read task starves the stage actors on small machines
+# Small blocks: a map task's outputs are merged into blocks of up to this size and handed on only when
+# full or when the task ends, and a task takes whole blocks. Ray Data's 128 MiB default would hold
+# thousands of rows in one block, so rows would reach the next stage (and the manifest) in big lumps.
+BLOCK_BYTES = 64 << 10  # the default of RunOptions.block_bytes
 RESULT_COLUMNS = ["id", "path", "format", "duration_s", "seed", "voice", "text", "options", "segments",
                   "semantic_tokens", "status", "error",
                   *[f"busy_s_{s}" for s in STAGES], *[f"node_{s}" for s in STAGES]]
@@ -52,6 +56,7 @@ class RunOptions:
     progress: bool = True
     flush_rows: int = 1000
     flush_s: float = 10.0
+    block_bytes: int = BLOCK_BYTES
 
 
 @dataclass
@@ -133,9 +138,6 @@ def read_input(opts: RunOptions):
 
 
 def _map(ds, fn, spec: MapSpec, **constructor):
-    # Blocks of at most one batch: a map task then takes one batch and hands its rows on when it ends
-    # (a task's small outputs are otherwise merged into one block released only at its end).
-    ds = ds.repartition(target_num_rows_per_block=spec.batch_size)
     return ds.map_batches(fn, fn_constructor_kwargs=constructor, batch_format="pyarrow", **spec.kwargs())
 
 
@@ -157,7 +159,9 @@ def run_dataset(cfg: BarkConfig, opts: RunOptions, on_rows: Callable[[pa.Table],
     out = OutDir(opts.out)
     out.makedirs()
     skip = done_ids(out)
-    DataContext.get_current().enable_progress_bars = opts.progress
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = opts.progress
+    ctx.target_max_block_size = opts.block_bytes
     summary = Summary(rows_skipped=len(skip))
     writer = ManifestWriter(out, opts.flush_rows, opts.flush_s)
     t0 = time.perf_counter()

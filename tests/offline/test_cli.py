@@ -69,7 +69,7 @@ def test_a_killed_run_resumes_without_doing_a_row_twice(tiny_ckpt, tmp_path):
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     args = [*CLI, str(src), "--out", str(out), "--config", str(config), "--num-cpus", "4", "--no-progress",
-            "--manifest-flush-s", "0"]
+            "--manifest-flush-s", "0", "--block-bytes", "1"]  # rows move on one by one
 
     first = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
