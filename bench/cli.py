@@ -5,7 +5,8 @@ texts, mixed voices and semantic length:
   (1) transformers BarkModel.generate one request at a time, float32;
   (2) transformers with static batches, in the dtype the measured GEMM peak favours;
   (3) bark-serve's engines in one process at each --engine-batches;
-  (4) the served app (Ray Serve, HTTP streaming) at each --concurrency.
+  (4) the served app (Ray Serve, HTTP streaming) at each --concurrency;
+  (5) whole-dataset paths: `bark-serve dataset` (Ray Data) and one /v1/batches job (bench/offline_runs.py).
 It also measures the GEMM peak of every dtype, so each stage's achieved FLOP/s is a fraction of a
 peak taken on the same machine in the same run.
 """
@@ -42,7 +43,9 @@ def register(sub) -> None:
                    help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
                         "(default: the profile's)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
-    p.add_argument("--skip", default="", help="comma list of hf,engines,served")
+    p.add_argument("--offline-requests", type=int, default=16,
+                   help="items of the dataset and /v1/batches runs, configuration (5)")
+    p.add_argument("--skip", default="", help="comma list of hf,engines,served,offline")
     p.add_argument("--gemm-seconds", type=float, default=2.0,
                    help="seconds spent measuring each dtype's GEMM peak (default 2)")
     p.add_argument("--out", help="also write the JSON here")
@@ -125,6 +128,13 @@ def _bench(args) -> dict:
                 runs.append(served(app, work, c, n, peaks).summary())
         finally:
             app.close()
+    if "offline" not in skip:
+        from .offline_runs import batches_run, dataset_run
+
+        batch = max(_ints(args.engine_batches))
+        for name, fn in (("dataset", dataset_run), ("/v1/batches", batches_run)):
+            _log(f"(5) {name}, {args.offline_requests} items, batch {batch}")
+            runs.append(fn(model, work, args.offline_requests, dtype, batch).summary())
     report["ratios"] = _ratios(runs)
     return report
 
