@@ -44,9 +44,11 @@ def register(sub) -> None:
 
 
 def dataset(args) -> int:
+    from bark_serve.offline.outdir import OutDir
     from bark_serve.offline.run import DatasetInputError, RunOptions, check_input, run_dataset
     from bark_serve.serving.audio import check_format
     from bark_serve.serving.config import load_config
+    from bark_serve.stages.weights import Checkpoint
 
     if args.limit is not None and args.limit < 1:
         raise CliError("--limit must be at least 1")
@@ -58,8 +60,12 @@ def dataset(args) -> int:
                       block_bytes=args.block_bytes)
     try:
         check_input(opts)
+        OutDir(opts.out).makedirs()
     except DatasetInputError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"cannot write to --out {args.out!r}: {exc}") from None
+    Checkpoint.open(cfg.model)  # a missing or broken checkpoint fails here (exit 2), not in every actor
     tmp = _start_ray(args, cfg)
     try:
         summary = run_dataset(cfg, opts)
@@ -79,7 +85,10 @@ def _start_ray(args, cfg) -> str | None:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False)
+        try:
+            ray.init(address=address, log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise CliError(f"cannot connect to Ray at {address!r}: {exc}") from None
         return None
     tmp = tempfile.mkdtemp(prefix="bark-ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
     ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg), include_dashboard=False,

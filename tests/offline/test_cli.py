@@ -32,15 +32,16 @@ def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     (["{src}", "--limit", "0"], "--limit must be at least 1"),
     (["{txt}"], "cannot tell the format"),
     (["{src}", "--config", "no-such-profile"], "not found"),
+    (["{src}", "--model", "{tmp}/no-model"], "no-model"),
 ])
 def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
     (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "hi"}\n')
     (tmp_path / "in.txt").write_text("hi\n")
-    args = [a.format(src=tmp_path / "in.jsonl", txt=tmp_path / "in.txt") for a in args]
+    args = [a.format(src=tmp_path / "in.jsonl", txt=tmp_path / "in.txt", tmp=tmp_path) for a in args]
     res = cli(*args, "--out", str(tmp_path / "out"))
     assert res.returncode == 2, res.stderr[-2000:]
     assert message in res.stderr and "Traceback" not in res.stderr
-    assert not (tmp_path / "out").exists()  # nothing started
+    assert "Ray instance" not in res.stderr  # refused before Ray starts
 
 
 def _ray_pids(marker: str) -> list[int]:
