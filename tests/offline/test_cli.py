@@ -44,6 +44,13 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
     assert "Ray instance" not in res.stderr  # refused before Ray starts
 
 
+def test_help_imports_no_torch_or_ray():
+    from tests.cli.test_cli_help import HEAVY, _imported_modules
+
+    loaded = _imported_modules("dataset", "--help")
+    assert not [m for m in HEAVY if m in loaded]
+
+
 def _ray_pids(marker: str) -> list[int]:
     """Processes of the killed run's Ray instance (their command lines name its temp dir)."""
     pids = []
