@@ -19,8 +19,9 @@ from bark_serve.serving.config import BarkConfig, Placement
 from bark_serve.stages.constants import STAGES
 
 PLAN_BATCH_ROWS = 64
-# An actor that dies (killed, OOM, node lost) is restarted and its in-flight batches are retried on it.
-ACTOR_RETRIES = {"max_restarts": -1, "max_task_retries": -1}
+# An actor that dies (killed, OOM, node lost) is restarted and its in-flight batches are retried on it:
+# Ray Data gives actor pools max_restarts=-1 and max_task_retries=-1 by default (tests/offline checks
+# both the defaults and a killed actor), so nothing is passed here.
 
 
 @dataclass(frozen=True)
@@ -37,11 +38,10 @@ class MapSpec:
     def kwargs(self) -> dict:
         from ray.data import ActorPoolStrategy
 
-        remote = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
-                  **({"resources": dict(self.resources)} if self.resources else {})}
         low, high = self.concurrency
-        return {"compute": ActorPoolStrategy(min_size=low, max_size=high), "batch_size": self.batch_size, **remote,
-                **ACTOR_RETRIES}
+        return {"compute": ActorPoolStrategy(min_size=low, max_size=high), "batch_size": self.batch_size,
+                "num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {}),
+                **({"resources": dict(self.resources)} if self.resources else {})}
 
 
 def pool_size(p: Placement) -> tuple[int, int]:

@@ -109,3 +109,27 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
         assert row["status"] == Status.PENDING.value, row["error"]
         np.testing.assert_allclose(row["audio"], reference(pipe, {**good, "seed": row["seed"]}), atol=QUANT)
     assert 0 < rows[0]["semantic_tokens"] <= 10 * rows[0]["segments"]
+
+
+def test_stage_pools_from_the_config_blocks(tiny_ckpt):
+    """Each stage block gives its map_batches: pool resource, CPUs/GPUs, pool size, batch size; and Ray Data
+    restarts a dead actor and retries its tasks without being asked."""
+    from ray.data._internal.execution.operators import actor_pool_map_operator as apm
+
+    from bark_serve.offline.settings import plan_spec, stage_specs
+
+    raw = offline_config(str(tiny_ckpt))
+    raw["fine"] = {**raw["fine"], "pool": "gpu", "num_gpus": 0.5, "max_batch": 3,
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 4}}
+    raw["codec"] = {**raw["codec"], "pool": None, "num_replicas": 2}
+    specs = stage_specs(parse_config(raw))
+    fine = specs["fine"].kwargs()
+    assert fine["resources"] == {"bark_pool_gpu": 1.0} and fine["num_gpus"] == 0.5 and fine["batch_size"] == 3
+    assert (fine["compute"].min_size, fine["compute"].max_size) == (1, 4)  # at least one actor
+    codec = specs["codec"].kwargs()
+    assert "resources" not in codec and "num_gpus" not in codec
+    assert (codec["compute"].min_size, codec["compute"].max_size) == (2, 2)
+    assert specs["semantic"].kwargs()["resources"] == {"bark_pool_semantic": 1.0}
+    assert plan_spec(parse_config(raw)).kwargs()["num_cpus"] == 0.25
+    source = open(apm.__file__).read()
+    assert 'ray_remote_args["max_restarts"] = -1' in source and 'ray_remote_args["max_task_retries"] = -1' in source
