@@ -1,7 +1,7 @@
 """``bark-serve dataset INPUT --out DIR``: offline synthesis of a whole table on Ray Data (bark_serve.offline).
 
-Where it runs: without --address and without $RAY_ADDRESS, a new local Ray instance (its own temp
-dir, every pool resource on the one node), stopped at the end. With --address (``auto``, an
+Where it runs: with --address local, or without --address and $RAY_ADDRESS, a new local Ray instance
+(its own temp dir, every pool resource on the one node), stopped at the end. With --address (``auto``, an
 address, ``ray://`` for Ray Client) or $RAY_ADDRESS (set by ``ray job submit``), the existing
 cluster, whose nodes advertise the pool resources.
 """
@@ -28,8 +28,8 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory (local or URI; shared storage on a cluster)")
     p.add_argument("--config", help="YAML config or profile name (default: local-cpu)")
     p.add_argument("--model", help="hub id or local checkpoint directory (overrides the config)")
-    p.add_argument("--address", help="Ray cluster to run on: auto, HOST:PORT or ray://HOST:10001 "
-                                     "(default: $RAY_ADDRESS, else a new local Ray instance)")
+    p.add_argument("--address", help="Ray cluster to run on: auto, HOST:PORT, ray://HOST:10001, or local for a new "
+                                     "local instance (default: $RAY_ADDRESS, else a new local instance)")
     p.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray instance (default: all)")
     p.add_argument("--format", default="wav", help="audio format of rows that name none (wav, flac, mp3, opus, pcm)")
     p.add_argument("--input-format", default="auto", choices=["auto", "jsonl", "csv", "parquet"],
@@ -84,7 +84,7 @@ def _start_ray(args, cfg) -> str | None:
     from bark_serve.serving.serve_config import pool_resources
 
     address = args.address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and address != "local":
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
