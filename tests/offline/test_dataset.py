@@ -100,11 +100,11 @@ def _fine_actors() -> list[dict]:
 
 
 def _kill_fine_once_busy(killed: list[int], stop: threading.Event) -> None:
-    """SIGKILL the fine actor 2 s after it is up (loading its engine or working on its first batches)."""
+    """SIGKILL the fine actor 1 s after it is up (loading its engine or working on its first rows)."""
     while not stop.is_set():
         alive = [a for a in _fine_actors() if a["State"] == "ALIVE"]
         if alive:
-            time.sleep(2.0)
+            time.sleep(1.0)
             os.kill(alive[0]["Pid"], signal.SIGKILL)
             killed.append(alive[0]["Pid"])
             return
@@ -114,7 +114,7 @@ def _kill_fine_once_busy(killed: list[int], stop: threading.Event) -> None:
 def test_a_stage_actor_killed_mid_run_costs_only_a_retry(ray_local, tiny_ckpt, tmp_path):
     """SIGKILL the fine actor mid-run: Ray restarts it and retries its batches; every row ends ok exactly once."""
     rows = [{"id": f"r{i}", "text": f"Row number {i} of the killed run.", "seed": i,
-             "options": {"temperature": 0, "max_semantic_tokens": 6}} for i in range(8)]
+             "options": {"temperature": 0, "max_semantic_tokens": 6}} for i in range(16)]
     src = tmp_path / "in.jsonl"
     src.write_text("\n".join(json.dumps(r) for r in rows))
     killed: list[int] = []
@@ -129,7 +129,8 @@ def test_a_stage_actor_killed_mid_run_costs_only_a_retry(ray_local, tiny_ckpt, t
         stop.set()
         watcher.join()
     assert killed, "the fine actor never came up"
-    assert summary.rows_ok == 8 and summary.rows_failed == 0
+    assert summary.rows_ok == 16 and summary.rows_failed == 0
     records = manifest(tmp_path / "out")
     assert sorted(records) == sorted(r["id"] for r in rows) and all(r["status"] == "ok" for r in records.values())
-    assert any(a["NumRestarts"] >= 1 for a in _fine_actors())  # the same actor, restarted in a new process
+    fine = [{k: a.get(k) for k in ("ActorID", "State", "Pid", "NumRestarts")} for a in _fine_actors()]
+    assert any(int(a["NumRestarts"] or 0) >= 1 for a in fine), fine  # the same actor, restarted in a new process
