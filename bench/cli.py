@@ -7,6 +7,7 @@ the same seeded workload (bench/workload.py: a mix of request lengths, one in ei
   (3) bark-serve's engines in one process at each --engine-batches;
   (4) the served app (Ray Serve, HTTP streaming) in closed loop at each --concurrency, then under
       open-loop Poisson arrivals at a sweep of rates around the measured saturation rate.
+  (5) whole-dataset paths: `bark-serve dataset` (Ray Data) and one /v1/batches job (bench/offline_runs.py).
 It also measures the GEMM peak of every dtype, so achieved FLOP/s (per stage, and per request
 against the roofline) are fractions of a peak taken on the same machine in the same run, and it
 reports the goodput under a time-to-first-audio SLO and the issue's floors (``floors``).
@@ -60,7 +61,9 @@ def register(sub) -> None:
     p.add_argument("--profile", default=None, help="config profile of the served app (default local-cpu, or "
                                                    "single-gpu with --device cuda)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
-    p.add_argument("--skip", default="", help="comma list of hf,engines,served")
+    p.add_argument("--offline-requests", type=int, default=16,
+                   help="items of the dataset and /v1/batches runs, configuration (5)")
+    p.add_argument("--skip", default="", help="comma list of hf,engines,served,offline")
     p.add_argument("--gemm-seconds", type=float, default=2.0,
                    help="seconds spent measuring each dtype's GEMM peak (default 2)")
     p.add_argument("--out", help="also write the JSON here")
@@ -148,6 +151,13 @@ def _bench(args) -> dict:
             runs.append(engines(model, work, max(args.engine_requests, b), b, dtype, peaks, device).summary())
     if "served" not in skip:
         _served(args, model, work, dtype, device, peaks, runs, report)
+    if "offline" not in skip:
+        from .offline_runs import batches_run, dataset_run
+
+        batch = max(_ints(args.engine_batches))
+        for name, fn in (("dataset", dataset_run), ("/v1/batches", batches_run)):
+            _log(f"(5) {name}, {args.offline_requests} items, batch {batch}")
+            runs.append(fn(model, work, args.offline_requests, dtype, batch).summary())
     report["ratios"] = _ratios(runs)
     report["floors"] = _floors(report)
     return report

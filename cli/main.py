@@ -1,7 +1,7 @@
 """``bark-serve``: the command line.
 
 Subcommands: synth (in-process), make-checkpoint, up (serve locally), say
-(HTTP client), render-config, voices, bench, batch. Bad arguments and bad
+(HTTP client), render-config, voices, bench, batch, dataset (Ray Data). Bad arguments and bad
 input end with one line on stderr and exit code 2, never a stack trace.
 
 Building the parser imports no torch, ray or transformers: each command's
@@ -29,7 +29,7 @@ def _float_or_none(value: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import commands as cmd
-    from . import up
+    from . import dataset, up
     from .batch import add_batch_commands
     from .batch import run as run_batch
 
@@ -42,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_bench(sub)
     add_batch_commands(sub).set_defaults(func=run_batch)
+    dataset.register(sub)
     return parser
 
 

@@ -5,12 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BARE = ("stages", "serving", "cluster", "bench", "cli")
+BARE = ("stages", "serving", "cluster", "offline", "bench", "cli")
 
 _IMPORT_ALL = """
 import importlib, pkgutil, sys
-import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench, bark_serve.cli
-roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.bench, bark_serve.cli]
+import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.offline, bark_serve.bench, bark_serve.cli
+roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.offline, bark_serve.bench,
+         bark_serve.cli]
 for root in roots:
     for info in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
         if not info.name.endswith(".__main__"):  # running it is `python -m`, not an import

@@ -2,7 +2,8 @@
 
 Helm checks values against it on install, upgrade, lint and template, so a typo
 (`max_batchs`) or a wrong type fails there, not later inside the RayService.
-Only `bark` (and the small `grafanaDashboard` block) is constrained; other values are free. tests/helm fails when the
+Only `bark` and the small `grafanaDashboard` and `datasetJob` blocks are constrained; other values are free.
+tests/helm fails when the
 file is stale:   python helm/tools/gen_values_schema.py
 """
 
@@ -24,7 +25,28 @@ def values_schema() -> dict:
     defs = bark.pop("$defs")  # its "#/$defs/..." refs stay valid at the top level
     defs["BarkConfig"] = bark
     return {"type": "object", "properties": {"bark": {"$ref": "#/$defs/BarkConfig"},
-                                             "grafanaDashboard": GRAFANA_DASHBOARD}, "$defs": defs}
+                                             "grafanaDashboard": GRAFANA_DASHBOARD, "datasetJob": DATASET_JOB},
+            "$defs": defs}
+
+
+# The RayJob of `bark-serve dataset` (templates/rayjob.yaml).
+DATASET_JOB = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "enabled": {"type": "boolean"},
+        "input": {"type": "string"},
+        "output": {"type": "string"},
+        "format": {"type": "string", "enum": ["wav", "flac", "mp3", "opus", "pcm", "aac"]},
+        "limit": {"type": ["integer", "null"], "minimum": 1},
+        "extraArgs": {"type": "array", "items": {"type": "string"}},
+        "submissionMode": {"type": "string", "enum": ["K8sJobMode", "HTTPMode"]},
+        "shutdownAfterJobFinishes": {"type": "boolean"},
+        "ttlSecondsAfterFinished": {"type": "integer", "minimum": 0},
+        "backoffLimit": {"type": "integer", "minimum": 0},
+        "activeDeadlineSeconds": {"type": ["integer", "null"], "minimum": 1},
+        "submitterResources": {"type": "object"},
+    },
+}
 
 
 # The dashboard ConfigMap's values (templates/grafana-dashboard.yaml): a label is a DNS-style key and a

@@ -18,7 +18,7 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
            "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "2", "--engine-requests", "2",
            "--concurrency", "1,2", "--served-requests", "3", "--rate-fractions", "0.5,0.7",
-           "--gemm-seconds", "0.2", "--out", str(out), "--plots", str(plots)]
+           "--gemm-seconds", "0.2", "--skip", "offline", "--out", str(out), "--plots", str(plots)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -92,3 +92,21 @@ def test_poisson_arrivals_are_seeded_and_have_the_asked_rate():
     assert abs(len(a) / a[-1] - 4.0) < 0.25
     with pytest.raises(ValueError):
         poisson_arrivals(0, 3)
+
+
+def test_bench_offline_row_runs_dataset_and_batches(tiny_ckpt, tmp_path):
+    """(5): the same items through `bark-serve dataset` and through one /v1/batches job, beside transformers."""
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--semantic-tokens", "6",
+           "--hf-requests", "2", "--hf-batches", "", "--engine-batches", "2", "--offline-requests", "3",
+           "--skip", "engines,served", "--gemm-seconds", "0.1", "--dtype", "float32", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(out.read_text())
+    runs = {r["name"]: r for r in report["runs"]}
+    assert set(runs) == {"transformers_sequential_float32", "dataset_batch2_float32", "batches_inflight2_float32"}
+    for name in ("dataset_batch2_float32", "batches_inflight2_float32"):
+        assert runs[name]["requests"] == 3 and runs[name]["failed_requests"] == 0
+        assert runs[name]["audio_s"] > 0 and runs[name]["throughput_audio_s_per_s"] > 0
+        assert f"{name}_vs_transformers_sequential" in report["ratios"]
+    assert all(v > 0 for v in runs["dataset_batch2_float32"]["stages_busy_s"].values())

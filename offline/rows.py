@@ -1,0 +1,157 @@
+"""Rows of a dataset run: the columns that travel between stages, and the check of one input row.
+
+An input row is validated exactly as a batch item is (``cluster/batch_types.parse_item``: id, text,
+voice, seed, format, options), its options as the HTTP API's (``BarkOptions``, unknown keys refused),
+and it is planned as the orchestrator plans a request (``Synthesizer.plan``: split, tokenize, resolve
+the voice). A bad row becomes a row with status ``failed`` and the reason; it never stops the run.
+
+Between stages a row carries its per-segment token arrays as binary columns (``pack_arrays``:
+an .npz of the arrays, no pickle), so each stage reads the outputs of the stages before it.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from pydantic import ConfigDict, ValidationError
+
+from bark_serve.cluster.batch_types import InvalidBatchError, item_id_of, parse_item
+from bark_serve.serving.api_models import BarkOptions
+from bark_serve.serving.audio import check_format
+from bark_serve.stages.constants import STAGES
+from bark_serve.stages.types import GenerationParams, InvalidRequestError, VoicePrompt
+from bark_serve.stages.untrusted import clip, summarize_errors
+
+MAX_ERROR_CHARS = 500
+TABLE_FIELDS = ("id", "text", "voice", "seed", "format", "options")
+
+
+class Status(str, enum.Enum):
+    PENDING = "pending"  # planned, still in the stages
+    OK = "ok"
+    FAILED = "failed"
+
+
+# What travels from stage to stage. The manifest is a subset (manifest.MANIFEST_SCHEMA).
+WORK_SCHEMA = pa.schema([
+    ("id", pa.string()), ("text", pa.string()), ("voice", pa.string()), ("seed", pa.int64()),
+    ("options", pa.string()), ("format", pa.string()), ("status", pa.string()), ("error", pa.string()),
+    ("segments", pa.int64()), ("semantic_tokens", pa.int64()), ("path", pa.string()), ("duration_s", pa.float64()),
+    ("voice_prompt", pa.binary()), ("text_ids", pa.binary()),
+    *[(stage, pa.binary()) for stage in STAGES[:-1]],
+    *[(f"busy_s_{stage}", pa.float64()) for stage in STAGES],
+    *[(f"node_{stage}", pa.string()) for stage in STAGES],
+])
+
+
+class RowOptions(BarkOptions):
+    """A row's ``options``: Bark's knobs as the HTTP API takes them; an unknown key is an error."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def pack_arrays(arrays: list[np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, *[np.asarray(a) for a in arrays])
+    return buf.getvalue()
+
+
+def unpack_arrays(data: bytes) -> list[np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return [npz[f"arr_{i}"] for i in range(len(npz.files))]
+
+
+def pack_voice(voice: VoicePrompt | None) -> bytes | None:
+    return None if voice is None else pack_arrays([voice.semantic, voice.coarse, voice.fine])
+
+
+def unpack_voice(data: bytes | None) -> VoicePrompt | None:
+    if data is None:
+        return None
+    semantic, coarse, fine = unpack_arrays(data)
+    return VoicePrompt(semantic, coarse, fine)
+
+
+def row_params(options_json: str | None, seed: int | None) -> GenerationParams:
+    """A row's generation parameters; raises InvalidRequestError for bad options."""
+    try:
+        options = json.loads(options_json) if options_json else {}
+        if not isinstance(options, dict):
+            raise InvalidRequestError("options must be an object")
+        return RowOptions.model_validate({**options, **({"seed": seed} if seed is not None else {})}) \
+            .generation_params()
+    except ValidationError as exc:
+        raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequestError(f"options are not valid JSON: {exc}") from None
+
+
+def empty_row(row_id: str) -> dict:
+    return {name: None for name in WORK_SCHEMA.names} | {"id": row_id}
+
+
+def failed_row(row: dict, error: str) -> dict:
+    return {**row, "status": Status.FAILED.value, "error": clip(str(error), MAX_ERROR_CHARS)}
+
+
+def raw_from_line(line: str) -> tuple[Any, str | None]:
+    """A JSONL line -> (raw item, parse error)."""
+    try:
+        return json.loads(line), None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        return None, f"not valid JSON: {exc}"
+
+
+def raw_from_table(record: dict) -> dict:
+    """A CSV/Parquet record as a batch item: a null (or, in CSV, empty) cell is an absent field, and
+    ``options`` may be a JSON string (CSV) or a struct/map (Parquet) whose nulls are absent keys."""
+    out = {k: v for k, v in record.items() if v is not None and v != ""}
+    options = out.get("options")
+    if isinstance(options, str):
+        try:
+            out["options"] = json.loads(options)
+        except json.JSONDecodeError:
+            pass  # parse_item reports that options must be an object
+    elif isinstance(options, list):  # an Arrow map column comes back as (key, value) pairs
+        out["options"] = {k: v for k, v in options if v is not None}
+    elif isinstance(options, dict):
+        out["options"] = {k: v for k, v in options.items() if v is not None}
+    return out
+
+
+def fallback_id(raw: Any, line: str | None) -> str:
+    """An id for a row whose own id is unusable: stable across runs (a hash of the row)."""
+    blob = line if line is not None else json.dumps(raw, sort_keys=True, default=str)
+    return "invalid-" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line: str | None = None) -> dict:
+    """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
+    if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not
+        return failed_row(empty_row(fallback_id(raw, line)), "id is missing: every row needs a unique id")
+    try:
+        row_id = item_id_of(raw, 0) if isinstance(raw, dict) else fallback_id(raw, line)
+    except InvalidBatchError as exc:
+        return failed_row(empty_row(fallback_id(raw, line)), str(exc).removeprefix("item 0: "))
+    row = empty_row(row_id)
+    if isinstance(raw, dict):
+        row.update(text=raw.get("text") if isinstance(raw.get("text"), str) else None,
+                   voice=raw.get("voice") if isinstance(raw.get("voice"), str) else None)
+    rec = parse_item(raw, 0, synth.max_text_chars, parse_error)
+    if rec.error is not None:
+        return failed_row(row, rec.error.removeprefix("item 0: "))
+    options = json.dumps(rec.options, sort_keys=True) if rec.options else None
+    row.update(options=options, seed=rec.seed)
+    try:
+        fmt = check_format(rec.format if "format" in raw else default_format)
+        plan = synth.plan(rec.text, rec.voice, row_params(options, rec.seed), request_id=row_id)
+    except InvalidRequestError as exc:
+        return failed_row(row, str(exc))
+    return {**row, "format": fmt, "seed": plan.seed, "status": Status.PENDING.value, "segments": len(plan.segments),
+            "voice_prompt": pack_voice(plan.voice), "text_ids": pack_arrays(list(plan.text_ids))}

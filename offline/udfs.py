@@ -1,0 +1,111 @@
+"""The class-based UDFs of the ``map_batches`` stages: one planner, one stage worker per engine stage.
+
+Ray Data builds one instance per actor of the pool; ``__call__`` takes one batch (a pyarrow Table)
+and returns one with ``WORK_SCHEMA``. The codec worker also encodes each row's audio
+(serving/audio.py) and writes it under the output directory, so waveforms never travel.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from bark_serve.serving.audio import encode
+from bark_serve.serving.config import parse_config
+from bark_serve.stages.constants import STAGES
+
+from .outdir import OutDir
+from .rows import WORK_SCHEMA, Status, failed_row, plan_row, raw_from_line, raw_from_table
+from .stage_run import run_stage
+
+
+def _node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+def _table(rows: list[dict]) -> pa.Table:
+    return pa.Table.from_pylist([{k: r.get(k) for k in WORK_SCHEMA.names} for r in rows], schema=WORK_SCHEMA)
+
+
+class Planner:
+    """Validate and plan input rows; drop those already done (resume)."""
+
+    def __init__(self, config: dict, source: str, default_format: str, done_ids: frozenset[str] = frozenset()):
+        from bark_serve.serving.stage_calls import make_synthesizer
+
+        self.synth = make_synthesizer(parse_config(config), {})  # planning only: no stage is called
+        self.source, self.default_format, self.done = source, default_format, done_ids
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = []
+        for record in batch.to_pylist():
+            if self.source == "jsonl":
+                line = record["text"]
+                if not line.strip():
+                    continue
+                raw, error = raw_from_line(line)
+                row = plan_row(raw, error, self.synth, self.default_format, line)
+            else:
+                row = plan_row(raw_from_table(record), None, self.synth, self.default_format)
+            if row["id"] not in self.done:
+                out.append(row)
+        return _table(out)
+
+
+class StageWorker:
+    """One engine stage over batches of rows (a subclass per stage names the stage in Ray's progress bars)."""
+
+    stage = ""
+
+    def __init__(self, config: dict, out: str | None = None):
+        from bark_serve.serving.stage_server import engine_options, load_engine
+        from bark_serve.stages.weights import Checkpoint
+
+        cfg = parse_config(config)
+        self.engine = load_engine(self.stage, cfg, engine_options(cfg.stage(self.stage)))
+        self.sample_rate = Checkpoint.open(cfg.model).spec.sample_rate
+        self.out = OutDir(out) if out else None
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        busy = run_stage(self.engine, self.stage, rows)
+        node = _node_id()
+        share = busy / max(1, len(rows))
+        for row in rows:
+            row[f"busy_s_{self.stage}"] = share
+            row[f"node_{self.stage}"] = node
+            if self.stage == "codec":
+                self._write(row)
+        return _table(rows)
+
+    def _write(self, row: dict) -> None:
+        audio = row.pop("audio", None)
+        if row["status"] != Status.PENDING.value or audio is None:
+            return
+        try:
+            row["path"] = self.out.write_audio(row["id"], row["format"], encode(audio, self.sample_rate, row["format"]))
+        except OSError as exc:
+            row.update(failed_row(row, f"writing the audio failed: {exc}"))
+            return
+        row.update(status=Status.OK.value, duration_s=len(audio) / self.sample_rate, voice_prompt=None,
+                   text_ids=None, **{s: None for s in STAGES[:-1]})
+
+
+class SemanticWorker(StageWorker):
+    stage = "semantic"
+
+
+class CoarseWorker(StageWorker):
+    stage = "coarse"
+
+
+class FineWorker(StageWorker):
+    stage = "fine"
+
+
+class CodecWorker(StageWorker):
+    stage = "codec"
+
+
+WORKERS = {w.stage: w for w in (SemanticWorker, CoarseWorker, FineWorker, CodecWorker)}

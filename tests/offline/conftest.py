@@ -1,0 +1,69 @@
+"""Helpers of the dataset tests: a small config, the in-process reference, reading a run's output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SEGMENT_TOKENS = 24  # small, so a few sentences make several segments (the voice carries across them)
+QUANT = 2 / 32767  # 16-bit PCM quantization
+
+
+def offline_config(model: str, **overrides) -> dict:
+    """float32 pinned (the reference pipeline is float32), one torch thread, small batches, tiny CPU shares."""
+    stage = {"num_cpus": 0.25, "max_batch": 2, "dtype": "float32", "device": "cpu", "torch_threads": 1}
+    cfg = {"model": model, "orchestrator": {"num_cpus": 0.25, "segment_max_tokens": SEGMENT_TOKENS},
+           **{s: {"pool": s, **stage} for s in ("semantic", "coarse", "fine", "codec")}}
+    cfg.update(overrides)
+    return cfg
+
+
+# Rows every input format carries: greedy and seeded, one and several segments, presets and an alias.
+GOOD_ROWS = [
+    {"id": "long", "text": "The first sentence is here. A second one follows it. And a third ends the row.",
+     "voice": "v2/en_speaker_6", "options": {"temperature": 0, "max_semantic_tokens": 10}},
+    {"id": "short", "text": "Hello there.", "seed": 3, "options": {"temperature": 0, "max_semantic_tokens": 12}},
+    {"id": "sampled", "text": "Sampled with a seed, not greedy.", "seed": 7, "voice": "alloy",
+     "options": {"max_semantic_tokens": 9}},
+    {"id": 42, "text": "An integer id and no options at all.", "seed": 11},
+]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt):
+    from bark_serve.stages.engine import EngineOptions
+    from bark_serve.stages.pipeline import BarkPipeline
+
+    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=4, dtype="float32"))
+
+
+def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:
+    """The in-process pipeline's audio for an input row (same options, seed and segment budget)."""
+    from bark_serve.offline.rows import row_params
+    from bark_serve.serving.config import BarkConfig
+
+    aliases = aliases or BarkConfig().voice_aliases
+    options = json.dumps(row["options"]) if row.get("options") else None
+    voice = aliases.get(row.get("voice"), row.get("voice"))
+    return pipe.synthesize(row["text"], voice, row_params(options, row.get("seed")),
+                           max_segment_tokens=SEGMENT_TOKENS).audio
+
+
+def manifest(out: Path) -> dict[str, dict]:
+    import pyarrow.parquet as pq
+
+    records = pq.read_table(out / "manifest.parquet").to_pylist()
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), f"an id recorded twice: {ids}"
+    return {r["id"]: r for r in records}
+
+
+def audio_of(out: Path, record: dict) -> np.ndarray:
+    import soundfile as sf
+
+    data, rate = sf.read(out / record["path"], dtype="float32")
+    assert rate == 24_000
+    return data

@@ -1,0 +1,135 @@
+"""Row checks and the stage loop without Ray: bad rows fail alone with a reason; the four stage loops
+over a batch of rows give the in-process pipeline's audio."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+
+from bark_serve.offline.rows import WORK_SCHEMA, Status, raw_from_table
+from bark_serve.offline.stage_run import run_stage
+from bark_serve.offline.udfs import Planner
+from bark_serve.serving.config import parse_config
+from bark_serve.stages.constants import STAGES
+from tests.offline.conftest import GOOD_ROWS, QUANT, offline_config, pipe, reference  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def config(tiny_ckpt) -> dict:
+    return parse_config(offline_config(str(tiny_ckpt))).model_dump(mode="json")
+
+
+def jsonl_batch(lines: list[str]) -> pa.Table:
+    return pa.table({"text": lines})
+
+
+def test_bad_rows_fail_alone_with_their_reason(config):
+    lines = [json.dumps(r) for r in GOOD_ROWS] + [
+        json.dumps({"id": "empty", "text": "  "}),
+        json.dumps({"id": "voice", "text": "hi", "voice": "no-such-voice"}),
+        json.dumps({"id": "opts", "text": "hi", "options": {"temprature": 1}}),
+        json.dumps({"id": "range", "text": "hi", "options": {"top_p": 2}}),
+        json.dumps({"id": "fmt", "text": "hi", "format": "midi"}),
+        json.dumps({"id": "seed", "text": "hi", "seed": "seven"}),
+        json.dumps({"id": "extra", "text": "hi", "speaker": 3}),
+        json.dumps({"id": "long", "text": "x" * 5000}),  # beyond max_text_chars (a good row's id, see below)
+        json.dumps({"id": "../escape", "text": "hi"}),
+        json.dumps({"text": "no id"}),
+        "{not json",
+        "[1, 2]",
+        "   ",  # blank lines are skipped
+    ]
+    cfg = dict(config, orchestrator={**config["orchestrator"], "max_text_chars": 4000})
+    out = Planner(cfg, "jsonl", "wav")(jsonl_batch(lines))
+    assert out.schema == WORK_SCHEMA
+    rows = out.to_pylist()
+    assert len(rows) == len(lines) - 1
+    for good, row in zip(GOOD_ROWS, rows):
+        assert (row["id"], row["status"]) == (str(good["id"]), Status.PENDING.value), row["error"]
+    failed = {r["id"]: r["error"] for r in rows if r["status"] == Status.FAILED.value}
+    assert failed["empty"] == "text is empty"
+    assert "unknown voice 'no-such-voice'" in failed["voice"]
+    assert "temprature" in failed["opts"] and "top_p" in failed["range"]
+    assert "format" in failed["fmt"] and "seed" in failed["seed"] and "speaker" in failed["extra"]
+    invalid = [e for rid, e in failed.items() if rid.startswith("invalid-")]
+    assert len(invalid) == 4  # bad id, missing id, not JSON, not an object: a stable made-up id each
+    assert any("id" in e and "must match" in e for e in invalid)
+    assert any("not valid JSON" in e for e in invalid) and any("expected an object" in e for e in invalid)
+    # the row with the same id as a good one, but too long, is recorded as failed too
+    assert [r["status"] for r in rows if r["id"] == "long"] == ["pending", "failed"]
+    # ids made up for bad rows are stable: a rerun records the same ids
+    again = Planner(cfg, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()
+    assert [r["id"] for r in again] == [r["id"] for r in rows]
+
+
+def test_resume_drops_done_ids(config):
+    lines = [json.dumps(r) for r in GOOD_ROWS]
+    out = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))(jsonl_batch(lines)).to_pylist()
+    assert [r["id"] for r in out] == ["short", "sampled"]
+
+
+def test_csv_cells_and_json_options(config, tmp_path):
+    path = tmp_path / "in.csv"
+    path.write_text('id,text,voice,seed,options\n'
+                    '1,Hello there.,,5,"{""temperature"": 0}"\n'
+                    'b,Second row.,v2/en_speaker_6,,\n'
+                    'c,Bad options.,,,{oops\n')
+    rows = Planner(config, "table", "flac")(pacsv.read_csv(path)).to_pylist()
+    assert [(r["id"], r["status"]) for r in rows] == [("1", "pending"), ("b", "pending"), ("c", "failed")]
+    assert rows[0]["seed"] == 5 and rows[0]["options"] == '{"temperature": 0}' and rows[0]["format"] == "flac"
+    assert rows[1]["voice"] == "v2/en_speaker_6" and rows[1]["seed"] is not None  # a seed is drawn and recorded
+    assert "options" in rows[2]["error"]
+
+
+def test_parquet_struct_options_drop_nulls():
+    # Arrow unifies struct fields across rows: a field one row lacks is null there, which means "absent".
+    assert raw_from_table({"id": "a", "text": "t", "options": {"temperature": None, "max_semantic_tokens": 8},
+                           "voice": None}) == {"id": "a", "text": "t", "options": {"max_semantic_tokens": 8}}
+    assert raw_from_table({"id": "a", "text": "t", "options": [("top_k", 5), ("top_p", None)]})["options"] == \
+        {"top_k": 5}
+
+
+def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
+    """Rows of one, two and three segments batch together in each stage (capacity 2 < rows), in order
+    within a row; the audio equals BarkPipeline.synthesize for greedy and seeded rows."""
+    from bark_serve.serving.stage_server import engine_options, load_engine
+
+    cfg = parse_config(config)
+    rows = Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(r) for r in GOOD_ROWS])).to_pylist()
+    assert rows[0]["segments"] >= 2
+    for stage in STAGES:
+        engine = load_engine(stage, cfg, engine_options(cfg.stage(stage)))
+        busy = run_stage(engine, stage, rows)
+        assert busy > 0 and engine.num_active == 0
+    for good, row in zip(GOOD_ROWS, rows):
+        assert row["status"] == Status.PENDING.value, row["error"]
+        np.testing.assert_allclose(row["audio"], reference(pipe, {**good, "seed": row["seed"]}), atol=QUANT)
+    assert 0 < rows[0]["semantic_tokens"] <= 10 * rows[0]["segments"]
+
+
+def test_stage_pools_from_the_config_blocks(tiny_ckpt):
+    """Each stage block gives its map_batches: pool resource, CPUs/GPUs, pool size, batch size; and Ray Data
+    restarts a dead actor and retries its tasks without being asked."""
+    from ray.data._internal.execution.operators import actor_pool_map_operator as apm
+
+    from bark_serve.offline.settings import plan_spec, stage_specs
+
+    raw = offline_config(str(tiny_ckpt))
+    raw["fine"] = {**raw["fine"], "pool": "gpu", "num_gpus": 0.5, "max_batch": 3,
+                   "autoscaling": {"min_replicas": 0, "max_replicas": 4}}
+    raw["codec"] = {**raw["codec"], "pool": None, "num_replicas": 2}
+    specs = stage_specs(parse_config(raw))
+    fine = specs["fine"].kwargs()
+    assert fine["resources"] == {"bark_pool_gpu": 1.0} and fine["num_gpus"] == 0.5 and fine["batch_size"] == 3
+    assert (fine["compute"].min_size, fine["compute"].max_size) == (1, 4)  # at least one actor
+    codec = specs["codec"].kwargs()
+    assert "resources" not in codec and "num_gpus" not in codec
+    assert (codec["compute"].min_size, codec["compute"].max_size) == (2, 2)
+    assert specs["semantic"].kwargs()["resources"] == {"bark_pool_semantic": 1.0}
+    assert plan_spec(parse_config(raw)).kwargs()["num_cpus"] == 0.25
+    source = open(apm.__file__).read()
+    assert 'ray_remote_args["max_restarts"] = -1' in source and 'ray_remote_args["max_task_retries"] = -1' in source
