@@ -74,6 +74,12 @@ def throughput_latency(report: dict, path: Path) -> Path:
     ax2.set(xlabel="concurrency (served) / batch size", ylabel="seconds", title="latency", yscale="log")
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+    return _save(plt, fig, (ax1, ax2), report, path)
+
+
+def _save(plt, fig, axes, report: dict, path: Path) -> Path:
+    """Grid, legends and the machine/dtype/mix title, then write the PNG."""
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.suptitle(_title(report), fontsize=9)
@@ -95,13 +101,7 @@ def ttfa_cdf(report: dict, path: Path) -> Path:
     if slo:
         ax.axvline(slo, color="grey", linestyle=":", label=f"SLO bound {slo:g} s")
     ax.set(xlabel="time to first audio (s)", ylabel="fraction of requests", title="time to first audio")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.suptitle(_title(report), fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, (ax,), report, path)
 
 
 def timeline(report: dict, path: Path, run: str | None = None) -> Path:

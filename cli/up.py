@@ -192,7 +192,7 @@ def _routes(cfg) -> str:
     routes = ["POST /v1/audio/speech", "POST /v1/tts", "GET /v1/voices", "GET /v1/models"]
     if cfg.batch.enabled:
         routes.append("/v1/batches")
-    return ", ".join(routes) + ", /docs"
+    return ", ".join(routes) + ", /docs, /playground/"
 
 
 def _auth_hint() -> str:

@@ -22,9 +22,11 @@ import pyarrow as pa
 from pydantic import ConfigDict, ValidationError
 
 from bark_serve.cluster.batch_types import InvalidBatchError, item_id_of, parse_item
-from bark_serve.serving.api_models import BarkOptions
+from bark_serve.serving.api_models import BarkOptions, OutputOptions
 from bark_serve.serving.audio import check_format
+from bark_serve.serving.config import AudioConfig
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.types import GenerationParams, InvalidRequestError, VoicePrompt
 from bark_serve.stages.untrusted import clip, summarize_errors
 
@@ -50,8 +52,9 @@ WORK_SCHEMA = pa.schema([
 ])
 
 
-class RowOptions(BarkOptions):
-    """A row's ``options``: Bark's knobs as the HTTP API takes them; an unknown key is an error."""
+class RowOptions(BarkOptions, OutputOptions):
+    """A row's ``options``: Bark's knobs and the output options (speed, joins) as the HTTP API takes them;
+    an unknown key is an error."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -90,6 +93,12 @@ def row_params(options_json: str | None, seed: int | None) -> GenerationParams:
         raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"options are not valid JSON: {exc}") from None
+
+
+def row_post_process(options_json: str | None, defaults: AudioConfig) -> PostProcess:
+    """How a row's segments are joined: the config's ``audio:`` block with the row's own options."""
+    options = json.loads(options_json) if options_json else {}
+    return RowOptions.model_validate(options).post_process(defaults)
 
 
 def empty_row(row_id: str) -> dict:
@@ -146,6 +155,9 @@ def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line
     rec = parse_item(raw, 0, synth.max_text_chars, parse_error)
     if rec.error is not None:
         return failed_row(row, rec.error.removeprefix("item 0: "))
+    if rec.script is not None:
+        return failed_row(row, "multi-speaker scripts are not supported by `bark-serve dataset` yet: send them as "
+                               "/v1/batches items, or one row per line")
     options = json.dumps(rec.options, sort_keys=True) if rec.options else None
     row.update(options=options, seed=rec.seed)
     try:

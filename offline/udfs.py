@@ -12,9 +12,10 @@ import pyarrow as pa
 from bark_serve.serving.audio import encode
 from bark_serve.serving.config import parse_config
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.dsp import join_segments
 
 from .outdir import OutDir
-from .rows import WORK_SCHEMA, Status, failed_row, plan_row, raw_from_line, raw_from_table
+from .rows import WORK_SCHEMA, Status, failed_row, plan_row, raw_from_line, raw_from_table, row_post_process
 from .stage_run import run_stage
 
 
@@ -65,6 +66,7 @@ class StageWorker:
         cfg = parse_config(config)
         self.engine = load_engine(self.stage, cfg, engine_options(cfg.stage(self.stage)))
         self.sample_rate = Checkpoint.open(cfg.model).spec.sample_rate
+        self.audio_config = cfg.audio
         self.out = OutDir(out) if out else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -80,9 +82,12 @@ class StageWorker:
         return _table(rows)
 
     def _write(self, row: dict) -> None:
-        audio = row.pop("audio", None)
-        if row["status"] != Status.PENDING.value or audio is None:
+        segments = row.pop("audio", None)
+        if row["status"] != Status.PENDING.value or segments is None:
             return
+        # joined as the served app and batch jobs join them: trim, speed, loudness, crossfade (options validated
+        # when the row was planned)
+        audio = join_segments(segments, self.sample_rate, row_post_process(row["options"], self.audio_config))
         try:
             row["path"] = self.out.write_audio(row["id"], row["format"], encode(audio, self.sample_rate, row["format"]))
         except OSError as exc:

@@ -29,6 +29,8 @@ GOOD_ROWS = [
     {"id": "sampled", "text": "Sampled with a seed, not greedy.", "seed": 7, "voice": "alloy",
      "options": {"max_semantic_tokens": 9}},
     {"id": 42, "text": "An integer id and no options at all.", "seed": 11},
+    {"id": "raw", "text": "Raw samples, then. No joins at all.", "seed": 5,
+     "options": {"max_semantic_tokens": 8, "trim_silence": False, "crossfade_ms": 0, "normalize_loudness": False}},
 ]
 
 
@@ -41,15 +43,18 @@ def pipe(tiny_ckpt):
 
 
 def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:
-    """The in-process pipeline's audio for an input row (same options, seed and segment budget)."""
-    from bark_serve.offline.rows import row_params
-    from bark_serve.serving.config import BarkConfig
+    """The in-process pipeline's audio for an input row (same options, seed and segment budget), its segments
+    joined as the served app joins them (the config's default audio block and the row's output options)."""
+    from bark_serve.offline.rows import row_params, row_post_process
+    from bark_serve.serving.config import AudioConfig, BarkConfig
+    from bark_serve.stages.dsp import join_segments
 
     aliases = aliases or BarkConfig().voice_aliases
     options = json.dumps(row["options"]) if row.get("options") else None
     voice = aliases.get(row.get("voice"), row.get("voice"))
-    return pipe.synthesize(row["text"], voice, row_params(options, row.get("seed")),
-                           max_segment_tokens=SEGMENT_TOKENS).audio
+    gen = pipe.synthesize(row["text"], voice, row_params(options, row.get("seed")), max_segment_tokens=SEGMENT_TOKENS)
+    segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1])
+    return join_segments(segments, gen.sample_rate, row_post_process(options, AudioConfig()))
 
 
 def manifest(out: Path) -> dict[str, dict]:
