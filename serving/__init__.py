@@ -9,6 +9,6 @@ one config file (config.py, configs/), its rendering as a Ray Serve config
 (serve_config.py) and the app builder (app.py: ``bark_serve.serving.app:build_app``).
 
 Layer: above ``bark_serve.cluster`` and ``bark_serve.stages``, which it may
-import; never the CLI or the benchmark. Enforced by import-linter
+import; never the CLI, the benchmark or ``bark_serve.offline``. Enforced by import-linter
 (pyproject.toml, run by .ci/run).
 """
