@@ -133,14 +133,7 @@ def read_input(opts: RunOptions):
 
     path, kind = check_input(opts)
     readers = {"jsonl": ray.data.read_text, "csv": ray.data.read_csv, "parquet": ray.data.read_parquet}
-    extra = {}
-    if kind == "csv":  # cells as written: ids 001 and 1 stay two ids, a numeric text stays text
-        import pyarrow as pa
-        import pyarrow.csv as pcsv
-
-        strings = {c: pa.string() for c in ("id", "text", "voice", "format", "options")}
-        extra["convert_options"] = pcsv.ConvertOptions(column_types=strings)
-    ds = readers[kind](path, num_cpus=READ_CPUS, **extra)
+    ds = readers[kind](path, num_cpus=READ_CPUS)
     return (ds.limit(opts.limit) if opts.limit else ds), kind
 
 

@@ -70,15 +70,10 @@ def format_for_path(path: str) -> str:
     raise InvalidRequestError(f"cannot tell the audio format of {path!r}: use one of {', '.join(EXTENSIONS)}")
 
 
-def full_scale(audio: np.ndarray) -> np.ndarray:
-    """float32 samples in [-1, 1]: NaN becomes silence and infinities full scale (no encoder sees them)."""
-    finite = np.nan_to_num(np.asarray(audio, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip(finite, -1.0, 1.0)
-
-
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float waveform in [-1, 1] -> 16-bit little-endian PCM bytes."""
-    return (full_scale(audio) * 32767.0).round().astype("<i2").tobytes()
+    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+    return (clipped * 32767.0).round().astype("<i2").tobytes()
 
 
 def from_pcm16(data: bytes) -> np.ndarray:
@@ -92,6 +87,10 @@ def wav_header(sample_rate: int, n_samples: int | None = None) -> bytes:
     return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " +
             struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
             b"data" + struct.pack("<I", data))
+
+
+def wav_stream_header(sample_rate: int) -> bytes:
+    return wav_header(sample_rate)
 
 
 class PcmEncoder:
@@ -143,7 +142,7 @@ class AvEncoder:
     def feed(self, audio: np.ndarray) -> bytes:
         import av
 
-        data = full_scale(audio)
+        data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
         if data.size:
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[None, :]), format="flt", layout="mono")
             frame.sample_rate, frame.pts = self.sample_rate, self.samples
@@ -194,15 +193,9 @@ class AudioOut:
     """
 
     def __init__(self, fmt: str, sample_rate: int, post: PostProcess):
-        self.sample_rate, self.fmt = sample_rate, fmt
+        self.sample_rate = sample_rate
         self.joiner = SegmentJoiner(sample_rate, post)
-        self._encoder: PcmEncoder | AvEncoder | None = None  # opened on first use: msgpack streams only join
-
-    @property
-    def encoder(self) -> PcmEncoder | AvEncoder:
-        if self._encoder is None:
-            self._encoder = open_encoder(self.fmt, self.sample_rate, stream=True)
-        return self._encoder
+        self.encoder = open_encoder(fmt, sample_rate, stream=True)
 
     def join(self, segment: np.ndarray, last: bool) -> np.ndarray:
         out = self.joiner.push(segment)

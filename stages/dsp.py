@@ -132,8 +132,7 @@ class SegmentJoiner:
     def prepare(self, segment: np.ndarray) -> np.ndarray:
         """One segment trimmed, stretched and at the request's gain (chosen here, on the first loud segment)."""
         o = self.options
-        # NaN would defeat the trim (no frame compares loud) and infinities the gain: silence and full scale
-        audio = np.nan_to_num(np.asarray(segment, dtype=np.float32), nan=0.0, posinf=1.0, neginf=-1.0)
+        audio = np.asarray(segment, dtype=np.float32)
         if o.trim_silence:
             audio = trim_silence(audio, self.sample_rate, o.trim_threshold_db, o.trim_margin_ms)
         audio = time_stretch(audio, self.sample_rate, o.speed)
