@@ -2,9 +2,14 @@
 
 How this works: the non-causal fine model fills codebooks 2..7 over windows
 of 1024 frames that advance by 512 (history first, padding with 1024 after,
-see ``tokens.fine_plan``). One ``step`` takes the current window of every
-held request, stacks them into one (B, 1024, 8) batch, and runs the six
-codebook passes on it; a request leaves after its last window. Every window is
+see ``tokens.fine_plan``), one codebook pass at a time. One ``step`` is one
+pass: it stacks the current window of every held request into one
+(B, 1024, 8) batch and fills each row's next codebook, whatever pass each row
+is at (rows at different passes share the transformer body; only the summed
+input embeddings and the head differ, see ``FineLM.forward_rows``). So a
+request that arrives while others are mid-window joins at the next pass, not
+after their remaining passes (a whole window of a full batch is seconds on
+CPU), and a request leaves after its last window's last pass. Every window is
 exactly 1024 long, so batches need no padding and the work is large GEMMs.
 """
 
@@ -33,6 +38,7 @@ class _FineJob:
     sequence: torch.Tensor  # (L, 8) on the engine's device
     generator: torch.Generator
     window: int = 0
+    codebook: int = 0  # the codebook the next pass fills (set at admission to the first one)
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -73,7 +79,8 @@ class FineEngine(StageEngine):
                                         rows=spec.n_fine_codebooks)
         plan = T.fine_plan(codes, fine_hist, spec)
         seq = torch.from_numpy(plan.sequence).to(self.device)
-        self.jobs.append(_FineJob(req, plan, seq, stage_generator(req.seed, self.name)))
+        self.jobs.append(_FineJob(req, plan, seq, stage_generator(req.seed, self.name),
+                                  codebook=spec.n_coarse_codebooks))
 
     def cancel(self, request_id: str) -> bool:
         n = len(self.jobs)
@@ -82,35 +89,39 @@ class FineEngine(StageEngine):
 
     @torch.inference_mode()
     def step(self) -> list[EngineResult]:
+        """One codebook pass for every held request (each at its own pass of its own window)."""
         if not self.jobs:
             return []
         t0 = time.perf_counter()
         spec, win = self.spec, self.spec.max_fine_input_length
-        windows = [j.plan.windows[j.window] for j in self.jobs]
-        batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(self.jobs, windows)])  # (B, 1024, 8)
+        jobs = self.jobs
+        windows = [j.plan.windows[j.window] for j in jobs]
+        batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(jobs, windows)])  # (B, 1024, 8)
         chunk = max(1, self.forward_token_budget(self.shape.hidden) // win)
-        for codebook in range(spec.n_coarse_codebooks, spec.n_fine_codebooks):
-            for lo in range(0, len(windows), chunk):
-                logits = self.model(batch[lo: lo + chunk], codebook)[:, :, : spec.codebook_size].float()  # (b, 1024, V)
-                for i in range(lo, min(lo + chunk, len(windows))):
-                    job, w = self.jobs[i], windows[i]
-                    rows = logits[i - lo, w.fill_from:]  # (N, 1024)
-                    uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
-                    batch[i, w.fill_from:, codebook] = sample_rows(rows, [job.request.sampling] * rows.shape[0],
-                                                                   uniform)
-        results, keep = [], []
-        for i, (job, w) in enumerate(zip(self.jobs, windows)):
-            job.sequence[w.start: w.start + win] = batch[i]
-            job.window += 1
-            if job.window < len(job.plan.windows):
-                keep.append(job)
-                continue
-            out = T.fine_output(job.plan, job.sequence.cpu().numpy()).astype(np.int32)  # (8, T)
-            results.append(EngineResult(job.request.request_id, output=out,
-                                       timings={"latency_s": time.perf_counter() - job.started}))
-        self.jobs = keep
+        for lo in range(0, len(jobs), chunk):
+            part = jobs[lo: lo + chunk]
+            logits = self.model.forward_rows(batch[lo: lo + chunk], [j.codebook for j in part])
+            for i, (job, w) in enumerate(zip(part, windows[lo: lo + chunk])):
+                rows = logits[i, w.fill_from:, : spec.codebook_size].float()  # (N, V)
+                uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
+                job.sequence[w.start + w.fill_from: w.start + win, job.codebook] = sample_rows(
+                    rows, [job.request.sampling] * rows.shape[0], uniform)
+        results = [res for job in jobs if (res := self._advance(job)) is not None]
+        self.jobs = [j for j in jobs if j.window < len(j.plan.windows)]
         frames = float(sum(win - w.fill_from for w in windows))
-        passes = spec.n_fine_codebooks - spec.n_coarse_codebooks
-        self._record({"batch": float(len(windows)), "tokens": frames, "step_s": time.perf_counter() - t0,
-                          "window_flops": fine_flops(self.shape, len(windows), win, passes)})
+        self._record({"batch": float(len(jobs)), "tokens": frames, "step_s": time.perf_counter() - t0,
+                      "window_flops": fine_flops(self.shape, len(jobs), win, 1)})
         return results
+
+    def _advance(self, job: _FineJob) -> EngineResult | None:
+        """After a pass: the next codebook, else the next window, else the request's result."""
+        spec = self.spec
+        job.codebook += 1
+        if job.codebook < spec.n_fine_codebooks:
+            return None
+        job.codebook, job.window = spec.n_coarse_codebooks, job.window + 1
+        if job.window < len(job.plan.windows):
+            return None
+        out = T.fine_output(job.plan, job.sequence.cpu().numpy()).astype(np.int32)  # (8, T)
+        return EngineResult(job.request.request_id, output=out,
+                            timings={"latency_s": time.perf_counter() - job.started})

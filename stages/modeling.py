@@ -265,11 +265,28 @@ class FineLM(nn.Module):
 
     def forward(self, codes: torch.Tensor, codebook: int) -> torch.Tensor:
         """Predict codebook ``codebook`` from codebooks 0..codebook of codes (B, T, 8). -> logits (B, T, V)"""
+        return self.forward_rows(codes, [codebook] * codes.shape[0])
+
+    def forward_rows(self, codes: torch.Tensor, codebooks: list[int]) -> torch.Tensor:
+        """``forward`` with a codebook per row (rows at different passes in one batch). -> logits (B, T, V)
+
+        Row b sums the input embeddings of codebooks 0..codebooks[b] in one order (a row past its own
+        codebook keeps its sum, it does not add zeros) and goes through its own head, so each row's logits
+        are what it gets alone; the transformer body runs once for the whole batch."""
         x = self.input_embeds_layers[0](codes[:, :, 0])  # (B, T, C)
-        for i in range(1, codebook + 1):
-            x = x + self.input_embeds_layers[i](codes[:, :, i])
+        want = torch.tensor(codebooks, device=codes.device)[:, None, None]  # (B, 1, 1)
+        for i in range(1, max(codebooks) + 1):
+            added = x + self.input_embeds_layers[i](codes[:, :, i])
+            x = added if min(codebooks) >= i else torch.where(want >= i, added, x)
         t = codes.shape[1]
         x = x + self.position_embeds_layer(torch.arange(t, device=codes.device))[None]
         for layer in self.layers:
             x = layer(x, None)
-        return self.lm_heads[codebook - self.n_codes_given](self.layernorm_final(x))  # (B, T, V)
+        x = self.layernorm_final(x)
+        if len(set(codebooks)) == 1:
+            return self.lm_heads[codebooks[0] - self.n_codes_given](x)
+        logits = x.new_empty((*x.shape[:2], self.lm_heads[0].out_features))
+        for cb in sorted(set(codebooks)):
+            rows = [b for b, c in enumerate(codebooks) if c == cb]
+            logits[rows] = self.lm_heads[cb - self.n_codes_given](x[rows])
+        return logits

@@ -56,7 +56,8 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
     try:
         _wait_for_port(client_port, head, tmp_path / "head.log")
         # deployed through Ray Client too: `serve run` submits the rendered config file
-        _serve_run(address, serve_yaml, Path(ray_tmp))
+        _via_client([str(BIN / "serve"), "run", "--address", address, "--non-blocking", str(serve_yaml)],
+                    Path(ray_tmp))
         client = textwrap.dedent("""
             import json, time, ray
             from ray import serve
@@ -72,7 +73,7 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
             print(json.dumps({"n": len(out["audio"]), "sr": out["sample_rate"], "seed": out["seed"]}))
         """)
         client = client.replace("ADDRESS", repr(address))
-        res = run([sys.executable, "-c", client], env={"RAY_AUTH_MODE": "token"}, timeout=300)
+        res = _via_client([sys.executable, "-c", client], Path(ray_tmp))
         out = json.loads(res.stdout.strip().splitlines()[-1])
         assert out == {"n": out["n"], "sr": 24000, "seed": 5} and out["n"] > 0
         denied = run([sys.executable, "-c", client], env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong"},
@@ -83,22 +84,24 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _serve_run(address: str, serve_yaml: Path, ray_tmp: Path, attempts: int = 3) -> None:
-    """`serve run` through Ray Client. The client server's per-client "specific server" process sometimes
-    exits at once on a head that has only just opened its port ("Starting Ray client server failed", seen
-    once in ~6 CI runs); that start is retried, anything else fails at once. The last failure's message
-    carries the specific servers' own logs."""
-    cmd = [str(BIN / "serve"), "run", "--address", address, "--non-blocking", str(serve_yaml)]
+def _via_client(cmd: list[str], ray_tmp: Path, attempts: int = 3) -> subprocess.CompletedProcess:
+    """Run a Ray Client program (`serve run`, the driver). The client server's per-client "specific server"
+    process sometimes exits at once ("Starting Ray client server failed": seen for `serve run` once in ~6
+    CI runs, and once for the driver); Ray Client has no retry of its own for that, so that start is
+    retried here, anything else fails at once. The last failure's message carries the specific servers'
+    own logs."""
     for attempt in range(1, attempts + 1):
         res = run(cmd, env={"RAY_AUTH_MODE": "token"}, timeout=300, check=False)
         if res.returncode == 0:
-            return
+            return res
+        logs = "".join(f"\n--- {p.name}:\n{p.read_text()[-2000:]}"
+                       for p in sorted(ray_tmp.glob("session_*/logs/ray_client_server*.err")))
         if "Starting Ray client server failed" not in res.stderr or attempt == attempts:
-            logs = "".join(f"\n--- {p.name}:\n{p.read_text()[-2000:]}"
-                           for p in sorted(ray_tmp.glob("session_*/logs/ray_client_server_*.err")))
-            raise AssertionError(f"serve run failed ({res.returncode}):\n{res.stderr[-3000:]}{logs}")
-        print(f"serve run: the Ray client server failed to start (attempt {attempt}); retrying")
+            raise AssertionError(f"{cmd[:3]} failed ({res.returncode}):\n{res.stdout[-2000:]}\n"
+                                 f"{res.stderr[-3000:]}{logs}")
+        print(f"{cmd[:2]}: the Ray client server failed to start (attempt {attempt}); retrying{logs}")
         time.sleep(5)
+    raise AssertionError("unreachable")
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:

@@ -71,18 +71,41 @@ def test_coarse_join_mid_flight_is_exact(pipe, sampling):
         np.testing.assert_array_equal(joined[r.request_id], _alone(eng, r))
 
 
+@pytest.mark.parametrize("join_every", [1, 4, 6], ids=["mid-window-1", "mid-window-4", "at-window"])
 @pytest.mark.parametrize("sampling", [SamplingParams(temperature=0.0), SamplingParams(temperature=0.5)],
                          ids=["greedy", "sampled"])
-def test_fine_join_mid_flight_is_exact(pipe, sampling):
+def test_fine_join_mid_flight_is_exact(pipe, sampling, join_every):
+    """A step is one codebook pass, so joins land mid-window: rows at different passes share a batch."""
     eng = pipe.engines["fine"]
     voice = pipe.voices.resolve("v2/en_speaker_6")
     rng = np.random.default_rng(1)
-    # 900 frames with a voice needs three windows, so the second request joins between windows.
+    # 900 frames with a voice needs three windows, so later requests join in its first or second window.
     reqs = [FineRequest(f"f{i}", rng.integers(0, 1024, (2, n)).astype(np.int32), voice if i == 0 else None,
                         sampling, seed=i) for i, n in enumerate([900, 120, 1300])]
-    joined = _staggered(eng, reqs, join_every=1)
+    joined = _staggered(eng, reqs, join_every=join_every)
     for r in reqs:
         np.testing.assert_array_equal(joined[r.request_id], _alone(eng, r))
+
+
+def test_fine_request_is_not_held_back_by_a_running_window(pipe):
+    """A request admitted while another is mid-window runs in the very next step (one pass), and finishes
+    after its own six passes, not after the other's window."""
+    eng = pipe.engines["fine"]
+    passes = pipe.spec.n_fine_codebooks - pipe.spec.n_coarse_codebooks
+    rng = np.random.default_rng(2)
+    first, second = (FineRequest(f"h{i}", rng.integers(0, 1024, (2, 200)).astype(np.int32), None,
+                                 SamplingParams(temperature=0.0), seed=i) for i in range(2))
+    eng.admit(first)
+    for _ in range(2):
+        assert eng.step() == [] and eng.last_step["batch"] == 1
+    eng.admit(second)
+    done: dict[str, int] = {}
+    for step in range(1, passes + 1):
+        for res in eng.step():
+            done[res.request_id] = step
+        assert eng.last_step["batch"] == (2 if step <= passes - 2 else 1)
+    assert done == {"h0": passes - 2, "h1": passes}
+    assert eng.num_active == 0
 
 
 def test_same_seed_same_tokens_different_seed_different(pipe):
