@@ -15,12 +15,15 @@ reports the goodput under a time-to-first-audio SLO and the issue's floors (``fl
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+
+from bark_serve.stages.constants import STAGES
 
 
 def register(sub) -> None:
@@ -54,8 +57,10 @@ def register(sub) -> None:
     p.add_argument("--rates", default="", help="open-loop Poisson rates in requests/s (instead of --rate-fractions)")
     p.add_argument("--ttfa-slo", type=float, default=3.0,
                    help="goodput SLO: time-to-first-audio p95 within this multiple of a lone request's (default 3)")
-    p.add_argument("--max-batch", type=int, help="stage max_batch of the served app (default: max concurrency)")
-    p.add_argument("--stage-threads", default="",
+    p.add_argument("--max-batch", type=per_stage, default={},
+                   help="stage max_batch of the served app: a number for every stage and/or per-stage values, "
+                        "e.g. 16,fine=1 (default: the highest concurrency level)")
+    p.add_argument("--stage-threads", type=per_stage, default={},
                    help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
                         "(default: the profile's)")
     p.add_argument("--profile", default=None, help="config profile of the served app (default local-cpu, or "
@@ -176,16 +181,39 @@ def _machine(device: str, torch) -> dict:
     return out
 
 
+def per_stage(spec: str) -> dict[str, int]:
+    """'16,fine=1' -> {"*": 16, "fine": 1} (argparse type: a bad value is a usage error, exit 2)."""
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        stage, _, value = part.rpartition("=")
+        stage = stage.strip() or "*"
+        if stage != "*" and stage not in STAGES:
+            raise argparse.ArgumentTypeError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}")
+        try:
+            out[stage] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value.strip()!r} is not a whole number") from None
+        if out[stage] < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: values must be at least 1")
+    return out
+
+
+def _for_stages(values: dict[str, int], default: int | None) -> dict[str, int]:
+    """Per stage: its own value, else the bare number, else ``default`` (stages with no value are left out)."""
+    fallback = values.get("*", default)
+    return {s: values.get(s, fallback) for s in STAGES if values.get(s, fallback) is not None}
+
+
 def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
     from .served_runs import ServedApp, served_closed, served_poisson
 
     levels = _ints(args.concurrency)
     n = args.served_requests
     _log("(4) starting the served app")
-    threads = {k: int(v) for k, v in (kv.split("=") for kv in args.stage_threads.split(",") if kv)}
+    threads = _for_stages(args.stage_threads, None)
     profile = args.profile or ("single-gpu" if device.startswith("cuda") else "local-cpu")
-    app = ServedApp(model, dtype, max_batch=args.max_batch or max(levels), stage_threads=threads, device=device,
-                    profile=profile)
+    app = ServedApp(model, dtype, max_batch=_for_stages(args.max_batch, max(levels)), stage_threads=threads,
+                    device=device, profile=profile)
     timelines = report.setdefault("timelines", {})
     try:
         closed = []

@@ -40,7 +40,7 @@ def _free_port() -> int:
 class ServedApp:
     """Ray + Serve with the bark app on this machine, started and stopped by the benchmark."""
 
-    def __init__(self, model_dir: str, dtype: str, max_batch: int, profile: str = "local-cpu",
+    def __init__(self, model_dir: str, dtype: str, max_batch: dict[str, int], profile: str = "local-cpu",
                  stage_threads: dict[str, int] | None = None, device: str | None = None):
         import ray
         from ray import serve
@@ -51,7 +51,7 @@ class ServedApp:
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = _free_port()
-        stage_over = {"dtype": dtype, "max_batch": max_batch, "max_ongoing_requests": 1024,
+        stage_over = {"dtype": dtype, "max_ongoing_requests": 1024,
                       "max_queued_requests": 4096, **({"device": device} if device else {})}
         # Every sentence of the workload is one segment (workload.SEGMENT_TOKENS), so all
         # configurations see the same segments; the first-segment cut would change that.
@@ -64,10 +64,12 @@ class ServedApp:
             threads = (stage_threads or {}).get(stage, base.stage(stage).torch_threads)
             gpus = base.stage(stage).num_gpus if device != "cpu" else 0
             overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
-                                "torch_threads": threads, "num_gpus": gpus}
+                                "torch_threads": threads, "num_gpus": gpus,
+                                "max_batch": max_batch.get(stage, base.stage(stage).max_batch)}
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
+        self.max_batch = {s: self.cfg.stage(s).max_batch for s in STAGES}
         ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")
@@ -135,7 +137,7 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     outcomes = submit(requests)
     wall = time.perf_counter() - t0
     ok = [o for o in outcomes if o is not None]
-    run = Run(name, wall_s=wall, extra={"dtype": app.dtype, "torch_threads": app.threads})
+    run = Run(name, wall_s=wall, extra={"dtype": app.dtype, "torch_threads": app.threads, "max_batch": app.max_batch})
     run.latencies = [o.latency_s for o in ok]
     run.ttfa = [o.ttfa_s for o in ok]
     run.audio_s = sum(o.audio_s for o in ok)

@@ -18,7 +18,8 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
            "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "2", "--engine-requests", "2",
            "--concurrency", "1,2", "--served-requests", "3", "--rate-fractions", "0.5,0.7",
-           "--gemm-seconds", "0.2", "--skip", "offline", "--out", str(out), "--plots", str(plots)]
+           "--gemm-seconds", "0.2", "--skip", "offline", "--max-batch", "2,fine=1",
+           "--out", str(out), "--plots", str(plots)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -34,6 +35,7 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
         assert run["latency_p99_s"] >= run["latency_p95_s"] >= run["latency_p50_s"] > 0
     served = next(r for r in report["runs"] if r["name"].startswith("served_concurrency2"))
     assert 0 < served["ttfa_p50_s"] <= served["latency_p50_s"]
+    assert served["max_batch"] == {"semantic": 2, "coarse": 2, "fine": 1, "codec": 2}
     assert set(served["stages"]) == {"semantic", "coarse", "fine", "codec"}
     assert served["stages"]["fine"]["window_tflops"] > 0 and served["stages"]["coarse"]["prefill_tflops"] > 0
     assert 0 < served["stages"]["coarse"]["busy_frac"] <= 1.5  # step time / wall (two replicas may overlap)
@@ -57,6 +59,25 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in again.iterdir()) == drawn
+
+
+@pytest.mark.parametrize("flag", ["--max-batch", "--stage-threads"])
+@pytest.mark.parametrize("value", ["fine=0", "vocoder=2", "fine=two", "4,fine=-1"])
+def test_bad_per_stage_values_are_usage_errors(flag, value):
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "bench", flag, value], capture_output=True,
+                         text=True, timeout=120)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert flag in res.stderr and ("stage" in res.stderr or "number" in res.stderr or "at least 1" in res.stderr)
+
+
+def test_per_stage_values_parse_with_a_default():
+    from bark_serve.bench.cli import _for_stages, per_stage
+
+    assert per_stage("16,fine=1") == {"*": 16, "fine": 1}
+    assert _for_stages(per_stage("16,fine=1"), 8) == {"semantic": 16, "coarse": 16, "fine": 1, "codec": 16}
+    assert _for_stages(per_stage("fine=1"), 8) == {"semantic": 8, "coarse": 8, "fine": 1, "codec": 8}
+    assert _for_stages(per_stage("coarse=2"), None) == {"coarse": 2}
+    assert _for_stages(per_stage(""), None) == {}
 
 
 def test_the_workload_is_deterministic_for_a_seed_and_follows_its_mix():
