@@ -233,11 +233,13 @@ class Synthesizer:
         needs only the history segment's semantic tokens, so it need not wait for its coarse and fine.
         The history segment is the same speaker's previous one, never another speaker's."""
         prev = plan.previous[i]
+        while prev is not None:  # a loop, not recursion: a script of a thousand near-silent lines walks far
+            sem = (await tasks["semantic", prev]).output
+            if carries_voice(sem):
+                break
+            prev = plan.previous[prev]
         if prev is None:
             return plan.voices[plan.speakers[i]]
-        sem = (await tasks["semantic", prev]).output
-        if not carries_voice(sem):
-            return await self._history(prev, plan, tasks, stage)
         coarse = (await tasks["coarse", prev]).output if stage in ("coarse", "fine") else None
         fine = (await tasks["fine", prev]).output if stage == "fine" else None
         return history_prompt(sem, coarse, fine)

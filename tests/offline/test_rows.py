@@ -115,6 +115,22 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
     assert 0 < rows[0]["semantic_tokens"] <= 10 * rows[0]["segments"]
 
 
+def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse():
+    """A row whose segments are all too short to carry the voice: every one's history is the row's voice."""
+    from bark_serve.offline.stage_run import RowWork, history
+    from bark_serve.stages.types import GenerationParams, VoicePrompt
+
+    n = 3000
+    voice = VoicePrompt(np.zeros(4, np.int64), np.zeros((2, 4), np.int64), np.zeros((8, 4), np.int64))
+    short = [np.zeros(1, np.int64)] * n  # one semantic token: carries no voice
+    work = RowWork(0, short, {"semantic": short}, voice, GenerationParams(), 0, [None] * n)
+    assert history("coarse", n - 1, work) is voice
+    long = [np.arange(8)] + short[1:]  # segment 0 carries it: the walk stops there
+    coarse = [np.ones((2, 3), np.int64)] + [None] * (n - 1)  # what the coarse stage has made so far
+    got = history("coarse", n - 1, RowWork(0, long, {"semantic": long}, voice, GenerationParams(), 0, coarse))
+    assert np.array_equal(got.semantic, np.arange(8)) and np.array_equal(got.coarse, coarse[0])
+
+
 def test_stage_pools_from_the_config_blocks(tiny_ckpt):
     """Each stage block gives its map_batches: pool resource, CPUs/GPUs, pool size, batch size; and Ray Data
     restarts a dead actor and retries its tasks without being asked."""
