@@ -211,6 +211,8 @@ class Synthesizer:
         finally:
             for task in tasks.values():
                 task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a failure shared by the tasks after it is raised once, above
 
     async def collect(self, plan: Plan) -> list[AudioChunk]:
         return [chunk async for chunk in self.stream(plan)]
