@@ -97,10 +97,6 @@ def wav_header(sample_rate: int, n_samples: int | None = None) -> bytes:
             b"data" + struct.pack("<I", data))
 
 
-def wav_stream_header(sample_rate: int) -> bytes:
-    return wav_header(sample_rate)
-
-
 class PcmEncoder:
     """pcm (and wav, with a header first): samples out as they come in."""
 
