@@ -46,20 +46,22 @@ def candidates(device: str) -> list[str]:
 
 
 def gemm_rate(dtype: str, device: str, seconds: float = PROBE_SECONDS, clock: Callable[[], float] = time.perf_counter,
-              rows: int = PROBE_ROWS, hidden: int = PROBE_HIDDEN) -> float:
-    """Best TFLOP/s of (rows x hidden) @ (hidden x 4*hidden) over about ``seconds`` (at least 2 products)."""
+              shape: tuple[int, int, int] = (PROBE_ROWS, PROBE_HIDDEN, 4 * PROBE_HIDDEN)) -> float:
+    """Best TFLOP/s of (m x k) @ (k x n) products over about ``seconds`` (at least 2 products; the best
+    one counts, so the first's kernel selection and page faults do not). Also bench/gemm.py's peak."""
+    m, k, n = shape
     dt = getattr(torch, dtype)
-    a = torch.randn(rows, hidden, device=device).to(dt)
-    b = torch.randn(hidden, 4 * hidden, device=device).to(dt)
-    flops = 2.0 * rows * hidden * 4 * hidden
-    best, start, n = 0.0, clock(), 0
-    while n < 2 or clock() - start < seconds:
+    a = torch.randn(m, k, device=device).to(dt)
+    b = torch.randn(k, n, device=device).to(dt)
+    flops = 2.0 * m * k * n
+    best, start, count = 0.0, clock(), 0
+    while count < 2 or clock() - start < seconds:
         _sync(device)
         t0 = clock()
         torch.matmul(a, b)
         _sync(device)
         best = max(best, flops / max(clock() - t0, 1e-9) / 1e12)
-        n += 1
+        count += 1
     return best
 
 
