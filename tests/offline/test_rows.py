@@ -66,6 +66,20 @@ def test_bad_rows_fail_alone_with_their_reason(config):
     assert [r["id"] for r in again] == [r["id"] for r in rows]
 
 
+def test_a_lone_surrogate_or_a_huge_text_fails_its_row_and_the_batch_still_builds(config):
+    """Unchecked text goes into the manifest short and printable: Arrow refuses lone surrogates."""
+    lines = [json.dumps({"id": "sur", "text": "a\ud800b"}), json.dumps({"id": "big", "text": "y" * 50_000}),
+             json.dumps({"id": "vsur", "text": "hi", "voice": "\udfff"}), json.dumps(GOOD_ROWS[1])]
+    out = {r["id"]: r for r in Planner(config, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()}
+    assert out["sur"]["status"] == "failed" and out["sur"]["text"] == "a\\ud800b" and "surrogate" in out["sur"]["error"]
+    assert out["vsur"]["status"] == "failed" and out["vsur"]["voice"] == "\\udfff"
+    assert out["big"]["status"] == "failed" and len(out["big"]["text"]) <= 501
+    assert out["short"]["status"] == "pending" and out["short"]["text"] == GOOD_ROWS[1]["text"]
+    long_ok = {"id": "long-ok", "text": "word " * 300}  # longer than an error's clip, within max_text_chars
+    assert Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(long_ok)])).to_pylist()[0]["text"] == \
+        long_ok["text"]
+
+
 def test_resume_drops_done_ids(config):
     lines = [json.dumps(r) for r in GOOD_ROWS]
     out = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))(jsonl_batch(lines)).to_pylist()
