@@ -147,6 +147,14 @@ def _printable(value: Any) -> str | None:
     return clip(value, MAX_ERROR_CHARS).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def declared_id(raw: Any) -> str | None:
+    """The id a raw row declares, if it is a valid one (for skipping rows already done before planning them)."""
+    try:
+        return item_id_of(raw, 0) if isinstance(raw, dict) and raw.get("id") is not None else None
+    except InvalidBatchError:
+        return None
+
+
 def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line: str | None = None) -> dict:
     """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
     if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not

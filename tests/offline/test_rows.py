@@ -80,10 +80,13 @@ def test_a_lone_surrogate_or_a_huge_text_fails_its_row_and_the_batch_still_build
         long_ok["text"]
 
 
-def test_resume_drops_done_ids(config):
+def test_resume_drops_done_ids_before_planning_them(config):
     lines = [json.dumps(r) for r in GOOD_ROWS]
-    out = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))(jsonl_batch(lines)).to_pylist()
-    assert [r["id"] for r in out] == ["short", "sampled", "raw"]
+    planner = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))
+    planned, plan = [], planner.synth.plan
+    planner.synth.plan = lambda text, *a, **kw: planned.append(kw.get("request_id")) or plan(text, *a, **kw)
+    out = planner(jsonl_batch(lines)).to_pylist()
+    assert [r["id"] for r in out] == ["short", "sampled", "raw"] == planned  # done rows are not tokenized again
 
 
 def test_csv_cells_and_json_options(config, tmp_path):
