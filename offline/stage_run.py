@@ -53,7 +53,8 @@ def history(stage: str, i: int, work: RowWork) -> VoicePrompt | None:
 
 def _work(stage: str, index: int, row: dict) -> RowWork:
     before = STAGES[:STAGES.index(stage)]
-    earlier = {s: unpack_arrays(row[s]) for s in before}
+    # what this stage reads: the previous stage's output, and for the history rule the earlier ones (codec: none)
+    earlier = {s: unpack_arrays(row[s]) for s in (before if stage != "codec" else before[-1:])}
     upstream = earlier[before[-1]] if before else unpack_arrays(row["text_ids"])
     seed = int(row["seed"])
     return RowWork(index, upstream, earlier, unpack_voice(row["voice_prompt"]), row_params(row["options"], seed),
