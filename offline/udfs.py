@@ -96,11 +96,15 @@ class StageWorker:
         segments = row.pop("audio", None)
         if row["status"] != Status.PENDING.value or segments is None:
             return
-        # joined as the served app and batch jobs join them: trim, speed, loudness, crossfade (options validated
-        # when the row was planned)
-        audio = join_segments(segments, self.sample_rate, row_post_process(row["options"], self.audio_config))
         try:
-            row["path"] = self.out.write_audio(row["id"], row["format"], encode(audio, self.sample_rate, row["format"]))
+            # joined as the served app and batch jobs join them: trim, speed, loudness, crossfade
+            audio = join_segments(segments, self.sample_rate, row_post_process(row["options"], self.audio_config))
+            data = encode(audio, self.sample_rate, row["format"])
+        except Exception as exc:  # this row's failure, never the run's (Ray Data does not retry a raising UDF)
+            row.update(failed_row(row, f"joining or encoding the audio failed: {exc}"))
+            return
+        try:
+            row["path"] = self.out.write_audio(row["id"], row["format"], data)
         except OSError as exc:
             row.update(failed_row(row, f"writing the audio failed: {exc}"))
             return

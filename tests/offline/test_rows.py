@@ -150,6 +150,27 @@ def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurs
     assert np.array_equal(got.semantic, np.arange(8)) and np.array_equal(got.coarse, coarse[0])
 
 
+def test_a_row_whose_audio_cannot_be_encoded_fails_alone(tmp_path):
+    """The codec worker's join and encode errors are the row's failure, not an exception out of the batch."""
+    from bark_serve.offline.outdir import OutDir
+    from bark_serve.offline.rows import empty_row
+    from bark_serve.offline.udfs import CodecWorker
+    from bark_serve.serving.config import AudioConfig
+
+    worker = object.__new__(CodecWorker)  # the engine is beside the point here
+    worker.sample_rate, worker.audio_config, worker.out = 24_000, AudioConfig(), OutDir(str(tmp_path))
+    worker.out.makedirs()
+    segments = [np.sin(np.arange(4800, dtype=np.float32) / 9) * 0.3]
+    rows = [{**empty_row(rid), "status": Status.PENDING.value, "format": fmt, "audio": list(segments)}
+            for rid, fmt in (("good", "wav"), ("bad", "midi"))]
+    for row in rows:
+        worker._write(row)
+    good, bad = rows
+    assert good["status"] == Status.OK.value, good["error"]
+    assert (tmp_path / good["path"]).is_file()
+    assert bad["status"] == Status.FAILED.value and "encoding the audio failed" in bad["error"] and not bad["path"]
+
+
 def test_stage_pools_from_the_config_blocks(tiny_ckpt):
     """Each stage block gives its map_batches: pool resource, CPUs/GPUs, pool size, batch size; and Ray Data
     restarts a dead actor and retries its tasks without being asked."""
