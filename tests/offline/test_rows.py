@@ -90,13 +90,18 @@ def test_resume_drops_done_ids_before_planning_them(config):
 
 
 def test_csv_cells_and_json_options(config, tmp_path):
+    from bark_serve.offline.run import csv_convert_options
+
     path = tmp_path / "in.csv"
     path.write_text('id,text,voice,seed,options\n'
-                    '1,Hello there.,,5,"{""temperature"": 0}"\n'
+                    '001,Hello there.,,5,"{""temperature"": 0}"\n'
                     'b,Second row.,v2/en_speaker_6,,\n'
-                    'c,Bad options.,,,{oops\n')
-    rows = Planner(config, "table", "flac")(pacsv.read_csv(path)).to_pylist()
-    assert [(r["id"], r["status"]) for r in rows] == [("1", "pending"), ("b", "pending"), ("c", "failed")]
+                    'c,Bad options.,,,{oops\n'
+                    '1,12345,,,\n')  # id 1 is not id 001; a numeric text is text
+    rows = Planner(config, "table", "flac")(pacsv.read_csv(path, convert_options=csv_convert_options())).to_pylist()
+    assert [(r["id"], r["status"]) for r in rows] == [("001", "pending"), ("b", "pending"), ("c", "failed"),
+                                                      ("1", "pending")]
+    assert rows[3]["text"] == "12345"
     assert rows[0]["seed"] == 5 and rows[0]["options"] == '{"temperature": 0}' and rows[0]["format"] == "flac"
     assert rows[1]["voice"] == "v2/en_speaker_6" and rows[1]["seed"] is not None  # a seed is drawn and recorded
     assert "options" in rows[2]["error"]
