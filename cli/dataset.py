@@ -91,8 +91,13 @@ def _start_ray(args, cfg) -> str | None:
             raise CliError(f"cannot connect to Ray at {address!r}: {exc}") from None
         return None
     tmp = tempfile.mkdtemp(prefix="bark-ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
-    ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg), include_dashboard=False,
-             log_to_driver=False, _temp_dir=tmp)
+    try:
+        ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg), include_dashboard=False,
+                 log_to_driver=False, _temp_dir=tmp)
+    except Exception as exc:  # a message and exit 2, and no temp dir (nor a half-started instance) left behind
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CliError(f"could not start a local Ray instance: {exc}") from None
     print(f"bark-serve dataset: started a local Ray instance ({tmp})", file=sys.stderr)
     return tmp
 

@@ -140,6 +140,21 @@ def fallback_id(raw: Any, line: str | None) -> str:
     return "invalid-" + hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
+def _printable(value: Any) -> str | None:
+    """A string field of a row not yet validated, as the manifest may record it: clipped, surrogates escaped."""
+    if not isinstance(value, str):
+        return None
+    return clip(value, MAX_ERROR_CHARS).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def declared_id(raw: Any) -> str | None:
+    """The id a raw row declares, if it is a valid one (for skipping rows already done before planning them)."""
+    try:
+        return item_id_of(raw, 0) if isinstance(raw, dict) and raw.get("id") is not None else None
+    except InvalidBatchError:
+        return None
+
+
 def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line: str | None = None) -> dict:
     """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
     if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not
@@ -149,12 +164,12 @@ def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line
     except InvalidBatchError as exc:
         return failed_row(empty_row(fallback_id(raw, line)), str(exc).removeprefix("item 0: "))
     row = empty_row(row_id)
-    if isinstance(raw, dict):
-        row.update(text=raw.get("text") if isinstance(raw.get("text"), str) else None,
-                   voice=raw.get("voice") if isinstance(raw.get("voice"), str) else None)
+    if isinstance(raw, dict):  # unchecked yet: kept short and printable (a lone surrogate cannot go into Arrow)
+        row.update(text=_printable(raw.get("text")), voice=_printable(raw.get("voice")))
     rec = parse_item(raw, 0, synth.max_text_chars, parse_error)
     if rec.error is not None:
         return failed_row(row, rec.error.removeprefix("item 0: "))
+    row.update(text=rec.text or row["text"], voice=rec.voice if isinstance(rec.voice, str) else row["voice"])
     if rec.script is not None:
         return failed_row(row, "multi-speaker scripts are not supported by `bark-serve dataset` yet: send them as "
                                "/v1/batches items, or one row per line")

@@ -128,12 +128,22 @@ def check_input(opts: RunOptions) -> tuple[str, str]:
     return path, input_kind(opts.input, opts.input_kind)
 
 
+def csv_convert_options():
+    """CSV cells as written: ids 001 and 1 stay two ids, and a numeric text or voice stays a string (the row
+    check parses seed and options)."""
+    import pyarrow as pa
+    import pyarrow.csv as pcsv
+
+    return pcsv.ConvertOptions(column_types={c: pa.string() for c in ("id", "text", "voice", "format", "options")})
+
+
 def read_input(opts: RunOptions):
     import ray.data
 
     path, kind = check_input(opts)
     readers = {"jsonl": ray.data.read_text, "csv": ray.data.read_csv, "parquet": ray.data.read_parquet}
-    ds = readers[kind](path, num_cpus=READ_CPUS)
+    extra = {"convert_options": csv_convert_options()} if kind == "csv" else {}
+    ds = readers[kind](path, num_cpus=READ_CPUS, **extra)
     return (ds.limit(opts.limit) if opts.limit else ds), kind
 
 

@@ -40,12 +40,12 @@ class RowWork:
 
 def history(stage: str, i: int, work: RowWork) -> VoicePrompt | None:
     """Segment i's history prompt in ``stage``, as far as that stage reads it (Synthesizer._history's rule)."""
+    parts = {**work.earlier, stage: work.outputs}
+    while i > 0 and not carries_voice(parts["semantic"][i - 1]):  # a loop: many near-silent segments walk far
+        i -= 1
     if i == 0:
         return work.voice
-    parts = {**work.earlier, stage: work.outputs}
     sem = parts["semantic"][i - 1]
-    if not carries_voice(sem):
-        return history(stage, i - 1, work)
     coarse = parts["coarse"][i - 1] if stage in ("coarse", "fine") else None
     fine = parts["fine"][i - 1] if stage == "fine" else None
     return history_prompt(sem, coarse, fine)
@@ -53,7 +53,8 @@ def history(stage: str, i: int, work: RowWork) -> VoicePrompt | None:
 
 def _work(stage: str, index: int, row: dict) -> RowWork:
     before = STAGES[:STAGES.index(stage)]
-    earlier = {s: unpack_arrays(row[s]) for s in before}
+    # what this stage reads: the previous stage's output, and for the history rule the earlier ones (codec: none)
+    earlier = {s: unpack_arrays(row[s]) for s in (before if stage != "codec" else before[-1:])}
     upstream = earlier[before[-1]] if before else unpack_arrays(row["text_ids"])
     seed = int(row["seed"])
     return RowWork(index, upstream, earlier, unpack_voice(row["voice_prompt"]), row_params(row["options"], seed),

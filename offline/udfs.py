@@ -15,7 +15,16 @@ from bark_serve.stages.constants import STAGES
 from bark_serve.stages.dsp import join_segments
 
 from .outdir import OutDir
-from .rows import WORK_SCHEMA, Status, failed_row, plan_row, raw_from_line, raw_from_table, row_post_process
+from .rows import (
+    WORK_SCHEMA,
+    Status,
+    declared_id,
+    failed_row,
+    plan_row,
+    raw_from_line,
+    raw_from_table,
+    row_post_process,
+)
 from .stage_run import run_stage
 
 
@@ -46,10 +55,12 @@ class Planner:
                 if not line.strip():
                     continue
                 raw, error = raw_from_line(line)
-                row = plan_row(raw, error, self.synth, self.default_format, line)
             else:
-                row = plan_row(raw_from_table(record), None, self.synth, self.default_format)
-            if row["id"] not in self.done:
+                raw, error, line = raw_from_table(record), None, None
+            if declared_id(raw) in self.done:  # done in an earlier run: not planned (tokenized) again
+                continue
+            row = plan_row(raw, error, self.synth, self.default_format, line)
+            if row["id"] not in self.done:  # a made-up id of a bad row, recorded before
                 out.append(row)
         return _table(out)
 
@@ -85,11 +96,15 @@ class StageWorker:
         segments = row.pop("audio", None)
         if row["status"] != Status.PENDING.value or segments is None:
             return
-        # joined as the served app and batch jobs join them: trim, speed, loudness, crossfade (options validated
-        # when the row was planned)
-        audio = join_segments(segments, self.sample_rate, row_post_process(row["options"], self.audio_config))
         try:
-            row["path"] = self.out.write_audio(row["id"], row["format"], encode(audio, self.sample_rate, row["format"]))
+            # joined as the served app and batch jobs join them: trim, speed, loudness, crossfade
+            audio = join_segments(segments, self.sample_rate, row_post_process(row["options"], self.audio_config))
+            data = encode(audio, self.sample_rate, row["format"])
+        except Exception as exc:  # this row's failure, never the run's (Ray Data does not retry a raising UDF)
+            row.update(failed_row(row, f"joining or encoding the audio failed: {exc}"))
+            return
+        try:
+            row["path"] = self.out.write_audio(row["id"], row["format"], data)
         except OSError as exc:
             row.update(failed_row(row, f"writing the audio failed: {exc}"))
             return

@@ -70,10 +70,18 @@ def format_for_path(path: str) -> str:
     raise InvalidRequestError(f"cannot tell the audio format of {path!r}: use one of {', '.join(EXTENSIONS)}")
 
 
+def full_scale(audio: np.ndarray) -> np.ndarray:
+    """float32 samples clipped to [-1, 1]; NaN becomes silence and infinities full scale (no encoder sees
+    them). Finite samples are only clipped, exactly as before."""
+    data = np.asarray(audio, dtype=np.float32)
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+    return np.clip(data, -1.0, 1.0)
+
+
 def to_pcm16(audio: np.ndarray) -> bytes:
     """float waveform in [-1, 1] -> 16-bit little-endian PCM bytes."""
-    clipped = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
-    return (clipped * 32767.0).round().astype("<i2").tobytes()
+    return (full_scale(audio) * 32767.0).round().astype("<i2").tobytes()
 
 
 def from_pcm16(data: bytes) -> np.ndarray:
@@ -87,10 +95,6 @@ def wav_header(sample_rate: int, n_samples: int | None = None) -> bytes:
     return (b"RIFF" + struct.pack("<I", riff) + b"WAVE" + b"fmt " +
             struct.pack("<IHHIIHH", 16, 1, 1, sample_rate, sample_rate * 2, 2, 16) +
             b"data" + struct.pack("<I", data))
-
-
-def wav_stream_header(sample_rate: int) -> bytes:
-    return wav_header(sample_rate)
 
 
 class PcmEncoder:
@@ -142,7 +146,7 @@ class AvEncoder:
     def feed(self, audio: np.ndarray) -> bytes:
         import av
 
-        data = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)
+        data = full_scale(audio)
         if data.size:
             frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[None, :]), format="flt", layout="mono")
             frame.sample_rate, frame.pts = self.sample_rate, self.samples

@@ -200,12 +200,17 @@ class SlotStreamingResponse(StreamingResponse):
                 self._release()
 
 
+def remaining(deadline: float) -> float:
+    """Seconds left until ``deadline`` (event-loop time); TimeoutError if none."""
+    left = deadline - asyncio.get_running_loop().time()
+    if left <= 0:
+        raise TimeoutError
+    return left
+
+
 async def _next_chunk(rest: AsyncIterator[AudioChunk], deadline: float) -> AudioChunk | None:
     """The next chunk, or None at the end; TimeoutError past ``deadline`` (loop time)."""
-    remaining = deadline - asyncio.get_running_loop().time()
-    if remaining <= 0:
-        raise TimeoutError
-    return await asyncio.wait_for(anext(rest, None), remaining)
+    return await asyncio.wait_for(anext(rest, None), remaining(deadline))
 
 
 def _packed_chunk(chunk: AudioChunk, audio: np.ndarray) -> bytes:

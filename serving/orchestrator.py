@@ -55,14 +55,6 @@ def _arrays(voice) -> bool:
     return isinstance(voice, dict) and any(isinstance(v, np.ndarray) for v in voice.values())
 
 
-def _remaining(deadline: float) -> float:
-    """Seconds left until ``deadline`` (event-loop time); TimeoutError if none."""
-    left = deadline - asyncio.get_running_loop().time()
-    if left <= 0:
-        raise TimeoutError
-    return left
-
-
 @serve.deployment
 @serve.ingress()  # late-bound: each replica builds its app in __serve_build_asgi_app__ (serving/routes.py)
 class Orchestrator:
@@ -105,11 +97,12 @@ class Orchestrator:
             req = TTSRequest(text=text, voice=voice, script=script, **options)
         except ValidationError as exc:
             raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
+        deadline = asyncio.get_running_loop().time() + self.cfg.orchestrator.request_timeout_s
         with self.admission.acquire():
             t0 = time.time()
-            plan = await self._plan(req.text, req.voice, req.generation_params(), req.priority, req.lines())
-            chunks = await asyncio.wait_for(self.synth.collect(plan),
-                                            self.cfg.orchestrator.request_timeout_s - (time.time() - t0))
+            plan = await asyncio.wait_for(self._plan(req.text, req.voice, req.generation_params(), req.priority,
+                                                     req.lines()), H.remaining(deadline))  # planning counts too
+            chunks = await asyncio.wait_for(self.synth.collect(plan), H.remaining(deadline))
             audio, sr = await asyncio.to_thread(H.joined_audio, chunks, req.post_process(self.cfg.audio))
         return {"audio": audio, "sample_rate": sr, "seed": plan.seed, "request_id": plan.request_id,
                 "timings": H.timings_summary(chunks, t0, None)}
@@ -184,11 +177,11 @@ class Orchestrator:
             try:
                 plan = await asyncio.wait_for(self._plan(text, voice, options.generation_params(), priority,
                                                          getattr(options, "lines", lambda: None)()),
-                                              _remaining(deadline))
+                                              H.remaining(deadline))
                 meta = {"seed": plan.seed, "request_id": plan.request_id}
                 chunks = self.synth.stream(plan)
                 try:
-                    first = await asyncio.wait_for(anext(chunks, None), _remaining(deadline))
+                    first = await asyncio.wait_for(anext(chunks, None), H.remaining(deadline))
                     t_first = time.time()
                     self.metrics.first_audio(t_first - t0)
                     if stream and first is not None:
@@ -200,7 +193,7 @@ class Orchestrator:
                                                      deadline=deadline, release=slot.release, on_done=finished)
                         slot.transfer()  # from here the response releases the slot (see SlotStreamingResponse)
                         return response
-                    rest = await asyncio.wait_for(_drain(chunks), _remaining(deadline)) if first else []
+                    rest = await asyncio.wait_for(_drain(chunks), H.remaining(deadline)) if first else []
                 except BaseException:
                     await H.close_quietly(chunks)  # stop the pipeline: error, timeout, or the client went away
                     raise

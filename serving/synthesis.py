@@ -38,8 +38,8 @@ from bark_serve.stages.longform import (
     carries_voice,
     history_prompt,
     previous_of_speaker,
-    script_segments,
     segment_seed,
+    split_script,
 )
 from bark_serve.stages.requests import stage_request
 from bark_serve.stages.text import TextPreparer
@@ -159,11 +159,9 @@ class Synthesizer:
         chars = sum(len(t) for _, t in lines)
         if chars > self.max_text_chars:
             raise TextTooLarge(f"input has {chars} characters; this server accepts at most {self.max_text_chars}")
-        keys = [(self._speaker_key(v), t) for v, t in lines]
-        speakers, segments = script_segments(keys, self.text.count, self.segment_max_tokens,
-                                             self.first_segment_max_tokens)
-        by_key = {self._speaker_key(v): v for v, _ in lines}
-        voices = tuple(self.resolve_voice(by_key[k]) for k in speakers)
+        speakers, segments = split_script(lines, self.text.count, self.segment_max_tokens,
+                                          self.first_segment_max_tokens, self.aliases)
+        voices = tuple(self.resolve_voice(v) for v in speakers)
         ids = tuple(self.text.encode(s.text) for s in segments)
         who = tuple(s.speaker for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
@@ -187,14 +185,6 @@ class Synthesizer:
                 raise InvalidRequestError(f"script line {n}: text is empty")
         return list(script)
 
-    def _speaker_key(self, voice) -> object:
-        """Who speaks: lines with the same voice (after aliases) are one speaker."""
-        if isinstance(voice, str):
-            return self.aliases.get(voice, voice)
-        if voice is None:
-            return None
-        return ("inline", id(voice))  # arrays: one speaker per object given
-
     async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded."""
         tasks: dict[tuple[str, int], asyncio.Task] = {}
@@ -211,6 +201,8 @@ class Synthesizer:
         finally:
             for task in tasks.values():
                 task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: a failure shared by the tasks after it is raised once, above
 
     async def collect(self, plan: Plan) -> list[AudioChunk]:
         return [chunk async for chunk in self.stream(plan)]
@@ -233,11 +225,13 @@ class Synthesizer:
         needs only the history segment's semantic tokens, so it need not wait for its coarse and fine.
         The history segment is the same speaker's previous one, never another speaker's."""
         prev = plan.previous[i]
+        while prev is not None:  # a loop, not recursion: a script of a thousand near-silent lines walks far
+            sem = (await tasks["semantic", prev]).output
+            if carries_voice(sem):
+                break
+            prev = plan.previous[prev]
         if prev is None:
             return plan.voices[plan.speakers[i]]
-        sem = (await tasks["semantic", prev]).output
-        if not carries_voice(sem):
-            return await self._history(prev, plan, tasks, stage)
         coarse = (await tasks["coarse", prev]).output if stage in ("coarse", "fine") else None
         fine = (await tasks["fine", prev]).output if stage == "fine" else None
         return history_prompt(sem, coarse, fine)

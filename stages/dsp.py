@@ -133,6 +133,8 @@ class SegmentJoiner:
         """One segment trimmed, stretched and at the request's gain (chosen here, on the first loud segment)."""
         o = self.options
         audio = np.asarray(segment, dtype=np.float32)
+        if not np.isfinite(audio).all():  # NaN would defeat the trim and infinities the gain; finite audio as is
+            audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
         if o.trim_silence:
             audio = trim_silence(audio, self.sample_rate, o.trim_threshold_db, o.trim_margin_ms)
         audio = time_stretch(audio, self.sample_rate, o.speed)

@@ -10,12 +10,13 @@ measurement. An explicit dtype in the config is an override: nothing is measured
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,20 +47,22 @@ def candidates(device: str) -> list[str]:
 
 
 def gemm_rate(dtype: str, device: str, seconds: float = PROBE_SECONDS, clock: Callable[[], float] = time.perf_counter,
-              rows: int = PROBE_ROWS, hidden: int = PROBE_HIDDEN) -> float:
-    """Best TFLOP/s of (rows x hidden) @ (hidden x 4*hidden) over about ``seconds`` (at least 2 products)."""
+              shape: tuple[int, int, int] = (PROBE_ROWS, PROBE_HIDDEN, 4 * PROBE_HIDDEN)) -> float:
+    """Best TFLOP/s of (m x k) @ (k x n) products over about ``seconds`` (at least 2 products; the best
+    one counts, so the first's kernel selection and page faults do not). Also bench/gemm.py's peak."""
+    m, k, n = shape
     dt = getattr(torch, dtype)
-    a = torch.randn(rows, hidden, device=device).to(dt)
-    b = torch.randn(hidden, 4 * hidden, device=device).to(dt)
-    flops = 2.0 * rows * hidden * 4 * hidden
-    best, start, n = 0.0, clock(), 0
-    while n < 2 or clock() - start < seconds:
+    a = torch.randn(m, k, device=device).to(dt)
+    b = torch.randn(k, n, device=device).to(dt)
+    flops = 2.0 * m * k * n
+    best, start, count = 0.0, clock(), 0
+    while count < 2 or clock() - start < seconds:
         _sync(device)
         t0 = clock()
         torch.matmul(a, b)
         _sync(device)
         best = max(best, flops / max(clock() - t0, 1e-9) / 1e12)
-        n += 1
+        count += 1
     return best
 
 
@@ -68,16 +71,16 @@ def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cac
     """The candidate with the highest measured rate (read from the host cache when it has this key)."""
     key = host_key(device)
     path = cache_file if cache_file is not None else default_cache_file()
-    cache = _read(path) if path else {}
-    if key in cache and cache[key].get("dtype") in candidates(device):
-        hit = cache[key]
-        return DtypeChoice(hit["dtype"], dict(hit.get("tflops", {})), cached=True)
-    rates = {name: rate(name, device) for name in candidates(device)}
-    best = max(rates, key=rates.get)
-    choice = DtypeChoice(best, rates, cached=False)
-    if path:
-        _write(path, {**cache, key: {"dtype": best, "tflops": rates}})
-    return choice
+    with _locked(path):  # replicas starting together: the first measures, the others read its choice
+        cache = _read(path) if path else {}
+        if key in cache and cache[key].get("dtype") in candidates(device):
+            hit = cache[key]
+            return DtypeChoice(hit["dtype"], dict(hit.get("tflops", {})), cached=True)
+        rates = {name: rate(name, device) for name in candidates(device)}
+        best = max(rates, key=rates.get)
+        if path:
+            _write(path, {**cache, key: {"dtype": best, "tflops": rates}})
+    return DtypeChoice(best, rates, cached=False)
 
 
 def auto_dtype(device: str, logger: logging.Logger | None = None) -> str:
@@ -116,6 +119,26 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+@contextlib.contextmanager
+def _locked(path: Path | None) -> Iterator[None]:
+    """An exclusive lock beside the cache file while it is read, measured for and written: processes of
+    one host (the stage actors of one run) that start together then agree on the dtype. Best effort:
+    without a lock file (read-only home, no fcntl) each process measures on its own, as before."""
+    try:
+        import fcntl
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")
+    except (ImportError, OSError, AttributeError):  # AttributeError: no path (the cache is off)
+        lock = None
+    if lock is None:
+        yield
+        return
+    with lock:  # closing it releases the lock
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def _read(path: Path) -> dict:
     try:
         data = json.loads(path.read_text())
@@ -125,7 +148,7 @@ def _read(path: Path) -> dict:
 
 
 def _write(path: Path, data: dict) -> None:
-    """Best effort and atomic (replicas starting together may race; the last one wins)."""
+    """Best effort and atomic (a reader never sees half a file)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")

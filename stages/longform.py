@@ -9,7 +9,7 @@ segment is cut at clause punctuation, then between words.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,6 +151,24 @@ def script_segments(lines: Sequence[tuple[Hashable, str]], count: Callable[[str]
         first = first_max_tokens if n == 0 else None
         segments += [ScriptSegment(speakers.index(key), n, s) for s in split_text(text, count, max_tokens, first)]
     return speakers, segments
+
+
+def speaker_key(voice, aliases: Mapping[str, str] | None = None) -> Hashable:
+    """Who speaks a line: lines with the same voice name (after ``aliases``) are one speaker; a prompt
+    object given inline is a speaker of its own."""
+    if isinstance(voice, str):
+        return (aliases or {}).get(voice, voice)
+    return None if voice is None else ("inline", id(voice))
+
+
+def split_script(lines: Sequence[tuple[object, str]], count: Callable[[str], int], max_tokens: int,
+                 first_max_tokens: int | None = None, aliases: Mapping[str, str] | None = None,
+                 ) -> tuple[list[object], list[ScriptSegment]]:
+    """(each speaker's voice as the script gives it, segments in script order) of (voice, text) lines."""
+    keys = [(speaker_key(v, aliases), t) for v, t in lines]
+    speakers, segments = script_segments(keys, count, max_tokens, first_max_tokens)
+    by_key = {speaker_key(v, aliases): v for v, _ in lines}
+    return [by_key[k] for k in speakers], segments
 
 
 def previous_of_speaker(speakers: Sequence[int]) -> list[int | None]:

@@ -18,7 +18,7 @@ from .codec import CodecEngine
 from .constants import STAGES, BarkSpec
 from .engine import EngineOptions, StageEngine
 from .fine import FineEngine
-from .longform import carry_voice, script_segments, segment_seed, split_text
+from .longform import carry_voice, segment_seed, split_script
 from .requests import stage_request
 from .semantic import SemanticEngine
 from .text import TextPreparer
@@ -113,7 +113,7 @@ class BarkPipeline:
         and so is the audio. Progress: ``on_segment(i, n)`` is called before the first
         segment (i=0) and after each one, ``on_step(stage_name)`` after every engine step.
         """
-        if not split_text(text, self.text.count, max_segment_tokens or self.text.max_tokens):
+        if not isinstance(text, str) or not text.strip():
             self.text.encode(text)  # raises the empty-text error
         return self.synthesize_script([(voice, text)], params, max_segment_tokens, on_segment, on_step)
 
@@ -127,10 +127,8 @@ class BarkPipeline:
         for n, (_, line) in enumerate(lines):
             if not isinstance(line, str) or not line.strip():
                 raise InvalidRequestError(f"script line {n}: text is empty")
-        keys = [(_speaker_key(v), t) for v, t in lines]
-        speakers, segments = script_segments(keys, self.text.count, max_segment_tokens or self.text.max_tokens)
-        by_key = {_speaker_key(v): v for v, _ in lines}
-        history = [self.voices.resolve(by_key[k]) for k in speakers]  # each speaker's current history prompt
+        speakers, segments = split_script(lines, self.text.count, max_segment_tokens or self.text.max_tokens)
+        history = [self.voices.resolve(v) for v in speakers]  # each speaker's current history prompt
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         parts = []
         if on_segment is not None and segments:
@@ -148,7 +146,3 @@ class BarkPipeline:
                           np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed,
                           tuple(len(g.audio) for g in parts))
 
-
-def _speaker_key(voice) -> object:
-    """Lines with an equal voice name are one speaker; a prompt object given inline is a speaker of its own."""
-    return voice if voice is None or isinstance(voice, str) else ("inline", id(voice))

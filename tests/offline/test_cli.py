@@ -44,6 +44,18 @@ def test_bad_arguments_exit_2_with_one_line(args, message, tmp_path):
     assert "Ray instance" not in res.stderr  # refused before Ray starts
 
 
+def test_a_local_ray_that_cannot_start_exits_2_and_leaves_no_temp_dir(tiny_ckpt, tmp_path):
+    long = tmp_path / ("x" * 100)  # Ray's socket paths must stay under 108 bytes: none fits under this dir
+    long.mkdir()
+    (tmp_path / "in.jsonl").write_text('{"id": "a", "text": "hi"}\n')
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(long)}
+    res = subprocess.run([*CLI, str(tmp_path / "in.jsonl"), "--out", str(tmp_path / "out"), "--model", str(tiny_ckpt)],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "could not start a local Ray instance" in res.stderr and "Traceback" not in res.stderr
+    assert list(long.iterdir()) == []
+
+
 def test_help_imports_no_torch_or_ray():
     from tests.cli.test_cli_help import HEAVY, _imported_modules
 

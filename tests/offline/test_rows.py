@@ -66,20 +66,42 @@ def test_bad_rows_fail_alone_with_their_reason(config):
     assert [r["id"] for r in again] == [r["id"] for r in rows]
 
 
-def test_resume_drops_done_ids(config):
+def test_a_lone_surrogate_or_a_huge_text_fails_its_row_and_the_batch_still_builds(config):
+    """Unchecked text goes into the manifest short and printable: Arrow refuses lone surrogates."""
+    lines = [json.dumps({"id": "sur", "text": "a\ud800b"}), json.dumps({"id": "big", "text": "y" * 50_000}),
+             json.dumps({"id": "vsur", "text": "hi", "voice": "\udfff"}), json.dumps(GOOD_ROWS[1])]
+    out = {r["id"]: r for r in Planner(config, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()}
+    assert out["sur"]["status"] == "failed" and out["sur"]["text"] == "a\\ud800b" and "surrogate" in out["sur"]["error"]
+    assert out["vsur"]["status"] == "failed" and out["vsur"]["voice"] == "\\udfff"
+    assert out["big"]["status"] == "failed" and len(out["big"]["text"]) <= 501
+    assert out["short"]["status"] == "pending" and out["short"]["text"] == GOOD_ROWS[1]["text"]
+    long_ok = {"id": "long-ok", "text": "word " * 300}  # longer than an error's clip, within max_text_chars
+    assert Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(long_ok)])).to_pylist()[0]["text"] == \
+        long_ok["text"]
+
+
+def test_resume_drops_done_ids_before_planning_them(config):
     lines = [json.dumps(r) for r in GOOD_ROWS]
-    out = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))(jsonl_batch(lines)).to_pylist()
-    assert [r["id"] for r in out] == ["short", "sampled", "raw"]
+    planner = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))
+    planned, plan = [], planner.synth.plan
+    planner.synth.plan = lambda text, *a, **kw: planned.append(kw.get("request_id")) or plan(text, *a, **kw)
+    out = planner(jsonl_batch(lines)).to_pylist()
+    assert [r["id"] for r in out] == ["short", "sampled", "raw"] == planned  # done rows are not tokenized again
 
 
 def test_csv_cells_and_json_options(config, tmp_path):
+    from bark_serve.offline.run import csv_convert_options
+
     path = tmp_path / "in.csv"
     path.write_text('id,text,voice,seed,options\n'
-                    '1,Hello there.,,5,"{""temperature"": 0}"\n'
+                    '001,Hello there.,,5,"{""temperature"": 0}"\n'
                     'b,Second row.,v2/en_speaker_6,,\n'
-                    'c,Bad options.,,,{oops\n')
-    rows = Planner(config, "table", "flac")(pacsv.read_csv(path)).to_pylist()
-    assert [(r["id"], r["status"]) for r in rows] == [("1", "pending"), ("b", "pending"), ("c", "failed")]
+                    'c,Bad options.,,,{oops\n'
+                    '1,12345,,,\n')  # id 1 is not id 001; a numeric text is text
+    rows = Planner(config, "table", "flac")(pacsv.read_csv(path, convert_options=csv_convert_options())).to_pylist()
+    assert [(r["id"], r["status"]) for r in rows] == [("001", "pending"), ("b", "pending"), ("c", "failed"),
+                                                      ("1", "pending")]
+    assert rows[3]["text"] == "12345"
     assert rows[0]["seed"] == 5 and rows[0]["options"] == '{"temperature": 0}' and rows[0]["format"] == "flac"
     assert rows[1]["voice"] == "v2/en_speaker_6" and rows[1]["seed"] is not None  # a seed is drawn and recorded
     assert "options" in rows[2]["error"]
@@ -105,6 +127,8 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
     rows = Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(r) for r in GOOD_ROWS])).to_pylist()
     assert rows[0]["segments"] >= 2
     for stage in STAGES:
+        if stage == "codec":  # the codec reads only the fine stage's output
+            rows = [{**r, "semantic": None, "coarse": None} for r in rows]
         engine = load_engine(stage, cfg, engine_options(cfg.stage(stage)))
         busy = run_stage(engine, stage, rows)
         assert busy > 0 and engine.num_active == 0
@@ -113,6 +137,43 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
         joined = join_segments(row["audio"], 24000, row_post_process(row["options"], AudioConfig()))  # as _write does
         np.testing.assert_allclose(joined, reference(pipe, {**good, "seed": row["seed"]}), atol=QUANT)
     assert 0 < rows[0]["semantic_tokens"] <= 10 * rows[0]["segments"]
+
+
+def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse():
+    """A row whose segments are all too short to carry the voice: every one's history is the row's voice."""
+    from bark_serve.offline.stage_run import RowWork, history
+    from bark_serve.stages.types import GenerationParams, VoicePrompt
+
+    n = 3000
+    voice = VoicePrompt(np.zeros(4, np.int64), np.zeros((2, 4), np.int64), np.zeros((8, 4), np.int64))
+    short = [np.zeros(1, np.int64)] * n  # one semantic token: carries no voice
+    work = RowWork(0, short, {"semantic": short}, voice, GenerationParams(), 0, [None] * n)
+    assert history("coarse", n - 1, work) is voice
+    long = [np.arange(8)] + short[1:]  # segment 0 carries it: the walk stops there
+    coarse = [np.ones((2, 3), np.int64)] + [None] * (n - 1)  # what the coarse stage has made so far
+    got = history("coarse", n - 1, RowWork(0, long, {"semantic": long}, voice, GenerationParams(), 0, coarse))
+    assert np.array_equal(got.semantic, np.arange(8)) and np.array_equal(got.coarse, coarse[0])
+
+
+def test_a_row_whose_audio_cannot_be_encoded_fails_alone(tmp_path):
+    """The codec worker's join and encode errors are the row's failure, not an exception out of the batch."""
+    from bark_serve.offline.outdir import OutDir
+    from bark_serve.offline.rows import empty_row
+    from bark_serve.offline.udfs import CodecWorker
+    from bark_serve.serving.config import AudioConfig
+
+    worker = object.__new__(CodecWorker)  # the engine is beside the point here
+    worker.sample_rate, worker.audio_config, worker.out = 24_000, AudioConfig(), OutDir(str(tmp_path))
+    worker.out.makedirs()
+    segments = [np.sin(np.arange(4800, dtype=np.float32) / 9) * 0.3]
+    rows = [{**empty_row(rid), "status": Status.PENDING.value, "format": fmt, "audio": list(segments)}
+            for rid, fmt in (("good", "wav"), ("bad", "midi"))]
+    for row in rows:
+        worker._write(row)
+    good, bad = rows
+    assert good["status"] == Status.OK.value, good["error"]
+    assert (tmp_path / good["path"]).is_file()
+    assert bad["status"] == Status.FAILED.value and "encoding the audio failed" in bad["error"] and not bad["path"]
 
 
 def test_stage_pools_from_the_config_blocks(tiny_ckpt):

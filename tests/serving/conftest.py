@@ -9,6 +9,16 @@ import pytest
 API_KEY = "test-key-123"
 
 
+@pytest.fixture(scope="module")
+def redis_srv(tmp_path_factory):
+    """A real redis-server for one test module's batch jobs."""
+    from tests.cluster.redis_server import RedisServer
+
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -22,7 +22,6 @@ from bark_serve.stages.dsp import join_segments
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
-from tests.cluster.redis_server import RedisServer
 from tests.serving.conftest import API_KEY, e2e_config, free_port
 from tests.serving.e2e_helpers import running_app
 
@@ -37,13 +36,6 @@ def batch_config(tiny_ckpt, redis_srv) -> dict:
     raw["batch"] = {"enabled": True, "redis_url": redis_srv.url, "claim_timeout_s": 4, "max_in_flight": 4,
                     "worker": {"num_replicas": 2, "num_cpus": 0.1}}
     return raw
-
-
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis-e2e")).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

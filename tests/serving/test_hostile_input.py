@@ -347,14 +347,6 @@ CORPUS_SIZE = len(HTTP_CASES) + len(ITEM_CASES) + len(QUERY_CASES)
 
 
 # -- the app --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def redis_srv(tmp_path_factory):
-    from tests.cluster.redis_server import RedisServer
-
-    server = RedisServer(tmp_path_factory.mktemp("redis-hostile")).start()
-    yield server
-    server.stop()
-
 
 @pytest.fixture(scope="module")
 def app(tiny_ckpt, preset_dir, redis_srv):

@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from bark_serve.serving.api_models import SpeechRequest, TTSRequest
-from bark_serve.serving.audio import FORMATS, AudioOut, encode, open_encoder
+from bark_serve.serving.audio import FORMATS, AudioOut, encode, from_pcm16, open_encoder, to_pcm16
 from bark_serve.serving.config import ConfigError, parse_config
 from bark_serve.stages.dsp import PostProcess, join_segments
 
@@ -68,3 +68,14 @@ def test_audio_out_streams_what_a_whole_join_gives():
     data = b"".join(out(s, i == len(segments) - 1) for i, s in enumerate(segments))
     whole = join_segments(segments, SR, post)
     assert data == encode(whole, SR, "pcm")
+
+
+def test_nan_and_inf_never_reach_an_encoder_and_finite_samples_are_only_clipped():
+    odd = np.array([np.nan, np.inf, -np.inf, 0.5, 1.5, -2.0], np.float32)
+    np.testing.assert_allclose(from_pcm16(to_pcm16(odd)), [0.0, 1.0, -1.0, 0.5, 1.0, -1.0], atol=1e-4)
+    finite = np.random.default_rng(1).uniform(-1.2, 1.2, 5000).astype(np.float32)
+    assert to_pcm16(finite) == (np.clip(finite, -1, 1) * 32767.0).round().astype("<i2").tobytes()
+    flac = av.open(io.BytesIO(encode(odd, SR, "flac")))  # lossless: the sanitised samples come back
+    pcm = np.concatenate([f.to_ndarray().reshape(-1) for f in flac.decode(audio=0)])
+    scale = 32768.0 if pcm.dtype.kind == "i" else 1.0
+    np.testing.assert_allclose(pcm[:6] / scale, [0.0, 1.0, -1.0, 0.5, 1.0, -1.0], atol=1e-3)

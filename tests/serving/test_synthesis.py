@@ -180,3 +180,26 @@ def test_the_window_lets_the_lowest_segment_in_first_and_survives_cancellation()
 
     order, active, peak = asyncio.run(scenario())
     assert order == [0, 3, 5] and active == 0 and peak == 1
+
+
+def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse(pipe):
+    """Each segment too short to carry the voice: the walk back reaches the speaker's own voice, past
+    Python's recursion limit."""
+    from bark_serve.serving.synthesis import Plan
+    from bark_serve.stages.types import Priority
+
+    n = 3000
+    synth = make_synth(pipe)
+    voice = pipe.voices.resolve("v2/en_speaker_1")
+    plan = Plan("r", ("x",) * n, (np.zeros(1, np.int64),) * n, (voice,), (0,) * n, (None, *range(n - 1)),
+                GenerationParams(), 0, Priority.INTERACTIVE)
+
+    async def walk():
+        loop = asyncio.get_running_loop()
+        tasks = {}
+        for i in range(n):
+            tasks["semantic", i] = done = loop.create_future()
+            done.set_result(StageOutput(np.zeros(1, np.int64), 0.0, 0.0, 0.0))  # 1 token: carries no voice
+        return await synth._history(n - 1, plan, tasks, "coarse")
+
+    assert asyncio.run(walk()) is voice

@@ -154,3 +154,19 @@ def test_speed_two_halves_a_joined_request():
     normal = join_segments(segments, SR, PostProcess(crossfade_ms=0))
     fast = join_segments(segments, SR, PostProcess(crossfade_ms=0, speed=2.0))
     assert len(fast) == pytest.approx(len(normal) / 2, rel=0.03)
+
+
+def test_nan_and_inf_samples_are_silence_and_full_scale_and_finite_audio_is_untouched():
+    """NaN would defeat the trim (no frame compares loud) and infinities the gain."""
+    bad = tone(0.5)
+    bad[100:200], bad[300], bad[400] = np.nan, np.inf, -np.inf
+    joined = join_segments([bad, tone(0.5)], SR, PostProcess())
+    assert joined.size and np.all(np.isfinite(joined))
+    clean = bad.copy()
+    clean[100:200], clean[300], clean[400] = 0.0, 1.0, -1.0
+    np.testing.assert_array_equal(joined, join_segments([clean, tone(0.5)], SR, PostProcess()))
+    finite = [tone(0.4, amp=0.2), RNG.standard_normal(9000).astype(np.float32) * 0.1]
+    before = [s.copy() for s in finite]
+    again = join_segments(finite, SR, PostProcess())
+    assert all(np.array_equal(a, b) for a, b in zip(finite, before))  # inputs not modified
+    np.testing.assert_array_equal(again, join_segments(before, SR, PostProcess()))

@@ -75,3 +75,29 @@ def test_auto_measures_for_real_and_logs_the_rates(tmp_path, monkeypatch, caplog
     rates = json.loads((tmp_path / "probe.json").read_text())[P.host_key("cpu")]["tflops"]
     assert picked == max(rates, key=rates.get) and all(v > 0 for v in rates.values())
     assert f"dtype auto -> {picked}" in caplog.text
+
+
+def test_processes_starting_together_measure_once_and_agree(tmp_path):
+    """Replicas of one run probing at once on a cold cache: the first measures, the others wait for its
+    choice, so noisy timings cannot give one stage float32 and another bfloat16."""
+    import threading
+    import time
+
+    cache, calls, lock = tmp_path / "probe.json", [], threading.Lock()
+
+    def noisy(name: str, device: str) -> float:  # each measurement disagrees with the one before
+        with lock:
+            calls.append(name)
+            turn = len(calls)
+        time.sleep(0.05)
+        return 2.0 if (name == "float32") == (turn % 4 in (1, 2)) else 1.0
+
+    picked: list[P.DtypeChoice] = []
+    threads = [threading.Thread(target=lambda: picked.append(P.choose_dtype("cpu", rate=noisy, cache_file=cache)))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len({c.dtype for c in picked}) == 1 and len(calls) == len(P.candidates("cpu"))
+    assert sum(not c.cached for c in picked) == 1
