@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bark_serve.stages.dsp import PostProcess, SegmentJoiner
+from bark_serve.stages.dsp import PostProcess, SegmentJoiner, finite
 from bark_serve.stages.types import InvalidRequestError
 
 
@@ -73,10 +73,7 @@ def format_for_path(path: str) -> str:
 def full_scale(audio: np.ndarray) -> np.ndarray:
     """float32 samples clipped to [-1, 1]; NaN becomes silence and infinities full scale (no encoder sees
     them). Finite samples are only clipped, exactly as before."""
-    data = np.asarray(audio, dtype=np.float32)
-    if not np.isfinite(data).all():
-        data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
-    return np.clip(data, -1.0, 1.0)
+    return np.clip(finite(audio), -1.0, 1.0)
 
 
 def to_pcm16(audio: np.ndarray) -> bytes:

@@ -120,6 +120,14 @@ def _fades(n: int) -> tuple[np.ndarray, np.ndarray]:
     return np.cos(t), np.sin(t)
 
 
+def finite(audio: np.ndarray) -> np.ndarray:
+    """float32 samples with NaN as silence and infinities at full scale; finite audio is returned as it is."""
+    data = np.asarray(audio, dtype=np.float32)
+    if not np.isfinite(data).all():
+        data = np.nan_to_num(data, nan=0.0, posinf=1.0, neginf=-1.0)
+    return data
+
+
 class SegmentJoiner:
     """Joins a request's segments one by one (see the module docstring). Not thread-safe: one per request."""
 
@@ -132,9 +140,7 @@ class SegmentJoiner:
     def prepare(self, segment: np.ndarray) -> np.ndarray:
         """One segment trimmed, stretched and at the request's gain (chosen here, on the first loud segment)."""
         o = self.options
-        audio = np.asarray(segment, dtype=np.float32)
-        if not np.isfinite(audio).all():  # NaN would defeat the trim and infinities the gain; finite audio as is
-            audio = np.nan_to_num(audio, nan=0.0, posinf=1.0, neginf=-1.0)
+        audio = finite(segment)  # NaN would defeat the trim and infinities the gain
         if o.trim_silence:
             audio = trim_silence(audio, self.sample_rate, o.trim_threshold_db, o.trim_margin_ms)
         audio = time_stretch(audio, self.sample_rate, o.speed)

@@ -273,18 +273,19 @@ class FineLM(nn.Module):
         Row b sums the input embeddings of codebooks 0..codebooks[b] in one order (a row past its own
         codebook keeps its sum, it does not add zeros) and goes through its own head, so each row's logits
         are what it gets alone; the transformer body runs once for the whole batch."""
+        lo, hi = min(codebooks), max(codebooks)
+        want = torch.tensor(codebooks, device=codes.device)[:, None, None] if lo != hi else None  # (B, 1, 1)
         x = self.input_embeds_layers[0](codes[:, :, 0])  # (B, T, C)
-        want = torch.tensor(codebooks, device=codes.device)[:, None, None]  # (B, 1, 1)
-        for i in range(1, max(codebooks) + 1):
+        for i in range(1, hi + 1):
             added = x + self.input_embeds_layers[i](codes[:, :, i])
-            x = added if min(codebooks) >= i else torch.where(want >= i, added, x)
+            x = added if i <= lo else torch.where(want >= i, added, x)
         t = codes.shape[1]
         x = x + self.position_embeds_layer(torch.arange(t, device=codes.device))[None]
         for layer in self.layers:
             x = layer(x, None)
         x = self.layernorm_final(x)
-        if len(set(codebooks)) == 1:
-            return self.lm_heads[codebooks[0] - self.n_codes_given](x)
+        if lo == hi:
+            return self.lm_heads[lo - self.n_codes_given](x)
         logits = x.new_empty((*x.shape[:2], self.lm_heads[0].out_features))
         for cb in sorted(set(codebooks)):
             rows = [b for b, c in enumerate(codebooks) if c == cb]
