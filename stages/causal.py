@@ -1,17 +1,18 @@
 """Continuous batching for Bark's two causal stages (semantic, coarse).
 
 How this works:
-- each held request owns one KV-cache slot; slots ``0..n-1`` are always the
-  held requests (a leaving request's slot is filled by moving the last one in);
-- a slot is either waiting for a prefill (a new request, or a coarse window
-  boundary) or decoding;
-- ``step`` runs one batched decode over the decoding slots and one batched,
-  right-padded prefill over the waiting ones, then samples one token for every
-  slot with that request's own generator. Both forwards produce exactly one
-  new token per slot, so a request that joins mid-flight simply starts with a
-  prefill row in the next step.
-Subclasses say what a prefill contains, which tokens are allowed, and when a
-request is done.
+- each held request owns one KV-cache slot and one row of the ``SlotTable`` (its last token,
+  position, step counter, sampling parameters and pre-drawn uniforms, on the device); slots
+  ``0..n-1`` are always the held requests (a leaving request's slot is filled by moving the last one);
+- a slot is either waiting for a prefill (a new request, or a coarse window boundary) or decoding;
+- ``step`` runs one decode over slots ``0..n-1`` and one batched, right-padded prefill over the
+  waiting ones; both sample one token per slot on the device, with that request's own parameters
+  and draws, and the tokens cross to the host in one copy. A request that joins mid-flight simply
+  starts with a prefill row in the next step.
+- the decode is a fixed-shape step (a whole-length static cache, the rows padded to a bucket)
+  replayed as a CUDA graph when ``cuda_graphs`` is on (stages/graphs.py), else an eager step over a
+  cache sized to what the held requests reach. Prefills always run eagerly.
+Subclasses say what a prefill contains, which tokens are allowed, and when a request is done.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ import torch
 
 from .engine import EngineOptions, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
-from .modeling import CausalLM
-from .sampling import draw_uniform
+from .graphs import StepGraphs, buckets_for, use_graphs
+from .modeling import CausalLM, SlotKVCache
+from .sampling import SampleMode
+from .slot_table import SlotTable
 from .types import CoarseRequest, EngineResult, SemanticRequest
 
 StateT = TypeVar("StateT")
@@ -35,31 +38,44 @@ StateT = TypeVar("StateT")
 
 @dataclass
 class Slot(Generic[StateT]):
-    """Per-request decoding state; each engine keeps its own bookkeeping in a typed ``state``."""
+    """Per-request decoding state on the host; each engine keeps its own bookkeeping in a typed ``state``."""
 
     request: SemanticRequest | CoarseRequest
     generator: torch.Generator
     state: StateT
     position: int = 0  # tokens in the cache; the next decode writes here
     reach: int = 0  # cache positions reserved: the most this request can use
-    last_token: int = 0
     needs_prefill: bool = True
+    mode: SampleMode = SampleMode.GREEDY  # what sampling this request needs
     started: float = field(default_factory=time.perf_counter)
 
 
 class CausalEngine(StageEngine):
-    """Shared slot, prefill and decode machinery of the semantic and coarse engines."""
+    """Shared slot, prefill and decode machinery of the semantic and coarse engines.
 
-    def __init__(self, options: EngineOptions, model: CausalLM, max_len: int):
+    Subclasses set ``self.spec`` before calling this constructor: capturing the decode graphs runs
+    their ``_select``.
+    """
+
+    def __init__(self, options: EngineOptions, model: CausalLM, max_len: int, max_steps: int):
         super().__init__(options)
         self.model = model
         self.max_len = min(max_len, model.block_size)
-        # empty until requests come: reserve() sizes it to the held requests' reach (stages/modeling.py)
-        self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device)
+        self.fixed_shape = use_graphs(options.cuda_graphs, self.device)
+        # eager: empty until requests come, reserve() sizes it to the held requests' reach; fixed shape:
+        # every slot at max_len from the start (a graph holds its address)
+        self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device, self.fixed_shape)
+        self.table = SlotTable(options.capacity, max_steps, self.device)
         self.slots: list[Slot] = []
         self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
         self._work: dict[str, float] = {}
+        self.graphs: StepGraphs | None = None
+        if self.fixed_shape:
+            self.graphs = StepGraphs(self._decode_fixed, buckets_for(options.capacity, options.graph_buckets),
+                                     self.device)
+            with torch.inference_mode():
+                self.graphs.capture()
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -75,7 +91,10 @@ class CausalEngine(StageEngine):
         if slot is None:
             return
         slot.reach = min(self.max_len, self._reach(slot))
+        slot.mode = SampleMode.of(request.sampling)
         self.cache.reserve(len(self.slots) + 1, max(s.reach for s in [*self.slots, slot]))
+        self.table.admit(len(self.slots), request.sampling, slot.generator, self._max_steps(slot),
+                         getattr(request, "min_eos_p", None))
         self.slots.append(slot)
 
     def cancel(self, request_id: str) -> bool:
@@ -91,21 +110,29 @@ class CausalEngine(StageEngine):
         if not self.slots:
             return results
         t0 = time.perf_counter()
-        rows, logits = self._forward()
-        tokens = self._select([self.slots[i] for i in rows], logits).tolist()
-        finished = []
+        rows, tokens = self._forward()
+        finished, paused = [], []
         for i, tok in zip(rows, tokens):
             slot = self.slots[i]
-            slot.last_token = tok
             if self._advance(slot, tok):
                 finished.append(i)
+            elif slot.needs_prefill:
+                paused.append(i)
+        if paused:  # a coarse window ended: decode no further until its re-prefill
+            self.table.pause(torch.tensor(paused, device=self.device))
         for i in sorted(finished, reverse=True):
             results.append(EngineResult(self.slots[i].request.request_id, output=self._output(self.slots[i]),
                                        timings={"latency_s": time.perf_counter() - self.slots[i].started}))
             self._release(i)
-        self._record({"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": time.perf_counter() - t0,
-                          **self._work})
+        step_s = time.perf_counter() - t0
+        decode_only = float(self._work.get("prefill_s", 0.0) == 0.0)
+        self._record({"batch": float(len(rows)), "tokens": float(len(rows)), "step_s": step_s,
+                      "decode_only_steps": decode_only, "decode_only_s": step_s * decode_only, **self._work})
         return results
+
+    def graph_stats(self) -> dict | None:
+        """Captured graphs, capture seconds and graph memory (None when the decode runs eagerly)."""
+        return self.graphs.stats() if self.graphs is not None else None
 
     # -- subclass hooks --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -117,8 +144,13 @@ class CausalEngine(StageEngine):
         """Right-padded prompt embeddings (B, T, C) and lengths (B,) of slots awaiting a prefill."""
 
     @abc.abstractmethod
-    def _select(self, slots: list[Slot], logits: torch.Tensor) -> torch.Tensor:
-        """Next token (R,) for each slot from its logits (R, V)."""
+    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
+        """Next token (R,) of table rows ``rows`` (R,) from their logits (R, V), on the device with no
+        host synchronisation (it runs inside the decode graph)."""
+
+    @abc.abstractmethod
+    def _max_steps(self, slot: Slot) -> int:
+        """The most tokens this request can sample (its pre-drawn uniforms)."""
 
     @abc.abstractmethod
     def _advance(self, slot: Slot, token: int) -> bool:
@@ -132,22 +164,20 @@ class CausalEngine(StageEngine):
     def _finish_now(self, request_id: str, output: np.ndarray) -> None:
         self._ready.append(EngineResult(request_id, output=output))
 
-    def _forward(self) -> tuple[list[int], torch.Tensor]:
+    def _forward(self) -> tuple[list[int], list[int]]:
+        """Decode the decoding slots, prefill the waiting ones. -> (slot rows, their new tokens)"""
         decode_rows = [i for i, s in enumerate(self.slots) if not s.needs_prefill]
         prefill_rows = [i for i, s in enumerate(self.slots) if s.needs_prefill]
-        parts_rows, parts_logits = [], []
-        work = {"prefill_flops": 0.0, "prefill_s": 0.0, "decode_flops": 0.0, "decode_s": 0.0}
+        mode = max(s.mode for s in self.slots)
+        parts, order = [], []
+        work = {"prefill_flops": 0.0, "prefill_s": 0.0, "decode_flops": 0.0, "decode_s": 0.0, "graph_steps": 0.0}
+        n = decode_rows[-1] + 1 if decode_rows else 0  # slots 0..n-1; waiting rows among them are inactive
         if decode_rows:
             t0 = time.perf_counter()
-            n = decode_rows[-1] + 1  # slots 0..n-1; prefill rows among them decode a throwaway token
-            toks = torch.tensor([s.last_token if not s.needs_prefill else 0 for s in self.slots[:n]],
-                                device=self.device)
-            pos = torch.tensor([s.position if not s.needs_prefill else 0 for s in self.slots[:n]],
-                               device=self.device)
-            out = self.model.decode(toks, pos, self.cache)  # (n, V)
-            parts_rows += decode_rows
-            parts_logits.append(out[decode_rows])
+            out, replayed = self._decode(n, decode_rows, mode)
+            parts.append(out[:n])
             work["decode_flops"] = decode_flops(self.shape, [self.slots[i].position for i in decode_rows])
+            work["graph_steps"] = float(replayed)
             for i in decode_rows:
                 self.slots[i].position += 1
             work["decode_s"] = time.perf_counter() - t0
@@ -155,18 +185,47 @@ class CausalEngine(StageEngine):
             t0 = time.perf_counter()
             all_lengths = []
             for chunk in self._prefill_chunks(prefill_rows):
-                waiting = [self.slots[i] for i in chunk]
-                embeds, lengths = self._prefill_embeds(waiting)
-                slots = torch.tensor(chunk, device=self.device)
-                parts_logits.append(self.model.prefill(embeds, lengths.to(self.device), self.cache, slots))
-                parts_rows += chunk
-                for slot, n in zip(waiting, lengths.tolist()):
-                    slot.position, slot.needs_prefill = n, False
-                all_lengths += lengths.tolist()
+                parts.append(self._prefill(chunk, mode, all_lengths))
+                order += chunk
             work["prefill_flops"] = prefill_flops(self.shape, all_lengths)
             work["prefill_s"] = time.perf_counter() - t0
         self._work = work
-        return parts_rows, torch.cat(parts_logits).float()
+        tokens = torch.cat(parts).tolist()  # the step's one device-to-host copy
+        return decode_rows + order, [tokens[i] for i in decode_rows] + tokens[n:]
+
+    def _decode(self, n: int, decode_rows: list[int], mode: SampleMode) -> tuple[torch.Tensor, bool]:
+        if self.graphs is not None:
+            return self.graphs.run(n, mode)
+        span = max(self.slots[i].position for i in decode_rows) + 1  # known here: no device sync
+        return self._decode_rows(n, mode, span), False
+
+    def _decode_fixed(self, n: int, mode: SampleMode) -> torch.Tensor:
+        """The fixed-shape decode a graph captures: ``n`` rows over the whole static cache."""
+        return self._decode_rows(n, mode, self.cache.length)
+
+    def _decode_rows(self, n: int, mode: SampleMode, span: int) -> torch.Tensor:
+        """Decode table rows 0..n-1, sample, and advance the active ones, all on the device. -> (n,)"""
+        t = self.table
+        rows = t.rows[:n]
+        logits = self.model.decode(t.token[:n], t.position[:n], self.cache, span)  # (n, V)
+        tokens = self._select(logits.float(), rows, mode)  # (n,)
+        t.commit(rows, tokens, decoded=True)
+        return tokens
+
+    def _prefill(self, chunk: list[int], mode: SampleMode, all_lengths: list[int]) -> torch.Tensor:
+        """Prefill slots ``chunk`` and sample each one's first token of the (new) window. -> (len(chunk),)"""
+        waiting = [self.slots[i] for i in chunk]
+        embeds, lengths = self._prefill_embeds(waiting)
+        rows = torch.tensor(chunk, device=self.device)
+        lengths_dev = lengths.to(self.device)
+        logits = self.model.prefill(embeds, lengths_dev, self.cache, rows)  # (R, V)
+        self.table.start(rows, lengths_dev)
+        tokens = self._select(logits.float(), rows, mode)
+        self.table.commit(rows, tokens, decoded=False)
+        for slot, length in zip(waiting, lengths.tolist()):
+            slot.position, slot.needs_prefill = length, False
+        all_lengths += lengths.tolist()
+        return tokens
 
     def _prefill_chunks(self, rows: list[int]) -> list[list[int]]:
         """Split waiting slots into prefills of at most ``max_forward_tokens`` padded rows each."""
@@ -200,7 +259,7 @@ class CausalEngine(StageEngine):
         """KV memory now and at its peak, and slots per GB: at the peak's mix vs a cache sized to the maximum."""
         c = self.cache
         per_slot_at_peak = c.peak_bytes / c.peak_slots if c.peak_slots else 0
-        return {"bytes": c.nbytes(), "peak_bytes": c.peak_bytes, "peak_slots": c.peak_slots,
+        return {"bytes": c.nbytes(), "peak_bytes": c.peak_bytes, "peak_slots": c.peak_slots, "static": c.static,
                 "bytes_per_slot_at_max_len": self.kv_bytes_per_slot(),
                 "slots_per_gb_at_max_len": round(1e9 / self.kv_bytes_per_slot(), 2),
                 "slots_per_gb_at_peak": round(1e9 / per_slot_at_peak, 2) if per_slot_at_peak else None}
@@ -209,21 +268,18 @@ class CausalEngine(StageEngine):
         last = len(self.slots) - 1
         if i != last:
             self.cache.move(last, i)
+            self.table.move(last, i)
             self.slots[i] = self.slots[last]
+        self.table.clear(last)
         self.slots.pop()
         if not self.slots:
-            self.cache.shrink()  # an idle replica holds no KV memory
-
-    def _uniform(self, slots: list[Slot]) -> torch.Tensor:
-        return draw_uniform([s.generator for s in slots], [1] * len(slots), self.device)
+            self.cache.shrink()  # an idle replica holds no KV memory (a fixed-shape cache keeps it)
 
 
-def _new_cache(model: CausalLM, n_slots: int, max_len: int, dtype, device):
-    from .modeling import SlotKVCache
-
+def _new_cache(model: CausalLM, n_slots: int, max_len: int, dtype, device, static: bool) -> SlotKVCache:
     hidden = model.lm_head.weight.shape[1]
     return SlotKVCache(len(model.layers), 0, model.n_heads, max_len, hidden // model.n_heads, dtype, device,
-                       max_slots=n_slots)
+                       max_slots=n_slots, static=static)
 
 
 def pad_right(rows: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:

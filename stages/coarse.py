@@ -21,7 +21,7 @@ from .causal import CausalEngine, Slot, pad_right
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM, ModelConfig
-from .sampling import sample_rows, stage_generator
+from .sampling import SampleMode, sample_tokens, stage_generator
 from .types import CoarseRequest
 from .weights import Checkpoint
 
@@ -42,8 +42,8 @@ class CoarseEngine(CausalEngine):
 
     def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
         max_len = spec.max_coarse_input_length + 1 + spec.max_coarse_history + spec.sliding_window_len
-        super().__init__(options, model, max_len)
         self.spec = spec
+        super().__init__(options, model, max_len, T.coarse_output_length(spec.max_semantic_tokens, spec))
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "CoarseEngine":
@@ -88,13 +88,16 @@ class CoarseEngine(CausalEngine):
         st = slot.state
         return T.coarse_window_length(st.n_history + st.target, self.spec) + self.spec.sliding_window_len
 
-    def _select(self, slots: list[Slot[CoarseState]], logits: torch.Tensor) -> torch.Tensor:
-        spec = self.spec
-        lo = torch.tensor([T.coarse_token_range(s.state.in_window, spec)[0] for s in slots], device=logits.device)
+    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
+        spec = self.spec  # codebooks alternate inside a window, 0 first (tokens.coarse_token_range)
+        codebook = self.table.in_window[rows] % spec.n_coarse_codebooks  # (R,)
+        lo = spec.semantic_vocab_size + codebook * spec.codebook_size  # (R,)
         cols = lo[:, None] + torch.arange(spec.codebook_size, device=logits.device)[None, :]  # (R, 1024)
         allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
-        picked = sample_rows(allowed, [s.request.sampling for s in slots], self._uniform(slots))
-        return picked + lo
+        return sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode) + lo
+
+    def _max_steps(self, slot: Slot[CoarseState]) -> int:
+        return slot.state.target
 
     def _advance(self, slot: Slot, token: int) -> bool:
         st = slot.state

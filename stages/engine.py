@@ -37,6 +37,11 @@ class EngineOptions:
     # ceiling, so activations reuse heap memory instead of page-faulting in fresh memory each
     # forward (bigger chunks add no GEMM efficiency there); on CUDA, no limit.
     max_forward_tokens: int | None = None
+    # Fixed-shape steps replayed as CUDA graphs (stages/graphs.py): "auto" (on for CUDA, off on CPU),
+    # "on" (on CPU: the same fixed-shape path, run eagerly) or "off"; and the batch sizes captured
+    # (empty: the defaults up to ``capacity``).
+    cuda_graphs: str = "auto"
+    graph_buckets: tuple[int, ...] = ()
 
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)

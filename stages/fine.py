@@ -11,6 +11,12 @@ request that arrives while others are mid-window joins at the next pass, not
 after their remaining passes (a whole window of a full batch is seconds on
 CPU), and a request leaves after its last window's last pass. Every window is
 exactly 1024 long, so batches need no padding and the work is large GEMMs.
+
+With ``cuda_graphs`` on, a pass is a fixed-shape step (stages/graphs.py): the held windows are
+copied into a static (bucket, 1024, 8) buffer, every row takes its own head from one stacked
+weight (``FineLM.forward_static``) and samples on the device, and the captured graph of that
+bucket is replayed. Each request's uniforms are drawn once at admission, so its tokens do not
+depend on the batch, the bucket or the path.
 """
 
 from __future__ import annotations
@@ -25,9 +31,10 @@ from . import tokens as T
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .flops import Shape, fine_flops
+from .graphs import StepGraphs, buckets_for, use_graphs
 from .modeling import FineLM, ModelConfig
-from .sampling import draw_uniform, sample_rows, stage_generator
-from .types import EngineResult, FineRequest
+from .sampling import RowSampling, SampleMode, predraw, sample_tokens, stage_generator
+from .types import GREEDY, EngineResult, FineRequest
 from .weights import Checkpoint
 
 
@@ -36,10 +43,20 @@ class _FineJob:
     request: FineRequest
     plan: T.FinePlan
     sequence: torch.Tensor  # (L, 8) on the engine's device
-    generator: torch.Generator
+    sampling: RowSampling  # (1024,): the request's parameters for a window's rows
+    draws: torch.Tensor | None  # every uniform the request samples with, in order (None: greedy)
+    drawn: int = 0
     window: int = 0
     codebook: int = 0  # the codebook the next pass fills (set at admission to the first one)
     started: float = field(default_factory=time.perf_counter)
+
+    def next_draws(self, n: int) -> torch.Tensor | None:
+        """The next ``n`` of the request's uniforms (None for a greedy request)."""
+        if self.draws is None:
+            return None
+        out = self.draws[self.drawn: self.drawn + n]
+        self.drawn += n
+        return out
 
 
 class FineEngine(StageEngine):
@@ -50,6 +67,13 @@ class FineEngine(StageEngine):
         self.model, self.spec = model, spec
         self.shape = Shape.of(model)
         self.jobs: list[_FineJob] = []
+        self.graphs: StepGraphs | None = None
+        if use_graphs(options.cuda_graphs, self.device):
+            self._fixed_buffers(options.capacity)
+            self.graphs = StepGraphs(self._pass_fixed, buckets_for(options.capacity, options.graph_buckets),
+                                     self.device)
+            with torch.inference_mode():
+                self.graphs.capture()
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, options: EngineOptions) -> "FineEngine":
@@ -69,6 +93,10 @@ class FineEngine(StageEngine):
     def modules_for_accounting(self):
         return [self.model]
 
+    def graph_stats(self) -> dict | None:
+        """Captured graphs, capture seconds and graph memory (None when passes run eagerly)."""
+        return self.graphs.stats() if self.graphs is not None else None
+
     def admit(self, req: FineRequest) -> None:
         spec = self.spec
         codes = check_int_array("coarse_codes", req.coarse_codes, 2, 0, spec.codebook_size,
@@ -79,7 +107,13 @@ class FineEngine(StageEngine):
                                         rows=spec.n_fine_codebooks)
         plan = T.fine_plan(codes, fine_hist, spec)
         seq = torch.from_numpy(plan.sequence).to(self.device)
-        self.jobs.append(_FineJob(req, plan, seq, stage_generator(req.seed, self.name),
+        win = spec.max_fine_input_length
+        draws = None
+        if SampleMode.of(req.sampling) != SampleMode.GREEDY:  # every pass of every window, in order
+            passes = spec.n_fine_codebooks - spec.n_coarse_codebooks
+            n = passes * sum(win - w.fill_from for w in plan.windows)
+            draws = predraw(stage_generator(req.seed, self.name), n).to(self.device)
+        self.jobs.append(_FineJob(req, plan, seq, RowSampling.repeat(req.sampling, win, self.device), draws,
                                   codebook=spec.n_coarse_codebooks))
 
     def cancel(self, request_id: str) -> bool:
@@ -93,25 +127,68 @@ class FineEngine(StageEngine):
         if not self.jobs:
             return []
         t0 = time.perf_counter()
-        spec, win = self.spec, self.spec.max_fine_input_length
+        win = self.spec.max_fine_input_length
         jobs = self.jobs
         windows = [j.plan.windows[j.window] for j in jobs]
+        mode = max(SampleMode.of(j.request.sampling) for j in jobs)
+        run = self._pass_graph if self.graphs is not None else self._pass_eager
+        replayed = run(jobs, windows, mode)
+        results = [res for job in jobs if (res := self._advance(job)) is not None]
+        self.jobs = [j for j in jobs if j.window < len(j.plan.windows)]
+        frames = float(sum(win - w.fill_from for w in windows))
+        step_s = time.perf_counter() - t0
+        self._record({"batch": float(len(jobs)), "tokens": frames, "step_s": step_s, "decode_only_steps": 1.0,
+                      "decode_only_s": step_s, "graph_steps": float(replayed),
+                      "window_flops": fine_flops(self.shape, len(jobs), win, 1)})
+        return results
+
+    def _pass_eager(self, jobs: list[_FineJob], windows: list[T.FineWindow], mode: SampleMode) -> bool:
+        spec, win = self.spec, self.spec.max_fine_input_length
         batch = torch.stack([j.sequence[w.start: w.start + win] for j, w in zip(jobs, windows)])  # (B, 1024, 8)
         chunk = max(1, self.forward_token_budget(self.shape.hidden) // win)
         for lo in range(0, len(jobs), chunk):
             part = jobs[lo: lo + chunk]
             logits = self.model.forward_rows(batch[lo: lo + chunk], [j.codebook for j in part])
             for i, (job, w) in enumerate(zip(part, windows[lo: lo + chunk])):
-                rows = logits[i, w.fill_from:, : spec.codebook_size].float()  # (N, V)
-                uniform = draw_uniform([job.generator], [rows.shape[0]], self.device)
-                job.sequence[w.start + w.fill_from: w.start + win, job.codebook] = sample_rows(
-                    rows, [job.request.sampling] * rows.shape[0], uniform)
-        results = [res for job in jobs if (res := self._advance(job)) is not None]
-        self.jobs = [j for j in jobs if j.window < len(j.plan.windows)]
-        frames = float(sum(win - w.fill_from for w in windows))
-        self._record({"batch": float(len(jobs)), "tokens": frames, "step_s": time.perf_counter() - t0,
-                      "window_flops": fine_flops(self.shape, len(jobs), win, 1)})
-        return results
+                rows = logits[i, w.fill_from:, : spec.codebook_size]  # (N, V)
+                n = rows.shape[0]
+                uniform = job.next_draws(n)
+                if uniform is None:
+                    uniform = torch.zeros((n,), dtype=torch.float64, device=self.device)
+                job.sequence[w.start + w.fill_from: w.start + win, job.codebook] = sample_tokens(
+                    rows, job.sampling.head(n), uniform, mode)
+        return False
+
+    def _fixed_buffers(self, capacity: int) -> None:
+        spec, win = self.spec, self.spec.max_fine_input_length
+        self._codes = torch.zeros((capacity, win, spec.n_fine_codebooks), dtype=torch.long, device=self.device)
+        self._codebook = torch.full((capacity,), spec.n_coarse_codebooks, dtype=torch.long, device=self.device)
+        self._uniform = torch.zeros((capacity, win), dtype=torch.float64, device=self.device)
+        self._params = RowSampling.repeat(GREEDY, capacity, self.device)  # one row per held request
+        self._heads = self.model.stacked_heads()  # (heads, V, C)
+
+    def _pass_fixed(self, b: int, mode: SampleMode) -> torch.Tensor:
+        """The fixed-shape pass a graph captures: rows 0..b-1 of the static buffers. -> tokens (b, 1024)"""
+        v = self.spec.codebook_size
+        logits = self.model.forward_static(self._codes[:b], self._codebook[:b], self._heads)[:, :, :v]  # (b, T, V)
+        t = logits.shape[1]
+        rows = self._params.head(b).expand(t)  # (b * T,)
+        return sample_tokens(logits.reshape(b * t, v), rows, self._uniform[:b].reshape(-1), mode).view(b, t)
+
+    def _pass_graph(self, jobs: list[_FineJob], windows: list[T.FineWindow], mode: SampleMode) -> bool:
+        """Copy the held windows into the static buffers, run the bucket's pass, write the tokens back."""
+        win, b = self.spec.max_fine_input_length, len(jobs)
+        for i, (job, w) in enumerate(zip(jobs, windows)):
+            self._codes[i].copy_(job.sequence[w.start: w.start + win])
+            uniform = job.next_draws(win - w.fill_from)
+            if uniform is not None:
+                self._uniform[i, w.fill_from:].copy_(uniform)
+        self._codebook[:b].copy_(torch.tensor([j.codebook for j in jobs]))
+        self._params.assign(b, [j.sampling for j in jobs])
+        out, replayed = self.graphs.run(b, mode)
+        for i, (job, w) in enumerate(zip(jobs, windows)):
+            job.sequence[w.start + w.fill_from: w.start + win, job.codebook] = out[i, w.fill_from:]
+        return replayed
 
     def _advance(self, job: _FineJob) -> EngineResult | None:
         """After a pass: the next codebook, else the next window, else the request's result."""

@@ -36,11 +36,16 @@ class SlotKVCache:
     LENGTH_STEP = 64
 
     def __init__(self, n_layers: int, n_slots: int, n_heads: int, max_len: int, head_dim: int, dtype, device,
-                 max_slots: int | None = None):
+                 max_slots: int | None = None, static: bool = False):
         self.n_layers, self.n_heads, self.head_dim = n_layers, n_heads, head_dim
         self.dtype, self.device = dtype, device
         self.max_len = max_len
         self.max_slots = max(max_slots or n_slots, 1)
+        # static: every slot at the stage's reach from the start, never moved or freed (a captured CUDA
+        # graph holds the tensors' addresses)
+        self.static = static
+        if static:
+            n_slots = self.max_slots
         length = max_len if n_slots else 0
         self.k, self.v = self._zeros(n_slots, length), self._zeros(n_slots, length)
         self.peak_bytes, self.peak_slots = self.nbytes(), n_slots  # the most ever allocated, and its slots
@@ -82,7 +87,9 @@ class SlotKVCache:
         return True
 
     def shrink(self) -> None:
-        """Free everything (the engine holds no request)."""
+        """Free everything (the engine holds no request); a static cache keeps its memory."""
+        if self.static:
+            return
         self.k, self.v = self._zeros(0, 0), self._zeros(0, 0)
 
     def move(self, src: int, dst: int) -> None:
@@ -161,10 +168,10 @@ class _KVWriter:
             ck[self.slots, :, :t] = k
             cv[self.slots, :, :t] = v
             return k, v
-        n = k.shape[0]  # decode: slots 0..n-1, one token each at its own position
-        rows = torch.arange(n, device=k.device)
-        ck[rows, :, self.positions] = k[:, :, 0]
-        cv[rows, :, self.positions] = v[:, :, 0]
+        n, h, _, d = k.shape  # decode: slots 0..n-1, one token each at its own position
+        at = self.positions[:, None, None, None].expand(n, h, 1, d)  # (n, H, 1, D)
+        ck[:n].scatter_(2, at, k)
+        cv[:n].scatter_(2, at, v)
         return ck[:n, :, : self.span], cv[:n, :, : self.span]
 
 
@@ -228,10 +235,15 @@ class CausalLM(nn.Module):
         mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, T)
         return self._run(embeds, pos[None].expand(b, t), mask, writers, lengths - 1)
 
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache):
-        """One token (n,) for each of slots 0..n-1 at its position (n,). -> logits (n, V)"""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache, span: int | None = None):
+        """One token (n,) for each of slots 0..n-1 at its position (n,). -> logits (n, V)
+
+        Attends to the first ``span`` cache positions (masked past each row's own): the caller's bound
+        (the cache's whole length in a fixed-shape step), else read from ``positions`` (a host sync).
+        """
         n = tokens.shape[0]
-        span = int(positions.max().item()) + 1
+        if span is None:
+            span = int(positions.max().item()) + 1
         keys = torch.arange(span, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (n, 1, 1, S)
         writers = [_KVWriter(cache, i, None, positions, span) for i in range(len(self.layers))]
@@ -275,6 +287,30 @@ class FineLM(nn.Module):
         are what it gets alone; the transformer body runs once for the whole batch."""
         lo, hi = min(codebooks), max(codebooks)
         want = torch.tensor(codebooks, device=codes.device)[:, None, None] if lo != hi else None  # (B, 1, 1)
+        x = self._hidden(codes, want, lo, hi)  # (B, T, C)
+        if lo == hi:
+            return self.lm_heads[lo - self.n_codes_given](x)
+        logits = x.new_empty((*x.shape[:2], self.lm_heads[0].out_features))
+        for cb in sorted(set(codebooks)):
+            rows = [b for b, c in enumerate(codebooks) if c == cb]
+            logits[rows] = self.lm_heads[cb - self.n_codes_given](x[rows])
+        return logits
+
+    def stacked_heads(self) -> torch.Tensor:
+        """The heads' weights as one tensor (heads, V, C), for ``forward_static``."""
+        return torch.stack([h.weight for h in self.lm_heads]).detach().clone()
+
+    def forward_static(self, codes: torch.Tensor, codebooks: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """``forward_rows`` with the codebooks (B,) on the device and no branch on them (a CUDA graph's
+        fixed shape): every row sums its embeddings up to its own codebook and takes its own head from
+        ``heads`` (``stacked_heads()``). -> logits (B, T, V)"""
+        x = self._hidden(codes, codebooks[:, None, None], 0, self.n_codes_total - 1)  # (B, T, C)
+        w = heads.index_select(0, codebooks - self.n_codes_given)  # (B, V, C)
+        return torch.bmm(x, w.transpose(1, 2))  # (B, T, V)
+
+    def _hidden(self, codes: torch.Tensor, want: torch.Tensor | None, lo: int, hi: int) -> torch.Tensor:
+        """Summed input embeddings (codebooks 0..lo for every row, up to ``want`` per row beyond), then
+        the transformer body. codes (B, T, 8) -> (B, T, C)"""
         x = self.input_embeds_layers[0](codes[:, :, 0])  # (B, T, C)
         for i in range(1, hi + 1):
             added = x + self.input_embeds_layers[i](codes[:, :, i])
@@ -283,11 +319,4 @@ class FineLM(nn.Module):
         x = x + self.position_embeds_layer(torch.arange(t, device=codes.device))[None]
         for layer in self.layers:
             x = layer(x, None)
-        x = self.layernorm_final(x)
-        if lo == hi:
-            return self.lm_heads[lo - self.n_codes_given](x)
-        logits = x.new_empty((*x.shape[:2], self.lm_heads[0].out_features))
-        for cb in sorted(set(codebooks)):
-            rows = [b for b, c in enumerate(codebooks) if c == cb]
-            logits[rows] = self.lm_heads[cb - self.n_codes_given](x[rows])
-        return logits
+        return self.layernorm_final(x)

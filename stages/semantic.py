@@ -20,7 +20,7 @@ from .causal import CausalEngine, Slot
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM, ModelConfig
-from .sampling import sample_rows, stage_generator
+from .sampling import SampleMode, sample_tokens, stage_generator
 from .types import InvalidRequestError, SemanticRequest
 from .weights import Checkpoint
 
@@ -35,8 +35,9 @@ class SemanticEngine(CausalEngine):
     name = "semantic"
 
     def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
-        super().__init__(options, model, spec.max_input_semantic_length + 1 + spec.max_semantic_tokens)
         self.spec = spec
+        super().__init__(options, model, spec.max_input_semantic_length + 1 + spec.max_semantic_tokens,
+                         spec.max_semantic_tokens)
         self.text_vocab = model.input_embeds_layer.num_embeddings - spec.text_encoding_offset
         assert spec.semantic_eos_token == spec.semantic_vocab_size, "EOS must follow the semantic vocabulary"
 
@@ -72,15 +73,15 @@ class SemanticEngine(CausalEngine):
     def _reach(self, slot: Slot[SemanticState]) -> int:
         return self._prompt_length(slot) + slot.request.max_new_tokens
 
-    def _select(self, slots: list[Slot[SemanticState]], logits: torch.Tensor) -> torch.Tensor:
+    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
         eos = self.spec.semantic_eos_token
         allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS
-        reqs = [s.request for s in slots]
-        picked = sample_rows(allowed, [r.sampling for r in reqs], self._uniform(slots))
-        thresholds = torch.tensor([r.min_eos_p if r.min_eos_p is not None else 2.0 for r in reqs],
-                                  device=logits.device)
+        picked = sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode)
         p_eos = torch.softmax(allowed, dim=-1)[:, eos]  # (R,)
-        return torch.where(p_eos > thresholds, torch.full_like(picked, eos), picked)
+        return torch.where(p_eos > self.table.min_eos[rows], torch.full_like(picked, eos), picked)
+
+    def _max_steps(self, slot: Slot[SemanticState]) -> int:
+        return slot.request.max_new_tokens
 
     def _advance(self, slot: Slot, token: int) -> bool:
         if token == self.spec.semantic_eos_token:
