@@ -46,8 +46,16 @@ def register(sub) -> None:
     p.add_argument("--hf-batches", default="4,16", help="static batch sizes tried for baseline (2)")
     p.add_argument("--engine-batches", default="16",
                    help="comma list of batch sizes for the in-process engines, configuration (3)")
-    p.add_argument("--engine-requests", type=int, default=16,
-                   help="requests per engine batch size (at least the batch size)")
+    p.add_argument("--engine-requests", type=per_batch, default={"*": 16},
+                   help="requests per engine batch size (at least the batch size): a number, and/or per batch "
+                        "size, e.g. 1=2,16=16,64=64 (default 16)")
+    p.add_argument("--cuda-graphs", default="auto",
+                   help="comma list of the engines' cuda_graphs settings to run, each a configuration of (3) and "
+                        "of --decode-steps: auto, on, off (default auto)")
+    p.add_argument("--decode-steps", type=int, default=0,
+                   help="also time this many decode-only steps of each stage at each --engine-batches and "
+                        "--cuda-graphs setting, wall clock against the profiler's GPU time (the report's "
+                        "decode_steps block; 0: skip)")
     p.add_argument("--concurrency", default="1,4,16",
                    help="closed-loop client concurrency levels for the served app, configuration (4); the highest "
                         "sets the saturation rate of the Poisson sweep")
@@ -144,16 +152,26 @@ def _bench(args) -> dict:
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
               "workload": {"model": model, **work.describe()}, "runs": []}
     runs = _Runs(report, args.out)
+    graph_settings = _graph_settings(args.cuda_graphs)
+    if "engines" not in skip:
+        for setting in graph_settings:
+            for b in _ints(args.engine_batches):
+                n = max(args.engine_requests.get(b, args.engine_requests.get("*", 16)), b)
+                _log(f"(3) engines in process, batch {b}, {dtype}, cuda_graphs {setting}, {n} requests")
+                runs.append(engines(model, work, n, b, dtype, peaks, device, setting).summary())
+    if args.decode_steps:
+        from .decode_steps import measure
+
+        _log(f"decode steps: {args.decode_steps} per stage, batch and cuda_graphs setting")
+        report["decode_steps"] = measure(model, _ints(args.engine_batches), graph_settings, dtype, device,
+                                         args.decode_steps, log=_log)
+        runs.save()
     if "hf" not in skip:
         _log("(1) transformers, one at a time, float32")
         runs.append(hf_sequential(model, work, args.hf_requests, device=device).summary())
         for b in _ints(args.hf_batches):
             _log(f"(2) transformers, static batch {b}, {dtype}")
             runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype, device=device).summary())
-    if "engines" not in skip:
-        for b in _ints(args.engine_batches):
-            _log(f"(3) engines in process, batch {b}, {dtype}")
-            runs.append(engines(model, work, max(args.engine_requests, b), b, dtype, peaks, device).summary())
     if "served" not in skip:
         _served(args, model, work, dtype, device, peaks, runs, report)
     if "offline" not in skip:
@@ -178,6 +196,28 @@ def _machine(device: str, torch) -> dict:
         pass
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _graph_settings(text: str) -> list[str]:
+    settings = [x.strip() for x in text.split(",") if x.strip()] or ["auto"]
+    for x in settings:
+        if x not in ("auto", "on", "off"):
+            raise SystemExit(f"--cuda-graphs: {x!r} is not auto, on or off")
+    return settings
+
+
+def per_batch(spec: str) -> dict:
+    """'2' -> {"*": 2}; '1=2,16=16' -> {1: 2, 16: 16} (argparse type: a bad value is a usage error, exit 2)."""
+    out: dict = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        key, _, value = part.rpartition("=")
+        try:
+            out[int(key) if key.strip() else "*"] = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected N or BATCH=N with whole numbers") from None
+        if min(out.values()) < 1:
+            raise argparse.ArgumentTypeError(f"{part!r}: values must be at least 1")
     return out
 
 
@@ -259,12 +299,22 @@ def _floors(report: dict) -> dict:
     runs = report["runs"]
     closed = [r for r in runs if r.get("mode") == "closed"]
     out: dict = {}
+    best_hf = max((r["throughput_audio_s_per_s"] for r in runs if r["name"].startswith("transformers_batch")),
+                  default=None)
+    engine_runs = [r for r in runs if r["name"].startswith("engines_")]
+    if engine_runs and best_hf:
+        best = max(engine_runs, key=lambda r: r["throughput_audio_s_per_s"])
+        out["engines_best"] = best["name"]
+        out["engines_vs_transformers_best_batch"] = round(best["throughput_audio_s_per_s"] / best_hf, 2)
+    steps = report.get("decode_steps") or []
+    top = max((r["batch"] for r in steps), default=None)
+    graphed = {r["stage"]: r["wall_over_gpu"] for r in steps if r["cuda_graphs"] and r["batch"] == top}
+    if graphed:
+        out[f"decode_wall_over_gpu_batch{top}_graphs"] = graphed
     if closed:
         top = max(closed, key=lambda r: r["throughput_audio_s_per_s"])
         out["served_at_saturation"] = top["name"]
         out["served_frac_of_roofline"] = top.get("roofline", {}).get("frac_of_roofline")
-        best_hf = max((r["throughput_audio_s_per_s"] for r in runs if r["name"].startswith("transformers_batch")),
-                      default=None)
         if best_hf:
             out["served_vs_transformers_best_batch"] = round(top["throughput_audio_s_per_s"] / best_hf, 2)
     rates = (report.get("slo") or {}).get("rates") or []
@@ -285,6 +335,9 @@ class _Runs(list):
     def append(self, run: dict) -> None:
         super().append(run)
         _log(json.dumps(run))
+        self.save()
+
+    def save(self) -> None:
         if self.out:
             self.report["ratios"] = _ratios(self)
             Path(self.out).write_text(json.dumps(self.report, indent=2) + "\n")
@@ -302,3 +355,15 @@ def _ratios(runs: list[dict]) -> dict:
             if batched:
                 out[f"{name}_vs_transformers_best_batch"] = round(value / batched, 2)
     return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m bark_serve.bench.cli ARGS``: the bench alone, on a host without the CLI's other needs."""
+    parser = argparse.ArgumentParser(prog="bark-serve")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

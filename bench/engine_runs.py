@@ -12,14 +12,19 @@ from .hf_runs import segments_of
 from .workload import Run, Workload, counted_flops, roofline, stage_efficiency
 
 
-def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peaks: dict, device: str = "cpu") -> Run:
-    pipe = BarkPipeline.from_pretrained(model_dir, EngineOptions(device=device, capacity=batch, dtype=dtype))
+def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peaks: dict, device: str = "cpu",
+            cuda_graphs: str = "auto") -> Run:
+    """``cuda_graphs`` other than auto is named in the run's name (engines_batch16_bfloat16_graphs-on)."""
+    opts = EngineOptions(device=device, capacity=batch, dtype=dtype, cuda_graphs=cuda_graphs)
+    pipe = BarkPipeline.from_pretrained(model_dir, opts)
     items = segments_of(work, n)  # every segment its own generation, as transformers' baselines do
     params = [GenerationParams.greedy(max_semantic_tokens=cap, min_eos_p=None) for _, _, cap in items]
     t0 = time.perf_counter()
     gens = pipe.generate([t for t, _, _ in items], [v for _, v, _ in items], params)
     wall = time.perf_counter() - t0
-    run = Run(f"engines_batch{batch}_{dtype}", wall_s=wall, extra={"dtype": dtype, "batch": batch})
+    suffix = "" if cuda_graphs == "auto" else f"_graphs-{cuda_graphs}"
+    run = Run(f"engines_batch{batch}_{dtype}{suffix}", wall_s=wall,
+              extra={"dtype": dtype, "batch": batch, "cuda_graphs": cuda_graphs})
     run.latencies = [wall] * n  # stage by stage: every request finishes with the last one
     run.ttfa = [wall] * n
     run.audio_s = sum(len(g.audio) for g in gens) / pipe.spec.sample_rate
@@ -27,4 +32,8 @@ def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peak
     run.extra["stages"] = stage_efficiency(totals, peaks, {s: dtype for s in totals}, wall)
     run.extra["roofline"] = roofline(counted_flops(totals), run.audio_s, wall, peaks.get(dtype, 0.0))
     run.extra["weights_mb"] = {s: round(e.weight_bytes() / 2**20, 1) for s, e in pipe.engines.items()}
+    run.extra["decode_only_ms"] = {s: round(1e3 * t["decode_only_s"] / t["decode_only_steps"], 4)
+                                   for s, t in totals.items() if t.get("decode_only_steps")}
+    run.extra["graphs"] = {s: e.graph_stats() for s, e in pipe.engines.items()
+                           if getattr(e, "graph_stats", lambda: None)() is not None}
     return run

@@ -178,6 +178,7 @@ class CausalEngine(StageEngine):
             parts.append(out[:n])
             work["decode_flops"] = decode_flops(self.shape, [self.slots[i].position for i in decode_rows])
             work["graph_steps"] = float(replayed)
+            work["bucket"] = float(self.graphs.bucket(n) or n) if self.graphs is not None else float(n)
             for i in decode_rows:
                 self.slots[i].position += 1
             work["decode_s"] = time.perf_counter() - t0

@@ -138,9 +138,13 @@ class FineEngine(StageEngine):
         frames = float(sum(win - w.fill_from for w in windows))
         step_s = time.perf_counter() - t0
         self._record({"batch": float(len(jobs)), "tokens": frames, "step_s": step_s, "decode_only_steps": 1.0,
-                      "decode_only_s": step_s, "graph_steps": float(replayed),
+                      "decode_only_s": step_s, "graph_steps": float(replayed), "bucket": float(self._bucket(len(jobs))),
                       "window_flops": fine_flops(self.shape, len(jobs), win, 1)})
         return results
+
+    def _bucket(self, n: int) -> int:
+        """The rows a pass of ``n`` requests computes (its bucket on the fixed-shape path)."""
+        return (self.graphs.bucket(n) or n) if self.graphs is not None else n
 
     def _pass_eager(self, jobs: list[_FineJob], windows: list[T.FineWindow], mode: SampleMode) -> bool:
         spec, win = self.spec, self.spec.max_fine_input_length

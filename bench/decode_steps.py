@@ -1,0 +1,106 @@
+"""Per-step cost of each stage's decode (semantic, coarse) and pass (fine): wall time against GPU time.
+
+For each stage, batch size and ``cuda_graphs`` setting, one engine holds ``batch`` synthetic
+requests (random tokens, greedy, long enough that no request ends while measured) and steps them:
+after the prefill and a warm-up, ``steps`` decode-only steps (no prefill or window re-prefill rows
+in them) are timed on the wall clock, then as many again run under the torch profiler, whose
+device events give the kernel time per step. ``wall_ms / gpu_ms`` is how far the host keeps the
+chip waiting: 1.0 means the GPU never idles between kernels. On CPU ``gpu_ms`` is None.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from bark_serve.stages.engine import EngineOptions, StageEngine
+from bark_serve.stages.pipeline import ENGINES
+from bark_serve.stages.types import CoarseRequest, FineRequest, SemanticRequest
+from bark_serve.stages.weights import Checkpoint
+
+STAGES = ("semantic", "coarse", "fine")
+
+
+def _requests(stage: str, n: int, engine: StageEngine, rng: np.random.Generator) -> list:
+    spec = engine.spec
+    if stage == "semantic":
+        ids = [rng.integers(0, min(1000, engine.text_vocab), 40) for _ in range(n)]
+        return [SemanticRequest(f"s{i}", ids[i], max_new_tokens=spec.max_semantic_tokens, seed=i) for i in range(n)]
+    if stage == "coarse":
+        return [CoarseRequest(f"c{i}", rng.integers(0, spec.semantic_vocab_size, spec.max_semantic_tokens), seed=i)
+                for i in range(n)]
+    return [FineRequest(f"f{i}", rng.integers(0, spec.codebook_size, (2, 6000)), seed=i) for i in range(n)]
+
+
+def _decode_only_steps(engine: StageEngine, k: int, limit: int = 400) -> float:
+    """Step until ``k`` decode-only steps ran; their wall seconds (steps with a prefill are not counted)."""
+    total, counted = 0.0, 0
+    for _ in range(limit):
+        t0 = time.perf_counter()
+        engine.step()
+        dt = time.perf_counter() - t0
+        if engine.last_step.get("decode_only_steps", 1.0):
+            total, counted = total + dt, counted + 1
+            if counted == k:
+                return total
+    raise RuntimeError(f"{engine.name}: fewer than {k} decode-only steps in {limit}")
+
+
+def _gpu_seconds(engine: StageEngine, k: int) -> tuple[float | None, int]:
+    """Kernel (and copy) time on the device per decode-only step, from the torch profiler, and the
+    number of device events it saw per step (kernels inside a replayed graph are among them)."""
+    if engine.device.type != "cuda":
+        return None, 0
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):  # a window re-prefill inside the profiled steps: profile again
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            clean = True
+            for _ in range(k):
+                engine.step()
+                clean = clean and bool(engine.last_step.get("decode_only_steps", 1.0))
+            torch.cuda.synchronize()
+        if clean:
+            events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+            us = sum(e.time_range.elapsed_us() for e in events)
+            return (us / 1e6 / k if events else None), len(events) // k
+    return None, 0
+
+
+def measure(model_dir: str, batches: Sequence[int], graph_settings: Sequence[str], dtype: str, device: str,
+            steps: int = 20, stages: Sequence[str] = STAGES, log=print) -> list[dict]:
+    """One record per (stage, cuda_graphs, batch): wall_ms, gpu_ms and their ratio per decode-only step."""
+    ckpt = Checkpoint.open(model_dir)
+    rng = np.random.default_rng(0)
+    out = []
+    for graphs in graph_settings:
+        for stage in stages:
+            opts = EngineOptions(device=device, dtype=dtype, capacity=max(batches), cuda_graphs=graphs)
+            engine = ENGINES[stage].from_checkpoint(ckpt, opts)
+            stats = engine.graph_stats() if hasattr(engine, "graph_stats") else None
+            for b in batches:
+                reqs = _requests(stage, b, engine, rng)
+                for r in reqs:
+                    engine.admit(r)
+                _decode_only_steps(engine, 3)  # prefill, then warm-up
+                wall = _decode_only_steps(engine, steps) / steps
+                gpu, kernels = _gpu_seconds(engine, steps)
+                for r in reqs:
+                    engine.cancel(r.request_id)
+                row = {"stage": stage, "batch": b, "cuda_graphs": stats is not None and stats["cuda_graphs"] > 0,
+                       "setting": graphs, "steps": steps, "wall_ms": round(wall * 1e3, 4),
+                       "gpu_ms": round(gpu * 1e3, 4) if gpu is not None else None,
+                       "wall_over_gpu": round(wall / gpu, 3) if gpu else None, "device_events_per_step": kernels}
+                if stats is not None:
+                    row["capture_s"], row["graph_mib"] = stats["capture_s"], round(stats["graph_bytes"] / 2**20, 1)
+                log(f"decode step {row}")
+                out.append(row)
+            del engine
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    return out

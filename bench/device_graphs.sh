@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Issue 21's device check (one call, about 5 minutes on an H200): transformers sequential fp32 and
+# static batches of 16 and 64, the engines eager and with CUDA graphs at batch 1, 16 and 64, and the
+# decode-step profile (wall vs GPU kernel time per decode-only step, every stage), on a random
+# bark-small checkpoint in bfloat16. Runs from the checkout on PYTHONPATH (the device machine has
+# torch, transformers and numpy, no ray: the bench's engine and transformers paths need neither).
+#   bash bench/device_graphs.sh [OUTDIR]      (OUTDIR default: $OUT, else ./out)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR="${1:-${OUT:-out}}"
+mkdir -p "$OUTDIR"
+ROOT="$(mktemp -d)"
+mkdir -p "$ROOT/bark_serve"
+for d in stages serving cluster offline bench cli; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --skip served,offline \
+  --hf-requests 2 --hf-batches 16,64 --engine-batches 1,16,64 --engine-requests 1=2,16=16,64=64 \
+  --cuda-graphs off,on --decode-steps 20 --gemm-seconds 1 \
+  --out "$OUTDIR/bench-h200-graphs.json" 2> >(tee "$OUTDIR/bench-h200-graphs.log" >&2) >/dev/null
+python3 - "$OUTDIR/bench-h200-graphs.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for run in r["runs"]:
+    print(f'{run["name"]:48s} {run.get("throughput_audio_s_per_s", 0):9.3f} audio-s/s')
+for row in r.get("decode_steps", []):
+    print(f'{row["stage"]:8s} b{row["batch"]:<3d} graphs={row["cuda_graphs"]!s:5s} wall {row["wall_ms"]:8.3f} ms '
+          f'gpu {row["gpu_ms"]} ms ratio {row["wall_over_gpu"]} events {row["device_events_per_step"]}')
+print(json.dumps(r.get("floors"), indent=1))
+PY
