@@ -49,6 +49,7 @@ class StepGraphs:
         self.graphs: dict[tuple[int, SampleMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
         self.graph_bytes = 0
+        self.error: str | None = None  # why capture failed (the steps then run eagerly)
 
     def bucket(self, n: int) -> int | None:
         """The smallest bucket holding ``n`` rows; None past the largest (run eagerly)."""
@@ -59,6 +60,14 @@ class StepGraphs:
         """Warm up and capture every (bucket, mode) graph, largest bucket first, into one pool (CUDA only)."""
         if self.device.type != "cuda":
             return
+        try:
+            self._capture(tuple(modes))
+        except Exception as exc:  # a replica that cannot capture still serves, eagerly; say so loudly
+            self.graphs.clear()
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.warning("CUDA graph capture failed, steps run eagerly: %s", self.error, exc_info=True)
+
+    def _capture(self, modes: tuple[SampleMode, ...]) -> None:
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
@@ -91,5 +100,8 @@ class StepGraphs:
         return self.fn(b if b is not None else n, mode), False
 
     def stats(self) -> dict:
-        return {"cuda_graphs": len(self.graphs), "buckets": list(self.buckets),
-                "capture_s": round(self.capture_s, 4), "graph_bytes": self.graph_bytes}
+        out = {"cuda_graphs": len(self.graphs), "buckets": list(self.buckets),
+               "capture_s": round(self.capture_s, 4), "graph_bytes": self.graph_bytes}
+        if self.error:
+            out["capture_error"] = self.error
+        return out
