@@ -176,6 +176,8 @@ def stage_efficiency(totals: dict[str, dict], peaks: dict[str, float], dtypes: d
         for part, flops_key, time_key in (("prefill", "prefill_flops", "prefill_s"),
                                           ("decode", "decode_flops", "decode_s"),
                                           ("window", "window_flops", "step_s")):
+            if time_key != "step_s" and t.get(time_key):
+                row[time_key] = round(t[time_key], 3)
             if t.get(flops_key) and t.get(time_key):
                 tflops = t[flops_key] / t[time_key] / 1e12
                 row[f"{part}_tflops"] = round(tflops, 4)

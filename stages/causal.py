@@ -27,7 +27,7 @@ import torch
 
 from .engine import EngineOptions, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
-from .graphs import StepGraphs, buckets_for, use_graphs
+from .graphs import StepGraphs, buckets_for, fit, spans_for, use_graphs
 from .modeling import CausalLM, SlotKVCache
 from .sampling import SampleMode
 from .slot_table import SlotTable
@@ -70,12 +70,31 @@ class CausalEngine(StageEngine):
         self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
         self._work: dict[str, float] = {}
-        self.graphs: StepGraphs | None = None
+        self.decode_graphs: StepGraphs | None = None
+        self.prefill_graphs: StepGraphs | None = None
         if self.fixed_shape:
-            self.graphs = StepGraphs(self._decode_fixed, buckets_for(options.capacity, options.graph_buckets),
-                                     self.device)
+            self._fixed_shapes(options)
+
+    def _fixed_shapes(self, options: EngineOptions) -> None:
+        """Static prompt buffers, the shapes a step is padded to, and (on CUDA) their captured graphs:
+        decode rows x span, prefill rows x prompt length, every sample mode, in one memory pool."""
+        shortest, longest, width = self._prompt_bounds()
+        cap = options.capacity
+        self.row_buckets = buckets_for(cap, options.graph_buckets)
+        self.spans = spans_for(shortest + 1, self.max_len)
+        self.prompt_lengths = spans_for(shortest, longest)
+        self._pf_ids = torch.zeros((cap, width), dtype=torch.long, device=self.device)
+        self._pf_rows = torch.zeros((cap,), dtype=torch.long, device=self.device)
+        self._pf_len = torch.full((cap,), longest, dtype=torch.long, device=self.device)
+        self.decode_graphs = StepGraphs.grid(self._decode_fixed, [self.row_buckets, self.spans], self.device,
+                                             f"{self.name} decode")
+        self.prefill_graphs = StepGraphs.grid(self._prefill_fixed, [self.row_buckets, self.prompt_lengths],
+                                              self.device, f"{self.name} prefill")
+        if self.device.type == "cuda":
+            pool = torch.cuda.graph_pool_handle()
             with torch.inference_mode():
-                self.graphs.capture()
+                self.decode_graphs.capture(pool=pool)
+                self.prefill_graphs.capture(pool=pool)
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -132,7 +151,14 @@ class CausalEngine(StageEngine):
 
     def graph_stats(self) -> dict | None:
         """Captured graphs, capture seconds and graph memory (None when the decode runs eagerly)."""
-        return self.graphs.stats() if self.graphs is not None else None
+        if self.decode_graphs is None or self.prefill_graphs is None:
+            return None
+        d, p = self.decode_graphs.stats(), self.prefill_graphs.stats()
+        out = {"cuda_graphs": d["cuda_graphs"] + p["cuda_graphs"], "decode": d, "prefill": p,
+               "row_buckets": list(self.row_buckets), "spans": list(self.spans),
+               "prompt_lengths": list(self.prompt_lengths), "capture_s": round(d["capture_s"] + p["capture_s"], 4),
+               "graph_bytes": d["graph_bytes"] + p["graph_bytes"]}
+        return out
 
     # -- subclass hooks --------------------------------------------------------------------------
     @abc.abstractmethod
@@ -140,8 +166,17 @@ class CausalEngine(StageEngine):
         """Validate a request and build its slot (None if it finished on admission)."""
 
     @abc.abstractmethod
-    def _prefill_embeds(self, slots: list[Slot]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded prompt embeddings (B, T, C) and lengths (B,) of slots awaiting a prefill."""
+    def _prompt(self, slot: Slot) -> tuple[np.ndarray, int]:
+        """The ids of the slot's next prefill (1-D, at most the prompt width) and the prompt's length in
+        positions; starts the slot's window where the stage has windows."""
+
+    @abc.abstractmethod
+    def _embed(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        """Prompt embeddings (B, length, C) of right-padded prompt ids (B, W)."""
+
+    @abc.abstractmethod
+    def _prompt_bounds(self) -> tuple[int, int, int]:
+        """Shortest and longest prompt (positions) and the widest prompt's ids."""
 
     @abc.abstractmethod
     def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
@@ -174,17 +209,17 @@ class CausalEngine(StageEngine):
         n = decode_rows[-1] + 1 if decode_rows else 0  # slots 0..n-1; waiting rows among them are inactive
         if decode_rows:
             t0 = time.perf_counter()
-            out, replayed = self._decode(n, decode_rows, mode)
+            span = max(self.slots[i].position for i in decode_rows) + 1  # known here: no device sync
+            out, replayed, rows = self._decode(n, span, mode)
             parts.append(out[:n])
             work["decode_flops"] = decode_flops(self.shape, [self.slots[i].position for i in decode_rows])
-            work["graph_steps"] = float(replayed)
-            work["bucket"] = float(self.graphs.bucket(n) or n) if self.graphs is not None else float(n)
+            work["graph_steps"], work["bucket"] = float(replayed), float(rows)
             for i in decode_rows:
                 self.slots[i].position += 1
             work["decode_s"] = time.perf_counter() - t0
         if prefill_rows:
             t0 = time.perf_counter()
-            all_lengths = []
+            all_lengths: list[int] = []
             for chunk in self._prefill_chunks(prefill_rows):
                 parts.append(self._prefill(chunk, mode, all_lengths))
                 order += chunk
@@ -194,15 +229,18 @@ class CausalEngine(StageEngine):
         tokens = torch.cat(parts).tolist()  # the step's one device-to-host copy
         return decode_rows + order, [tokens[i] for i in decode_rows] + tokens[n:]
 
-    def _decode(self, n: int, decode_rows: list[int], mode: SampleMode) -> tuple[torch.Tensor, bool]:
-        if self.graphs is not None:
-            return self.graphs.run(n, mode)
-        span = max(self.slots[i].position for i in decode_rows) + 1  # known here: no device sync
-        return self._decode_rows(n, mode, span), False
+    def _decode(self, n: int, span: int, mode: SampleMode) -> tuple[torch.Tensor, bool, int]:
+        """Decode rows 0..n-1 seeing ``span`` positions; fixed shape: padded to a captured (rows, span).
+        -> (tokens of >= n rows, replayed?, rows computed)"""
+        if self.decode_graphs is None:
+            return self._decode_rows(n, mode, span), False, n
+        shape = (fit(self.row_buckets, n) or n, fit(self.spans, span) or span)
+        out, replayed = self.decode_graphs.run(shape, mode)
+        return out, replayed, shape[0]
 
-    def _decode_fixed(self, n: int, mode: SampleMode) -> torch.Tensor:
-        """The fixed-shape decode a graph captures: ``n`` rows over the whole static cache."""
-        return self._decode_rows(n, mode, self.cache.length)
+    def _decode_fixed(self, shape: tuple[int, ...], mode: SampleMode) -> torch.Tensor:
+        rows, span = shape
+        return self._decode_rows(rows, mode, span)
 
     def _decode_rows(self, n: int, mode: SampleMode, span: int) -> torch.Tensor:
         """Decode table rows 0..n-1, sample, and advance the active ones, all on the device. -> (n,)"""
@@ -216,16 +254,50 @@ class CausalEngine(StageEngine):
     def _prefill(self, chunk: list[int], mode: SampleMode, all_lengths: list[int]) -> torch.Tensor:
         """Prefill slots ``chunk`` and sample each one's first token of the (new) window. -> (len(chunk),)"""
         waiting = [self.slots[i] for i in chunk]
-        embeds, lengths = self._prefill_embeds(waiting)
-        rows = torch.tensor(chunk, device=self.device)
-        lengths_dev = lengths.to(self.device)
-        logits = self.model.prefill(embeds, lengths_dev, self.cache, rows)  # (R, V)
-        self.table.start(rows, lengths_dev)
+        prompts = [self._prompt(s) for s in waiting]
+        lengths = [length for _, length in prompts]
+        width = max(len(ids) for ids, _ in prompts)
+        ids = np.zeros((len(chunk), width), dtype=np.int64)  # right-padded with 0 (masked)
+        for i, (row, _) in enumerate(prompts):
+            ids[i, : len(row)] = row
+        if self.prefill_graphs is not None:
+            tokens = self._prefill_padded(chunk, ids, lengths, mode)
+        else:
+            rows = torch.tensor(chunk, device=self.device)
+            lengths_dev = torch.tensor(lengths, device=self.device)
+            embeds = self._embed(torch.from_numpy(ids).to(self.device), max(lengths))  # (R, T, C)
+            logits = self.model.prefill(embeds, lengths_dev, self.cache, rows)  # (R, V)
+            self.table.start(rows, lengths_dev)
+            tokens = self._select(logits.float(), rows, mode)
+            self.table.commit(rows, tokens, decoded=False)
+        for slot, length in zip(waiting, lengths):
+            slot.position, slot.needs_prefill = length, False
+        all_lengths += lengths
+        return tokens
+
+    def _prefill_padded(self, chunk: list[int], ids: np.ndarray, lengths: list[int], mode: SampleMode):
+        """The fixed-shape prefill: the chunk's prompts in the static buffers, padded to a captured
+        (rows, length); padding rows repeat row 0 (same slot, same prompt: their writes change nothing)."""
+        r = len(chunk)
+        shape = (fit(self.row_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
+        pad = [0] * (shape[0] - r)
+        self._pf_ids[: shape[0]].zero_()
+        self._pf_ids[: shape[0], : ids.shape[1]].copy_(torch.from_numpy(ids[list(range(r)) + pad]))
+        self._pf_rows[: shape[0]].copy_(torch.tensor([*chunk, *(chunk[0] for _ in pad)]))
+        self._pf_len[: shape[0]].copy_(torch.tensor([*lengths, *(lengths[0] for _ in pad)]))
+        out, _ = self.prefill_graphs.run(shape, mode)
+        return out[:r]
+
+    def _prefill_fixed(self, shape: tuple[int, ...], mode: SampleMode) -> torch.Tensor:
+        """The fixed-shape prefill a graph captures: rows 0..r-1 of the static prompt buffers, every
+        prompt padded to ``length`` and masked (no host sync). -> (r,)"""
+        r, length = shape
+        rows, lengths = self._pf_rows[:r], self._pf_len[:r]
+        embeds = self._embed(self._pf_ids[:r], length)  # (r, length, C)
+        logits = self.model.prefill(embeds, lengths, self.cache, rows, padded=True)  # (r, V)
+        self.table.start(rows, lengths)
         tokens = self._select(logits.float(), rows, mode)
         self.table.commit(rows, tokens, decoded=False)
-        for slot, length in zip(waiting, lengths.tolist()):
-            slot.position, slot.needs_prefill = length, False
-        all_lengths += lengths.tolist()
         return tokens
 
     def _prefill_chunks(self, rows: list[int]) -> list[list[int]]:
@@ -282,11 +354,3 @@ def _new_cache(model: CausalLM, n_slots: int, max_len: int, dtype, device, stati
     return SlotKVCache(len(model.layers), 0, model.n_heads, max_len, hidden // model.n_heads, dtype, device,
                        max_slots=n_slots, static=static)
 
-
-def pad_right(rows: list[torch.Tensor], value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (T_i, C) tensors right-padded to the longest. -> (B, T, C), lengths (B,)"""
-    lengths = torch.tensor([r.shape[0] for r in rows])
-    out = rows[0].new_full((len(rows), int(lengths.max()), rows[0].shape[-1]), value)
-    for i, r in enumerate(rows):
-        out[i, : r.shape[0]] = r
-    return out, lengths

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import tokens as T
-from .causal import CausalEngine, Slot, pad_right
+from .causal import CausalEngine, Slot
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM, ModelConfig
@@ -68,17 +68,23 @@ class CoarseEngine(CausalEngine):
                             n_history=len(coarse_hist), target=target)
         return Slot(req, stage_generator(req.seed, self.name), state)
 
-    def _prefill_embeds(self, slots: list[Slot[CoarseState]]):
-        rows = []
-        for slot in slots:
-            st = slot.state
-            generated = len(st.coarse_all) - st.n_history
-            plan = T.coarse_window_plan(st.base, generated, st.target, self.spec)
-            coarse_all = np.asarray(st.coarse_all, dtype=np.int64)
-            ids = T.coarse_window_input(st.semantic_all, coarse_all, plan, self.spec)
-            st.window_left, st.in_window = plan.n_new, 0
-            rows.append(self.model.input_embeds_layer(torch.from_numpy(ids).to(self.device)))  # (L_i, C)
-        return pad_right(rows)
+    def _prompt(self, slot: Slot[CoarseState]) -> tuple[np.ndarray, int]:
+        """The next window's prompt (semantic context, infer token, coarse history); starts the window."""
+        st = slot.state
+        generated = len(st.coarse_all) - st.n_history
+        plan = T.coarse_window_plan(st.base, generated, st.target, self.spec)
+        coarse_all = np.asarray(st.coarse_all, dtype=np.int64)
+        ids = T.coarse_window_input(st.semantic_all, coarse_all, plan, self.spec)
+        st.window_left, st.in_window = plan.n_new, 0
+        return ids, len(ids)
+
+    def _embed(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        return self.model.input_embeds_layer(ids[:, :length])  # (B, L, C)
+
+    def _prompt_bounds(self) -> tuple[int, int, int]:
+        spec = self.spec
+        longest = spec.max_coarse_input_length + 1 + spec.max_coarse_history
+        return spec.max_coarse_input_length + 1, longest, longest
 
     def _prompt_length(self, slot: Slot[CoarseState]) -> int:
         return T.coarse_window_length(len(slot.state.coarse_all), self.spec)

@@ -31,7 +31,7 @@ from . import tokens as T
 from .constants import BarkSpec
 from .engine import EngineOptions, StageEngine, check_int_array, load_for
 from .flops import Shape, fine_flops
-from .graphs import StepGraphs, buckets_for, use_graphs
+from .graphs import StepGraphs, buckets_for, fit, use_graphs
 from .modeling import FineLM, ModelConfig
 from .sampling import RowSampling, SampleMode, predraw, sample_tokens, stage_generator
 from .types import GREEDY, EngineResult, FineRequest
@@ -70,8 +70,8 @@ class FineEngine(StageEngine):
         self.graphs: StepGraphs | None = None
         if use_graphs(options.cuda_graphs, self.device):
             self._fixed_buffers(options.capacity)
-            self.graphs = StepGraphs(self._pass_fixed, buckets_for(options.capacity, options.graph_buckets),
-                                     self.device)
+            self.row_buckets = buckets_for(options.capacity, options.graph_buckets)
+            self.graphs = StepGraphs.grid(self._pass_fixed, [self.row_buckets], self.device, "fine pass")
             with torch.inference_mode():
                 self.graphs.capture()
 
@@ -144,7 +144,7 @@ class FineEngine(StageEngine):
 
     def _bucket(self, n: int) -> int:
         """The rows a pass of ``n`` requests computes (its bucket on the fixed-shape path)."""
-        return (self.graphs.bucket(n) or n) if self.graphs is not None else n
+        return (fit(self.row_buckets, n) or n) if self.graphs is not None else n
 
     def _pass_eager(self, jobs: list[_FineJob], windows: list[T.FineWindow], mode: SampleMode) -> bool:
         spec, win = self.spec, self.spec.max_fine_input_length
@@ -171,9 +171,9 @@ class FineEngine(StageEngine):
         self._params = RowSampling.repeat(GREEDY, capacity, self.device)  # one row per held request
         self._heads = self.model.stacked_heads()  # (heads, V, C)
 
-    def _pass_fixed(self, b: int, mode: SampleMode) -> torch.Tensor:
+    def _pass_fixed(self, shape: tuple[int, ...], mode: SampleMode) -> torch.Tensor:
         """The fixed-shape pass a graph captures: rows 0..b-1 of the static buffers. -> tokens (b, 1024)"""
-        v = self.spec.codebook_size
+        (b,), v = shape, self.spec.codebook_size
         logits = self.model.forward_static(self._codes[:b], self._codebook[:b], self._heads)[:, :, :v]  # (b, T, V)
         t = logits.shape[1]
         rows = self._params.head(b).expand(t)  # (b * T,)
@@ -189,7 +189,7 @@ class FineEngine(StageEngine):
                 self._uniform[i, w.fill_from:].copy_(uniform)
         self._codebook[:b].copy_(torch.tensor([j.codebook for j in jobs]))
         self._params.assign(b, [j.sampling for j in jobs])
-        out, replayed = self.graphs.run(b, mode)
+        out, replayed = self.graphs.run((self._bucket(b),), mode)
         for i, (job, w) in enumerate(zip(jobs, windows)):
             job.sequence[w.start + w.fill_from: w.start + win, job.codebook] = out[i, w.fill_from:]
         return replayed

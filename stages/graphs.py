@@ -1,19 +1,21 @@
-"""CUDA graphs for the stages' fixed-shape steps: a graph per (batch bucket, sample mode).
+"""CUDA graphs for the stages' fixed-shape steps: one graph per (shape, sample mode).
 
-How this works (vLLM's and SGLang's scheme, in small): a step function ``fn(bucket, mode)`` runs one
-decode step (or one fine pass) for the first ``bucket`` rows of the engine's static buffers and
-returns its output tensor; it neither allocates persistent state nor synchronises with the host.
-At start, for every bucket (largest first) and mode, it runs once eagerly (so lazy cuBLAS and
-kernel set-up happen outside any capture) and is then captured into a graph that shares one
-memory pool with the others. A step with ``n`` rows replays the graph of the smallest bucket that
-holds them; the rows past ``n`` are padding the engine ignores. More rows than the largest bucket
-run eagerly, and so does everything on CPU, where the same static path runs without capture (the
+How this works (vLLM's and SGLang's scheme, in small): a step function ``fn(shape, mode)`` runs
+one step (a decode over ``rows`` rows attending to ``span`` cache positions, a prefill of ``rows``
+prompts padded to ``length``, a fine pass over ``rows`` windows) on the engine's static buffers
+and returns its output tensor; it neither allocates persistent state nor synchronises with the
+host. At start, for every shape (largest first) and mode, it runs once eagerly (so lazy cuBLAS and
+kernel set-up happen outside any capture) and is then captured into a graph that shares one memory
+pool with the others. A step replays the graph of the smallest shape that holds it (``fit``); the
+rows and positions past its own are padding the engine ignores. A step larger than every shape runs
+eagerly, and so does everything on CPU, where the same fixed-shape path runs without capture (the
 tests' way of checking it).
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -25,13 +27,27 @@ from .sampling import SampleMode
 log = logging.getLogger(__name__)
 
 DEFAULT_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-StepFn = Callable[[int, SampleMode], torch.Tensor]
+SPAN_STEP = 128  # decode spans and prefill lengths are captured in multiples of this (and the maximum)
+Shape = tuple[int, ...]
+StepFn = Callable[[Shape, SampleMode], torch.Tensor]
 
 
 def buckets_for(capacity: int, sizes: Sequence[int] = ()) -> tuple[int, ...]:
     """The batch sizes to capture: ``sizes`` (or the defaults) up to ``capacity``, and ``capacity`` itself."""
     chosen = {b for b in (sizes or DEFAULT_BUCKETS) if 1 <= b <= capacity}
     return tuple(sorted(chosen | {max(capacity, 1)}))
+
+
+def spans_for(lo: int, hi: int, step: int = SPAN_STEP) -> tuple[int, ...]:
+    """Lengths to capture for values in [lo, hi]: the multiples of ``step`` from the first >= lo, and hi."""
+    first = -(-max(lo, 1) // step) * step
+    return tuple(sorted({*range(first, hi, step), hi}))
+
+
+def fit(sizes: Sequence[int], n: int) -> int | None:
+    """The smallest of the sorted ``sizes`` that holds ``n``; None past the largest."""
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else None
 
 
 def use_graphs(setting: str, device: torch.device) -> bool:
@@ -42,66 +58,68 @@ def use_graphs(setting: str, device: torch.device) -> bool:
 
 
 class StepGraphs:
-    """Fixed-shape steps of one engine, captured per (bucket, mode) on CUDA, run eagerly elsewhere."""
+    """Fixed-shape steps of one engine, captured per (shape, mode) on CUDA, run eagerly elsewhere."""
 
-    def __init__(self, fn: StepFn, buckets: Sequence[int], device: torch.device):
-        self.fn, self.buckets, self.device = fn, tuple(sorted(buckets)), device
-        self.graphs: dict[tuple[int, SampleMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+    def __init__(self, fn: StepFn, shapes: Iterable[Shape], device: torch.device, name: str = "step"):
+        self.fn, self.device, self.name = fn, device, name
+        self.shapes = sorted(set(shapes), reverse=True)  # captured largest first: later ones reuse its memory
+        self.graphs: dict[tuple[Shape, SampleMode], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.capture_s = 0.0
         self.graph_bytes = 0
         self.error: str | None = None  # why capture failed (the steps then run eagerly)
 
-    def bucket(self, n: int) -> int | None:
-        """The smallest bucket holding ``n`` rows; None past the largest (run eagerly)."""
-        i = bisect.bisect_left(self.buckets, n)
-        return self.buckets[i] if i < len(self.buckets) else None
+    @classmethod
+    def grid(cls, fn: StepFn, axes: Sequence[Sequence[int]], device: torch.device, name: str = "step"):
+        """One shape per combination of the axes' sizes (rows x span, rows x length)."""
+        return cls(fn, itertools.product(*axes), device, name)
 
-    def capture(self, modes: Iterable[SampleMode] = tuple(SampleMode)) -> None:
-        """Warm up and capture every (bucket, mode) graph, largest bucket first, into one pool (CUDA only)."""
+    def capture(self, modes: Iterable[SampleMode] = tuple(SampleMode), pool=None) -> None:
+        """Warm up and capture every (shape, mode) graph into ``pool`` (a new one by default). CUDA only."""
         if self.device.type != "cuda":
             return
         try:
-            self._capture(tuple(modes))
+            self._capture(tuple(modes), pool if pool is not None else torch.cuda.graph_pool_handle())
         except Exception as exc:  # a replica that cannot capture still serves, eagerly; say so loudly
             self.graphs.clear()
             self.error = f"{type(exc).__name__}: {exc}"
-            log.warning("CUDA graph capture failed, steps run eagerly: %s", self.error, exc_info=True)
+            log.warning("CUDA graph capture failed (%s), steps run eagerly: %s", self.name, self.error,
+                        exc_info=True)
 
-    def _capture(self, modes: tuple[SampleMode, ...]) -> None:
+    def _capture(self, modes: tuple[SampleMode, ...], pool) -> None:
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         before = torch.cuda.memory_reserved(self.device)
-        pool = torch.cuda.graph_pool_handle()
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
+            for shape in self.shapes:
                 for mode in modes:
-                    self.fn(b, mode)  # eager warm-up: lazy library set-up stays out of the graph
+                    self.fn(shape, mode)  # eager warm-up: lazy library set-up stays out of the graph
                     stream.synchronize()
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool, stream=stream):
-                        out = self.fn(b, mode)
-                    self.graphs[(b, mode)] = (graph, out)
+                        out = self.fn(shape, mode)
+                    self.graphs[(shape, mode)] = (graph, out)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         torch.cuda.synchronize(self.device)
         self.capture_s = time.perf_counter() - t0
         self.graph_bytes = torch.cuda.memory_reserved(self.device) - before
-        log.info("captured %d CUDA graphs (buckets %s) in %.2f s, %.1f MiB", len(self.graphs), list(self.buckets),
-                 self.capture_s, self.graph_bytes / 2**20)
+        log.info("captured %d CUDA graphs (%s) in %.2f s, %.1f MiB", len(self.graphs), self.name, self.capture_s,
+                 self.graph_bytes / 2**20)
 
-    def run(self, n: int, mode: SampleMode) -> tuple[torch.Tensor, bool]:
-        """Step the first ``n`` rows (padded to their bucket). -> (output of >= n rows, replayed?)"""
-        b = self.bucket(n)
-        if b is not None and (b, mode) in self.graphs:
-            graph, out = self.graphs[(b, mode)]
-            graph.replay()
-            return out, True
-        return self.fn(b if b is not None else n, mode), False
+    def run(self, shape: Shape, mode: SampleMode) -> tuple[torch.Tensor, bool]:
+        """Replay the graph of ``shape`` (a captured one, from the engine's ``fit``), else run it eagerly.
+        -> (output, replayed?)"""
+        entry = self.graphs.get((shape, mode))
+        if entry is None:
+            return self.fn(shape, mode), False
+        graph, out = entry
+        graph.replay()
+        return out, True
 
     def stats(self) -> dict:
-        out = {"cuda_graphs": len(self.graphs), "buckets": list(self.buckets),
-               "capture_s": round(self.capture_s, 4), "graph_bytes": self.graph_bytes}
+        out = {"cuda_graphs": len(self.graphs), "shapes": len(self.shapes), "capture_s": round(self.capture_s, 4),
+               "graph_bytes": self.graph_bytes}
         if self.error:
             out["capture_error"] = self.error
         return out

@@ -103,6 +103,18 @@ class SlotKVCache:
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: two batched GEMVs in the cache's dtype and a float32 softmax.
+
+    q (B, H, 1, D), k and v (B, H, S, D), mask (B, 1, 1, S) True where a key is visible. -> (B, H, 1, D)
+    Used for CUDA decode steps: the memory-efficient SDPA kernel runs one block per (row, head) that
+    walks the keys in turn, which took 2.3 of a 2.4 ms step at batch 64 over 1025 keys on an H200, and
+    SDPA's math path first copies K and V to float32."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)  # (B, H, 1, S)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (B, H, 1, D)
+
+
 class SelfAttention(nn.Module):
     def __init__(self, hidden: int, n_heads: int, bias: bool):
         super().__init__()
@@ -122,7 +134,9 @@ class SelfAttention(nn.Module):
         if kv is not None:
             k, v = kv(k, v)  # (B, H, S, D)
         # causal (no mask): the kernel skips the blocks above the diagonal instead of masking them
-        if q.is_cuda:  # not cuDNN's SDPA: it builds a graph per new shape, and decode's span grows every step
+        if q.is_cuda and q.shape[2] == 1 and mask is not None:  # a decode step
+            y = decode_attention(q, k, v, mask)  # (B, H, 1, D)
+        elif q.is_cuda:  # not cuDNN's SDPA: it builds a graph per new shape, and decode's span grows every step
             with sdpa_kernel(_CUDA_SDPA):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         else:
@@ -222,13 +236,19 @@ class CausalLM(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
         return self.lm_head(self.layernorm_final(x))  # (B, V)
 
-    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor):
-        """Prompts (B, T, C), right-padded to T; logits of each prompt's last token. -> (B, V)"""
+    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor,
+                padded: bool | None = None):
+        """Prompts (B, T, C), right-padded to T; logits of each prompt's last token. -> (B, V)
+
+        ``padded``: whether any prompt is shorter than T (None: read from ``lengths``, a host sync; a
+        fixed-shape step says True and always masks)."""
         b, t, _ = embeds.shape
         dev = embeds.device
         pos = torch.arange(t, device=dev)
         writers = [_KVWriter(cache, i, slots, None, t) for i in range(len(self.layers))]
-        if bool((lengths == t).all()):  # no padding: plain causal attention
+        if padded is None:
+            padded = not bool((lengths == t).all())
+        if not padded:  # plain causal attention
             return self._run(embeds, pos[None].expand(b, t), None, writers, lengths - 1, causal=True)
         causal = pos[None, :] <= pos[:, None]  # (T, T)
         valid = pos[None, :] < lengths[:, None]  # (B, T) keys inside the prompt

@@ -58,14 +58,21 @@ class SemanticEngine(CausalEngine):
         prompt = np.stack([T.text_window(req.text_ids, spec), T.semantic_history_window(history, spec)])
         return Slot(req, stage_generator(req.seed, self.name), SemanticState(prompt))
 
-    def _prefill_embeds(self, slots: list[Slot[SemanticState]]):
-        spec = self.spec
-        ids = torch.from_numpy(np.stack([s.state.prompt for s in slots])).to(self.device)  # (B, 2, 256)
+    def _prompt(self, slot: Slot[SemanticState]) -> tuple[np.ndarray, int]:
+        """Text window, then semantic history window, then the infer token (merged in ``_embed``)."""
+        ids = np.concatenate([slot.state.prompt.reshape(-1), [self.spec.semantic_infer_token]])  # (513,)
+        return ids.astype(np.int64), self._prompt_length(slot)
+
+    def _embed(self, ids: torch.Tensor, length: int) -> torch.Tensor:
+        """(B, 513) ids -> (B, 257, C): text and history embeddings summed position by position, then infer."""
+        n = self.spec.max_input_semantic_length
         emb = self.model.input_embeds_layer
-        merged = emb(ids[:, 0]) + emb(ids[:, 1])  # (B, 256, C)
-        infer = emb(torch.full((len(slots), 1), spec.semantic_infer_token, device=self.device))  # (B, 1, C)
-        embeds = torch.cat([merged, infer], dim=1)  # (B, 257, C)
-        return embeds, torch.full((len(slots),), embeds.shape[1])
+        merged = emb(ids[:, :n]) + emb(ids[:, n: 2 * n])  # (B, 256, C)
+        return torch.cat([merged, emb(ids[:, 2 * n: 2 * n + 1])], dim=1)  # (B, 257, C)
+
+    def _prompt_bounds(self) -> tuple[int, int, int]:
+        length = self.spec.max_input_semantic_length + 1
+        return length, length, 2 * self.spec.max_input_semantic_length + 1
 
     def _prompt_length(self, slot: Slot[SemanticState]) -> int:
         return self.spec.max_input_semantic_length + 1  # every prompt: 256 merged positions + infer token
