@@ -292,7 +292,8 @@ class CausalEngine(StageEngine):
         """The fixed-shape prefill a graph captures: rows 0..r-1 of the static prompt buffers, every
         prompt padded to ``length`` and masked (no host sync). -> (r,)"""
         r, length = shape
-        rows, lengths = self._pf_rows[:r], self._pf_len[:r]
+        rows = self._pf_rows[:r]
+        lengths = self._pf_len[:r].clamp(max=length)  # the buffer's stale lengths at warm-up may be longer
         embeds = self._embed(self._pf_ids[:r], length)  # (r, length, C)
         logits = self.model.prefill(embeds, lengths, self.cache, rows, padded=True)  # (r, V)
         self.table.start(rows, lengths)

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .sampling import SampleMode
 
@@ -48,6 +49,38 @@ def fit(sizes: Sequence[int], n: int) -> int | None:
     """The smallest of the sorted ``sizes`` that holds ``n``; None past the largest."""
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else None
+
+
+class HostTrafficError(RuntimeError):
+    """A fixed-shape step moved data between host and device or waited for the device: on CUDA its
+    capture would fail ("Cannot copy between CPU and CUDA tensors during CUDA graph capture")."""
+
+
+class _NoHostTraffic(TorchDispatchMode):
+    """Fails on the ops that break a CUDA graph capture and that a CPU run shows too: host data made
+    into a tensor (``torch.tensor([...])``), a Python scalar written through an index tensor
+    (``t[rows] = 0``: on CUDA its 0-dim CPU value is copied over; a plain fill or ``t[:, 0] = 0`` is not),
+    a value read on the host (``.item()``, ``bool(t)``) and outputs whose size depends on the data."""
+
+    SYNCS = ("aten::_local_scalar_dense", "aten::item", "aten::nonzero", "aten::masked_select")
+
+    def __init__(self):
+        super().__init__()
+        self._scalars: list[torch.Tensor] = []  # Python scalars made into tensors (kept alive: ids stay unique)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name
+        if name in self.SYNCS:
+            raise HostTrafficError(f"{name} inside a fixed-shape step (a host sync)")
+        if name in ("aten::index_put_", "aten::index_put") and any(args[2] is t for t in self._scalars):
+            raise HostTrafficError("a Python scalar written through an index tensor inside a fixed-shape step "
+                                   "(use index_fill_)")
+        out = func(*args, **(kwargs or {}))
+        if name == "aten::lift_fresh":
+            if args[0].dim() > 0:
+                raise HostTrafficError("a tensor made from host data inside a fixed-shape step")
+            self._scalars.append(out)
+        return out
 
 
 def use_graphs(setting: str, device: torch.device) -> bool:
@@ -106,6 +139,17 @@ class StepGraphs:
         self.graph_bytes = torch.cuda.memory_reserved(self.device) - before
         log.info("captured %d CUDA graphs (%s) in %.2f s, %.1f MiB", len(self.graphs), self.name, self.capture_s,
                  self.graph_bytes / 2**20)
+
+    def check_capturable(self, modes: Iterable[SampleMode] = tuple(SampleMode)) -> int:
+        """Run every (shape, mode) step once, eagerly, under a guard that raises ``HostTrafficError`` on
+        what would break its capture: a CPU host's check of the CUDA path (the tests run it). -> steps run"""
+        n = 0
+        with torch.inference_mode(), _NoHostTraffic():
+            for shape in self.shapes:
+                for mode in modes:
+                    self.fn(shape, mode)
+                    n += 1
+        return n
 
     def run(self, shape: Shape, mode: SampleMode) -> tuple[torch.Tensor, bool]:
         """Replay the graph of ``shape`` (a captured one, from the engine's ``fit``), else run it eagerly.

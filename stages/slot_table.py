@@ -61,8 +61,8 @@ class SlotTable:
     def start(self, rows: torch.Tensor, positions: torch.Tensor) -> None:
         """Rows whose prefill just ran: decoding from ``positions``, a new window (coarse)."""
         self.position[rows] = positions
-        self.in_window[rows] = 0
-        self.active[rows] = True
+        self.in_window.index_fill_(0, rows, 0)  # a fill, not ``[rows] = 0``: no host scalar crosses (graph-safe)
+        self.active.index_fill_(0, rows, True)
 
     def pause(self, rows: torch.Tensor) -> None:
         """Rows waiting for a re-prefill: they stop decoding and sit at position 0."""
