@@ -88,6 +88,11 @@ class StageConfig(Placement):
     torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
     cpu_offload: bool = False  # accelerate CPU offload: weights on CPU, moved to the GPU per forward
     max_forward_tokens: int | None = Field(None, ge=1)  # rows per prefill/fine forward; None: automatic
+    # fixed-shape steps replayed as CUDA graphs (stages/graphs.py): auto = on for CUDA, off on CPU
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    # batch sizes captured (a step is padded up to the next one); empty: 1, 2, 4, 8, 16, 24, 32, 48, 64, ...
+    # up to max_batch, and max_batch itself
+    graph_buckets: list[Annotated[int, Field(ge=1, le=512)]] = Field(default_factory=list, max_length=32)
 
 
 class OrchestratorConfig(Placement):

@@ -8,6 +8,8 @@ Stage replicas (tag ``stage``):
   its rate is tokens/s
 - ``bark_stage_request_seconds`` (histogram): queue + work time of one request in the stage
 - ``bark_stage_requests_total`` (counter, tag ``outcome`` ok|error)
+- ``bark_stage_cuda_graphs``, ``bark_stage_graph_capture_seconds``, ``bark_stage_graph_memory_bytes`` (gauges):
+  CUDA graphs captured at start (0: eager steps), their capture time and memory
 Orchestrator:
 - ``bark_request_seconds`` (histogram, tag ``api``): whole request latency
 - ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
@@ -54,8 +56,21 @@ class StageMetrics:
                                   boundaries=LATENCY_BUCKETS, tag_keys=("stage",))
         self._requests = Counter("bark_stage_requests_total", "Requests finished by the stage",
                                  tag_keys=("stage", "outcome"))
+        self._graphs = Gauge("bark_stage_cuda_graphs", "CUDA graphs the replica captured at start (0: eager steps)",
+                             tag_keys=("stage",))
+        self._capture = Gauge("bark_stage_graph_capture_seconds", "Seconds the replica spent capturing CUDA graphs",
+                              tag_keys=("stage",))
+        self._graph_memory = Gauge("bark_stage_graph_memory_bytes", "GPU memory the captured CUDA graphs reserved",
+                                   tag_keys=("stage",))
         self._tags = tags
         self._stage = stage
+
+    def graphs(self, stats: dict | None) -> None:
+        """The engine's ``graph_stats()`` at start (None: its steps run eagerly)."""
+        stats = stats or {}
+        self._graphs.set(stats.get("cuda_graphs", 0), tags=self._tags)
+        self._capture.set(stats.get("capture_s", 0.0), tags=self._tags)
+        self._graph_memory.set(max(stats.get("graph_bytes", 0), 0), tags=self._tags)
 
     def queue_length(self, n: int) -> None:
         self._queue.set(n, tags=self._tags)

@@ -34,7 +34,8 @@ def engine_options(cfg: StageConfig) -> EngineOptions:
     threads = resolve_threads(cfg.torch_threads)
     return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads, log), capacity=cfg.max_batch,
                          torch_threads=threads, cpu_offload=cfg.cpu_offload,
-                         max_forward_tokens=cfg.max_forward_tokens)
+                         max_forward_tokens=cfg.max_forward_tokens, cuda_graphs=cfg.cuda_graphs,
+                         graph_buckets=tuple(cfg.graph_buckets))
 
 
 def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):
@@ -75,7 +76,14 @@ class StageServer:
         max_queue = scfg.max_queued_requests if scfg.max_queued_requests >= 0 else 1 << 30
         self.scheduler = StageScheduler(self.engine, max_queue=max_queue + scfg.max_ongoing_requests,
                                         batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
-        log.info("%s ready: capacity %d, %s on %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device)
+        graphs = getattr(self.engine, "graph_stats", lambda: None)()
+        if metrics is not None:
+            metrics.graphs(graphs)
+        log.info("%s ready: capacity %d, %s on %s, %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device,
+                 "eager steps" if graphs is None else
+                 f"{graphs['cuda_graphs']} CUDA graphs captured in {graphs['capture_s']:.2f} s, "
+                 f"{graphs['graph_bytes'] / 2**20:.0f} MiB" + (f" (capture failed: {graphs['capture_error']})"
+                                                              if graphs.get("capture_error") else ""))
 
     async def run(self, request: StageRequest, priority: Priority = Priority.INTERACTIVE) -> StageOutput:
         """Process one stage request (a stages.types *Request); raises InvalidRequestError for a bad one."""
@@ -88,6 +96,7 @@ class StageServer:
         s.update(stage=self.stage, capacity=self.engine.capacity, weight_bytes=self.engine.weight_bytes(),
                  totals=dict(self.engine.totals),
                  kv=self.engine.kv_stats() if hasattr(self.engine, "kv_stats") else None,
+                 graphs=getattr(self.engine, "graph_stats", lambda: None)(),
                  peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id())
         return s
 

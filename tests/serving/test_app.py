@@ -241,5 +241,5 @@ def test_metrics_are_exported_to_prometheus(served):
         time.sleep(2)
     for name in ("bark_stage_queue_length", "bark_stage_batch_size", "bark_stage_step_seconds",
                  "bark_stage_tokens_total", "bark_stage_request_seconds", "bark_request_seconds",
-                 "bark_time_to_first_audio_seconds"):
+                 "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs"):
         assert name in text, name
