@@ -173,6 +173,8 @@ class _KVWriter:
 
     def __init__(self, cache: SlotKVCache, layer: int, slots: torch.Tensor | None, positions: torch.Tensor | None,
                  span: int):
+        """Prefill: ``slots`` (B,) and no positions. Decode: ``positions`` is the (n * H,) row index of each
+        (slot, head)'s new entry in the cache layer viewed as (N * H * L, D) (``CausalLM.decode``)."""
         self.cache, self.layer, self.slots, self.positions, self.span = cache, layer, slots, positions, span
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor):
@@ -182,10 +184,13 @@ class _KVWriter:
             ck[self.slots, :, :t] = k
             cv[self.slots, :, :t] = v
             return k, v
-        n, h, _, d = k.shape  # decode: slots 0..n-1, one token each at its own position
-        at = self.positions[:, None, None, None].expand(n, h, 1, d)  # (n, H, 1, D)
-        ck[:n].scatter_(2, at, k)
-        cv[:n].scatter_(2, at, v)
+        # decode: slots 0..n-1, one token each at its own position, written as rows of the flattened
+        # cache (index_copy_: a row copy each; scatter_ / index_put_ over dims 0 and 2 cost 1.5-2.5 ms a
+        # layer on a 2-core CPU for a 4-row step)
+        n, h, _, d = k.shape
+        index = self.positions  # (n * H,) rows of the (N * H * L, D) view, from CausalLM.decode
+        ck.view(-1, d).index_copy_(0, index, k.reshape(n * h, d))
+        cv.view(-1, d).index_copy_(0, index, v.reshape(n * h, d))
         return ck[:n, :, : self.span], cv[:n, :, : self.span]
 
 
@@ -266,7 +271,10 @@ class CausalLM(nn.Module):
             span = int(positions.max().item()) + 1
         keys = torch.arange(span, device=tokens.device)
         mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (n, 1, 1, S)
-        writers = [_KVWriter(cache, i, None, positions, span) for i in range(len(self.layers))]
+        heads = torch.arange(self.n_heads, device=tokens.device)
+        rows = torch.arange(n, device=tokens.device)[:, None] * self.n_heads + heads[None, :]  # (n, H)
+        index = (rows * cache.length + positions[:, None]).reshape(-1)  # (n * H,) in the flattened cache
+        writers = [_KVWriter(cache, i, None, index, span) for i in range(len(self.layers))]
         x = self.input_embeds_layer(tokens)[:, None, :]  # (n, 1, C)
         return self._run(x, positions[:, None], mask, writers, torch.zeros(n, dtype=torch.long, device=x.device))
 
