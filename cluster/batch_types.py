@@ -201,6 +201,10 @@ class BatchKeys:
     def jobkey(self, key: str) -> str:
         return f"{self.prefix}:jobkey:{key}"
 
+    def owner_jobs(self, owner: str) -> str:
+        """The sorted set of an owner's job ids by creation time (``GET /v1/batches`` lists it)."""
+        return f"{self.prefix}:owner:{owner or '-'}"
+
     def job(self, job_id: str, part: str = "") -> str:
         """``part`` is one of "", "items", "state", "attempts", "results"."""
         return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
@@ -283,6 +287,8 @@ local function touch(jid)
   for _, part in ipairs({'items', 'state', 'attempts', 'results'}) do redis.call('EXPIRE', jk(jid, part), TTL) end
   local key = redis.call('HGET', h, 'jobkey')
   if key and key ~= '' then redis.call('EXPIRE', P .. ':jobkey:' .. key, TTL) end
+  local owner = redis.call('HGET', h, 'owner')
+  if owner then redis.call('EXPIRE', P .. ':owner:' .. owner, TTL) end
 end
 local function terminal(st) return st == 'succeeded' or st == 'failed' or st == 'cancelled' end
 local function settle(jid)

@@ -31,15 +31,18 @@ from bark_serve.stages.constants import STAGES
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
 
+# job_key arrives scoped to its owner ("<owner>:<key>" when there is one): two owners' equal keys name
+# two jobs. The owner's sorted set of job ids (by creation) is what GET /v1/batches lists.
 _CREATE = LUA_PRELUDE + """
-local jid, job_key, meta = ARGV[4], ARGV[5], ARGV[6]
+local jid, job_key, meta, owner = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
 if job_key ~= '' then
   local existing = redis.call('GET', P .. ':jobkey:' .. job_key)
   if existing and redis.call('EXISTS', jk(existing)) == 1 then return {existing, 0} end
   redis.call('SET', P .. ':jobkey:' .. job_key, jid)
 end
-redis.call('HSET', jk(jid), 'meta', meta, 'jobkey', job_key, 'created_at', NOW, 'total', 0, 'queued', 0,
-           'running', 0, 'succeeded', 0, 'failed', 0, 'cancelled', 0, 'processed', 0)
+redis.call('HSET', jk(jid), 'meta', meta, 'jobkey', job_key, 'owner', owner, 'created_at', NOW, 'total', 0,
+           'queued', 0, 'running', 0, 'succeeded', 0, 'failed', 0, 'cancelled', 0, 'processed', 0)
+redis.call('ZADD', P .. ':owner:' .. owner, NOW, jid)
 touch(jid)
 return {jid, 1}
 """
@@ -120,6 +123,10 @@ class JobInfo:
     eta_s: float | None = None
     stages: dict[str, int] = field(default_factory=dict)  # running items by the stage they are in now
     stage_rates: dict[str, float] = field(default_factory=dict)  # items per second through each stage
+    owner: str = "-"  # the tenant that made it ("-": no API keys); never shown to clients
+
+    def owned_by(self, owner: str) -> bool:
+        return self.owner == (owner or "-")
 
     def to_dict(self) -> dict:
         return {"id": self.job_id, "object": "batch", "status": self.state.value,
@@ -201,12 +208,47 @@ class JobStore:
         """Create the work stream's consumer group (items are enqueued right after)."""
         await ensure_group(self.redis, self.keys)
 
-    async def submit(self, records: Sequence[ItemRecord], job_key: str | None = None) -> SubmitResult:
-        """Create the job (or find the one ``job_key`` names) and add the items it does not have yet."""
+    async def submit(self, records: Sequence[ItemRecord], job_key: str | None = None,
+                     owner: str = "") -> SubmitResult:
+        """Create the job (or find the one ``job_key`` names among ``owner``'s) and add the items it lacks.
+
+        ``owner`` is an opaque tenant id (a hash of the API key; "" when there are no keys): a job key
+        names a job only among its owner's jobs."""
         await self.ensure_group()
         meta = msgpack.packb({"job_key": job_key, "submitted_at": self.clock()})
-        job_id, created = await self._create(args=[*self._base(), f"b_{uuid.uuid4().hex}", job_key or "", meta])
+        scoped = "" if not job_key else (f"{owner}:{job_key}" if owner else job_key)
+        job_id, created = await self._create(args=[*self._base(), f"b_{uuid.uuid4().hex}", scoped, meta,
+                                                   owner or "-"])
         return await self.add_items(job_id.decode(), records, created=bool(created))
+
+    async def list_jobs(self, owner: str = "", after: str | None = None, limit: int = 20) -> tuple[list[JobInfo], bool]:
+        """``owner``'s jobs, newest first, starting after the job ``after``. -> (jobs, more after them?)
+
+        Raises JobNotFound when ``after`` is not one of the owner's jobs. Expired jobs are dropped
+        from the owner's index as they are met."""
+        key = self.keys.owner_jobs(owner)
+        start = 0
+        if after is not None:
+            rank = await self.redis.zrevrank(key, after)
+            if rank is None:
+                raise JobNotFound(after)
+            start = rank + 1
+        jobs: list[JobInfo] = []
+        while len(jobs) <= limit:
+            ids = await self.redis.zrevrange(key, start, start + limit)
+            if not ids:
+                return jobs, False
+            start += len(ids)
+            for raw in ids:
+                info = await self.get(raw.decode())
+                if info is None or info.owner != (owner or "-"):
+                    await self.redis.zrem(key, raw)
+                    start -= 1
+                elif len(jobs) < limit:
+                    jobs.append(info)
+                else:
+                    return jobs, True
+        return jobs, True
 
     async def add_items(self, job_id: str, records: Sequence[ItemRecord], created: bool = False) -> SubmitResult:
         """Add items to an existing job; ids it already has are not enqueued again.
@@ -260,9 +302,13 @@ class JobStore:
         rates = {} if elapsed is None else {s: int(h.get(f"passed:{s}".encode(), 0)) / elapsed for s in STAGES}
         if open_job:
             eta = stage_eta(counts, stages, rates) or eta
+        owner = _s(h.get(b"owner")) or "-"
+        job_key = _s(h.get(b"jobkey")) or None
+        if job_key and owner != "-":
+            job_key = job_key.removeprefix(f"{owner}:")
         return JobInfo(job_id=job_id, state=state, counts=counts, created_at=float(h[b"created_at"]),
-                       started_at=started, finished_at=finished, job_key=_s(h.get(b"jobkey")) or None,
-                       rate_items_per_s=rate, eta_s=eta, stages=stages, stage_rates=rates)
+                       started_at=started, finished_at=finished, job_key=job_key,
+                       rate_items_per_s=rate, eta_s=eta, stages=stages, stage_rates=rates, owner=owner)
 
     async def _stage_counts(self, job_id: str) -> dict[str, int]:
         """Running items by stage (the hash holds only items in flight, so it stays small)."""

@@ -27,9 +27,16 @@ Endpoints (mounted under ``/v1/batches``):
     keeps the stream open until the job is finished (or ``wait_s``). The last
     record is ``{"type": "end", "cursor", "status", "complete"}``; ``complete``
     true means the job is finished and every result up to it was sent.
+``GET /v1/batches?after=ID&limit=N``
+    The caller's jobs, newest first, OpenAI's list shape (``data``, ``first_id``, ``last_id``,
+    ``has_more``); ``limit`` 1-100, default 20.
 ``DELETE /v1/batches/{id}``
     Cancels: queued items never run, in-flight results are discarded; the job
     ends ``cancelled``. A finished job is left as it is.
+
+Tenancy: with API keys on, a job belongs to the key that made it (a hash of the key is stored, never
+the key): another key gets 404 for it, its idempotency keys are its own, and its list shows only its
+jobs. Without keys every caller is the same tenant.
 
 Errors are OpenAI-style ``{"error": {"message", "type", "code"}}``, never a stack trace.
 """
@@ -307,14 +314,52 @@ def _encoder(request: Request) -> tuple[Callable[[dict], bytes], str]:
     return jsonl, "application/jsonl"
 
 
+def _list_query(request: Request) -> tuple[str | None, int]:
+    q = request.query_params
+    after = q.get("after") or None
+    if after is not None and not JOB_ID_RE.match(after):
+        raise APIError(400, f"after={clip(after, 40)!r} is not a batch id", "invalid_cursor")
+    try:
+        limit = int(q.get("limit", "20"))
+    except ValueError:
+        raise APIError(400, "limit must be an integer in [1, 100]", "invalid_parameter") from None
+    if not 1 <= limit <= 100:
+        raise APIError(400, "limit must be an integer in [1, 100]", "invalid_parameter")
+    return after, limit
+
+
 def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimits(),
-                 dependencies: Sequence[Any] = (), prefix: str = "/v1/batches") -> APIRouter:
+                 dependencies: Sequence[Any] = (), prefix: str = "/v1/batches",
+                 owner_of: Callable[[Request], str] = lambda request: "") -> APIRouter:
     """The batch-job endpoints over the store that ``store_factory()`` returns (a JobStore, or an awaitable of one).
 
     The factory is called once per event loop. ``dependencies`` (e.g. the API-key check) apply to every route.
+    ``owner_of(request)`` names the caller's tenant (a hash of its API key; "" without keys): a job is
+    visible only to the tenant that made it (another gets 404), and idempotency keys are per tenant.
     """
     router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=["batches"])
     stores = _StoreCache(store_factory)
+
+    async def owned(store: JobStore, job_id: str, request: Request):
+        """The caller's job, else 404 (another tenant's job is answered as if it did not exist)."""
+        info = await store.get(_job_id(job_id))
+        if info is None or not info.owned_by(owner_of(request)):
+            raise _not_found(job_id)
+        return info
+
+    @router.get("")
+    @_guard
+    async def list_batches(request: Request) -> Response:
+        """The caller's jobs, newest first, as OpenAI lists batches: ``after`` (a batch id) and ``limit``."""
+        after, limit = _list_query(request)
+        try:
+            jobs, more = await (await stores.get()).list_jobs(owner_of(request), after, limit)
+        except JobNotFound:
+            raise APIError(400, f"after={clip(after or '', 40)!r} is not one of your batches", "invalid_cursor") \
+                from None
+        data = [j.to_dict() for j in jobs]
+        return JSONResponse({"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                             "last_id": data[-1]["id"] if data else None, "has_more": more})
 
     @router.post("", status_code=202)
     @_guard
@@ -330,7 +375,7 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
                    else await asyncio.to_thread(parse_submission, body, ctype, limits))
         store = await stores.get()
         try:
-            result = await store.submit(records, job_key=job_key)
+            result = await store.submit(records, job_key=job_key, owner=owner_of(request))
         except (JobCancelled, JobNotFound):  # the keyed job was cancelled or expired while we added to it
             raise APIError(409, "the job was cancelled or expired during submission; resubmit",
                            "job_conflict") from None
@@ -339,27 +384,25 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
 
     @router.get("/{job_id}")
     @_guard
-    async def get_batch(job_id: str) -> Response:
-        info = await (await stores.get()).get(_job_id(job_id))
-        if info is None:
-            raise _not_found(job_id)
-        return JSONResponse(info.to_dict())
+    async def get_batch(job_id: str, request: Request) -> Response:
+        return JSONResponse((await owned(await stores.get(), job_id, request)).to_dict())
 
     @router.get("/{job_id}/results")
     @_guard
     async def get_results(job_id: str, request: Request) -> Response:
         after, limit, follow, wait_s = _query(request)
         store = await stores.get()
-        if await store.get(_job_id(job_id)) is None:
-            raise _not_found(job_id)
+        await owned(store, job_id, request)
         encode, media_type = _encoder(request)
         stream = _results(store, job_id, after, limit, follow, wait_s, encode, limits)
         return StreamingResponse(stream, media_type=media_type, headers={"Cache-Control": "no-store"})
 
     @router.delete("/{job_id}")
     @_guard
-    async def cancel_batch(job_id: str) -> Response:
-        info = await (await stores.get()).cancel(_job_id(job_id))
+    async def cancel_batch(job_id: str, request: Request) -> Response:
+        store = await stores.get()
+        await owned(store, job_id, request)
+        info = await store.cancel(job_id)
         if info is None:
             raise _not_found(job_id)
         return JSONResponse(info.to_dict())

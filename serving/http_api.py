@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
 import json
 import logging
@@ -54,6 +55,16 @@ def check_api_key(request: Request, keys: frozenset[str]) -> None:
     if not token or not any(hmac.compare_digest(sent, k.encode("utf-8")) for k in keys):
         raise APIError(401, "missing or invalid API key (Authorization: Bearer <key>)", "invalid_api_key",
                        "authentication_error")
+
+
+def key_owner(request: Request, keys: frozenset[str]) -> str:
+    """The tenant of an authenticated request: a hash of its API key ("" when no keys are configured).
+    Stored with the jobs it makes; the key itself is never stored."""
+    if not keys:
+        return ""
+    auth = request.headers.get("authorization", "")
+    token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+    return hashlib.sha256(b"bark-serve tenant\0" + token.encode("latin-1", "replace")).hexdigest()[:32]
 
 
 def too_large(max_bytes: int) -> APIError:

@@ -20,7 +20,7 @@ from bark_serve.stages.types import InvalidRequestError
 from bark_serve.stages.untrusted import clip
 
 from .errors import APIError, to_api_error
-from .http_api import check_api_key, validation_error
+from .http_api import check_api_key, key_owner, validation_error
 
 ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
           "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
@@ -103,7 +103,7 @@ def _batch_routes(orch) -> APIRouter:
         check_api_key(request, orch.api_keys)
 
     return batch_router(batch_store_factory(orch.cfg), limits=BatchLimits.from_config(orch.cfg),
-                        dependencies=[Depends(require_key)])
+                        dependencies=[Depends(require_key)], owner_of=lambda r: key_owner(r, orch.api_keys))
 
 
 def _batch_disabled_router() -> APIRouter:
