@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
-import tempfile
 
-from .common import CliError
+from .common import CliError, ray_temp_dir
 
 
 def register(sub) -> None:
@@ -90,7 +89,7 @@ def _start_ray(args, cfg) -> str | None:
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise CliError(f"cannot connect to Ray at {address!r}: {exc}") from None
         return None
-    tmp = tempfile.mkdtemp(prefix="bark-ray-", dir=os.environ.get("RAY_TMPDIR") or tempfile.gettempdir())
+    tmp = ray_temp_dir("bark-serve dataset")
     try:
         ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg), include_dashboard=False,
                  log_to_driver=False, _temp_dir=tmp)

@@ -15,11 +15,10 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-from .common import CliError, server_url
+from .common import CliError, ray_temp_dir, server_url
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -169,8 +168,7 @@ def _start_ray(args, cfg, state: dict) -> str:
     if args.address:
         ray.init(address=args.address, log_to_driver=args.verbose, logging_level=level)
         return args.address
-    base = os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()
-    state["ray_tmp"] = tempfile.mkdtemp(prefix="bark-ray-", dir=base)
+    state["ray_tmp"] = ray_temp_dir("bark-serve up")
     state["local_ray"] = True
     ctx = ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg),
                    include_dashboard=False, log_to_driver=args.verbose, logging_level=level,

@@ -98,6 +98,8 @@ class SpeechRequest(BarkOptions, OutputOptions):
                                      description="accepted and ignored: Bark takes no style instructions")
     stream_format: Literal["audio", "sse"] | None = Field(
         None, description="audio (default): the encoded bytes as they are made; sse: speech.audio.delta events")
+    stream: bool | None = Field(None, description="accepted, as other OpenAI-compatible servers take it: every "
+                                                  "answer streams (see stream_format)")
 
     @property
     def format(self) -> str:

@@ -129,3 +129,14 @@ def test_a_batch_item_takes_a_script_and_stores_it():
 def test_bad_batch_scripts_fail_the_item_alone(raw, message):
     rec = parse_item(raw, 3, max_text_chars=100)
     assert rec.error is not None and message in rec.error, rec.error
+
+
+@pytest.mark.parametrize("stream", [True, False, None])
+def test_speech_takes_stream_as_other_openai_compatible_servers_do(stream):
+    """Issue 25: ``"stream": true`` on /v1/audio/speech was a 422 (an unknown field); every answer streams."""
+    req = SpeechRequest.model_validate({**SPEECH, "stream": stream})
+    plain = SpeechRequest.model_validate(SPEECH)
+    assert (req.format, req.stream_format, req.generation_params()) == \
+        (plain.format, plain.stream_format, plain.generation_params())
+    with pytest.raises(ValidationError):
+        SpeechRequest.model_validate({**SPEECH, "stream": {"nested": 1}})
