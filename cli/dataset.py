@@ -73,7 +73,7 @@ def dataset(args) -> int:
     finally:
         _stop_ray(tmp)
     print("\n".join(summary.lines()))
-    return 0
+    return summary.exit_code
 
 
 def _start_ray(args, cfg) -> str | None:

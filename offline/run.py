@@ -97,6 +97,12 @@ class Summary:
                 "audio_s_per_wall_s": round(self.audio_s_per_wall_s, 4),
                 "busy_s": {k: round(v, 3) for k, v in self.busy_s.items()}}
 
+    @property
+    def exit_code(self) -> int:
+        """What ``bark-serve dataset`` exits with: 1 when any row failed (as ``batch submit`` does, so that a
+        pipeline notices), else 0."""
+        return 1 if self.rows_failed else 0
+
     def lines(self) -> list[str]:
         busy = ", ".join(f"{s} {self.busy_s[s]:.1f} s" for s in STAGES)
         return [f"rows: {self.rows_ok} ok, {self.rows_failed} failed, {self.rows_skipped} already done (skipped)",

@@ -69,6 +69,7 @@ def test_jsonl_rows_bad_rows_and_summary(ray_local, pipe, tmp_path):
     assert sorted(p.name for p in (out / "audio").iterdir()) == sorted(f"{r['id']}.wav" for r in GOOD_ROWS)
     assert list((out / "manifest").iterdir()) == []  # compacted
     assert (summary.rows_ok, summary.rows_failed, summary.rows_skipped) == (len(GOOD_ROWS), 4, 0)
+    assert summary.exit_code == 1  # `bark-serve dataset` exits 1 when rows failed (it exited 0: issue 25)
     assert summary.audio_s == pytest.approx(sum(r["duration_s"] for r in records.values() if r["duration_s"]))
     assert all(summary.busy_s[s] > 0 and len(summary.nodes[s]) == 1 for s in summary.busy_s)
     saved = json.loads((out / "summary.json").read_text())
@@ -90,7 +91,7 @@ def test_parquet_input_with_struct_options(ray_local, pipe, tmp_path):
     pq.write_table(table, tmp_path / "in.parquet")
     out = tmp_path / "out"
     summary = run_dataset(ray_local, RunOptions(str(tmp_path / "in.parquet"), str(out), progress=False, limit=10))
-    assert (summary.rows_ok, summary.rows_failed) == (len(GOOD_ROWS), 0)
+    assert (summary.rows_ok, summary.rows_failed) == (len(GOOD_ROWS), 0) and summary.exit_code == 0
     check_good_rows(out, manifest(out), pipe)
 
 
