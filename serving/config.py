@@ -173,6 +173,14 @@ class BarkConfig(_Strict):
     audio: AudioConfig = AudioConfig()
     batch: BatchConfig = BatchConfig()
 
+    @property
+    def public_model(self) -> str:
+        """The model's name as answers show it: the hub id as configured, or a local checkpoint's folder
+        name (a local path tells a client about the server's disk)."""
+        model = self.model.rstrip("/") or self.model
+        local = model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir()
+        return Path(model).name if local else model
+
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:
             raise KeyError(name)

@@ -65,7 +65,9 @@ class Orchestrator:
         self.synth = make_synthesizer(self.cfg, handles=self.handles)
         keys = os.environ.get(ocfg.api_keys_env, "") if ocfg.api_keys_env else ""
         self.api_keys = frozenset(k.strip() for k in keys.split(",") if k.strip())
+        # accepted in requests; /v1/models and every answer name only the public ones (no local path)
         self.model_names = {self.cfg.model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
+        self.public_models = {self.cfg.public_model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.admission = Admission(ocfg.max_active_requests, ocfg.retry_after_s)
         # Planning (splitting, tokenizing, reading voices) takes seconds on 20k characters: it runs off the
         # event loop, in one thread, because a fast tokenizer must not be used by two threads at once.
@@ -115,7 +117,7 @@ class Orchestrator:
     # -- HTTP (paths in serving/routes.py) --------------------------------------------------------
     async def index(self):
         """What this server answers (no authentication needed)."""
-        return {"name": "bark-serve", "model": self.cfg.model, "docs": ROUTES["docs"], "routes": ROUTES,
+        return {"name": "bark-serve", "model": self.cfg.public_model, "docs": ROUTES["docs"], "routes": ROUTES,
                 "batch_enabled": self.cfg.batch.enabled}
 
     async def healthz(self):
@@ -145,7 +147,7 @@ class Orchestrator:
     async def models(self, request: Request):
         H.check_api_key(request, self.api_keys)
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "bark-serve"}
-                                           for m in sorted(self.model_names)]}
+                                           for m in sorted(self.public_models)]}
 
     async def speech(self, request: Request):
         """OpenAI's audio API: the official client works against it unchanged."""
@@ -153,7 +155,7 @@ class Orchestrator:
         self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, SpeechRequest, self.cfg.orchestrator.max_body_bytes)
         if req.model not in self.model_names:
-            raise APIError(404, f"model {clip(req.model)!r} not found; this server serves {self.cfg.model!r}",
+            raise APIError(404, f"model {clip(req.model)!r} not found; this server serves {self.cfg.public_model!r}",
                            "model_not_found")
         sse = req.stream_format == "sse"
         stream = sse or not H.wants_json(request)  # every format streams; Accept: application/json gets it whole

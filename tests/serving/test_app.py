@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -199,7 +200,7 @@ def test_overload_answers_429_with_retry_after(served):
     assert int(limited.headers["retry-after"]) >= 1 and limited.json()["error"]["code"] == "rate_limited"
 
 
-def test_health_readiness_voices_models(served):
+def test_health_readiness_voices_models(served, tiny_ckpt):
     url, _ = served
     assert httpx.get(url + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(url + "/readyz", timeout=30)
@@ -208,6 +209,13 @@ def test_health_readiness_voices_models(served):
     assert "v2/en_speaker_6" in voices["voices"] and voices["aliases"]["alloy"] == "v2/en_speaker_6"
     models = httpx.get(url + "/v1/models", headers=AUTH).json()
     assert "tts-1" in [m["id"] for m in models["data"]]
+    # no answer shows the checkpoint's local path (issue 25: GET / and model_not_found did)
+    index = httpx.get(url + "/").text
+    wrong = post(url, "/v1/audio/speech", json={"model": "nope", "input": "hi", "voice": "alloy"}, headers=AUTH)
+    assert wrong.status_code == 404 and wrong.json()["error"]["code"] == "model_not_found"
+    for text in (index, wrong.text, json.dumps(models)):
+        assert str(tiny_ckpt.parent) not in text, text
+    assert httpx.get(url + "/").json()["model"] == tiny_ckpt.name
 
 
 def test_stages_work_on_different_requests_at_once(served):

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from bark_serve.serving.config import ConfigError, load_config, parse_config, profiles
+from bark_serve.serving.config import BarkConfig, ConfigError, load_config, parse_config, profiles
 from bark_serve.serving.stage_server import engine_options, resolve_threads
 
 
@@ -32,3 +32,13 @@ def test_stage_engine_settings_reach_the_engine_and_bad_ones_are_refused():
     for bad in ({"torch_threads": 0}, {"torch_threads": "many"}, {"max_forward_tokens": 0}):
         with pytest.raises(ConfigError, match="fine"):
             parse_config({"fine": bad})
+
+
+def test_public_model_never_shows_a_local_path(tmp_path):
+    """Issue 25: GET / and model_not_found answers showed the checkpoint's local path."""
+    ckpt = tmp_path / "ckpts" / "my-bark"
+    ckpt.mkdir(parents=True)
+    assert BarkConfig(model=str(ckpt)).public_model == "my-bark"
+    assert BarkConfig(model=str(ckpt) + "/").public_model == "my-bark"
+    assert BarkConfig(model="./ckpts/my-bark").public_model == "my-bark"
+    assert BarkConfig(model="suno/bark-small").public_model == "suno/bark-small"  # a hub id is as configured
