@@ -61,7 +61,7 @@ class CausalEngine(StageEngine):
         super().__init__(options)
         self.model = model
         self.max_len = min(max_len, model.block_size)
-        self.fixed_shape = use_graphs(options.cuda_graphs, self.device)
+        self.fixed_shape = use_graphs(options.cuda_graphs, self.device, options.cpu_offload)
         # eager: empty until requests come, reserve() sizes it to the held requests' reach; fixed shape:
         # every slot at max_len from the start (a graph holds its address)
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device, self.fixed_shape)

@@ -68,7 +68,7 @@ class FineEngine(StageEngine):
         self.shape = Shape.of(model)
         self.jobs: list[_FineJob] = []
         self.graphs: StepGraphs | None = None
-        if use_graphs(options.cuda_graphs, self.device):
+        if use_graphs(options.cuda_graphs, self.device, options.cpu_offload):
             self._fixed_buffers(options.capacity)
             self.row_buckets = buckets_for(options.capacity, options.graph_buckets)
             self.graphs = StepGraphs.grid(self._pass_fixed, [self.row_buckets], self.device, "fine pass")

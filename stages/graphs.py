@@ -83,11 +83,12 @@ class _NoHostTraffic(TorchDispatchMode):
         return out
 
 
-def use_graphs(setting: str, device: torch.device) -> bool:
-    """``cuda_graphs``: on, off, or auto (on for CUDA; off on CPU, where nothing is launched per kernel)."""
+def use_graphs(setting: str, device: torch.device, cpu_offload: bool = False) -> bool:
+    """``cuda_graphs``: on, off, or auto (on for CUDA; off on CPU, where nothing is launched per kernel,
+    and with CPU offload, whose per-forward weight copies a graph cannot hold)."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"cuda_graphs must be auto, on or off, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device.type == "cuda")
+    return setting == "on" or (setting == "auto" and device.type == "cuda" and not cpu_offload)
 
 
 class StepGraphs:

@@ -386,6 +386,8 @@ def test_use_graphs():
     assert not use_graphs("auto", cpu) and use_graphs("auto", cuda)
     assert use_graphs("on", cpu) and use_graphs("on", cuda)
     assert not use_graphs("off", cpu) and not use_graphs("off", cuda)
+    assert not use_graphs("auto", cuda, cpu_offload=True)  # offload copies weights per forward: no graphs
+    assert use_graphs("on", cuda, cpu_offload=True)  # asked for: tried, and a failed capture falls back
     for bad in ("true", "ON", "", "1"):
         with pytest.raises(ValueError, match="cuda_graphs"):
             use_graphs(bad, cpu)
