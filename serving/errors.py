@@ -41,6 +41,13 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _cancelled(exc: BaseException) -> bool:
+    """A cancellation, local or of a Ray task (what a client disconnect leaves behind)."""
+    from ray.exceptions import TaskCancelledError
+
+    return isinstance(exc, (asyncio.CancelledError, TaskCancelledError))
+
+
 def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
     """Map whatever a request raised (possibly across Ray) to the answer the client gets."""
     from ray.exceptions import RayActorError
@@ -73,5 +80,8 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
     if isinstance(exc, StageError):
         log.error("stage error: %s", exc)
         return APIError(500, "a pipeline stage failed while processing this request", "stage_error", "server_error")
+    if _cancelled(exc):  # the client went away and its work was cancelled: routine, no traceback
+        log.info("request cancelled (client disconnected): %s", type(exc).__name__)
+        return APIError(499, "the request was cancelled", "cancelled")
     log.error("unexpected error", exc_info=exc)
     return APIError(500, "internal error", "internal_error", "server_error")

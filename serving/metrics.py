@@ -14,7 +14,7 @@ Orchestrator:
 - ``bark_request_seconds`` (histogram, tag ``api``): whole request latency
 - ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
 - ``bark_audio_seconds_total`` (counter): seconds of audio produced
-- ``bark_http_errors_total`` (counter, tag ``code``)
+- ``bark_http_errors_total`` (counter, tags ``code`` and ``route``, the route template): every error answer
 Batch workers (BatchWorker replicas, published every few seconds by :class:`BatchProgressReporter`):
 - ``bark_batch_items_total`` (counter, tag ``outcome`` succeeded|failed|retried|discarded): finished attempts
 - ``bark_batch_items_in_flight`` (gauge): items this worker holds in the pipeline
@@ -98,7 +98,8 @@ class RequestMetrics:
         self._ttfa = Histogram("bark_time_to_first_audio_seconds", "Time to the first audio chunk",
                                boundaries=LATENCY_BUCKETS)
         self._audio = Counter("bark_audio_seconds_total", "Seconds of audio produced")
-        self._errors = Counter("bark_http_errors_total", "Error answers", tag_keys=("code",))
+        self._errors = Counter("bark_http_errors_total", "Error answers, every refusal included",
+                               tag_keys=("code", "route"))
 
     def request(self, api: str, seconds: float) -> None:
         self._latency.observe(seconds, tags={"api": api})
@@ -110,8 +111,8 @@ class RequestMetrics:
         if seconds > 0:  # Ray counters refuse 0 (an empty generation is a valid answer)
             self._audio.inc(seconds)
 
-    def error(self, code: int) -> None:
-        self._errors.inc(1, tags={"code": str(code)})
+    def error(self, code: int, route: str = "unmatched") -> None:
+        self._errors.inc(1, tags={"code": str(code), "route": route})
 
 
 BATCH_OUTCOMES = ("succeeded", "failed", "retried", "discarded")  # WorkerStats fields of the same names

@@ -205,7 +205,5 @@ class Orchestrator:
                 self.metrics.request(api, time.time() - t0)
                 # joining and encoding minutes of audio takes a while: not on the event loop
                 return await asyncio.to_thread(H.full_response, request, collected, fmt, meta, post)
-            except Exception as exc:
-                err = to_api_error(exc, ocfg.retry_after_s)
-                self.metrics.error(err.status)
-                raise err from None
+            except Exception as exc:  # counted by the app's error handler, as every error answer is
+                raise to_api_error(exc, ocfg.retry_after_s) from None

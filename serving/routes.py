@@ -8,6 +8,7 @@ app is ever mutated.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
+from collections.abc import Callable
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -33,7 +34,7 @@ BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: t
 def build_http_app(orch) -> FastAPI:
     """The app of one Orchestrator replica: its routes, the batch routes, and the error handlers."""
     app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
-    install_error_handlers(app)
+    install_error_handlers(app, orch.metrics.error)
     app.add_api_route("/", _index(orch), methods=["GET"])
     app.add_api_route("/playground", _to_playground, methods=["GET"], include_in_schema=False)
     app.mount(ROUTES["playground"].rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), name="playground")
@@ -63,8 +64,24 @@ def _to_playground() -> RedirectResponse:
     return RedirectResponse("playground/", status_code=307)
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``."""
+def route_of(request: Request) -> str:
+    """The route template a request matched (``/v1/batches/{job_id}``), ``unmatched`` if none: a bounded label."""
+    route = request.scope.get("route")
+    return getattr(route, "path", None) or "unmatched"
+
+
+def install_error_handlers(app: FastAPI, on_error: "Callable[[int, str], None] | None" = None) -> None:
+    """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``, and
+    counted: ``on_error(status, route)`` for each one (401, 404, 413, 422, 429, 503, 5xx alike)."""
+
+    def counted(handler):
+        async def wrapper(request: Request, exc: Exception):
+            response = await handler(request, exc)
+            if on_error is not None:
+                on_error(response.status_code, route_of(request))
+            return response
+
+        return wrapper
 
     async def api_error(request: Request, exc: APIError):
         return exc.response()
@@ -88,11 +105,11 @@ def install_error_handlers(app: FastAPI) -> None:
     async def any_error(request: Request, exc: Exception):
         return to_api_error(exc).response()
 
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid_parameters)
-    app.add_exception_handler(StarletteHTTPException, router_error)
-    app.add_exception_handler(InvalidRequestError, any_error)  # 4xx: not through Starlette's 500 path
-    app.add_exception_handler(Exception, any_error)
+    app.add_exception_handler(APIError, counted(api_error))
+    app.add_exception_handler(RequestValidationError, counted(invalid_parameters))
+    app.add_exception_handler(StarletteHTTPException, counted(router_error))
+    app.add_exception_handler(InvalidRequestError, counted(any_error))  # 4xx: not through Starlette's 500 path
+    app.add_exception_handler(Exception, counted(any_error))
 
 
 def _batch_routes(orch) -> APIRouter:

@@ -241,12 +241,24 @@ def test_metrics_are_exported_to_prometheus(served):
 
     url, metrics_url = served
     post(url, "/v1/tts", json={"text": "metrics", "max_semantic_tokens": 4})
+    # refusals are counted too, by code and route (issue 25: only code="400" ever showed)
+    assert httpx.post(url + "/v1/tts", json={"text": "no key"}).status_code == 401
+    assert httpx.get(url + "/no/such/route", headers=AUTH).status_code == 404
+    assert httpx.post(url + "/v1/tts", json={"text": 1}, headers=AUTH).status_code == 422
+    refusals = (('code="401"', 'route="/v1/tts"'), ('code="404"', 'route="unmatched"'),
+                ('code="422"', 'route="/v1/tts"'))
+
+    def counted(text: str) -> list[bool]:
+        errors = [line for line in text.splitlines() if line.startswith("ray_bark_http_errors_total")]
+        return [any(code in line and route in line for line in errors) for code, route in refusals]
+
     deadline, text = time.time() + 60, ""
     while time.time() < deadline:
         text = httpx.get(metrics_url, timeout=10).text
-        if "bark_stage_step_seconds" in text and "bark_request_seconds" in text:
+        if "bark_stage_step_seconds" in text and "bark_request_seconds" in text and all(counted(text)):
             break
         time.sleep(2)
+    assert all(counted(text)), [line for line in text.splitlines() if "bark_http_errors" in line]
     for name in ("bark_stage_queue_length", "bark_stage_batch_size", "bark_stage_step_seconds",
                  "bark_stage_tokens_total", "bark_stage_request_seconds", "bark_request_seconds",
                  "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs"):
