@@ -16,7 +16,8 @@ The loudness gain is chosen once per request, on the first segment loud enough t
 BS.1770's -70 LUFS absolute gate), and held for the rest: streamed audio cannot wait for the whole
 text, and one gain for the whole request keeps the level differences between segments as Bark made
 them (no pumping). The gain is capped at ``max_gain_db`` and so that that segment peaks at or below
--1 dBFS (later segments are clipped at full scale by the encoders, should they peak higher).
+-1 dBFS. What still goes over -1 dBFS (a crossfade seam, a later and louder segment) goes through a
+soft-knee limiter (``limit``) whose output stays under -0.1 dBFS: nothing reaches the encoders clipped.
 A full answer is joined the same way, so streamed and full answers are the same audio.
 """
 
@@ -114,6 +115,24 @@ def loudness_gain(audio: np.ndarray, sample_rate: int, target_lufs: float, max_g
     return min(gain, PEAK_CEILING / float(np.max(np.abs(audio))))
 
 
+LIMIT_CEILING = 10 ** (-0.1 / 20)  # the limiter's output never reaches this (-0.1 dBFS)
+
+
+def limit(audio: np.ndarray) -> np.ndarray:
+    """A soft-knee sample-peak limiter: samples up to -1 dBFS pass unchanged, louder ones are bent by a
+    tanh knee toward -0.1 dBFS and never reach it. Memoryless, so a stream and a whole answer limit the
+    same samples the same way. It catches what the per-request gain cannot: equal-power crossfades sum
+    two segments (up to +3 dB at the seam) and later segments may peak higher than the first."""
+    over = np.abs(audio) > PEAK_CEILING
+    if not over.any():
+        return audio
+    out = audio.copy()
+    room = LIMIT_CEILING - PEAK_CEILING
+    excess = np.abs(audio[over]) - PEAK_CEILING
+    out[over] = np.sign(audio[over]) * (PEAK_CEILING + room * np.tanh(excess / room))
+    return out
+
+
 def _fades(n: int) -> tuple[np.ndarray, np.ndarray]:
     """Equal-power (sine/cosine) fade-out and fade-in of ``n`` samples: segments are uncorrelated sound."""
     t = (np.arange(n, dtype=np.float32) + 0.5) / n * (np.pi / 2)
@@ -160,12 +179,12 @@ class SegmentJoiner:
             body = np.concatenate([self.tail[:keep], self.tail[keep:] * fade_out + audio[:n] * fade_in, audio[n:]])
         held = min(self.fade, len(body))
         self.tail = body[len(body) - held:]
-        return body[:len(body) - held]
+        return limit(body[:len(body) - held])
 
     def finish(self) -> np.ndarray:
         """The held-back tail: the end of the request's audio."""
         tail, self.tail = self.tail, np.zeros((0,), np.float32)
-        return np.zeros((0,), np.float32) if tail is None else tail
+        return np.zeros((0,), np.float32) if tail is None else limit(tail)
 
 
 def join_segments(segments: Iterable[np.ndarray], sample_rate: int, options: PostProcess) -> np.ndarray:

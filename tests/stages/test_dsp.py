@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 from bark_serve.stages.dsp import (
+    LIMIT_CEILING,
+    PEAK_CEILING,
     PostProcess,
     SegmentJoiner,
     join_segments,
+    limit,
     loudness_gain,
     loudness_lufs,
     time_stretch,
@@ -170,3 +173,24 @@ def test_nan_and_inf_samples_are_silence_and_full_scale_and_finite_audio_is_unto
     again = join_segments(finite, SR, PostProcess())
     assert all(np.array_equal(a, b) for a, b in zip(finite, before))  # inputs not modified
     np.testing.assert_array_equal(again, join_segments(before, SR, PostProcess()))
+
+
+def test_nothing_goes_over_full_scale_after_a_loud_seam_and_quiet_audio_is_untouched():
+    """Issue 25: an equal-power crossfade of two segments at -1 dBFS swelled to -1.03 (over full scale) after
+    the loudness gain; the limiter keeps every sample under -0.1 dBFS, streamed or whole alike."""
+    loud = PEAK_CEILING
+    a, b = tone(0.3, 200, loud), tone(0.3, 200, loud)  # in phase at the seam: the mix swells by up to 3 dB
+    options = PostProcess(trim_silence=False, normalize_loudness=False, crossfade_ms=20)
+    plain_mix = a[-960:] * np.cos((np.arange(960) + 0.5) / 960 * np.pi / 2) + \
+        b[:960] * np.sin((np.arange(960) + 0.5) / 960 * np.pi / 2)
+    assert np.max(np.abs(plain_mix)) > 1.0  # what went out before
+    joined = join_segments([a, b], SR, options)
+    assert np.max(np.abs(joined)) < LIMIT_CEILING < 1.0
+    joiner = SegmentJoiner(SR, options)
+    streamed = np.concatenate([joiner.push(a), joiner.push(b), joiner.finish()])
+    np.testing.assert_array_equal(streamed, joined)
+    quiet = tone(0.3, 200, 0.5)
+    np.testing.assert_array_equal(limit(quiet), quiet)  # under -1 dBFS: bit for bit
+    hot = np.array([-4.0, -1.0, -0.95, 0.5, 0.95, 1.0, 4.0], np.float32)
+    out = limit(hot)
+    assert np.all(np.abs(out) < LIMIT_CEILING) and np.all(np.diff(out) > 0) and out[3] == hot[3]
