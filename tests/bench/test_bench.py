@@ -17,6 +17,7 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
     cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
            "--hf-requests", "2", "--hf-batches", "2", "--engine-batches", "2", "--engine-requests", "2",
+           "--cuda-graphs", "off,on", "--decode-steps", "3",
            "--concurrency", "1,2", "--served-requests", "3", "--rate-fractions", "0.5,0.7",
            "--gemm-seconds", "0.2", "--skip", "offline", "--max-batch", "2,fine=1",
            "--out", str(out), "--plots", str(plots)]
@@ -27,8 +28,15 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert report["gemm_peak_tflops"]["float32"] > 0
     assert report["workload"]["mix"] == "ci-tiny" and "lognormal" in report["workload"]["distribution"]
     names = [r["name"] for r in report["runs"]]
-    assert names[0] == "transformers_sequential_float32" and names[1].startswith("transformers_batch2_")
-    assert any(n.startswith("engines_batch2") for n in names)
+    # the engines first (a run cut short keeps them), once per --cuda-graphs setting, then transformers
+    assert names[0].startswith("engines_batch2_") and names[0].endswith("_graphs-off")
+    assert names[1].startswith("engines_batch2_") and names[1].endswith("_graphs-on")
+    assert names[2] == "transformers_sequential_float32" and names[3].startswith("transformers_batch2_")
+    steps = report["decode_steps"]  # CPU: wall time only; the fixed-shape path runs eagerly ("on")
+    assert {(r["stage"], r["setting"]) for r in steps} == {(s, g) for s in ("semantic", "coarse", "fine")
+                                                           for g in ("off", "on")}
+    assert all(r["batch"] == 2 and r["wall_ms"] > 0 and r["gpu_ms"] is None and not r["cuda_graphs"] for r in steps)
+    assert report["floors"]["engines_vs_transformers_best_batch"] > 0
     assert any(n.startswith("served_concurrency2") for n in names)
     for run in report["runs"]:
         assert run["requests"] >= 1 and run["audio_s"] > 0 and run["throughput_audio_s_per_s"] > 0
