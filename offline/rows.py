@@ -147,6 +147,16 @@ def _printable(value: Any) -> str | None:
     return clip(value, MAX_ERROR_CHARS).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def declared_ids(batch: pa.Table, source: str) -> pa.Table:
+    """The valid ids the rows of an input batch declare (JSONL lines or table records; blank lines and
+    rows without a usable id give none): the duplicate check's ``map_batches``. -> a table of one column ``id``"""
+    if source == "jsonl":
+        raws = [raw_from_line(line)[0] for line in batch.column("text").to_pylist() if line.strip()]
+    else:
+        raws = [raw_from_table(record) for record in batch.to_pylist()]
+    return pa.table({"id": pa.array([i for i in map(declared_id, raws) if i is not None], pa.string())})
+
+
 def declared_id(raw: Any) -> str | None:
     """The id a raw row declares, if it is a valid one (for skipping rows already done before planning them)."""
     try:

@@ -22,10 +22,11 @@ import pyarrow as pa
 
 from bark_serve.serving.config import BarkConfig
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.untrusted import clip
 
 from .manifest import MANIFEST, ManifestWriter, compact, done_ids
 from .outdir import OutDir, absolute, is_uri
-from .rows import Status
+from .rows import Status, declared_ids
 from .settings import MapSpec, plan_spec, stage_specs
 from .udfs import WORKERS, Planner
 
@@ -153,6 +154,23 @@ def read_input(opts: RunOptions):
     return (ds.limit(opts.limit) if opts.limit else ds), kind
 
 
+def check_unique_ids(opts: RunOptions) -> None:
+    """Refuse an input that declares one id twice, before any synthesis (as a batch submission is
+    refused): one read of the input for its ids. Raises DatasetInputError naming up to five."""
+    import functools
+    from collections import Counter
+
+    ds, kind = read_input(opts)
+    ids = ds.map_batches(functools.partial(declared_ids, source="jsonl" if kind == "jsonl" else "table"),
+                         batch_format="pyarrow", num_cpus=READ_CPUS)
+    counts = Counter(row["id"] for row in ids.iter_rows())
+    twice = sorted(i for i, n in counts.items() if n > 1)
+    if twice:
+        shown = ", ".join(repr(clip(i, 60)) for i in twice[:5])
+        raise DatasetInputError(f"{len(twice)} id(s) appear more than once in {opts.input!r}: {shown}"
+                                f"{' ...' if len(twice) > 5 else ''}; every row needs its own id")
+
+
 def _map(ds, fn, spec: MapSpec, **constructor):
     return ds.map_batches(fn, fn_constructor_kwargs=constructor, batch_format="pyarrow", **spec.kwargs())
 
@@ -174,6 +192,7 @@ def run_dataset(cfg: BarkConfig, opts: RunOptions, on_rows: Callable[[pa.Table],
 
     out = OutDir(opts.out)
     out.makedirs()
+    check_unique_ids(opts)
     skip = done_ids(out)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = opts.progress

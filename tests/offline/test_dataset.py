@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from bark_serve.offline.run import RunOptions, run_dataset
+from bark_serve.offline.run import DatasetInputError, RunOptions, run_dataset
 from bark_serve.serving.config import parse_config
 from tests.offline.conftest import GOOD_ROWS, QUANT, audio_of, manifest, offline_config, pipe, reference  # noqa: F401
 
@@ -136,3 +136,19 @@ def test_a_stage_actor_killed_mid_run_costs_only_a_retry(ray_local, tiny_ckpt, t
     assert sorted(records) == sorted(r["id"] for r in rows) and all(r["status"] == "ok" for r in records.values())
     fine = [{k: a.get(k) for k in ("ActorID", "State", "Pid", "NumRestarts")} for a in _fine_actors()]
     assert any(int(a["NumRestarts"] or 0) >= 1 for a in fine), fine  # the same actor, restarted in a new process
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "csv"])
+def test_duplicate_ids_are_refused_before_any_synthesis(ray_local, tmp_path, kind):
+    """Issue 25: dataset accepted duplicate ids (the second row overwrote the first's audio); batch jobs refuse them."""
+    rows = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}, {"id": "a", "text": "three"},
+            {"id": "7", "text": "four"}, {"id": "7", "text": "five"}, {"id": "c", "text": "six"}]
+    src = tmp_path / f"in.{kind}"
+    if kind == "jsonl":
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    else:
+        src.write_text("id,text\n" + "".join(f"{r['id']},{r['text']}\n" for r in rows))
+    out = tmp_path / "out"
+    with pytest.raises(DatasetInputError, match=r"2 id\(s\) appear more than once.*'7', 'a'"):
+        run_dataset(ray_local, RunOptions(str(src), str(out), progress=False))
+    assert not list((out / "audio").glob("*")) and not (out / "manifest.parquet").exists()
