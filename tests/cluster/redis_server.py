@@ -78,8 +78,11 @@ class RedisServer:
         self.proc.wait(timeout=10)
         self.proc = None
 
-    def restart(self, kill: bool = False) -> None:
+    def restart(self, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop, stay down ``down_s`` seconds, start again. redis-py (8.x) retries a failed command a few
+        times with backoff by itself, so an outage shorter than that is invisible to its clients."""
         self.stop(kill=kill)
+        time.sleep(down_s)
         self.start()
 
 

@@ -94,7 +94,9 @@ def test_redis_restart_mid_job_resumes(own_redis):
         job = (await store.submit(records(texts))).job
         while (await store.get(job.job_id)).counts.succeeded < 10:
             await asyncio.sleep(0.02)
-        await asyncio.to_thread(own_redis.restart)  # SIGTERM: Redis writes its AOF and exits; then back up
+        # SIGTERM: Redis writes its AOF and exits; down for 2 s (longer than redis-py's own retries, so the
+        # worker must see the outage), then back up
+        await asyncio.to_thread(own_redis.restart, down_s=2.0)
         info = await wait_finished(store, job.job_id, timeout_s=40)
         results = await all_results(store, job.job_id)
         await worker.stop(grace_s=1)
