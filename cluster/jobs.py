@@ -234,20 +234,19 @@ class JobStore:
                 raise JobNotFound(after)
             start = rank + 1
         jobs: list[JobInfo] = []
-        while len(jobs) <= limit:
-            ids = await self.redis.zrevrange(key, start, start + limit)
+        while True:
+            ids = await self.redis.zrevrange(key, start, start + limit)  # one more than a page: is there more?
             if not ids:
                 return jobs, False
-            start += len(ids)
             for raw in ids:
                 info = await self.get(raw.decode())
-                if info is None or info.owner != (owner or "-"):
+                if info is None or not info.owned_by(owner):  # expired: out of the index
                     await self.redis.zrem(key, raw)
-                    start -= 1
-                elif len(jobs) < limit:
-                    jobs.append(info)
-                else:
+                    continue
+                if len(jobs) == limit:
                     return jobs, True
+                jobs.append(info)
+                start += 1
         return jobs, True
 
     async def add_items(self, job_id: str, records: Sequence[ItemRecord], created: bool = False) -> SubmitResult:

@@ -95,9 +95,8 @@ class CoarseEngine(CausalEngine):
         return T.coarse_window_length(st.n_history + st.target, self.spec) + self.spec.sliding_window_len
 
     def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
-        spec = self.spec  # codebooks alternate inside a window, 0 first (tokens.coarse_token_range)
-        codebook = self.table.in_window[rows] % spec.n_coarse_codebooks  # (R,)
-        lo = spec.semantic_vocab_size + codebook * spec.codebook_size  # (R,)
+        spec = self.spec
+        lo, _ = T.coarse_token_range(self.table.in_window[rows], spec)  # (R,): this step's codebook per row
         cols = lo[:, None] + torch.arange(spec.codebook_size, device=logits.device)[None, :]  # (R, 1024)
         allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
         return sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode) + lo

@@ -135,7 +135,3 @@ def sample_tokens(logits: torch.Tensor, params: RowSampling, uniform: torch.Tens
     finite = torch.isfinite(cdf[:, -1])  # (R,) a NaN row would pick the last token, whatever the logits
     return torch.where(finite & ~params.greedy, picked, choice)
 
-
-def batch_mode(params: Sequence[SamplingParams]) -> SampleMode:
-    """The mode a batch of rows with these parameters needs."""
-    return max((SampleMode.of(p) for p in params), default=SampleMode.GREEDY)

@@ -120,8 +120,9 @@ def coarse_window_input(
     return np.concatenate([sem, np.array([spec.coarse_infer_token], dtype=np.int64), hist.astype(np.int64)])
 
 
-def coarse_token_range(n_generated_in_window: int, spec: BarkSpec) -> tuple[int, int]:
-    """Allowed [lo, hi) of the next coarse token: codebooks alternate, 0 first."""
+def coarse_token_range(n_generated_in_window, spec: BarkSpec):
+    """Allowed [lo, hi) of the next coarse token: codebooks alternate, 0 first. An int, or a tensor of
+    counts (one per row: the coarse engine's step, on the device) for tensors of bounds."""
     codebook = n_generated_in_window % spec.n_coarse_codebooks
     lo = spec.semantic_vocab_size + codebook * spec.codebook_size
     return lo, lo + spec.codebook_size
