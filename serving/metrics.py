@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("ray.serve")
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
 BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+REPUBLISH_S = 10.0  # start-time gauges are set again this often, with the steps
 
 
 class StageMetrics:
@@ -64,18 +66,24 @@ class StageMetrics:
                                    tag_keys=("stage",))
         self._tags = tags
         self._stage = stage
+        self._graph_stats: dict | None = None
+        self._graphs_at = 0.0
 
     def graphs(self, stats: dict | None) -> None:
-        """The engine's ``graph_stats()`` at start (None: its steps run eagerly)."""
-        stats = stats or {}
-        self._graphs.set(stats.get("cuda_graphs", 0), tags=self._tags)
-        self._capture.set(stats.get("capture_s", 0.0), tags=self._tags)
-        self._graph_memory.set(max(stats.get("graph_bytes", 0), 0), tags=self._tags)
+        """The engine's ``graph_stats()`` at start (None: its steps run eagerly). Set again with the steps
+        (every ``REPUBLISH_S``): a value set only while the replica starts was not always exported."""
+        self._graph_stats = stats or {}
+        self._graphs_at = time.monotonic()
+        self._graphs.set(self._graph_stats.get("cuda_graphs", 0), tags=self._tags)
+        self._capture.set(self._graph_stats.get("capture_s", 0.0), tags=self._tags)
+        self._graph_memory.set(max(self._graph_stats.get("graph_bytes", 0), 0), tags=self._tags)
 
     def queue_length(self, n: int) -> None:
         self._queue.set(n, tags=self._tags)
 
     def step(self, batch: float, tokens: float, seconds: float) -> None:
+        if self._graph_stats is not None and time.monotonic() - self._graphs_at > REPUBLISH_S:
+            self.graphs(self._graph_stats)
         if batch:
             self._batch.observe(batch, tags=self._tags)
         self._step.observe(seconds, tags=self._tags)

@@ -252,14 +252,16 @@ def test_metrics_are_exported_to_prometheus(served):
         errors = [line for line in text.splitlines() if line.startswith("ray_bark_http_errors_total")]
         return [any(code in line and route in line for line in errors) for code, route in refusals]
 
-    deadline, text = time.time() + 60, ""
+    names = ("bark_stage_queue_length", "bark_stage_batch_size", "bark_stage_step_seconds",
+             "bark_stage_tokens_total", "bark_stage_request_seconds", "bark_request_seconds",
+             "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs")
+    deadline, text = time.time() + 90, ""
     while time.time() < deadline:
         text = httpx.get(metrics_url, timeout=10).text
-        if "bark_stage_step_seconds" in text and "bark_request_seconds" in text and all(counted(text)):
+        if all(name in text for name in names) and all(counted(text)):
             break
+        post(url, "/v1/tts", json={"text": "metrics", "max_semantic_tokens": 4}, headers=AUTH)  # steps export
         time.sleep(2)
     assert all(counted(text)), [line for line in text.splitlines() if "bark_http_errors" in line]
-    for name in ("bark_stage_queue_length", "bark_stage_batch_size", "bark_stage_step_seconds",
-                 "bark_stage_tokens_total", "bark_stage_request_seconds", "bark_request_seconds",
-                 "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs"):
+    for name in names:
         assert name in text, name
