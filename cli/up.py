@@ -160,7 +160,14 @@ def _start_redis(cfg, state: dict):
 
 def _start_ray(args, cfg, state: dict) -> str:
     """ray.init; a local instance gets its own temp dir and never joins a cluster found on the machine."""
-    import ray
+    # Ray's C++ failure-signal handler, installed in this driver during ray.init, turns a SIGTERM that lands
+    # there into an abort (exit -6) before our handler can stop cleanly. It is read once, when ray is
+    # imported; the processes Ray starts (GCS, raylet, workers) are not given the variable and keep theirs.
+    os.environ["RAY_DISABLE_FAILURE_SIGNAL_HANDLER"] = "1"
+    try:
+        import ray
+    finally:
+        os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None)
 
     from bark_serve.serving.serve_config import pool_resources
 
