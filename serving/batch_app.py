@@ -100,8 +100,9 @@ class BatchWorker:
     async def synthesize(self, item: BatchItem) -> SynthesisResult:
         req = item_request(item)
         try:
-            plan = self.synth.plan(req.text, req.voice, req.generation_params(), Priority.BATCH,
-                                   request_id=f"{item.job_id}-{item.item_id}", script=req.lines())
+            # in the planning thread: a 20k-character item must not stall this loop's heartbeats and claims
+            plan = await self.synth.plan_async(req.text, req.voice, req.generation_params(), Priority.BATCH,
+                                               request_id=f"{item.job_id}-{item.item_id}", script=req.lines())
             report = functools.partial(self.loop.report_stage, item.job_id, item.item_id)
             self.progress[plan.request_id] = ItemProgress(len(plan.segments), report)
             chunks = await self.synth.collect(plan)

@@ -7,11 +7,9 @@ weights: only the tokenizer and the voice presets of the checkpoint.
 
 # No `from __future__ import annotations` here: FastAPI must see real annotations on the ingress methods.
 import asyncio
-import functools
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from fastapi import Request
@@ -69,9 +67,6 @@ class Orchestrator:
         self.model_names = {self.cfg.model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.public_models = {self.cfg.public_model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.admission = Admission(ocfg.max_active_requests, ocfg.retry_after_s)
-        # Planning (splitting, tokenizing, reading voices) takes seconds on 20k characters: it runs off the
-        # event loop, in one thread, because a fast tokenizer must not be used by two threads at once.
-        self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bark-plan")
         self.metrics = _request_metrics()
         self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
 
@@ -80,9 +75,8 @@ class Orchestrator:
         return build_http_app(self)
 
     async def _plan(self, text, voice, params, priority, script=None):
-        """Synthesizer.plan in the planning thread (InvalidRequestError for bad input)."""
-        call = functools.partial(self.synth.plan, text, voice, params, priority, script=script)
-        return await asyncio.get_running_loop().run_in_executor(self._planner, call)
+        """Synthesizer.plan in its planning thread (InvalidRequestError for bad input)."""
+        return await self.synth.plan_async(text, voice, params, priority, script=script)
 
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str | None = None, voice=None, script=None, **options) -> dict:

@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import heapq
 import itertools
 import secrets
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -141,6 +143,10 @@ class Synthesizer:
         self.first_segment_max_tokens = first_segment_max_tokens  # None: the first segment is like the others
         self.max_text_chars = max_text_chars
         self.aliases = dict(voice_aliases or {})
+        # Planning (splitting, tokenizing, reading voices) is CPU work that grows with the text: callers on an
+        # event loop use plan_async, which runs it in one thread (a fast tokenizer must not be used by two
+        # threads at once), so the loop keeps serving streams, heartbeats and health checks meanwhile.
+        self._planner: ThreadPoolExecutor | None = None
 
     def resolve_voice(self, voice) -> VoicePrompt | None:
         if isinstance(voice, str):
@@ -167,6 +173,15 @@ class Synthesizer:
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         return Plan(request_id or uuid.uuid4().hex, tuple(s.text for s in segments), ids, voices, who,
                     tuple(previous_of_speaker(who)), params, seed, Priority(priority))
+
+    async def plan_async(self, text: str | None, voice=None, params: GenerationParams = GenerationParams(),
+                         priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None,
+                         script: Sequence[tuple[object, str]] | None = None) -> Plan:
+        """:meth:`plan` in this synthesizer's planning thread, off the caller's event loop."""
+        if self._planner is None:
+            self._planner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bark-plan")
+        call = functools.partial(self.plan, text, voice, params, priority, request_id, script)
+        return await asyncio.get_running_loop().run_in_executor(self._planner, call)
 
     @staticmethod
     def _lines(text, voice, script) -> list[tuple[object, str]]:
