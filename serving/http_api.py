@@ -224,8 +224,13 @@ async def _next_chunk(rest: AsyncIterator[AudioChunk], deadline: float) -> Audio
     return await asyncio.wait_for(anext(rest, None), remaining(deadline))
 
 
+def _line(chunk: AudioChunk) -> dict:
+    """A script's chunk says which line it belongs to (0-based); a text request's chunks say nothing."""
+    return {} if chunk.line is None else {"line": chunk.line}
+
+
 def _packed_chunk(chunk: AudioChunk, audio: np.ndarray) -> bytes:
-    return msgpack.packb({"index": chunk.index, "n_segments": chunk.n_segments, "format": "pcm",
+    return msgpack.packb({"index": chunk.index, "n_segments": chunk.n_segments, **_line(chunk), "format": "pcm",
                           "sample_rate": chunk.sample_rate, "audio": A.to_pcm16(audio),
                           "timings": chunk.timings}, use_bin_type=True)
 

@@ -66,6 +66,7 @@ class Plan:
     params: GenerationParams
     seed: int
     priority: Priority
+    lines: tuple[int, ...] = ()  # a script's: each segment's line (0-based); empty for a text request
 
     @property
     def voice(self) -> VoicePrompt | None:
@@ -81,6 +82,7 @@ class AudioChunk:
     sample_rate: int
     timings: dict[str, dict[str, float]]  # stage -> queued_at / started / finished (epoch seconds)
     semantic_tokens: int
+    line: int | None = None  # the script line this segment belongs to (None for a text request)
 
 
 class SegmentWindow:
@@ -172,7 +174,8 @@ class Synthesizer:
         who = tuple(s.speaker for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         return Plan(request_id or uuid.uuid4().hex, tuple(s.text for s in segments), ids, voices, who,
-                    tuple(previous_of_speaker(who)), params, seed, Priority(priority))
+                    tuple(previous_of_speaker(who)), params, seed, Priority(priority),
+                    tuple(s.line for s in segments) if script is not None else ())
 
     async def plan_async(self, text: str | None, voice=None, params: GenerationParams = GenerationParams(),
                          priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None,
@@ -212,7 +215,7 @@ class Synthesizer:
                 out = await tasks["codec", i]
                 timings = {s: _times(tasks[s, i].result()) for s in STAGES}
                 yield AudioChunk(i, len(plan.segments), out.output, self.spec.sample_rate, timings,
-                                 len(tasks["semantic", i].result().output))
+                                 len(tasks["semantic", i].result().output), plan.lines[i] if plan.lines else None)
         finally:
             for task in tasks.values():
                 task.cancel()

@@ -150,6 +150,8 @@ def test_a_script_streams_in_script_order(served, pipe):
                    headers={**AUTH, "Content-Type": "application/msgpack", "Accept": "application/msgpack"})
     chunks = list(msgpack.Unpacker(io.BytesIO(r.content)))[:-1]
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
+    lines = [c["line"] for c in chunks]  # each chunk says which script line it belongs to
+    assert sorted(set(lines)) == list(range(len(SCRIPT))) and lines == sorted(lines) and len(lines) > len(SCRIPT)
     np.testing.assert_allclose(np.concatenate([from_pcm16(c["audio"]) for c in chunks]), ref, atol=QUANT)
 
 

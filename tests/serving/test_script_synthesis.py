@@ -28,8 +28,17 @@ def test_pipelined_script_equals_the_in_process_script(pipe, params):  # noqa: F
     plan = synth.plan(None, None, params, script=SCRIPT)
     assert len(plan.segments) > len(SCRIPT)  # long lines were split too
     assert len(plan.voices) == 2 and plan.speakers[0] == 0 and set(plan.speakers) == {0, 1}
-    chunks = asyncio.run(synth.collect(plan))
+    text_plan = synth.plan("Just a text.", A, params)
+
+    async def both():  # the in-process schedulers belong to one event loop
+        return await synth.collect(plan), await synth.collect(text_plan)
+
+    chunks, text_chunks = asyncio.run(both())
     assert [c.index for c in chunks] == list(range(len(plan.segments)))  # script order
+    lines = [c.line for c in chunks]  # each chunk names its script line: every line, in order, split ones repeated
+    assert sorted(set(lines)) == list(range(len(SCRIPT))) and lines == sorted(lines)
+    assert all(text in SCRIPT[n][1] for text, n in zip(plan.segments, lines))
+    assert all(c.line is None for c in text_chunks)  # a text request's chunks name no line
     ref = pipe.synthesize_script(SCRIPT, params, max_segment_tokens=8)
     np.testing.assert_allclose(np.concatenate([c.audio for c in chunks]), ref.audio, atol=1e-5)
 
