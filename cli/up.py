@@ -152,7 +152,10 @@ def _start_redis(cfg, state: dict):
     local_redis = _maybe_start_redis(cfg)
     if local_redis is not None:
         state["redis"] = local_redis
-        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"redis_url": local_redis.url})})
+        # Big results go to files beside the local Redis's data rather than into its capped memory.
+        results_dir = cfg.batch.results_dir or str(local_redis.directory / "results")
+        cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"redis_url": local_redis.url,
+                                                                           "results_dir": results_dir})})
     if cfg.batch.enabled:
         _check_redis(cfg)
     return cfg
@@ -278,7 +281,7 @@ def _maybe_start_redis(cfg):
 
     state = Path(os.environ.get("BARK_STATE_DIR", Path.home() / ".cache" / "bark-serve" / "redis"))
     try:
-        return LocalRedis.start(state)
+        return LocalRedis.start(state, maxmemory=cfg.batch.local_redis_maxmemory)
     except RuntimeError as exc:
         raise CliError(str(exc)) from None
 

@@ -134,6 +134,7 @@ class BatchWorkerLoop:
                         next_reclaim = now + self.reclaim_s
                     if now >= next_prune:
                         await self.queue.prune_consumers(int(self.prune_s * 1000))
+                        await self.queue.sweep_results(min_age_s=self.prune_s)
                         next_prune = now + self.prune_s
                     await self._fill_or_wait()
                     failures = 0

@@ -1,4 +1,8 @@
-"""A local redis-server for `bark-serve up` with batch jobs and no configured Redis (persistence on)."""
+"""A local redis-server for `bark-serve up` with batch jobs and no configured Redis.
+
+Persistence on (AOF), bound to 127.0.0.1, and its memory capped (``maxmemory``) with the policy
+``noeviction``: a full Redis refuses writes (the batch API answers 503 ``store_full``) and never
+evicts a key, since every key is queue state or a result that a client has not read yet."""
 
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ class LocalRedis:
         return f"redis://127.0.0.1:{self.port}/0"
 
     @classmethod
-    def start(cls, directory: Path, port: int | None = None, timeout: float = 10.0) -> "LocalRedis":
+    def start(cls, directory: Path, port: int | None = None, timeout: float = 10.0,
+              maxmemory: str = "1gb") -> "LocalRedis":
         binary = shutil.which("redis-server")
         if binary is None:
             raise RuntimeError("batch jobs need Redis: set batch.redis_url, or install redis-server "
@@ -35,7 +40,8 @@ class LocalRedis:
         directory.mkdir(parents=True, exist_ok=True)
         port = port or _free_port()
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
-                                 "--appendonly", "yes", "--save", "60 1"],
+                                 "--appendonly", "yes", "--save", "60 1",
+                                 "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + timeout
         while time.time() < deadline:

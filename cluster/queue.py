@@ -26,6 +26,7 @@ import asyncio
 import enum
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,6 +36,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
 from bark_serve.cluster.batch_types import (
+    JOB_ID_RE,
     LUA_PRELUDE,
     BatchKeys,
     ErrorType,
@@ -81,7 +83,7 @@ end
 return out
 """
 
-# ARGV[4..]: queue group dead jid iid entry attempt mode max_attempts f1 f2 f3
+# ARGV[4..]: queue group dead jid iid entry attempt mode max_attempts f1 f2 f3 [f4: result bytes, mode ok]
 _FINISH = _LEASE_PRELUDE + """
 local queue, group, dead, jid, iid, e = ARGV[4], ARGV[5], ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local attempt, mode, max_attempts = tonumber(ARGV[10]), ARGV[11], tonumber(ARGV[12])
@@ -103,6 +105,7 @@ if mode == 'ok' then  -- the first result wins, whichever attempt produced it
   redis.call('HSET', jk(jid, 'state'), iid, 'succeeded')
   redis.call('XADD', jk(jid, 'results'), '*', 'id', iid, 'state', 'succeeded', 'attempts', attempt,
              'meta', ARGV[13], ARGV[14], ARGV[15])
+  redis.call('HINCRBY', jk(jid), 'result_bytes', tonumber(ARGV[16]))  -- a tenant's quota counts them
   ack(queue, group, e)
   settle(jid)
   touch(jid)
@@ -220,12 +223,14 @@ class WorkQueue:
     """Stream + consumer group + leases (asyncio). ``max_attempts`` counts deliveries of one item."""
 
     def __init__(self, client: aioredis.Redis, *, keys: BatchKeys = BatchKeys(), max_attempts: int = 3,
-                 result_ttl_s: int = 7 * 24 * 3600, results_dir: str | None = None, clock=time.time):
+                 result_ttl_s: int = 7 * 24 * 3600, results_dir: str | None = None,
+                 inline_result_max_bytes: int = 0, clock=time.time):
         self.redis = client
         self.keys = keys
         self.max_attempts = max_attempts
         self.ttl = int(result_ttl_s)
         self.results_dir = Path(results_dir) if results_dir else None
+        self.inline_max = inline_result_max_bytes  # with a results_dir, results past this size go there
         self.clock = clock
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
@@ -235,9 +240,9 @@ class WorkQueue:
 
     @classmethod
     def from_config(cls, client: aioredis.Redis, cfg, keys: BatchKeys = BatchKeys()) -> "WorkQueue":
-        """Build from a :class:`serving.config.BatchConfig` (max_attempts, result_ttl_s, results_dir)."""
+        """From a :class:`serving.config.BatchConfig` (max_attempts, result_ttl_s, results_dir, inline size)."""
         return cls(client, keys=keys, max_attempts=cfg.max_attempts, result_ttl_s=cfg.result_ttl_s,
-                   results_dir=cfg.results_dir)
+                   results_dir=cfg.results_dir, inline_result_max_bytes=cfg.inline_result_max_bytes)
 
     def _base(self) -> list:
         return [self.keys.prefix, self.ttl, repr(self.clock())]
@@ -292,24 +297,59 @@ class WorkQueue:
         return Outcome((await self._finish(args=args)).decode())
 
     async def complete(self, lease: Lease, result: SynthesisResult, worker: str = "") -> Outcome:
-        """Write the item's result once (audio in Redis, or a file in results_dir) and ack it."""
+        """Write the item's result once (audio in Redis, or, past ``inline_max`` bytes with a results_dir,
+        a file there) and ack it."""
         r = lease.record
         meta = {"index": r.index, "format": r.format, "voice": r.voice, "seed": r.seed,
                 "media_type": str(result.media_type), "sample_rate": int(result.sample_rate),
                 "duration_s": float(result.duration_s), "timings": _plain_timings(result.timings),
                 "bytes": len(result.audio),
                 "worker": worker, "finished_at": self.clock()}
-        if self.results_dir is None:
-            return await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "audio", result.audio)
+        size = len(result.audio)
+        if self.results_dir is None or size <= self.inline_max:
+            return await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "audio", result.audio,
+                                          size)
         path = await asyncio.to_thread(self._write_file, lease, result.audio)
-        outcome = await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "path", str(path))
+        outcome = await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "path", str(path),
+                                         size)
         if outcome is not Outcome.OK:  # another attempt's file is the result: drop ours
             await asyncio.to_thread(path.unlink, True)
         return outcome
 
+    def _results_root(self) -> Path:
+        """This deployment's part of results_dir (two deployments may share a folder as they share a Redis)."""
+        return self.results_dir / self.keys.prefix
+
+    async def sweep_results(self, min_age_s: float) -> int:
+        """Delete the result files of jobs that expired (their Redis records are gone after result_ttl_s).
+
+        A folder younger than ``min_age_s`` stays (its job's record may be on its way). Returns how many
+        job folders were deleted."""
+        if self.results_dir is None:
+            return 0
+        root = self._results_root()
+
+        def folders() -> list[Path]:
+            return [p for p in root.iterdir() if p.is_dir() and JOB_ID_RE.match(p.name)] if root.is_dir() else []
+
+        removed = 0
+        for folder in await asyncio.to_thread(folders):
+            if await self.redis.exists(self.keys.job(folder.name)):
+                continue
+            try:
+                if self.clock() - folder.stat().st_mtime < min_age_s:
+                    continue
+            except FileNotFoundError:  # another worker swept it
+                continue
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+            removed += 1
+        if removed:
+            log.info("results_dir: deleted the files of %d expired jobs", removed)
+        return removed
+
     def _write_file(self, lease: Lease, audio: bytes) -> Path:
         # One file per attempt: a late duplicate never overwrites the file the result points to.
-        folder = self.results_dir / lease.entry.job_id
+        folder = self._results_root() / lease.entry.job_id
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{lease.record.id}.a{lease.attempt}.{lease.record.format}"
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -38,6 +38,11 @@ Tenancy: with API keys on, a job belongs to the key that made it (a hash of the 
 the key): another key gets 404 for it, its idempotency keys are its own, and its list shows only its
 jobs. Without keys every caller is the same tenant.
 
+Quotas (``BatchLimits.quota``, per tenant): jobs in flight, items queued or running, result bytes kept
+(checked by the store before a submission writes anything), and open ``follow=true`` streams on this
+replica: past one, 429 ``quota_exceeded`` naming it. A full Redis (maxmemory, noeviction) is 503
+``store_full``.
+
 Errors are OpenAI-style ``{"error": {"message", "type", "code"}}``, never a stack trace.
 """
 
@@ -61,7 +66,7 @@ import msgpack
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from redis.exceptions import RedisError
+from redis.exceptions import OutOfMemoryError, RedisError
 
 from bark_serve.cluster.batch_types import (
     JOB_ID_RE,
@@ -74,7 +79,7 @@ from bark_serve.cluster.batch_types import (
     check_unique,
     parse_item,
 )
-from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
+from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, Quota, QuotaExceeded, ResultRecord
 from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.stages.types import Priority
 from bark_serve.stages.untrusted import clip
@@ -102,12 +107,16 @@ class BatchLimits:
     max_text_chars: int = 20_000  # as OrchestratorConfig.max_text_chars
     follow_max_s: float = 300.0  # a followed stream ends after this; the client resumes from its cursor
     page_size: int = 64  # results read from Redis at once
+    quota: Quota | None = None  # per tenant, checked by the store at submission
+    max_follow_streams: int | None = None  # per tenant, on this replica
 
     @classmethod
     def from_config(cls, cfg) -> "BatchLimits":
         """From a :class:`serving.config.BarkConfig` (items obey the orchestrator's text limit)."""
+        quota = cfg.batch.quota
         return cls(max_text_chars=cfg.orchestrator.max_text_chars, max_items=cfg.batch.max_items,
-                   max_body_bytes=cfg.batch.max_body_bytes)
+                   max_body_bytes=cfg.batch.max_body_bytes, quota=quota.store_quota(),
+                   max_follow_streams=quota.max_follow_streams)
 
 
 def _guard(endpoint):
@@ -117,6 +126,12 @@ def _guard(endpoint):
     async def wrapper(*args, **kwargs):
         try:
             return await endpoint(*args, **kwargs)
+        except QuotaExceeded as exc:
+            return APIError(429, str(exc), "quota_exceeded", "rate_limit_error", retry_after=30).response()
+        except OutOfMemoryError as exc:  # maxmemory with noeviction: writes are refused, nothing is lost
+            log.warning("batch API: the job store is full: %s", exc)
+            return APIError(503, "the batch job store (Redis) is full (maxmemory reached); retry later",
+                            "store_full", "server_error", retry_after=30).response()
         except (RedisError, RedisUnavailable, OSError) as exc:
             log.warning("batch API: job store unavailable: %s", exc)
             return APIError(503, "the batch job store (Redis) is unavailable; retry later", "store_unavailable",
@@ -339,6 +354,19 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
     """
     router = APIRouter(prefix=prefix, dependencies=list(dependencies), tags=["batches"])
     stores = _StoreCache(store_factory)
+    following: dict[str, int] = {}  # tenant -> its open follow=true streams on this replica
+
+    async def counted(owner: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        """A follow stream, counted against its tenant from its first byte until it ends or is dropped."""
+        following[owner] = following.get(owner, 0) + 1
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            following[owner] -= 1
+            if not following[owner]:
+                del following[owner]
+            await stream.aclose()
 
     async def owned(store: JobStore, job_id: str, request: Request):
         """The caller's job, else 404 (another tenant's job is answered as if it did not exist)."""
@@ -375,7 +403,7 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
                    else await asyncio.to_thread(parse_submission, body, ctype, limits))
         store = await stores.get()
         try:
-            result = await store.submit(records, job_key=job_key, owner=owner_of(request))
+            result = await store.submit(records, job_key=job_key, owner=owner_of(request), quota=limits.quota)
         except (JobCancelled, JobNotFound):  # the keyed job was cancelled or expired while we added to it
             raise APIError(409, "the job was cancelled or expired during submission; resubmit",
                            "job_conflict") from None
@@ -395,6 +423,14 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
         await owned(store, job_id, request)
         encode, media_type = _encoder(request)
         stream = _results(store, job_id, after, limit, follow, wait_s, encode, limits)
+        if follow:
+            owner = owner_of(request)
+            cap = limits.max_follow_streams
+            if cap is not None and following.get(owner, 0) >= cap:
+                raise APIError(429, f"quota max_follow_streams ({cap} per API key) reached: close a follow=true "
+                                    "results stream first, or read without follow", "quota_exceeded",
+                               "rate_limit_error", retry_after=5)
+            stream = counted(owner, stream)
         return StreamingResponse(stream, media_type=media_type, headers={"Cache-Control": "no-store"})
 
     @router.delete("/{job_id}")

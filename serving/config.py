@@ -129,6 +129,21 @@ class AudioConfig(_Strict):
         return PostProcess(**values)
 
 
+class BatchQuota(_Strict):
+    """What one API key (one tenant; without keys, everyone together) may hold at once. null: no limit."""
+
+    max_jobs_in_flight: int | None = Field(64, ge=1)  # jobs with items queued or running
+    max_items_queued: int | None = Field(1_000_000, ge=1)  # items queued or running, over all its jobs
+    max_result_bytes: int | None = Field(20 * 2**30, ge=1)  # results kept until their jobs expire
+    max_follow_streams: int | None = Field(8, ge=1)  # concurrent `follow=true` result streams, per API replica
+
+    def store_quota(self):
+        """The part the job store checks at submission (cluster/jobs.py Quota)."""
+        from bark_serve.cluster.jobs import Quota
+
+        return Quota(self.max_jobs_in_flight, self.max_items_queued, self.max_result_bytes)
+
+
 class BatchConfig(_Strict):
     """Durable batch jobs (Redis). Off unless enabled."""
 
@@ -138,7 +153,14 @@ class BatchConfig(_Strict):
     redis_password_env: str | None = None  # env var holding the password; not REDIS_PASSWORD (KubeRay reserves it)
     redis_tls_ca_file: str | None = None
     key_prefix: str = Field("bark", pattern=r"^[A-Za-z0-9_.-]+$")  # two deployments may share one Redis
-    results_dir: str | None = None  # None: results live in Redis with result_ttl_s
+    # A folder every batch replica and API replica can read and write (one node, or a shared volume):
+    # results bigger than inline_result_max_bytes are written there, not into Redis; files of expired jobs
+    # are deleted. None: every result lives in Redis. `up` with its own Redis uses $BARK_STATE_DIR/results.
+    results_dir: str | None = None
+    inline_result_max_bytes: int = Field(256 * 1024, ge=0)  # 0: every result to results_dir
+    # The redis-server `up` starts itself (no redis_url): its memory cap. Policy noeviction: a full Redis
+    # refuses writes (the API answers 503 store_full) instead of dropping queue state.
+    local_redis_maxmemory: str = Field("1gb", pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60)
     max_in_flight: int = Field(8, ge=1)  # items one worker replica has in the pipeline at once
     claim_timeout_s: float = Field(300.0, gt=0)  # an item held longer by a silent worker is reclaimed
@@ -148,6 +170,7 @@ class BatchConfig(_Strict):
     max_attempts: int = Field(3, ge=1)
     max_items: int = Field(100_000, ge=1)  # per submission
     max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024)  # per submission
+    quota: BatchQuota = BatchQuota()
     worker: Placement = Placement(num_cpus=0.25, max_ongoing_requests=4)  # num_replicas = number of workers
 
     def redis(self) -> RedisSettings:

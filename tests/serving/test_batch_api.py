@@ -178,4 +178,4 @@ def test_results_from_results_dir(api, redis_server, prefix, tmp_path):
     asyncio.run(drain(redis_server.url, prefix, job["id"], results_dir=str(tmp_path)))
     [rec, end] = read_jsonl(api.get(f"/v1/batches/{job['id']}/results").text)
     assert base64.b64decode(rec["audio"]) == expected_audio("d1", "on disk") and rec["media_type"] == "audio/mpeg"
-    assert (tmp_path / job["id"] / "d1.a1.mp3").exists() and end["complete"]
+    assert (tmp_path / prefix / job["id"] / "d1.a1.mp3").exists() and end["complete"]

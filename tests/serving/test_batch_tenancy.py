@@ -27,7 +27,7 @@ A = {"Authorization": "Bearer key-a-secret", "Content-Type": "application/jsonl"
 B = {"Authorization": "Bearer key-b-secret", "Content-Type": "application/jsonl"}
 
 
-def make_client(url: str, prefix: str, keys: frozenset[str] = KEYS) -> TestClient:
+def make_client(url: str, prefix: str, keys: frozenset[str] = KEYS, limits: BatchLimits = BatchLimits()) -> TestClient:
     def factory() -> JobStore:
         return JobStore(aioredis.Redis.from_url(url), keys=BatchKeys(prefix), result_ttl_s=3600)
 
@@ -40,7 +40,7 @@ def make_client(url: str, prefix: str, keys: frozenset[str] = KEYS) -> TestClien
     async def api_error(request, exc: APIError):
         return exc.response()
 
-    app.include_router(batch_router(factory, limits=BatchLimits(), dependencies=[Depends(require_key)],
+    app.include_router(batch_router(factory, limits=limits, dependencies=[Depends(require_key)],
                                     owner_of=lambda r: key_owner(r, keys)))
     return TestClient(app)
 

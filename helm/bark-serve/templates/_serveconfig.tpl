@@ -29,6 +29,7 @@ fine: [pool, autoscaling, torch_threads]
 codec: [pool, autoscaling, torch_threads]
 batch: [redis_url, redis_password_env, redis_tls_ca_file, results_dir]
 batch.worker: [pool, autoscaling]
+batch.quota: [max_jobs_in_flight, max_items_queued, max_result_bytes, max_follow_streams]
 {{- end -}}
 
 {{/* Every placement in the bark block, by deployment name (BatchWorker included even when disabled). */}}

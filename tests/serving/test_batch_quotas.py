@@ -1,0 +1,182 @@
+"""Per-key quotas of batch jobs (issue 25): jobs in flight, items queued, result bytes kept, follow
+streams; results past a size in results_dir; a full Redis answered 503, never evicted. A real Redis,
+the router with two keys, a real worker loop (tests/cluster/helpers.py FakeSynth) to finish items.
+
+Before: any key could queue without bound (100k items a submission, any number of jobs), keep results
+without bound, and hold any number of `follow=true` streams, each polling Redis for up to 300 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+
+import pytest
+import redis
+
+from bark_serve.cluster.jobs import Quota
+from bark_serve.serving.batch_api import BatchLimits
+from tests.cluster.helpers import drain, expected_audio
+from tests.cluster.redis_server import RedisServer, free_port, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.serving.test_batch_tenancy import A, B, body, make_client, submit
+
+
+def refused(resp, limit: str) -> dict:
+    assert resp.status_code == 429, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "quota_exceeded" and limit in error["message"] and resp.headers["retry-after"]
+    return error
+
+
+def test_jobs_in_flight_per_key(redis_server, prefix):
+    with make_client(redis_server.url, prefix, limits=BatchLimits(quota=Quota(max_jobs_in_flight=2))) as api:
+        first = submit(api, A, "a1", key="one")
+        submit(api, A, "a2")
+        refused(api.post("/v1/batches", content=body("a3"), headers=A), "max_jobs_in_flight")
+        assert len(api.get("/v1/batches", headers=A).json()["data"]) == 2  # nothing was written
+        assert submit(api, A, "a4", key="one")["id"] == first["id"]  # adding to an open job is no new job
+        submit(api, B, "b1")  # another key has its own count
+        assert api.delete(f"/v1/batches/{first['id']}", headers=A).status_code == 200
+        submit(api, A, "a5")  # a cancelled job is not in flight
+
+
+def test_items_queued_per_key_counts_only_new_items(redis_server, prefix):
+    with make_client(redis_server.url, prefix, limits=BatchLimits(quota=Quota(max_items_queued=5))) as api:
+        job = submit(api, A, "i1", "i2", "i3", key="book")
+        error = refused(api.post("/v1/batches", content=body("i4", "i5", "i6"), headers={**A, "Idempotency-Key": "x"}),
+                        "max_items_queued")
+        assert "3 of your items" in error["message"] and "adds 3" in error["message"]
+        # the same file again, with two new lines: only the two count, and they fit
+        again = submit(api, A, "i1", "i2", "i3", "i4", "i5", key="book")
+        assert again["id"] == job["id"] and again["added"] == 2 and again["duplicates"] == 3
+        assert submit(api, A, "i1", "i2", key="book")["added"] == 0  # a pure resubmission always passes
+        refused(api.post("/v1/batches", content=body("z"), headers=A), "max_items_queued")
+        submit(api, B, "b1", "b2", "b3", "b4", "b5")
+        # a malformed item fails at once, so it holds no place in the queue
+        bad = api.post("/v1/batches", content=body("b6").replace('"text"', '"txt"'), headers=B)
+        assert bad.status_code == 202 and bad.json()["invalid"] == 1
+
+
+def test_result_bytes_kept_per_key(redis_server, prefix):
+    with make_client(redis_server.url, prefix, limits=BatchLimits(quota=Quota(max_result_bytes=25))) as api:
+        job = submit(api, A, "r1", "r2", "r3")
+        asyncio.run(drain(redis_server.url, prefix, job["id"]))
+        kept = sum(len(expected_audio(i, f"text {i}")) for i in ("r1", "r2", "r3"))
+        assert kept >= 25
+        error = refused(api.post("/v1/batches", content=body("r4"), headers=A), "max_result_bytes")
+        assert f"{kept} bytes" in error["message"]
+        submit(api, B, "b1")  # B keeps nothing
+        lines = api.get(f"/v1/batches/{job['id']}/results", headers=A).text.splitlines()
+        assert [json.loads(x)["type"] for x in lines] == ["result"] * 3 + ["end"]  # kept results stay readable
+
+
+def test_follow_streams_per_key(redis_server, prefix):
+    limits = BatchLimits(max_follow_streams=1, follow_max_s=30)
+    with make_client(redis_server.url, prefix, limits=limits) as api:
+        a = submit(api, A, "f1")["id"]
+        b = submit(api, B, "g1")["id"]
+        opened, release = threading.Event(), threading.Event()
+
+        def follow():
+            with api.stream("GET", f"/v1/batches/{a}/results?follow=true", headers=A) as resp:
+                assert resp.status_code == 200
+                opened.set()
+                release.wait(30)  # held open: the job never finishes (no worker)
+
+        holder = threading.Thread(target=follow)
+        holder.start()
+        try:
+            assert opened.wait(10)
+            refused(api.get(f"/v1/batches/{a}/results?follow=true", headers=A), "max_follow_streams")
+            assert api.get(f"/v1/batches/{a}/results", headers=A).status_code == 200  # without follow: fine
+            with api.stream("GET", f"/v1/batches/{b}/results?follow=true&wait_s=0.5", headers=B) as resp:
+                assert resp.status_code == 200  # another key
+                resp.read()
+        finally:
+            release.set()
+            holder.join(30)
+        for _ in range(50):  # the closed stream gives its place back
+            resp = api.get(f"/v1/batches/{a}/results?follow=true&wait_s=0.2", headers=A)
+            if resp.status_code == 200:
+                break
+        assert resp.status_code == 200, resp.text
+
+
+def test_big_results_go_to_results_dir_small_ones_stay_in_redis(redis_server, prefix, tmp_path):
+    from bark_serve.cluster.jobs import JobStore
+    from tests.cluster.helpers import build
+
+    with make_client(redis_server.url, prefix) as api:
+        job = submit(api, A, "s", "a-much-longer-item-id")["id"]
+        inline_max = len(expected_audio("s", "text s"))
+
+        async def run() -> dict:
+            from bark_serve.cluster.batch_worker import BatchWorkerLoop
+            from tests.cluster.helpers import FakeSynth, wait_finished
+
+            client, store, queue = build(redis_server.url, prefix, results_dir=str(tmp_path))
+            queue.inline_max = inline_max
+            worker = BatchWorkerLoop(queue, FakeSynth(), max_in_flight=2, claim_timeout_s=5)
+            task = asyncio.create_task(worker.run())
+            await wait_finished(store, job)
+            await worker.stop(grace_s=1)
+            await task
+            assert isinstance(store, JobStore)
+            return {r.item_id: r for r in await store.results(job)}
+
+        recs = asyncio.run(run())
+        assert recs["s"].audio is not None and recs["s"].path is None
+        big = recs["a-much-longer-item-id"]
+        assert big.audio is None and big.path and big.path.startswith(str(tmp_path / prefix / job))
+        lines = api.get(f"/v1/batches/{job}/results", headers=A).text.splitlines()[:-1]
+        got = {json.loads(x)["id"]: json.loads(x) for x in lines}
+        for item_id in recs:
+            assert base64.b64decode(got[item_id]["audio"]) == expected_audio(item_id, f"text {item_id}")
+
+
+def test_expired_jobs_result_files_are_swept(redis_server, prefix, tmp_path):
+    from tests.cluster.helpers import build
+
+    with make_client(redis_server.url, prefix) as api:
+        job = submit(api, A, "x")["id"]
+        asyncio.run(drain(redis_server.url, prefix, job, results_dir=str(tmp_path)))
+        folder = tmp_path / prefix / job
+        assert any(folder.iterdir())
+        other = tmp_path / "another-prefix" / job  # another deployment's files are never touched
+        other.mkdir(parents=True)
+
+        async def sweep(min_age_s: float) -> int:
+            client, _, queue = build(redis_server.url, prefix, results_dir=str(tmp_path))
+            try:
+                return await queue.sweep_results(min_age_s)
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(sweep(0)) == 0 and folder.exists()  # the job is alive
+        redis.Redis.from_url(redis_server.url).delete(f"{prefix}:job:{job}")  # as if it expired
+        assert asyncio.run(sweep(3600)) == 0 and folder.exists()  # too young yet
+        assert asyncio.run(sweep(0)) == 1 and not folder.exists() and other.exists()
+
+
+def test_a_full_redis_refuses_writes_with_503_and_evicts_nothing(tmp_path, prefix):
+    from bark_serve.cluster.local_redis import LocalRedis
+
+    server = LocalRedis.start(tmp_path / "state", maxmemory="3mb")
+    try:
+        client = redis.Redis.from_url(server.url)
+        assert client.config_get("maxmemory")["maxmemory"] == str(3 * 2**20)
+        assert client.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
+        with make_client(server.url, prefix) as api:
+            first = submit(api, A, "kept")["id"]
+            with pytest.raises(redis.exceptions.OutOfMemoryError):
+                for n in range(64):  # fill it to the cap: Redis refuses the write that finds it full
+                    client.set(f"ballast{n}", b"x" * 2**18)
+            client.config_set("maxmemory", "1mb")  # and well past it, so that any write is refused
+            resp = api.post("/v1/batches", content=body("one-more"), headers=A)
+            assert resp.status_code == 503 and resp.json()["error"]["code"] == "store_full", resp.text
+            assert "Traceback" not in resp.text and resp.headers["retry-after"]
+            assert api.get(f"/v1/batches/{first}", headers=A).json()["counts"]["queued"] == 1  # not evicted
+    finally:
+        server.stop()
