@@ -348,6 +348,8 @@ def test_internal_redis():
     sts = docs[("StatefulSet", "rel-bark-serve-redis")]
     assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "2Gi"
     assert sts["spec"]["template"]["spec"]["securityContext"]["runAsNonRoot"] is True
+    args = sts["spec"]["template"]["spec"]["containers"][0]["args"]  # capped, and never evicting queue state
+    assert args[args.index("--maxmemory") + 1] == "768mb" and args[args.index("--maxmemory-policy") + 1] == "noeviction"
     assert ("Service", "rel-bark-serve-redis") in docs and ("Secret", "rel-bark-serve-redis") in docs
     ft = rayservice("internal-redis-batch")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] == "rel-bark-serve-redis:6379"
