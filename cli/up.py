@@ -161,8 +161,26 @@ def _start_redis(cfg, state: dict):
     return cfg
 
 
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray keeps a loopback node address as it is
+
+
+def ray_node_ip(http_host: str) -> str | None:
+    """The interface a local Ray instance listens on: the HTTP host's. None (every interface, Ray's default)
+    when the HTTP host is every interface too."""
+    if http_host in ("0.0.0.0", "::", ""):
+        return None
+    return "127.0.0.1" if http_host in ("127.0.0.1", "localhost", "::1") else http_host
+
+
 def _start_ray(args, cfg, state: dict) -> str:
     """ray.init; a local instance gets its own temp dir and never joins a cluster found on the machine."""
+    node_ip = None if args.address else ray_node_ip(cfg.http_host)
+    if node_ip == "127.0.0.1":
+        # Ray turns a loopback node address into the machine's own (so that other nodes could join) unless
+        # it runs as a one-machine instance, its mode on macOS and Windows: then GCS, raylet, agents,
+        # workers and the metrics export all listen on 127.0.0.1. Read when ray is imported, and by the
+        # processes Ray starts (they inherit it).
+        os.environ[SINGLE_MACHINE_ENV] = "0"
     # Ray's C++ failure-signal handler, installed in this driver during ray.init, turns a SIGTERM that lands
     # there into an abort (exit -6) before our handler can stop cleanly. It is read once, when ray is
     # imported; the processes Ray starts (GCS, raylet, workers) are not given the variable and keep theirs.
@@ -171,6 +189,10 @@ def _start_ray(args, cfg, state: dict) -> str:
         import ray
     finally:
         os.environ.pop("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", None)
+    if node_ip == "127.0.0.1":
+        from ray._private import ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 
     from bark_serve.serving.serve_config import pool_resources
 
@@ -182,7 +204,7 @@ def _start_ray(args, cfg, state: dict) -> str:
     state["local_ray"] = True
     ctx = ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg),
                    include_dashboard=False, log_to_driver=args.verbose, logging_level=level,
-                   _temp_dir=state["ray_tmp"])
+                   _temp_dir=state["ray_tmp"], **({"_node_ip_address": node_ip} if node_ip else {}))
     return ctx.address_info.get("gcs_address") or ray.get_runtime_context().gcs_address
 
 

@@ -191,3 +191,46 @@ class BatchProgressReporter:
             except Exception as exc:  # metrics must never stop the worker
                 log.debug("batch metrics not published: %r", exc)
             await asyncio.sleep(every_s)
+
+
+async def cluster_metrics_text(timeout_s: float = 5.0) -> str:
+    """Every live node's Prometheus export (Ray's metrics agent), as one exposition text.
+
+    What ``GET /metrics`` on the API port answers: the same series a Prometheus scraping each node's
+    ``metrics_export_port`` gets, for a deployment that exposes only the API port. Families of several
+    nodes are merged (one HELP/TYPE each); a node that does not answer in ``timeout_s`` is left out."""
+    import httpx
+    import ray
+
+    nodes = await asyncio.to_thread(ray.nodes)
+    urls = [f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+            for n in nodes if n.get("Alive") and n.get("MetricsExportPort")]
+    async with httpx.AsyncClient(timeout=timeout_s, trust_env=False) as client:
+        replies = await asyncio.gather(*(client.get(u) for u in urls), return_exceptions=True)
+    texts = [r.text for r in replies if isinstance(r, httpx.Response) and r.status_code == 200]
+    for url, r in zip(urls, replies):
+        if not isinstance(r, httpx.Response) or r.status_code != 200:
+            log.warning("/metrics: node export %s did not answer: %s", url, r)
+    return texts[0] if len(texts) == 1 else merge_expositions(texts)
+
+
+def merge_expositions(texts: list[str]) -> str:
+    """Prometheus texts of several nodes as one: each family once, with every node's samples."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict = {}
+    for text in texts:
+        for family in text_string_to_metric_families(text):
+            if family.name in families:
+                families[family.name].samples.extend(family.samples)
+            else:
+                families[family.name] = family
+
+    class _Merged:
+        def collect(self):
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())
+    return generate_latest(registry).decode()

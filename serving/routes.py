@@ -13,7 +13,7 @@ from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import RedirectResponse
+from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -25,7 +25,7 @@ from .http_api import check_api_key, key_owner, validation_error
 
 ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
           "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
-          "openapi": "/openapi.json", "playground": "/playground/"}
+          "openapi": "/openapi.json", "playground": "/playground/", "metrics": "/metrics"}
 STATIC_DIR = Path(__file__).with_name("static")  # the playground: package data, served as is
 BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: true` (and a Redis URL) in the "
                   "config, or start it with `bark-serve up --batch`")
@@ -34,7 +34,8 @@ BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: t
 def build_http_app(orch) -> FastAPI:
     """The app of one Orchestrator replica: its routes, the batch routes, and the error handlers."""
     app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
-    install_error_handlers(app, orch.metrics.error)
+    install_error_handlers(app)
+    app.add_middleware(ErrorCounter, on_error=orch.metrics.error)
     app.add_api_route("/", _index(orch), methods=["GET"])
     app.add_api_route("/playground", _to_playground, methods=["GET"], include_in_schema=False)
     app.mount(ROUTES["playground"].rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), name="playground")
@@ -42,6 +43,7 @@ def build_http_app(orch) -> FastAPI:
     app.add_api_route(ROUTES["ready"], orch.readyz, methods=["GET"])
     app.add_api_route(ROUTES["voices"], orch.voices, methods=["GET"])
     app.add_api_route(ROUTES["models"], orch.models, methods=["GET"])
+    app.add_api_route(ROUTES["metrics"], _metrics(orch), methods=["GET"], include_in_schema=False)
     app.add_api_route(ROUTES["speech"], orch.speech, methods=["POST"])
     app.add_api_route(ROUTES["tts"], orch.tts, methods=["POST"])
     app.include_router(_batch_routes(orch) if orch.cfg.batch.enabled else _batch_disabled_router())
@@ -59,29 +61,60 @@ def _index(orch):
     return index
 
 
+def _metrics(orch):
+    """``GET /metrics``: the cluster's Prometheus metrics on the API port, behind the API keys when they are on."""
+    from .metrics import cluster_metrics_text
+
+    async def metrics(request: Request):
+        check_api_key(request, orch.api_keys)
+        return PlainTextResponse(await cluster_metrics_text(), media_type="text/plain; version=0.0.4")
+
+    return metrics
+
+
 def _to_playground() -> RedirectResponse:
     # relative, so it stays right under any route prefix: /playground and / both lead to /playground/
     return RedirectResponse("playground/", status_code=307)
 
 
-def route_of(request: Request) -> str:
-    """The route template a request matched (``/v1/batches/{job_id}``), ``unmatched`` if none: a bounded label."""
-    route = request.scope.get("route")
-    return getattr(route, "path", None) or "unmatched"
+class ErrorCounter:
+    """ASGI middleware: ``on_error(status, route)`` for every answer of 400 or more, whoever wrote it (an
+    exception handler, an endpoint that returned its error, the batch router's guard). An exception that
+    escapes the app is answered here, in the API's error shape (``to_api_error``: 503 for a lost replica,
+    499 for a cancelled request, 500 for a bug), and counted as answered. The route is the template the
+    request matched, ``unmatched`` if none."""
+
+    def __init__(self, app, on_error: "Callable[[int, str], None]"):
+        self.app, self.on_error = app, on_error
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = 0
+
+        async def watch(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if status >= 400:
+                    self.on_error(status, _route(scope))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except Exception as exc:
+            if status:  # a stream that broke after its head was sent: nothing more can be said
+                raise
+            await to_api_error(exc).response()(scope, receive, watch)
 
 
-def install_error_handlers(app: FastAPI, on_error: "Callable[[int, str], None] | None" = None) -> None:
-    """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``, and
-    counted: ``on_error(status, route)`` for each one (401, 404, 413, 422, 429, 503, 5xx alike)."""
+def _route(scope) -> str:
+    return getattr(scope.get("route"), "path", None) or "unmatched"
 
-    def counted(handler):
-        async def wrapper(request: Request, exc: Exception):
-            response = await handler(request, exc)
-            if on_error is not None:
-                on_error(response.status_code, route_of(request))
-            return response
 
-        return wrapper
+def install_error_handlers(app: FastAPI) -> None:
+    """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``
+    (:class:`ErrorCounter` answers the exceptions no handler takes, and counts every error answer)."""
 
     async def api_error(request: Request, exc: APIError):
         return exc.response()
@@ -102,14 +135,13 @@ def install_error_handlers(app: FastAPI, on_error: "Callable[[int, str], None] |
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
-    async def any_error(request: Request, exc: Exception):
+    async def invalid_request(request: Request, exc: InvalidRequestError):
         return to_api_error(exc).response()
 
-    app.add_exception_handler(APIError, counted(api_error))
-    app.add_exception_handler(RequestValidationError, counted(invalid_parameters))
-    app.add_exception_handler(StarletteHTTPException, counted(router_error))
-    app.add_exception_handler(InvalidRequestError, counted(any_error))  # 4xx: not through Starlette's 500 path
-    app.add_exception_handler(Exception, counted(any_error))
+    app.add_exception_handler(APIError, api_error)
+    app.add_exception_handler(RequestValidationError, invalid_parameters)
+    app.add_exception_handler(StarletteHTTPException, router_error)
+    app.add_exception_handler(InvalidRequestError, invalid_request)
 
 
 def _batch_routes(orch) -> APIRouter:

@@ -39,6 +39,15 @@ def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
         assert log.index("deploying") < log.index("bark-serve is up")  # in the order things happen
         assert "will not be applied" not in log and "INFO" not in log  # Ray's own logs stay out (no --verbose)
         assert "RAY_AUTH_MODE=token" in log and "auth_token" in log
+        # nothing listens beyond the HTTP host asked for (127.0.0.1): not Ray's GCS, raylet, agents, metrics
+        # export (issue 25: they listened on 0.0.0.0 and the machine's address)
+        sockets = up.listening()
+        assert any(p == int(port) for _, p, _ in sockets), sockets  # the HTTP proxy is one of them
+        exposed = sorted(s for s in sockets if s[0] not in ("127.0.0.1", "::ffff:127.0.0.1", "::1"))
+        # Known exception: Ray Serve 2.60 binds each replica's inter-deployment gRPC server to [::]:0 with no
+        # option (ray/serve/_private/replica.py); Ray's token auth guards it. Everything else is loopback.
+        assert len(sockets) > 5 and all("ServeReplica" in name for _, _, name in exposed), exposed
+        assert any(name in ("gcs_server", "raylet") for _, _, name in sockets)
         out = tmp_path / "said.flac"
         cli = [sys.executable, "-m", "bark_serve.cli", "say"]
         res = subprocess.run([*cli, "Hello from say.", "-o", str(out), "--seed", "4"], capture_output=True,

@@ -85,6 +85,17 @@ class UpProcess:
                 pass
         return out
 
+    def listening(self) -> set[tuple[str, int, str]]:
+        """(address, port, process name) of every socket up's processes listen on (session members included)."""
+        self._remember_descendants()
+        procs = {p.pid: p for p in [*self.descendants, *self._session_members()]}
+        procs[self.proc.pid] = psutil.Process(self.proc.pid)
+        out = set()
+        for c in psutil.net_connections("inet"):
+            if c.status == psutil.CONN_LISTEN and c.pid in procs:
+                out.add((c.laddr.ip, c.laddr.port, _name(procs[c.pid])))
+        return out
+
     def kill(self) -> None:
         """Last resort in a test's finally: kill the session and every remembered descendant."""
         for p in list(self.descendants) + self._session_members():

@@ -265,3 +265,8 @@ def test_metrics_are_exported_to_prometheus(served):
     assert all(counted(text)), [line for line in text.splitlines() if "bark_http_errors" in line]
     for name in names:
         assert name in text, name
+    # the same export on the API port, behind the API keys (issue 25: it was a 404)
+    assert httpx.get(url + "/metrics").status_code == 401
+    api = httpx.get(url + "/metrics", headers=AUTH, timeout=30)
+    assert api.status_code == 200 and api.headers["content-type"].startswith("text/plain")
+    assert all(name in api.text for name in names) and all(counted(api.text))
