@@ -38,7 +38,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from bark_serve.cluster.batch_types import BatchItem, ErrorType, Lease, SynthesisResult
 from bark_serve.cluster.queue import Heartbeat, Outcome, WorkQueue
-from bark_serve.stages.types import InvalidRequestError
+from bark_serve.stages.types import InvalidRequestError, RequestCrashedStage
 
 log = logging.getLogger("bark.batch.worker")
 
@@ -230,6 +230,10 @@ class BatchWorkerLoop:
         except InvalidRequestError as exc:  # the item itself is bad: retrying cannot help
             reason = str(exc) or "invalid request"
             outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.INVALID_ITEM, retry=False))
+        except RequestCrashedStage as exc:  # it kills stage replicas: another attempt would kill more
+            reason = f"{type(exc).__name__}: {exc}"
+            outcome = await self._commit(lambda: self.queue.fail(lease, reason, ErrorType.SYNTHESIS_ERROR,
+                                                                 retry=False))
         except Exception as exc:  # anything else may be transient (a replica restarting, a timeout)
             reason = f"{type(exc).__name__}: {exc}".strip()
             log.warning("batch worker %s: item %s/%s attempt %d failed: %s", self.consumer,

@@ -8,7 +8,7 @@ import logging
 from fastapi.responses import JSONResponse
 
 from bark_serve.stages.text import TextTooLongError
-from bark_serve.stages.types import CheckpointError, InvalidRequestError
+from bark_serve.stages.types import CheckpointError, InvalidRequestError, RequestCrashedStage
 from bark_serve.stages.voices import UnknownVoiceError
 
 from .scheduler import QueueFull, StageError
@@ -77,6 +77,8 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
         log.error("checkpoint error: %s", exc)
         return APIError(500, "the server's model checkpoint is broken; see the server log", "server_misconfigured",
                         "server_error")
+    if isinstance(exc, RequestCrashedStage):  # logged where it was decided (serving/stage_calls.py)
+        return APIError(500, str(exc), "request_crashed_stage", "server_error")
     if isinstance(exc, StageError):
         log.error("stage error: %s", exc)
         return APIError(500, "a pipeline stage failed while processing this request", "stage_error", "server_error")

@@ -67,6 +67,7 @@ class _Entry:
     request: StageRequest = field(compare=False)
     future: asyncio.Future = field(compare=False)
     queued_at: float = field(compare=False, default_factory=time.time)
+    isolated: bool = field(compare=False, default=False)  # runs alone in the engine (a crash suspect)
 
 
 class StageScheduler:
@@ -80,6 +81,7 @@ class StageScheduler:
         self._held: dict[str, _Entry] = {}  # request_id -> entry, admitted to the engine
         self._started: dict[str, float] = {}
         self._cancel: set[str] = set()
+        self._alone: str | None = None  # the isolated request the engine holds, alone
         self._wake = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{engine.name}-step")
         self._task: asyncio.Task | None = None
@@ -108,8 +110,13 @@ class StageScheduler:
     def stats(self) -> dict:
         return {"queued": len(self._queue), "held": len(self._held), "steps": self.steps, "busy_s": self.busy_s}
 
-    async def submit(self, request: StageRequest, priority: Priority | str = Priority.INTERACTIVE) -> StageOutput:
-        """Queue a request and wait for its output; raises InvalidRequestError, QueueFull or StageError."""
+    async def submit(self, request: StageRequest, priority: Priority | str = Priority.INTERACTIVE,
+                     isolated: bool = False) -> StageOutput:
+        """Queue a request and wait for its output; raises InvalidRequestError, QueueFull or StageError.
+
+        ``isolated``: the request runs alone, admitted once the engine holds nothing and holding it
+        until it ends (a request that was in flight when a replica died, retried: see
+        serving/stage_calls.py)."""
         try:
             priority = Priority(priority)
         except ValueError:
@@ -119,7 +126,8 @@ class StageScheduler:
         self.start()
         segment = getattr(request, "segment", 0)
         segment = segment if isinstance(segment, int) and segment > 0 else 0
-        entry = _Entry(priority.rank, segment, next(self._seq), request, asyncio.get_running_loop().create_future())
+        entry = _Entry(priority.rank, segment, next(self._seq), request, asyncio.get_running_loop().create_future(),
+                       isolated=bool(isolated))
         heapq.heappush(self._queue, entry)
         self.metrics.queue_length(len(self._queue))
         self._wake.set()
@@ -159,7 +167,11 @@ class StageScheduler:
                 self._finish(res)
 
     def _admit(self) -> None:
-        while self._queue and self.engine.free > 0:
+        if self._alone is not None and self._alone not in self._held:
+            self._alone = None  # it ended (finished, failed or cancelled)
+        while self._queue and self.engine.free > 0 and self._alone is None:
+            if self._queue[0].isolated and self._held and not self._queue[0].future.done():
+                break  # it waits, in its turn, until the engine is empty
             entry = heapq.heappop(self._queue)
             if entry.future.done():  # cancelled while queued
                 continue
@@ -176,6 +188,8 @@ class StageScheduler:
                 continue
             self._held[rid] = entry
             self._started[rid] = time.time()
+            if entry.isolated:
+                self._alone = rid
         self.metrics.queue_length(len(self._queue))
 
     def _finish(self, res: EngineResult) -> None:

@@ -6,6 +6,13 @@ idempotent (its tokens come from the request's own seed), and Serve routes
 the retry to a live replica or holds it until the restarted one is up. When
 the retries are spent, the Ray error goes up and the client gets 503 with
 Retry-After (serving/errors.py).
+
+Quarantine: a retry runs *isolated*, alone in its replica's engine (every request
+that was in the dead replica's batch is retried that way, one at a time). A request
+whose replica dies again while it runs alone is what kills replicas: it is not sent
+a third time but fails with RequestCrashedStage (HTTP 500 ``request_crashed_stage``;
+a batch item fails without further attempts), so one poison request takes down at
+most two replicas, and the innocent requests of its first batch still succeed.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ import asyncio
 import logging
 
 from bark_serve.stages.text import TextPreparer
-from bark_serve.stages.types import Priority, StageRequest
+from bark_serve.stages.types import Priority, RequestCrashedStage, StageRequest
 from bark_serve.stages.voices import VoiceLibrary
 from bark_serve.stages.weights import Checkpoint
 
@@ -35,19 +42,35 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ReplicaUnavailableError))
 
 
+def died_running(exc: BaseException) -> bool:
+    """Did the replica die while it ran the call (not: was it already gone, or unreachable)?"""
+    from ray.exceptions import ActorDiedError
+
+    return isinstance(exc, ActorDiedError)
+
+
 def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_BACKOFF_S):
     """``call(stage, request, priority)`` through Serve handles, resent when the replica died under it."""
 
     async def call(stage: str, request: StageRequest, priority: Priority):
+        isolated = False
         for attempt in range(retries + 1):
             try:
-                return await handles[stage].run.remote(request, priority)
+                return await handles[stage].run.remote(request, priority, isolated)
             except Exception as exc:
-                if attempt >= retries or not replica_lost(exc):
+                if not replica_lost(exc):
                     raise
+                if isolated and died_running(exc):  # alone in its engine, and the replica died again
+                    log.error("%s: request %s was running alone when its replica died, as before; it is "
+                              "quarantined (not sent again)", stage, request.request_id)
+                    raise RequestCrashedStage(f"this request took down the {stage} stage twice (the second time "
+                                              "running alone); it is not retried") from None
+                if attempt >= retries:
+                    raise
+                isolated = True
                 delay = backoff_s[min(attempt, len(backoff_s) - 1)]
-                log.warning("%s replica lost during %s (%s); retry %d/%d in %.1f s", stage, request.request_id,
-                            type(exc).__name__, attempt + 1, retries, delay)
+                log.warning("%s replica lost during %s (%s); retry %d/%d, alone, in %.1f s", stage,
+                            request.request_id, type(exc).__name__, attempt + 1, retries, delay)
                 await asyncio.sleep(delay)
 
     return call

@@ -85,11 +85,13 @@ class StageServer:
                  f"{graphs['graph_bytes'] / 2**20:.0f} MiB" + (f" (capture failed: {graphs['capture_error']})"
                                                               if graphs.get("capture_error") else ""))
 
-    async def run(self, request: StageRequest, priority: Priority = Priority.INTERACTIVE) -> StageOutput:
-        """Process one stage request (a stages.types *Request); raises InvalidRequestError for a bad one."""
+    async def run(self, request: StageRequest, priority: Priority = Priority.INTERACTIVE,
+                  isolated: bool = False) -> StageOutput:
+        """Process one stage request (a stages.types *Request); raises InvalidRequestError for a bad one.
+        ``isolated``: run it alone in the engine (a request retried after a replica died under it)."""
         if not hasattr(request, "request_id"):
             raise InvalidRequestError(f"{self.stage} expects a stage request, got {type(request).__name__}")
-        return await self.scheduler.submit(request, priority)
+        return await self.scheduler.submit(request, priority, isolated=isolated)
 
     async def stats(self) -> dict:
         s = self.scheduler.stats()

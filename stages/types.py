@@ -36,6 +36,11 @@ class Priority(str, enum.Enum):
         return 0 if self is Priority.INTERACTIVE else 1
 
 
+class RequestCrashedStage(RuntimeError):
+    """A request whose stage replica died under it, and died again when it was retried alone: it is taken
+    to be what kills the replica, and is not sent again (neither by the stage calls nor by batch retries)."""
+
+
 class InvalidRequestError(ValueError):
     """The request itself is wrong (bad text, voice, tensor or parameter).
 

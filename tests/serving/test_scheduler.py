@@ -172,3 +172,27 @@ def test_real_engine_continuous_batching_through_the_scheduler(tiny_ckpt):
     assert threading.get_ident() == main_thread
     for r, o in zip(reqs, outs):
         np.testing.assert_array_equal(o.output, alone[r.request_id])
+
+
+def test_an_isolated_request_runs_alone_and_in_its_turn():
+    """A retried crash suspect (serving/stage_calls.py) waits for the engine to empty, then runs alone."""
+
+    async def main():
+        eng = CountingEngine(capacity=4)
+        sched = StageScheduler(eng, batch_wait_s=0.01)
+        first = [asyncio.create_task(sched.submit(Req(f"a{i}", 3))) for i in range(2)]
+        await asyncio.sleep(0.02)  # a0, a1 are in the engine
+        alone = asyncio.create_task(sched.submit(Req("s", 2), isolated=True))
+        await asyncio.sleep(0.001)
+        later = [asyncio.create_task(sched.submit(Req(f"b{i}", 1))) for i in range(2)]
+        outs = await asyncio.gather(*first, alone, *later)
+        await sched.stop()
+        return eng.batches, [o.output for o in outs]
+
+    batches, outputs = run(main())
+    assert outputs == ["A0", "A1", "S", "B0", "B1"]
+    with_s = [b for b in batches if "s" in b]
+    assert with_s == [["s"], ["s"]]  # alone, for both of its steps
+    first_s = batches.index(["s"])
+    assert all("b0" not in b and "b1" not in b for b in batches[:first_s])  # nothing jumped ahead of it
+    assert ["b0", "b1"] in batches[first_s + 2:]
