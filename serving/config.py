@@ -230,20 +230,51 @@ class ConfigError(ValueError):
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> BarkConfig:
-    """Read a YAML config (a path or a profile name in serving/configs/); None gives the local-cpu profile."""
-    data: dict = {}
-    if path is None:
-        path = CONFIG_DIR / "local-cpu.yaml"
+    """Read a YAML config (a path or a profile name in serving/configs/); None gives the local-cpu profile.
+
+    A file may start from a profile: ``profile: local-cpu`` takes that profile and then what the file
+    names, block by block (``semantic: {max_batch: 4}`` changes that one field of the profile's block)."""
+    path = _config_path(CONFIG_DIR / "local-cpu.yaml" if path is None else path)
+    data = _read_yaml(path)
+    if "profile" in data:
+        name = data.pop("profile")
+        if not isinstance(name, str) or name not in profiles():
+            raise ConfigError(f"{path}: profile {str(name)[:60]!r} is not one of {', '.join(profiles())}")
+        base = _read_yaml(CONFIG_DIR / f"{name}.yaml")
+        base.pop("profile", None)
+        data = merge_config(base, data)
+    return parse_config({**data, **(overrides or {})}, source=str(path))
+
+
+def merge_config(base: dict, override: dict) -> dict:
+    """``override`` over ``base``, nested mappings merged key by key (a mapping over a non-mapping, or a
+    list or a value anywhere, replaces)."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_config(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _config_path(path: str | Path) -> Path:
     path = Path(path)
     if not path.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
         path = CONFIG_DIR / f"{path}.yaml"
     if not path.exists():
         raise ConfigError(f"config file {str(path)!r} not found (profiles: {', '.join(profiles())})")
+    return path
+
+
+def _read_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    return parse_config({**data, **(overrides or {})}, source=str(path))
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file is a mapping of settings, not {type(data).__name__}")
+    return data
 
 
 def parse_config(data: dict, source: str = "config") -> BarkConfig:

@@ -42,3 +42,20 @@ def test_public_model_never_shows_a_local_path(tmp_path):
     assert BarkConfig(model=str(ckpt) + "/").public_model == "my-bark"
     assert BarkConfig(model="./ckpts/my-bark").public_model == "my-bark"
     assert BarkConfig(model="suno/bark-small").public_model == "suno/bark-small"  # a hub id is as configured
+
+
+def test_a_config_file_may_start_from_a_profile_and_override_only_what_it_names(tmp_path):
+    """Issue 25: a file with only `model` and an orchestrator block got stage defaults of num_cpus 1, which a
+    2-core machine cannot place; `profile:` gives it a whole, placeable deployment to change."""
+    path = tmp_path / "mine.yaml"
+    path.write_text("profile: local-cpu\nmodel: /models/mine\nsemantic: {max_batch: 4}\n"
+                    "orchestrator: {max_active_requests: 7}\n")
+    cfg, base = load_config(path), load_config("local-cpu")
+    assert cfg.model == "/models/mine" and cfg.semantic.max_batch == 4 and cfg.orchestrator.max_active_requests == 7
+    assert cfg.semantic.num_cpus == base.semantic.num_cpus and cfg.semantic.pool == base.semantic.pool  # kept
+    assert cfg.coarse == base.coarse and cfg.http_host == base.http_host
+    assert cfg.orchestrator.request_timeout_s == base.orchestrator.request_timeout_s
+    for bad, says in (("profile: nosuch\n", "not one of"), ("profile: [1]\n", "not one of"), ("- a\n", "mapping")):
+        path.write_text(bad)
+        with pytest.raises(ConfigError, match=says):
+            load_config(path)
