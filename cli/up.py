@@ -79,16 +79,52 @@ def _catch_signals() -> None:
         signal.signal(sig, _raise_stopping)
 
 
-def _wait_ready(url: str, timeout: float) -> None:
+def _check_placement(cfg, local: bool) -> None:
+    """Deployments that certainly cannot be placed on this cluster: an error for a local instance (nothing
+    will add a node), a warning on a cluster given with --address (an autoscaler may add nodes)."""
+    import ray
+
+    from bark_serve.serving.serve_config import placement_problems
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    problems = placement_problems(cfg, nodes)
+    if problems and local:
+        raise CliError("cannot start: " + "; ".join(problems) + ". Lower num_cpus / num_gpus / num_replicas in "
+                       "the config (or start from a profile: `profile: local-cpu`), or give Ray more CPUs with "
+                       "--num-cpus")
+    for problem in problems:
+        print(f"bark-serve: warning: {problem}; waiting for the cluster to grow", flush=True)
+
+
+def _scheduling_warnings(app_name: str) -> list[str]:
+    """Serve's own word on replicas still waiting for resources (after RAY_SERVE_SLOW_STARTUP_WARNING_S)."""
+    from ray import serve
+
+    try:
+        app = serve.status().applications.get(app_name)
+    except Exception:  # the controller is busy or starting: nothing to say yet
+        return []
+    return [d.message for d in (app.deployments.values() if app else []) if "to be scheduled" in (d.message or "")]
+
+
+def _wait_ready(url: str, timeout: float, app_name: str = "bark") -> None:
     import httpx
 
     deadline = time.time() + timeout
+    said: set[str] = set()
+    next_check = time.time() + 5
     while time.time() < deadline:
         try:
             if httpx.get(url + "/readyz", timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
+        if time.time() >= next_check:
+            next_check = time.time() + 5
+            for message in _scheduling_warnings(app_name):
+                if message not in said:
+                    said.add(message)
+                    print(f"bark-serve: still waiting: {message}", flush=True)
         time.sleep(0.5)
     raise CliError(f"bark-serve did not become ready within {timeout:.0f} s")
 
@@ -117,9 +153,10 @@ def up(args) -> int:
         print(f"bark-serve: deploying {cfg.model} on {where} ...", flush=True)
         ray_address = _start_ray(args, cfg, state)
         _catch_signals()  # ray.init replaced our SIGTERM handler
+        _check_placement(cfg, local=not args.address)
         _deploy(cfg, args.verbose)
         url = f"http://{'127.0.0.1' if cfg.http_host in ('0.0.0.0', '::') else cfg.http_host}:{cfg.http_port}"
-        _wait_ready(url, args.ready_timeout)
+        _wait_ready(url, args.ready_timeout, cfg.app_name)
         _print_ready(cfg, url, ray_address, local=not args.address)
         while True:
             time.sleep(3600)

@@ -28,6 +28,7 @@ from .errors import APIError, to_api_error
 from .routes import ROUTES, build_http_app
 from .stage_calls import make_synthesizer
 
+READY_WAIT_S = 1.5  # /readyz waits this long for each stage (in parallel) before calling it not ready
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
@@ -118,10 +119,11 @@ class Orchestrator:
         return {"status": "ok"}
 
     async def readyz(self):
-        """200 when every stage answers and this replica can admit a request; 503 otherwise."""
+        """200 when every stage answers and this replica can admit a request; 503 otherwise, within
+        READY_WAIT_S (a stage with no running replica never answers: its call is held until one starts)."""
         async def ready(name):
             try:
-                return bool(await asyncio.wait_for(self.handles[name].ready.remote(), 5.0))
+                return bool(await asyncio.wait_for(self.handles[name].ready.remote(), READY_WAIT_S))
             except Exception:
                 return False
 

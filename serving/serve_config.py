@@ -67,3 +67,51 @@ def render_serve_config(cfg: BarkConfig) -> dict:
 def pool_resources(cfg: BarkConfig, units_per_pool: int = 64) -> dict[str, float]:
     """Custom resources a single local node advertises so that every pool of ``cfg`` fits on it."""
     return pool_resource_map(cfg.pools(), units_per_pool)
+
+
+def replica_asks(cfg: BarkConfig) -> list[tuple[str, int, dict[str, float]]]:
+    """(deployment, replicas it starts with, what one replica asks: ``CPU``, ``GPU``, custom resources)."""
+    out = []
+    for entry in deployment_entries(cfg):
+        actor = entry["ray_actor_options"]
+        ask = {"CPU": float(actor.get("num_cpus", 1.0))}
+        if actor.get("num_gpus"):
+            ask["GPU"] = float(actor["num_gpus"])
+        ask.update({k: float(v) for k, v in actor.get("resources", {}).items()})
+        auto = entry.get("autoscaling_config") or {}
+        replicas = entry.get("num_replicas") or auto.get("initial_replicas") or auto.get("min_replicas") or 0
+        out.append((entry["name"], max(int(replicas), 1), {k: v for k, v in ask.items() if v > 0}))
+    return out
+
+
+def _fmt(resources: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def placement_problems(cfg: BarkConfig, nodes: list[dict[str, float]]) -> list[str]:
+    """Why the deployments of ``cfg`` cannot all start on a cluster of ``nodes`` (each node's total
+    resources, as ``ray.nodes()`` gives them); [] when nothing is certainly wrong. Two certain
+    problems: a replica that no single node can hold, and a resource that all starting replicas
+    together ask more of than the whole cluster has. (A cluster that is big enough in sum but
+    fragmented is left to Serve, which reports replicas waiting to be scheduled after 30 s.)"""
+    problems = []
+    asks = replica_asks(cfg)
+    for name, _, ask in asks:
+        if not any(all(node.get(k, 0.0) >= v for k, v in ask.items()) for node in nodes):
+            largest = {k: max((node.get(k, 0.0) for node in nodes), default=0.0) for k in ask}
+            problems.append(f"deployment {name} cannot be placed: one replica asks {_fmt(ask)}, and no node has it "
+                            f"(the most any node has: {_fmt(largest)})")
+    totals: dict[str, float] = {}
+    for node in nodes:
+        for k, v in node.items():
+            totals[k] = totals.get(k, 0.0) + v
+    demand: dict[str, float] = {}
+    for _, replicas, ask in asks:
+        for k, v in ask.items():
+            demand[k] = demand.get(k, 0.0) + replicas * v
+    for k, need in sorted(demand.items()):
+        if need > totals.get(k, 0.0) + 1e-9:
+            who = ", ".join(f"{name} {replicas} x {ask[k]:g}" for name, replicas, ask in asks if k in ask)
+            problems.append(f"the deployments ask {need:g} {k} in all ({who}), the cluster has "
+                            f"{totals.get(k, 0.0):g}")
+    return problems

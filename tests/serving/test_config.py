@@ -59,3 +59,25 @@ def test_a_config_file_may_start_from_a_profile_and_override_only_what_it_names(
         path.write_text(bad)
         with pytest.raises(ConfigError, match=says):
             load_config(path)
+
+
+def test_placement_problems_name_the_deployment_its_ask_and_what_the_cluster_has():
+    from bark_serve.serving.serve_config import placement_problems
+
+    two_cores = [{"CPU": 2.0, "bark_pool_semantic": 64.0, "bark_pool_coarse": 64.0, "bark_pool_fine": 64.0,
+                  "bark_pool_codec": 64.0, "memory": 1e10}]
+    assert placement_problems(load_config("local-cpu"), two_cores) == []
+    # the file: only model and an orchestrator block, so every stage asks num_cpus 1
+    bare = parse_config({"model": "m", "orchestrator": {"num_cpus": 0.1}})
+    [problem] = placement_problems(bare, [{"CPU": 2.0, **{f"bark_pool_{s}": 64.0 for s in STAGE_POOLS}}])
+    assert "ask 4.1 CPU in all" in problem and "SemanticServer 1 x 1" in problem and "has 2" in problem
+    big = parse_config({**load_config("local-cpu").model_dump(), "semantic": {"num_cpus": 64, "pool": "semantic"}})
+    problems = placement_problems(big, two_cores)
+    assert any("deployment SemanticServer cannot be placed" in p and "CPU 64" in p and "CPU 2" in p for p in problems)
+    gpu = parse_config({**load_config("local-cpu").model_dump(), "coarse": {"num_gpus": 1, "pool": "coarse"}})
+    assert any("CoarseServer" in p and "GPU 1" in p for p in placement_problems(gpu, two_cores))
+    # two nodes: big enough together, and each replica fits one of them
+    assert placement_problems(load_config("local-cpu"), [{"CPU": 1.0, **two_cores[0]}, {"CPU": 1.0}]) == []
+
+
+STAGE_POOLS = ("semantic", "coarse", "fine", "codec")
