@@ -15,11 +15,13 @@ Containers: mp3 is MPEG layer III frames, opus is Ogg Opus (pages of at most 60 
 with the segment that filled them), aac is ADTS (what ``audio/aac`` means), flac is native FLAC,
 wav is 16-bit PCM (a stream's header says "unknown length", as players expect), ``pcm`` is what
 OpenAI's API calls pcm: 16-bit signed little-endian mono samples at the model's rate (24 kHz for
-Bark), no header. mp3 and aac decoders add the encoder's priming/padding (tens of ms).
+Bark), no header. A whole mp3, and a streamed one through ``mp3_stream_info_frame``, tell decoders the
+encoder delay; aac (ADTS) cannot, so decoders keep its 1024 priming samples.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 from dataclasses import dataclass, field
@@ -125,20 +127,73 @@ class _Sink:
         return out
 
 
+def _id3_length(data: bytes) -> int:
+    """Bytes of the ID3v2 tag at the head of an mp3 (0 without one)."""
+    if data[:3] != b"ID3" or len(data) < 10:
+        return 0
+    size = 0
+    for byte in data[6:10]:  # syncsafe: 7 bits a byte
+        size = (size << 7) | (byte & 0x7F)
+    return 10 + size + (10 if data[5] & 0x10 else 0)
+
+
+def _crc16(data: bytes) -> int:
+    """CRC-16/ARC (FFmpeg's AV_CRC_16_ANSI_LE), the LAME tag's checksum."""
+    crc = 0
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+    return crc
+
+
+@functools.lru_cache(maxsize=4)
+def mp3_stream_info_frame(sample_rate: int) -> bytes:
+    """The LAME "Info" frame that FFmpeg writes at the head of a whole mp3 file, made fit for a stream whose
+    end is not known yet: the encoder delay is kept (decoders skip it, so the audio starts where it
+    should), the frame and byte counts, the end padding and the music length are 0 (unknown), and the
+    tag's CRC is computed again. Without it a streamed mp3 decoded 56 ms long and late by the delay."""
+    whole = encode(np.zeros(sample_rate // 10, np.float32), sample_rate, "mp3")
+    start = _id3_length(whole)
+    header = whole[start:start + 2]
+    end = whole.find(header, start + 4)  # the next frame
+    frame = bytearray(whole[start:end])
+    tag = max(frame.find(b"Info"), frame.find(b"Xing"))
+    lame = tag + 120  # after "Info", flags, frames, bytes, the 100-byte TOC and the quality
+    if tag < 0 or int.from_bytes(frame[tag + 4:tag + 8], "big") != 0xF or len(frame) < max(lame + 36, 190):
+        return b""  # an FFmpeg that writes another layout: stream without it (decoders add the delay)
+    frame[tag + 8:tag + 16] = bytes(8)  # frames, bytes: unknown
+    delay = int.from_bytes(frame[lame + 21:lame + 24], "big") >> 12
+    frame[lame + 21:lame + 24] = (delay << 12).to_bytes(3, "big")  # end padding: unknown
+    frame[lame + 28:lame + 32] = bytes(4)  # music length: unknown
+    frame[lame + 34:lame + 36] = bytes(2)
+    frame[lame + 34:lame + 36] = _crc16(bytes(frame[:190])).to_bytes(2, "big")
+    return bytes(frame)
+
+
 class AvEncoder:
-    """mp3 / opus / aac / flac through PyAV: an FFmpeg encoder and muxer kept open across ``feed`` calls."""
+    """mp3 / opus / aac / flac through PyAV: an FFmpeg encoder and muxer kept open across ``feed`` calls.
+
+    A streamed mp3 gets the LAME Info frame a whole file has (``mp3_stream_info_frame``), after its ID3
+    tag, so that decoders skip the encoder delay as they do for a file. ADTS (aac) has no place for the
+    delay: decoders keep AAC's 1024 priming samples (43 ms at 24 kHz) and the last frame's padding."""
 
     def __init__(self, fmt: str, sample_rate: int, stream: bool = True):
         import av
 
         spec = FORMATS[fmt]
         self.sample_rate, self.samples, self._closed = sample_rate, 0, False
+        self._info = mp3_stream_info_frame(sample_rate) if fmt == "mp3" and stream else b""
         self._out = _Sink() if stream else io.BytesIO()  # BytesIO is seekable: headers get the final length
         self._container = av.open(self._out, mode="w", format=spec.container, options=dict(spec.options))
         self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
 
     def _taken(self) -> bytes:
-        return self._out.take() if isinstance(self._out, _Sink) else b""
+        out = self._out.take() if isinstance(self._out, _Sink) else b""
+        if self._info and out:  # the muxer's first bytes: the ID3 tag, then the Info frame goes in
+            head = _id3_length(out)
+            out, self._info = out[:head] + self._info + out[head:], b""
+        return out
 
     def feed(self, audio: np.ndarray) -> bytes:
         import av
@@ -163,7 +218,7 @@ class AvEncoder:
             self._container.mux(packet)
         self._container.close()
         self._closed = True
-        return out + (self._out.take() if isinstance(self._out, _Sink) else self._out.getvalue())
+        return out + (self._taken() if isinstance(self._out, _Sink) else self._out.getvalue())
 
 
 def open_encoder(fmt: str, sample_rate: int, stream: bool = True) -> PcmEncoder | AvEncoder:
