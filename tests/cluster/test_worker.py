@@ -194,7 +194,8 @@ def test_results_dir_keeps_audio_on_disk(redis_server, prefix, tmp_path):
         assert await queue.complete(again, await synth(again.batch_item())) is Outcome.DUPLICATE
         [r] = await all_results(store, job.job_id)
         assert r.audio is None and open(r.path, "rb").read() == b"i000:a"
-        assert [p.name for p in (tmp_path / prefix / job.job_id).iterdir()] == ["i000.a1.wav"]  # the loser's file is gone
+        files = [p.name for p in (tmp_path / prefix / job.job_id).iterdir()]
+        assert files == ["i000.a1.wav"]  # the loser's file is gone
         await client.aclose()
     run(main())
 
