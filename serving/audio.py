@@ -17,6 +17,16 @@ wav is 16-bit PCM (a stream's header says "unknown length", as players expect), 
 OpenAI's API calls pcm: 16-bit signed little-endian mono samples at the model's rate (24 kHz for
 Bark), no header. A whole mp3, and a streamed one through ``mp3_stream_info_frame``, tell decoders the
 encoder delay; aac (ADTS) cannot, so decoders keep its 1024 priming samples.
+
+Encoder delay, measured with PyAV (tests/serving/test_encoder_delay.py): FFmpeg's mp3 muxer writes a
+LAME "Info" frame (its ``write_xing`` option, on by default) only to a seekable output, because it fills
+in the frame count and the end padding when the file ends; ``encode`` writes to a BytesIO, so a whole
+mp3 (of a frame or more) decodes to exactly its samples. A stream cannot be rewritten, so ours gets that
+frame with the delay and the counts unknown (``mp3_stream_info_frame``): aligned, and at most one
+576-sample frame long. For aac an MP4/M4A file would say the delay in an edit list, but it is
+``audio/mp4`` rather than the ``audio/aac`` that OpenAI's ``aac`` means, it cannot be streamed as one
+without fragmenting, and FFmpeg's decoders trim only its priming, not its end: ``aac`` stays ADTS, with
+its limit documented.
 """
 
 from __future__ import annotations
@@ -147,12 +157,18 @@ def _crc16(data: bytes) -> int:
     return crc
 
 
+# The Xing seek table of a constant-bitrate mp3 of any length: entry i is where i % of the audio starts, in
+# 256ths of the file (libmp3lame here encodes at a constant bitrate; the table FFmpeg wrote was its sample's).
+CBR_SEEK_TABLE = bytes(round(i * 2.56) for i in range(100))
+
+
 @functools.lru_cache(maxsize=4)
 def mp3_stream_info_frame(sample_rate: int) -> bytes:
     """The LAME "Info" frame that FFmpeg writes at the head of a whole mp3 file, made fit for a stream whose
     end is not known yet: the encoder delay is kept (decoders skip it, so the audio starts where it
-    should), the frame and byte counts, the end padding and the music length are 0 (unknown), and the
-    tag's CRC is computed again. Without it a streamed mp3 decoded 56 ms long and late by the delay."""
+    should), the frame and byte counts, the end padding and the music length are 0 (unknown), the seek
+    table is a constant bitrate's (``CBR_SEEK_TABLE``), and the tag's CRC is computed again. Without it
+    a streamed mp3 decoded 56 ms long and late by the delay."""
     whole = encode(np.zeros(sample_rate // 10, np.float32), sample_rate, "mp3")
     start = _id3_length(whole)
     header = whole[start:start + 2]
@@ -163,6 +179,7 @@ def mp3_stream_info_frame(sample_rate: int) -> bytes:
     if tag < 0 or int.from_bytes(frame[tag + 4:tag + 8], "big") != 0xF or len(frame) < max(lame + 36, 190):
         return b""  # an FFmpeg that writes another layout: stream without it (decoders add the delay)
     frame[tag + 8:tag + 16] = bytes(8)  # frames, bytes: unknown
+    frame[tag + 16:tag + 116] = CBR_SEEK_TABLE  # the sample file's table would send seeks to wrong places
     delay = int.from_bytes(frame[lame + 21:lame + 24], "big") >> 12
     frame[lame + 21:lame + 24] = (delay << 12).to_bytes(3, "big")  # end padding: unknown
     frame[lame + 28:lame + 32] = bytes(4)  # music length: unknown
@@ -183,6 +200,7 @@ class AvEncoder:
 
         spec = FORMATS[fmt]
         self.sample_rate, self.samples, self._closed = sample_rate, 0, False
+        self._fmt, self._streaming = fmt, stream
         self._info = mp3_stream_info_frame(sample_rate) if fmt == "mp3" and stream else b""
         self._out = _Sink() if stream else io.BytesIO()  # BytesIO is seekable: headers get the final length
         self._container = av.open(self._out, mode="w", format=spec.container, options=dict(spec.options))
@@ -207,6 +225,13 @@ class AvEncoder:
                 self._container.mux(packet)
         return self._taken()
 
+    def _trims_empty_tail(self) -> bool:
+        """Leave out the flush's packets of no duration? libmp3lame's last frame, when the one before it holds
+        the end (n + 1105 just past a multiple of 576), decodes to padding only, and FFmpeg's muxer takes the
+        end padding from the last packet alone: with it, a whole mp3 decoded up to 46 samples long and a
+        stream up to 622. A whole file under one frame keeps it (FFmpeg's demuxer would then trim less)."""
+        return self._fmt == "mp3" and (self._streaming or self.samples >= self._stream.codec_context.frame_size)
+
     def close(self) -> bytes:
         """Flush the encoder and end the container: the last bytes (the whole file when not streaming)."""
         if self._closed:
@@ -215,7 +240,8 @@ class AvEncoder:
         if self.samples == 0:
             out += self.feed(np.zeros(max(1, int(self.sample_rate * EMPTY_STAND_IN_S)), np.float32))
         for packet in self._stream.encode(None):
-            self._container.mux(packet)
+            if packet.duration != 0 or not self._trims_empty_tail():  # None (not known): kept
+                self._container.mux(packet)
         self._container.close()
         self._closed = True
         return out + (self._taken() if isinstance(self._out, _Sink) else self._out.getvalue())
