@@ -2,7 +2,8 @@
 
 Helm checks values against it on install, upgrade, lint and template, so a typo
 (`max_batchs`) or a wrong type fails there, not later inside the RayService.
-Only `bark` and the small `grafanaDashboard` and `datasetJob` blocks are constrained; other values are free.
+Only `bark` and the small `grafanaDashboard`, `datasetJob` and `serveHttp` blocks are constrained; other
+values are free.
 tests/helm fails when the
 file is stale:   python helm/tools/gen_values_schema.py
 """
@@ -25,8 +26,17 @@ def values_schema() -> dict:
     defs = bark.pop("$defs")  # its "#/$defs/..." refs stay valid at the top level
     defs["BarkConfig"] = bark
     return {"type": "object", "properties": {"bark": {"$ref": "#/$defs/BarkConfig"},
-                                             "grafanaDashboard": GRAFANA_DASHBOARD, "datasetJob": DATASET_JOB},
+                                             "grafanaDashboard": GRAFANA_DASHBOARD, "datasetJob": DATASET_JOB,
+                                             "serveHttp": SERVE_HTTP},
             "$defs": defs}
+
+
+# Serve's http_options beyond bark.http_host/http_port (templates/_serveconfig.tpl). keep_alive_timeout_s is
+# an int in Ray Serve's HTTPOptions; 0 would close every connection after its first answer.
+SERVE_HTTP = {
+    "type": "object", "additionalProperties": False,
+    "properties": {"keepAliveTimeoutS": {"type": ["integer", "null"], "minimum": 1}},
+}
 
 
 # The RayJob of `bark-serve dataset` (templates/rayjob.yaml).

@@ -96,7 +96,10 @@ inside voice_aliases just removes that alias.) Returns YAML.
 {{- $deps = append $deps (include "bark-serve.deploymentEntry" (list "BatchWorker" $args.batch.worker) | fromYaml) -}}
 {{- end -}}
 {{- $app := dict "name" $args.app_name "route_prefix" "/" "import_path" "bark_serve.serving.app:build_app" "args" $args "deployments" $deps -}}
-{{- $doc := dict "proxy_location" "EveryNode" "http_options" (dict "host" $args.http_host "port" $args.http_port) "applications" (list $app) -}}
+{{- $http := dict "host" $args.http_host "port" $args.http_port -}}
+{{- /* The one chart-only field (not in BarkConfig; tests/helm/test_serve_http.py): null leaves Serve's default. */ -}}
+{{- with .Values.serveHttp }}{{ if .keepAliveTimeoutS }}{{ $_ := set $http "keep_alive_timeout_s" .keepAliveTimeoutS }}{{ end }}{{ end -}}
+{{- $doc := dict "proxy_location" "EveryNode" "http_options" $http "applications" (list $app) -}}
 {{- toYaml $doc -}}
 {{- end -}}
 
