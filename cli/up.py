@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -96,34 +97,95 @@ def _check_placement(cfg, local: bool) -> None:
         print(f"bark-serve: warning: {problem}; waiting for the cluster to grow", flush=True)
 
 
-def _scheduling_warnings(app_name: str) -> list[str]:
-    """Serve's own word on replicas still waiting for resources (after RAY_SERVE_SLOW_STARTUP_WARNING_S)."""
+def _scheduling_warnings(app_name: str) -> dict[str, str]:
+    """Deployment -> Serve's own word on its replicas still waiting for resources (after
+    RAY_SERVE_SLOW_STARTUP_WARNING_S)."""
     from ray import serve
 
     try:
         app = serve.status().applications.get(app_name)
     except Exception:  # the controller is busy or starting: nothing to say yet
+        return {}
+    return {name: d.message for name, d in (app.deployments.items() if app else [])
+            if "to be scheduled" in (d.message or "")}
+
+
+def _pending_bundles() -> list[dict[str, float]]:
+    """What Ray's scheduler holds back for want of resources now, one bundle per waiting task or actor (the
+    demands `ray status` lists); a replica that has its resources and is still loading is not among them."""
+    import ray
+    from ray.autoscaler.v2.sdk import get_cluster_status
+
+    try:
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+    except Exception:  # the GCS is busy: nothing to say this time
         return []
-    return [d.message for d in (app.deployments.values() if app else []) if "to be scheduled" in (d.message or "")]
+    return [dict(b.bundle) for demand in status.resource_demands.ray_task_actor_demand
+            for b in demand.bundles_by_count for _ in range(b.count)]
 
 
-def _wait_ready(url: str, timeout: float, app_name: str = "bark") -> None:
+def _same_ask(bundle: dict[str, float], ask: dict[str, float]) -> bool:
+    return bundle.keys() == ask.keys() and all(abs(bundle[k] - v) < 1e-6 for k, v in ask.items())
+
+
+def unplaced_deployments(cfg) -> dict[str, str]:
+    """Deployment -> why it waits: its replicas whose ask Ray holds back for want of resources, with what the
+    cluster has free and in all of each resource asked for."""
+    import ray
+
+    from bark_serve.serving.serve_config import replica_asks
+
+    pending = _pending_bundles()
+    if not pending:
+        return {}
+    free, total = ray.available_resources(), ray.cluster_resources()
+    out = {}
+    for name, _, ask in replica_asks(cfg):
+        waiting = sum(_same_ask(bundle, ask) for bundle in pending)
+        if waiting:
+            asks = ", ".join(f"{k} {v:g}" for k, v in sorted(ask.items()))
+            has = ", ".join(f"{k} {free.get(k, 0.0):g} free of {total.get(k, 0.0):g}" for k in sorted(ask))
+            out[name] = (f"deployment {name} cannot be placed: {waiting} replica(s) wait for {asks} each; "
+                         f"the cluster has {has}")
+    return out
+
+
+CHECK_EVERY_S = 5.0  # how often the wait looks at what Ray holds back (a local instance fails at the 2nd sight)
+# Ray Serve's proxy holds a request for an app whose ingress has no running replica (it must, to let a
+# deployment scale up from zero); with this header it answers 408 after that many seconds instead.
+PROXY_TIMEOUT_HEADER = "x-request-timeout-seconds"
+
+
+def _wait_ready(url: str, timeout: float, cfg, local: bool = True, state: dict | None = None) -> None:
+    """Poll /readyz until 200. Every CHECK_EVERY_S, look for deployments Ray cannot place: on a local
+    instance (nothing will add a node) one seen waiting at two checks in a row ends the wait (exit 1);
+    with --address it is said once, with Serve's own word, while an autoscaler may add nodes."""
     import httpx
 
     deadline = time.time() + timeout
     said: set[str] = set()
-    next_check = time.time() + 5
+    waited: dict[str, str] = {}
+    next_check = time.time() + CHECK_EVERY_S
     while time.time() < deadline:
         try:
-            if httpx.get(url + "/readyz", timeout=5).status_code == 200:
+            if httpx.get(url + "/readyz", headers={PROXY_TIMEOUT_HEADER: "2"}, timeout=5).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
+        if (state or {}).get("deploy_error") is not None:
+            raise CliError(f"deploying failed: {state['deploy_error']}", code=1)
         if time.time() >= next_check:
-            next_check = time.time() + 5
-            for message in _scheduling_warnings(app_name):
-                if message not in said:
-                    said.add(message)
+            next_check = time.time() + CHECK_EVERY_S
+            unplaced = unplaced_deployments(cfg)
+            stuck = [message for name, message in unplaced.items() if name in waited]
+            if local and stuck:
+                raise CliError("cannot start: " + "; ".join(stuck) + ". Lower num_cpus / num_gpus / num_replicas "
+                               "in the config, or give Ray more with --num-cpus", code=1)
+            waited = unplaced
+            news = {**_scheduling_warnings(cfg.app_name), **unplaced}  # ours, where both say it
+            for name, message in news.items():
+                if name not in said:  # once per deployment
+                    said.add(name)
                     print(f"bark-serve: still waiting: {message}", flush=True)
         time.sleep(0.5)
     raise CliError(f"bark-serve did not become ready within {timeout:.0f} s")
@@ -154,9 +216,9 @@ def up(args) -> int:
         ray_address = _start_ray(args, cfg, state)
         _catch_signals()  # ray.init replaced our SIGTERM handler
         _check_placement(cfg, local=not args.address)
-        _deploy(cfg, args.verbose)
+        _deploy(cfg, args.verbose, state)
         url = f"http://{'127.0.0.1' if cfg.http_host in ('0.0.0.0', '::') else cfg.http_host}:{cfg.http_port}"
-        _wait_ready(url, args.ready_timeout, cfg.app_name)
+        _wait_ready(url, args.ready_timeout, cfg, local=not args.address, state=state)
         _print_ready(cfg, url, ray_address, local=not args.address)
         while True:
             time.sleep(3600)
@@ -245,14 +307,26 @@ def _start_ray(args, cfg, state: dict) -> str:
     return ctx.address_info.get("gcs_address") or ray.get_runtime_context().gcs_address
 
 
-def _deploy(cfg, verbose: bool) -> None:
+def _deploy(cfg, verbose: bool, state: dict) -> None:
+    """Start Serve and deploy the app. serve.run returns only when every deployment runs (blocking=False
+    only spares the wait for Ctrl-C after it), and waits forever for a replica Ray cannot place: it runs in
+    a thread of its own, so that the wait for /readyz can look at placement meanwhile; its error, if any,
+    lands in ``state["deploy_error"]``."""
     from ray import serve
 
     from bark_serve.serving.app import build_app
 
     _quiet_ray(verbose)  # importing ray.serve set up its logger again
     serve.start(http_options={"host": cfg.http_host, "port": cfg.http_port})
-    serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/", blocking=False)
+    app = build_app(cfg)
+
+    def run() -> None:
+        try:
+            serve.run(app, name=cfg.app_name, route_prefix="/", blocking=False)
+        except BaseException as exc:  # DEPLOY_FAILED, or Ray stopped under it when up stops
+            state["deploy_error"] = exc
+
+    threading.Thread(target=run, name="serve-run", daemon=True).start()
 
 
 def _routes(cfg) -> str:
