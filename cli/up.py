@@ -142,7 +142,9 @@ def unplaced_deployments(cfg) -> dict[str, str]:
     out = {}
     for name, _, ask in replica_asks(cfg):
         waiting = sum(_same_ask(bundle, ask) for bundle in pending)
-        if waiting:
+        # A lease can also wait for a worker process to start (a loaded machine starts few at once) while
+        # its resources are free: that is loading, not a want of resources, and never counts.
+        if waiting and any(free.get(k, 0.0) < v for k, v in ask.items()):
             asks = ", ".join(f"{k} {v:g}" for k, v in sorted(ask.items()))
             has = ", ".join(f"{k} {free.get(k, 0.0):g} free of {total.get(k, 0.0):g}" for k in sorted(ask))
             out[name] = (f"deployment {name} cannot be placed: {waiting} replica(s) wait for {asks} each; "
@@ -349,7 +351,10 @@ def _auth_hint() -> str:
 def _print_ready(cfg, url: str, ray_address: str, local: bool) -> None:
     print(f"bark-serve is up: {url}  Ray: {ray_address}  app: {cfg.app_name!r}  routes: {_routes(cfg)}",
           flush=True)
-    print(f"  Python: export RAY_ADDRESS={ray_address} ({_auth_hint()}), then "
+    # A Ray on loopback only is joined by drivers in Ray's one-machine mode too (else they turn 127.0.0.1
+    # into the machine's address, where nothing listens).
+    one_machine = f" {SINGLE_MACHINE_ENV}=0" if local and os.environ.get(SINGLE_MACHINE_ENV) == "0" else ""
+    print(f"  Python: export RAY_ADDRESS={ray_address}{one_machine} ({_auth_hint()}), then "
           f"serve.get_app_handle({cfg.app_name!r}). {'Ctrl-C stops it.' if local else ''}".rstrip(), flush=True)
 
 

@@ -71,8 +71,11 @@ class _Entry:
 
 
 class StageScheduler:
-    def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002, metrics=None):
+    def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002, metrics=None, alone_hook=None):
         self.engine = engine
+        # alone_hook(request_id, True) when an isolated request goes into the engine alone, (request_id, False)
+        # once it is out: what tells a caller whose replica died whether its request was the one running
+        self.alone_hook = alone_hook
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
         self.metrics = metrics or NullMetrics()
@@ -168,6 +171,8 @@ class StageScheduler:
 
     def _admit(self) -> None:
         if self._alone is not None and self._alone not in self._held:
+            if self.alone_hook is not None:
+                self.alone_hook(self._alone, False)
             self._alone = None  # it ended (finished, failed or cancelled)
         while self._queue and self.engine.free > 0 and self._alone is None:
             if self._queue[0].isolated and self._held and not self._queue[0].future.done():
@@ -190,6 +195,8 @@ class StageScheduler:
             self._started[rid] = time.time()
             if entry.isolated:
                 self._alone = rid
+                if self.alone_hook is not None:
+                    self.alone_hook(rid, True)
         self.metrics.queue_length(len(self._queue))
 
     def _finish(self, res: EngineResult) -> None:

@@ -8,11 +8,14 @@ the retries are spent, the Ray error goes up and the client gets 503 with
 Retry-After (serving/errors.py).
 
 Quarantine: a retry runs *isolated*, alone in its replica's engine (every request
-that was in the dead replica's batch is retried that way, one at a time). A request
+that was in the dead replica's batch is retried that way, one at a time). The replica
+marks the request it runs alone in Ray's GCS key-value store (``alone_marker``) and
+clears the mark when it is done, so a caller whose replica died can tell whether its
+request was the one running then (``was_alone``) or only waiting its turn. A request
 whose replica dies again while it runs alone is what kills replicas: it is not sent
-a third time but fails with RequestCrashedStage (HTTP 500 ``request_crashed_stage``;
-a batch item fails without further attempts), so one poison request takes down at
-most two replicas, and the innocent requests of its first batch still succeed.
+again but fails with RequestCrashedStage (HTTP 500 ``request_crashed_stage``; a batch
+item fails without further attempts), so one poison request takes down at most two
+replicas, and the innocent requests of its first batch still succeed.
 """
 
 from __future__ import annotations
@@ -42,6 +45,47 @@ def replica_lost(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ReplicaUnavailableError))
 
 
+KV_NAMESPACE = "bark_serve"
+
+
+def _alone_key(stage: str, request_id: str) -> bytes:
+    return f"alone:{stage}:{request_id}".encode()
+
+
+def alone_marker(stage: str):
+    """The stage scheduler's ``alone_hook``: marks the request that runs alone in this replica's engine."""
+
+    def mark(request_id: str, alone: bool) -> None:
+        from ray.experimental import internal_kv
+
+        try:
+            if alone:
+                internal_kv._internal_kv_put(_alone_key(stage, request_id), b"1", namespace=KV_NAMESPACE)
+            else:
+                internal_kv._internal_kv_del(_alone_key(stage, request_id), namespace=KV_NAMESPACE)
+        except Exception as exc:  # no GCS (a test without Ray) or a GCS hiccup: the quarantine only loses a hint
+            log.warning("could not mark %s as running alone: %s", request_id, exc)
+
+    return mark
+
+
+def _was_alone(stage: str, request_id: str) -> bool:
+    from ray.experimental import internal_kv
+
+    key = _alone_key(stage, request_id)
+    try:
+        marked = internal_kv._internal_kv_get(key, namespace=KV_NAMESPACE) is not None
+        internal_kv._internal_kv_del(key, namespace=KV_NAMESPACE)
+        return marked
+    except Exception:  # the GCS did not answer: assume the worst, as before the marks existed
+        return True
+
+
+async def was_alone(stage: str, request_id: str) -> bool:
+    """Was the request running alone in its replica's engine when the replica died (else: waiting its turn)?"""
+    return await asyncio.to_thread(_was_alone, stage, request_id)
+
+
 def died_running(exc: BaseException) -> bool:
     """Did the replica die while it ran the call (not: was it already gone, or unreachable)?"""
     from ray.exceptions import ActorDiedError
@@ -60,7 +104,7 @@ def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_B
             except Exception as exc:
                 if not replica_lost(exc):
                     raise
-                if isolated and died_running(exc):  # alone in its engine, and the replica died again
+                if isolated and died_running(exc) and await was_alone(stage, request.request_id):
                     log.error("%s: request %s was running alone when its replica died, as before; it is "
                               "quarantined (not sent again)", stage, request.request_id)
                     raise RequestCrashedStage(f"this request took down the {stage} stage twice (the second time "

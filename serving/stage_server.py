@@ -18,6 +18,7 @@ from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 
 from .config import BarkConfig, StageConfig, parse_config
 from .scheduler import StageOutput, StageScheduler
+from .stage_calls import alone_marker
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
@@ -74,7 +75,8 @@ class StageServer:
             log.warning("metrics unavailable for %s", stage, exc_info=True)
             metrics = None
         max_queue = scfg.max_queued_requests if scfg.max_queued_requests >= 0 else 1 << 30
-        self.scheduler = StageScheduler(self.engine, max_queue=max_queue + scfg.max_ongoing_requests,
+        self.scheduler = StageScheduler(self.engine, alone_hook=alone_marker(stage),
+                                        max_queue=max_queue + scfg.max_ongoing_requests,
                                         batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
         graphs = getattr(self.engine, "graph_stats", lambda: None)()
         if metrics is not None:

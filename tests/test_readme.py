@@ -121,7 +121,11 @@ class ReadmeRun:
         ready = self.up.wait_ready(300)
         assert ready["url"] == f"http://127.0.0.1:{self.port}"
         assert ("/v1/batches" in ready["routes"]) == self.wants_batch
-        self.env["RAY_ADDRESS"] = ready["ray"]  # what the ready line says to export
+        exports = re.search(r"Python: export ((?:[A-Z_]+=\S+ ?)+)", self.up.log())
+        assert exports and f"RAY_ADDRESS={ready['ray']}" in exports.group(1), self.up.log()[-2000:]
+        for assignment in exports.group(1).split():  # what the ready line says to export
+            name, value = assignment.split("=", 1)
+            self.env[name] = value
 
 
 @pytest.mark.slow

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,6 +20,7 @@ import pytest
 
 from bark_serve.cluster.placement import pool_resource_map
 from tests.cluster.redis_server import RedisServer
+from tests.ray_cluster import local_cluster
 from tests.serving.conftest import API_KEY, e2e_config, free_port
 from tests.serving.e2e_helpers import AUTH
 
@@ -48,36 +47,24 @@ def work_node(cluster):
 def cluster_app(raw: dict):
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # before the nodes start: their workers inherit it
-    tmp = tempfile.mkdtemp(prefix="bark-nd-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
-    old_tmpdir = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes the cluster's address file there (RAY_TMPDIR/ray/...)
-    os.makedirs(os.path.join(tmp, "ray"), exist_ok=True)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "temp_dir": tmp, "include_dashboard": False,
-                                                            "resources": pool_resource_map(["head"], 8)})
-    try:
+    with local_cluster(2, pool_resource_map(["head"], 8)) as cluster:
         nodes = [work_node(cluster), work_node(cluster)]
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, log_to_driver=False, configure_logging=False)
-        cfg = parse_config(raw)
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": cfg.http_port})
-        serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
-        yield f"http://127.0.0.1:{cfg.http_port}", cluster, nodes
-    finally:
-        with contextlib.suppress(Exception):
-            serve.shutdown()
-        ray.shutdown()
-        cluster.shutdown()
-        if old_tmpdir is None:
-            os.environ.pop("RAY_TMPDIR", None)
-        else:
-            os.environ["RAY_TMPDIR"] = old_tmpdir
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            cfg = parse_config(raw)
+            serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": cfg.http_port})
+            serve.run(build_app(cfg), name=cfg.app_name, route_prefix="/")
+            yield f"http://127.0.0.1:{cfg.http_port}", cluster, nodes
+        finally:
+            with contextlib.suppress(Exception):
+                serve.shutdown()
+            ray.shutdown()
 
 
 def stage_nodes() -> Counter:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.ray_cluster import local_cluster
 from tests.serving.conftest import e2e_config, free_port
 
 pytestmark = pytest.mark.slow
@@ -11,16 +12,20 @@ POOLS = ("semantic", "coarse", "fine", "codec")
 
 
 def test_stage_replicas_land_on_their_pool_nodes(tiny_ckpt):
+    from bark_serve.cluster.placement import pool_resource
+
+    with local_cluster(1) as cluster:
+        pool_nodes = {pool: cluster.add_node(num_cpus=1, resources={pool_resource(pool): 4}) for pool in POOLS}
+        _check_placement(tiny_ckpt, cluster, pool_nodes)
+
+
+def _check_placement(tiny_ckpt, cluster, pool_nodes):
     import ray
     from ray import serve
-    from ray.cluster_utils import Cluster
 
-    from bark_serve.cluster.placement import pool_resource
     from bark_serve.serving.app import build_app
     from bark_serve.serving.config import parse_config
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    pool_nodes = {pool: cluster.add_node(num_cpus=1, resources={pool_resource(pool): 4}) for pool in POOLS}
     try:
         ray.init(address=cluster.address, log_to_driver=False)
         port = free_port()
@@ -43,4 +48,3 @@ def test_stage_replicas_land_on_their_pool_nodes(tiny_ckpt):
     finally:
         serve.shutdown()
         ray.shutdown()
-        cluster.shutdown()

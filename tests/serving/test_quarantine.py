@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from bark_serve.serving.scheduler import StageScheduler
-from bark_serve.serving.stage_calls import retrying_call
+from bark_serve.serving.stage_calls import alone_marker, retrying_call
 from bark_serve.stages.types import EngineResult, RequestCrashedStage
 
 
@@ -65,7 +65,7 @@ class PoisonEngine:
 
 class Crashy:
     def __init__(self, log: str):
-        self.scheduler = StageScheduler(PoisonEngine(log), batch_wait_s=0.2)
+        self.scheduler = StageScheduler(PoisonEngine(log), batch_wait_s=0.2, alone_hook=alone_marker("poison"))
 
     async def run(self, request, priority="interactive", isolated=False):
         return await self.scheduler.submit(request, priority, isolated=isolated)
@@ -108,9 +108,11 @@ def test_a_request_that_kills_its_replica_is_tried_once_alone_then_failed(crashy
     assert [o.output for o in innocent] == ["A", "B", "C"], innocent  # the poison's batch mates still succeed
     lines = Path(log).read_text().splitlines()
     assert lines.count("died") == 2, lines  # the first crash, and the poison alone; never a third
-    batches = [line.split()[1:] for line in lines if line.startswith("batch")]
-    assert "poison-1" in batches[0] and len(batches[0]) > 1  # it was batched with the others at first
-    after = batches[1:]
-    assert ["poison-1"] in after and all(len(b) == 1 for b in after), after  # then each retried alone
-    assert sorted(b[0] for b in after) == ["a", "b", "c", "poison-1"]
+    first, second = (i for i, line in enumerate(lines) if line == "died")
+    assert "poison-1" in lines[first - 1].split()  # the batch that killed the first replica held it
+    assert lines[second - 1] == "batch poison-1"  # and the second time it ran alone
+    after = [line.split()[1:] for line in lines[first + 1:] if line.startswith("batch")]
+    assert all(len(b) == 1 for b in after), after  # every retry ran alone, one at a time
+    ran = {r for line in lines if line.startswith("batch") for r in line.split()[1:]}
+    assert ran == {"poison-1", "a", "b", "c"}
     print(f"quarantine: 2 replica deaths, 3 innocent requests served, {took:.1f} s in all")
