@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
 from bark_serve.cluster.queue import ensure_group
+from bark_serve.cluster.quotas import Quota, check_quota
 from bark_serve.stages.constants import STAGES
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
@@ -167,32 +168,6 @@ class ResultRecord:
     error_type: str | None = None
 
 
-@dataclass(frozen=True)
-class Quota:
-    """What one tenant (API key) may hold at once; None: no limit. Checked when a submission arrives."""
-
-    max_jobs_in_flight: int | None = None  # jobs with queued or running items
-    max_items_queued: int | None = None  # items queued or running, over all its jobs
-    max_result_bytes: int | None = None  # audio kept (in Redis and results_dir) until the jobs expire
-
-
-@dataclass(frozen=True)
-class Usage:
-    """What one tenant holds now."""
-
-    jobs_in_flight: int = 0
-    items_queued: int = 0
-    result_bytes: int = 0
-
-
-class QuotaExceeded(Exception):
-    """A submission would take its tenant past a limit of its :class:`Quota` (HTTP 429)."""
-
-    def __init__(self, limit: str, value: int, message: str):
-        super().__init__(message)
-        self.limit, self.value = limit, value
-
-
 class JobNotFound(KeyError):
     """No such job (never existed, or expired after result_ttl_s)."""
 
@@ -247,65 +222,10 @@ class JobStore:
         meta = msgpack.packb({"job_key": job_key, "submitted_at": self.clock()})
         scoped = "" if not job_key else (f"{owner}:{job_key}" if owner else job_key)
         if quota is not None:
-            await self._check_quota(records, scoped, owner, quota)
+            await check_quota(self.redis, self.keys, records, scoped, owner, quota)
         job_id, created = await self._create(args=[*self._base(), f"b_{uuid.uuid4().hex}", scoped, meta,
                                                    owner or "-"])
         return await self.add_items(job_id.decode(), records, created=bool(created))
-
-    async def usage(self, owner: str = "") -> Usage:
-        """What ``owner``'s unexpired jobs hold: open jobs, queued or running items, result bytes."""
-        ids = await self.redis.zrange(self.keys.owner_jobs(owner), 0, -1)
-        if not ids:
-            return Usage()
-        pipe = self.redis.pipeline(transaction=False)
-        for raw in ids:
-            pipe.hmget(self.keys.job(raw.decode()), "queued", "running", "status", "result_bytes", "owner")
-        jobs = items = size = 0
-        for queued, running, status, result_bytes, job_owner in await pipe.execute():
-            if job_owner is None or job_owner.decode() != (owner or "-"):  # expired
-                continue
-            open_items = int(queued or 0) + int(running or 0)
-            jobs += open_items > 0 and status != b"cancelled"
-            items += open_items
-            size += int(result_bytes or 0)
-        return Usage(jobs, items, size)
-
-    async def _new_items(self, job_id: str, records: Sequence[ItemRecord]) -> int:
-        """How many of the valid ``records`` the job does not hold yet."""
-        new = 0
-        for start in range(0, len(records), ADD_CHUNK):
-            pipe = self.redis.pipeline(transaction=False)
-            for r in records[start:start + ADD_CHUNK]:
-                pipe.hexists(self.keys.job(job_id, "items"), r.id)
-            new += sum(not held for held in await pipe.execute())
-        return new
-
-    async def _check_quota(self, records: Sequence[ItemRecord], scoped_key: str, owner: str, quota: Quota) -> None:
-        existing = None
-        if scoped_key:
-            jid = await self.redis.get(self.keys.jobkey(scoped_key))
-            if jid is not None and await self.redis.exists(self.keys.job(jid.decode())):
-                existing = jid.decode()
-        valid = [r for r in records if r.error is None]
-        new = len(valid) if existing is None else await self._new_items(existing, valid)
-        usage = await self.usage(owner)
-        if existing is None and quota.max_jobs_in_flight is not None \
-                and usage.jobs_in_flight >= quota.max_jobs_in_flight:
-            raise QuotaExceeded("max_jobs_in_flight", quota.max_jobs_in_flight,
-                                f"quota max_jobs_in_flight ({quota.max_jobs_in_flight} per API key) reached: "
-                                f"{usage.jobs_in_flight} of your jobs are queued or running; wait for one to "
-                                "finish, cancel one, or add to one with its Idempotency-Key")
-        if new == 0:
-            return
-        if quota.max_result_bytes is not None and usage.result_bytes >= quota.max_result_bytes:
-            raise QuotaExceeded("max_result_bytes", quota.max_result_bytes,
-                                f"quota max_result_bytes ({quota.max_result_bytes} per API key) reached: your "
-                                f"jobs keep {usage.result_bytes} bytes of results until they expire")
-        if quota.max_items_queued is not None and usage.items_queued + new > quota.max_items_queued:
-            raise QuotaExceeded("max_items_queued", quota.max_items_queued,
-                                f"quota max_items_queued ({quota.max_items_queued} per API key) exceeded: "
-                                f"{usage.items_queued} of your items are queued or running and this submission "
-                                f"adds {new}; submit fewer, or later")
 
     async def list_jobs(self, owner: str = "", after: str | None = None, limit: int = 20) -> tuple[list[JobInfo], bool]:
         """``owner``'s jobs, newest first, starting after the job ``after``. -> (jobs, more after them?)

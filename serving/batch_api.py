@@ -79,7 +79,8 @@ from bark_serve.cluster.batch_types import (
     check_unique,
     parse_item,
 )
-from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, Quota, QuotaExceeded, ResultRecord
+from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
+from bark_serve.cluster.quotas import Quota, QuotaExceeded
 from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.stages.types import Priority
 from bark_serve.stages.untrusted import clip

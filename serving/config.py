@@ -138,8 +138,8 @@ class BatchQuota(_Strict):
     max_follow_streams: int | None = Field(8, ge=1)  # concurrent `follow=true` result streams, per API replica
 
     def store_quota(self):
-        """The part the job store checks at submission (cluster/jobs.py Quota)."""
-        from bark_serve.cluster.jobs import Quota
+        """The part the job store checks at submission (cluster/quotas.py Quota)."""
+        from bark_serve.cluster.quotas import Quota
 
         return Quota(self.max_jobs_in_flight, self.max_items_queued, self.max_result_bytes)
 

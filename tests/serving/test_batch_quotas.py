@@ -16,7 +16,7 @@ import threading
 import pytest
 import redis
 
-from bark_serve.cluster.jobs import Quota
+from bark_serve.cluster.quotas import Quota
 from bark_serve.serving.batch_api import BatchLimits
 from tests.cluster.helpers import drain, expected_audio
 from tests.cluster.redis_server import RedisServer, free_port, prefix, redis_server  # noqa: F401  (fixtures)
