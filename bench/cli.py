@@ -96,7 +96,7 @@ def _log(msg: str) -> None:
 def _checkpoint(args) -> str:
     if args.model:
         return args.model
-    from bark_serve.stages.checkpoint import make_checkpoint
+    from bark_serve.stages.random_checkpoint import make_checkpoint
 
     path = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve")) / f"bench-{args.size}"
     if not (path / "model.safetensors").exists():

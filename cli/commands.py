@@ -132,7 +132,7 @@ def synth(args) -> int:
 
 
 def make_checkpoint(args) -> int:
-    from bark_serve.stages.checkpoint import make_checkpoint as make
+    from bark_serve.stages.random_checkpoint import make_checkpoint as make
 
     path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype, eos=not args.full_length)
     ending = "requests run to the semantic cap" if args.full_length else "requests end after about 1-4 s of audio"

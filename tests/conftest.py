@@ -19,7 +19,7 @@ def voices_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory) -> Path:
-    from bark_serve.stages.checkpoint import make_checkpoint
+    from bark_serve.stages.random_checkpoint import make_checkpoint
 
     cache = os.environ.get("BARK_TEST_CKPT_CACHE")
     if cache:  # reuse across local runs; CI always builds it fresh

@@ -131,7 +131,7 @@ def test_make_checkpoint_full_length_keeps_the_plain_random_weights(tmp_path):
     """`--full-length` (alias `--no-eos`): the weights make_checkpoint() writes by default, as benchmarks need."""
     from safetensors.torch import load_file
 
-    from bark_serve.stages.checkpoint import make_checkpoint
+    from bark_serve.stages.random_checkpoint import make_checkpoint
 
     res = run_cli("make-checkpoint", tmp_path / "full", "--no-eos")
     assert res.returncode == 0, res.stderr

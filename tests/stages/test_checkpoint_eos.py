@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from bark_serve.serving.config import BarkConfig
-from bark_serve.stages.checkpoint import PRESETS, make_checkpoint
 from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.random_checkpoint import PRESETS, make_checkpoint
 from bark_serve.stages.semantic import SemanticEngine
 from bark_serve.stages.text import TextPreparer
 from bark_serve.stages.types import GREEDY, GenerationParams, SemanticRequest

@@ -190,7 +190,7 @@ def write_readme(directory: Path, size: str, seed: int, eos: bool) -> None:
     """Say in the checkpoint itself what it is, so nobody mistakes it for Bark."""
     if eos:
         ending = ("The semantic stage is tuned to end by itself (see `_tune_semantic_eos` in "
-                  "bark_serve/stages/checkpoint.py): with the default `min_eos_p` 0.2 a short text stops after "
+                  "bark_serve/stages/random_checkpoint.py): with the default `min_eos_p` 0.2 a short text stops after "
                   "roughly 50-200 semantic tokens (1-4 s of audio at 49.9 tokens/s), longer texts later. "
                   "Made without `--full-length`.")
     else:
