@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from bark_serve.cluster.ports import free_port
 from bark_serve.stages.constants import STAGES
 
 from .workload import SEGMENT_TOKENS, Run, Workload
@@ -71,12 +71,6 @@ def dataset_run(model_dir: str, work: Workload, n: int, dtype: str, max_batch: i
     return run
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def batches_run(model_dir: str, work: Workload, n: int, dtype: str, max_batch: int) -> Run:
     """The same items as one ``/v1/batches`` job on the served app with a local Redis (app startup excluded)."""
     import httpx
@@ -88,7 +82,7 @@ def batches_run(model_dir: str, work: Workload, n: int, dtype: str, max_batch: i
 
     tmp = tempfile.mkdtemp(prefix="bark-bench-", dir="/tmp")
     redis = LocalRedis.start(Path(tmp) / "redis")
-    port = _free_port()
+    port = free_port()
     cfg = _config(model_dir, dtype, max_batch, http_host="127.0.0.1", http_port=port,
                   batch={"enabled": True, "redis_url": redis.url, "max_in_flight": max_batch,
                          "worker": {"num_cpus": 0.1}})

@@ -8,7 +8,6 @@ benchmark takes the difference over each run.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,6 +16,7 @@ from dataclasses import dataclass, field
 import httpx
 import msgpack
 
+from bark_serve.cluster.ports import free_port
 from bark_serve.stages.constants import STAGES
 
 from .workload import (
@@ -29,12 +29,6 @@ from .workload import (
     roofline,
     stage_efficiency,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServedApp:
@@ -50,7 +44,7 @@ class ServedApp:
         from bark_serve.serving.serve_config import pool_resources
         from bark_serve.serving.stage_server import resolve_threads
 
-        self.port = _free_port()
+        self.port = free_port()
         stage_over = {"dtype": dtype, "max_ongoing_requests": 1024,
                       "max_queued_requests": 4096, **({"device": device} if device else {})}
         # Every sentence of the workload is one segment (workload.SEGMENT_TOKENS), so all

@@ -13,11 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from bark_serve.cluster.ports import free_port
 
 
 @dataclass
@@ -38,7 +34,7 @@ class LocalRedis:
             raise RuntimeError("batch jobs need Redis: set batch.redis_url, or install redis-server "
                                "(apt-get install redis-server) so that `bark-serve up` can start one")
         directory.mkdir(parents=True, exist_ok=True)
-        port = port or _free_port()
+        port = port or free_port()
         proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
                                  "--appendonly", "yes", "--save", "60 1",
                                  "--maxmemory", maxmemory, "--maxmemory-policy", "noeviction"],

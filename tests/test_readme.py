@@ -31,8 +31,8 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
+from bark_serve.cluster.ports import free_port
 from tests.cli.up_process import UpProcess
-from tests.serving.conftest import free_port
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SKIP = "<!-- readme-test: skip"

@@ -19,10 +19,11 @@ from bark_serve.cli.batch import BatchClient, add_batch_commands, run, submit_an
 from bark_serve.cluster.batch_types import BatchKeys
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import JobStore
+from bark_serve.cluster.ports import free_port
 from bark_serve.cluster.queue import WorkQueue
 from bark_serve.serving.batch_api import batch_router
 from tests.cluster.helpers import FakeSynth, expected_audio
-from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.cluster.redis_server import prefix, redis_server  # noqa: F401  (fixtures)
 
 
 class LiveServer:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.serving.conftest import free_port
+from bark_serve.cluster.ports import free_port
 
 pytestmark = pytest.mark.slow
 

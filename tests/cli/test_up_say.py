@@ -12,8 +12,8 @@ import time
 import pytest
 import soundfile as sf
 
+from bark_serve.cluster.ports import free_port
 from tests.cli.up_process import UpProcess
-from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.slow
 

@@ -18,10 +18,10 @@ import pytest
 
 from bark_serve.cli import up as up_cli
 from bark_serve.cli.common import CliError
+from bark_serve.cluster.ports import free_port
 from bark_serve.serving.config import load_config
 from bark_serve.serving.serve_config import pool_resources
 from tests.cli.up_process import UpProcess
-from tests.serving.conftest import free_port
 
 pytestmark = pytest.mark.slow
 READY_TIMEOUT_S = 150  # `up --address` waits this long, then gives up (exit 2)

@@ -6,7 +6,6 @@ Install it with ``apt-get update && apt-get install -y redis-server``.
 from __future__ import annotations
 
 import shutil
-import socket
 import subprocess
 import time
 import uuid
@@ -15,13 +14,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from bark_serve.cluster.ports import free_port
+
 INSTALL_HINT = "redis-server is not installed: run `apt-get update && apt-get install -y redis-server`"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

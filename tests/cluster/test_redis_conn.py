@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from bark_serve.cluster.ports import free_port
 from bark_serve.cluster.redis_conn import (
     RedisSettings,
     RedisUnavailable,
@@ -20,7 +21,7 @@ from bark_serve.cluster.redis_conn import (
     resolve_url,
 )
 from bark_serve.serving.config import BatchConfig
-from tests.cluster.redis_server import RedisServer, free_port
+from tests.cluster.redis_server import RedisServer
 
 
 def test_url_resolution_and_config_errors(tmp_path):

@@ -13,7 +13,6 @@ import json
 import re
 import runpy
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import httpx
 import pytest
 import yaml
 
+from bark_serve.cluster.ports import free_port
 from tests.helm.test_chart import CHART, REPO, helm, rendered
 
 DASHBOARD = CHART / "dashboards" / "bark-serve.json"
@@ -120,12 +120,6 @@ def test_stated_ray_serve_metrics_are_those_ray_itself_charts():
 
 
 # --- every queried metric is registered -----------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def run_batch_worker(redis_url: str, texts: list[str]) -> dict:
     """A real BatchWorkerLoop on Redis with a fake synthesize, publishing through BatchProgressReporter."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
+
+from bark_serve.cluster.ports import free_port
 
 API_KEY = "test-key-123"
 
@@ -17,12 +17,6 @@ def redis_srv(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def e2e_config(model: str, port: int, **overrides) -> dict:

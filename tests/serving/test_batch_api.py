@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from bark_serve.cluster.batch_types import BatchKeys
 from bark_serve.cluster.jobs import JobStore
+from bark_serve.cluster.ports import free_port
 from bark_serve.serving.batch_api import BatchLimits, batch_router
 from tests.cluster.helpers import drain, expected_audio
-from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.cluster.redis_server import prefix, redis_server  # noqa: F401  (fixtures)
 
 JSONL = {"Content-Type": "application/jsonl"}
 

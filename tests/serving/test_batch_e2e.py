@@ -17,12 +17,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from bark_serve.cluster.ports import free_port
 from bark_serve.serving.config import AudioConfig
 from bark_serve.stages.dsp import join_segments
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
-from tests.serving.conftest import API_KEY, e2e_config, free_port
+from tests.serving.conftest import API_KEY, e2e_config
 from tests.serving.e2e_helpers import running_app
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ import redis
 from bark_serve.cluster.quotas import Quota
 from bark_serve.serving.batch_api import BatchLimits
 from tests.cluster.helpers import drain, expected_audio
-from tests.cluster.redis_server import RedisServer, free_port, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
 from tests.serving.test_batch_tenancy import A, B, body, make_client, submit
 
 

@@ -20,7 +20,7 @@ from bark_serve.serving.batch_api import BatchLimits, batch_router
 from bark_serve.serving.errors import APIError
 from bark_serve.serving.http_api import check_api_key, key_owner
 from tests.cluster.helpers import drain
-from tests.cluster.redis_server import free_port, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.cluster.redis_server import prefix, redis_server  # noqa: F401  (fixtures)
 
 KEYS = frozenset({"key-a-secret", "key-b-secret"})
 A = {"Authorization": "Bearer key-a-secret", "Content-Type": "application/jsonl"}

@@ -14,7 +14,8 @@ import httpx
 import msgpack
 import pytest
 
-from tests.serving.conftest import e2e_config, free_port
+from bark_serve.cluster.ports import free_port
+from tests.serving.conftest import e2e_config
 from tests.serving.e2e_helpers import (
     AUTH,
     MAX_ERROR_BYTES,

@@ -19,9 +19,10 @@ import httpx
 import pytest
 
 from bark_serve.cluster.placement import pool_resource_map
+from bark_serve.cluster.ports import free_port
 from tests.cluster.redis_server import RedisServer
 from tests.ray_cluster import local_cluster
-from tests.serving.conftest import API_KEY, e2e_config, free_port
+from tests.serving.conftest import API_KEY, e2e_config
 from tests.serving.e2e_helpers import AUTH
 
 pytestmark = pytest.mark.slow

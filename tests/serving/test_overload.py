@@ -18,8 +18,9 @@ import msgpack
 import numpy as np
 import pytest
 
+from bark_serve.cluster.ports import free_port
 from bark_serve.serving.audio import from_pcm16
-from tests.serving.conftest import e2e_config, free_port
+from tests.serving.conftest import e2e_config
 from tests.serving.e2e_helpers import (
     AUTH,
     assert_error_shape,

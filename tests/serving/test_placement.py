@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from bark_serve.cluster.ports import free_port
 from tests.ray_cluster import local_cluster
-from tests.serving.conftest import e2e_config, free_port
+from tests.serving.conftest import e2e_config
 
 pytestmark = pytest.mark.slow
 POOLS = ("semantic", "coarse", "fine", "codec")

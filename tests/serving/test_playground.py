@@ -20,7 +20,8 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.serving.conftest import API_KEY, e2e_config, free_port
+from bark_serve.cluster.ports import free_port
+from tests.serving.conftest import API_KEY, e2e_config
 
 pytestmark = pytest.mark.slow
 TEXT = "One sentence to start. Then a second sentence, which is here. And a third."

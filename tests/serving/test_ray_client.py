@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.serving.conftest import e2e_config, free_port
+from bark_serve.cluster.ports import free_port
+from tests.serving.conftest import e2e_config
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
