@@ -2,14 +2,4 @@
 
 from __future__ import annotations
 
-import pytest
-
-from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test alone (for tests that restart it)."""
-    server = RedisServer(tmp_path / "redis").start()
-    yield server
-    server.stop(kill=True)
+from tests.cluster.redis_server import own_redis, prefix, redis_server  # noqa: F401  (fixtures)

@@ -90,6 +90,16 @@ def redis_server(tmp_path_factory):
 
 
 @pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of this test alone, with AOF (for tests that kill, stop or restart it)."""
+    server = RedisServer(tmp_path / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop(kill=True)
+
+
+@pytest.fixture
 def prefix() -> str:
     """Keys of one test never meet another's: each test has its own prefix on the shared server."""
     return f"t{uuid.uuid4().hex[:10]}"

@@ -29,23 +29,13 @@ from bark_serve.cluster.jobs import JobStore
 from bark_serve.cluster.queue import WorkQueue
 from tests.cli.test_batch_cli import LiveServer
 from tests.cluster.helpers import FakeSynth, all_results, expected_audio, records, wait_finished
-from tests.cluster.redis_server import RedisServer, prefix, redis_server  # noqa: F401  (fixtures)
+from tests.cluster.redis_server import RedisServer, own_redis, prefix, redis_server  # noqa: F401  (fixtures)
 from tests.serving.conftest import API_KEY
 from tests.serving.e2e_helpers import running_app
 from tests.serving.test_batch_e2e import batch_config
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OPTS = {"max_semantic_tokens": 12, "temperature": 0, "min_eos_p": None}
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of this test alone (it is killed and restarted), with AOF."""
-    server = RedisServer(tmp_path / "redis").start()
-    try:
-        yield server
-    finally:
-        server.stop(kill=True)
 
 
 def cli(*argv: str) -> int:
