@@ -2,8 +2,8 @@
 
 An input row is validated exactly as a batch item is (``cluster/batch_types.parse_item``: id, text,
 voice, seed, format, options), its options as the HTTP API's (``BarkOptions``, unknown keys refused),
-and it is planned as the orchestrator plans a request (``Synthesizer.plan``: split, tokenize, resolve
-the voice). A bad row becomes a row with status ``failed`` and the reason; it never stops the run.
+and it is planned as every request is (``stages/plan.Planner``: text or a multi-speaker script, split,
+tokenized, voices resolved). A bad row becomes a row with status ``failed`` and the reason; it never stops the run.
 
 Between stages a row carries its per-segment token arrays as binary columns (``pack_arrays``:
 an .npz of the arrays, no pickle), so each stage reads the outputs of the stages before it.
@@ -15,6 +15,8 @@ import enum
 import hashlib
 import io
 import json
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,8 @@ from bark_serve.serving.audio import check_format
 from bark_serve.serving.config import AudioConfig
 from bark_serve.stages.constants import STAGES
 from bark_serve.stages.dsp import PostProcess
-from bark_serve.stages.types import GenerationParams, InvalidRequestError, VoicePrompt
+from bark_serve.stages.plan import Plan, Planner
+from bark_serve.stages.types import GenerationParams, InvalidRequestError, Priority, VoicePrompt
 from bark_serve.stages.untrusted import clip, summarize_errors
 
 MAX_ERROR_CHARS = 500
@@ -45,7 +48,7 @@ WORK_SCHEMA = pa.schema([
     ("id", pa.string()), ("text", pa.string()), ("voice", pa.string()), ("seed", pa.int64()),
     ("options", pa.string()), ("format", pa.string()), ("status", pa.string()), ("error", pa.string()),
     ("segments", pa.int64()), ("semantic_tokens", pa.int64()), ("path", pa.string()), ("duration_s", pa.float64()),
-    ("voice_prompt", pa.binary()), ("text_ids", pa.binary()),
+    ("voices", pa.binary()), ("speakers", pa.list_(pa.int64())), ("text_ids", pa.binary()),
     *[(stage, pa.binary()) for stage in STAGES[:-1]],
     *[(f"busy_s_{stage}", pa.float64()) for stage in STAGES],
     *[(f"node_{stage}", pa.string()) for stage in STAGES],
@@ -70,15 +73,26 @@ def unpack_arrays(data: bytes) -> list[np.ndarray]:
         return [npz[f"arr_{i}"] for i in range(len(npz.files))]
 
 
-def pack_voice(voice: VoicePrompt | None) -> bytes | None:
-    return None if voice is None else pack_arrays([voice.semantic, voice.coarse, voice.fine])
+def pack_voices(voices: Sequence[VoicePrompt | None]) -> bytes:
+    """A plan's voices (one per speaker, None: no voice) as one .npz: three arrays per voice, keyed by speaker."""
+    buf = io.BytesIO()
+    arrays = {f"{k}_{part}": np.asarray(getattr(v, part)) for k, v in enumerate(voices) if v is not None
+              for part in ("semantic", "coarse", "fine")}
+    np.savez(buf, n=np.int64(len(voices)), **arrays)
+    return buf.getvalue()
 
 
-def unpack_voice(data: bytes | None) -> VoicePrompt | None:
-    if data is None:
-        return None
-    semantic, coarse, fine = unpack_arrays(data)
-    return VoicePrompt(semantic, coarse, fine)
+def unpack_voices(data: bytes) -> tuple[VoicePrompt | None, ...]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return tuple(VoicePrompt(npz[f"{k}_semantic"], npz[f"{k}_coarse"], npz[f"{k}_fine"])
+                     if f"{k}_semantic" in npz.files else None for k in range(int(npz["n"])))
+
+
+def row_plan(row: dict) -> Plan:
+    """A pending row's plan, as ``plan_row`` stored it (the text itself is not needed any more)."""
+    seed = int(row["seed"])
+    return Plan(row["id"], (), tuple(unpack_arrays(row["text_ids"])), unpack_voices(row["voices"]),
+                tuple(row["speakers"]), row_params(row["options"], seed), seed, Priority.BATCH)
 
 
 def row_params(options_json: str | None, seed: int | None) -> GenerationParams:
@@ -165,7 +179,8 @@ def declared_id(raw: Any) -> str | None:
         return None
 
 
-def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line: str | None = None) -> dict:
+def plan_row(raw: Any, parse_error: str | None, planner: Planner, default_format: str, line: str | None = None,
+             ) -> dict:
     """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
     if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not
         return failed_row(empty_row(fallback_id(raw, line)), "id is missing: every row needs a unique id")
@@ -176,19 +191,19 @@ def plan_row(raw: Any, parse_error: str | None, synth, default_format: str, line
     row = empty_row(row_id)
     if isinstance(raw, dict):  # unchecked yet: kept short and printable (a lone surrogate cannot go into Arrow)
         row.update(text=_printable(raw.get("text")), voice=_printable(raw.get("voice")))
-    rec = parse_item(raw, 0, synth.max_text_chars, parse_error)
+    rec = parse_item(raw, 0, planner.max_text_chars or sys.maxsize, parse_error)
     if rec.error is not None:
         return failed_row(row, rec.error.removeprefix("item 0: "))
     row.update(text=rec.text or row["text"], voice=rec.voice if isinstance(rec.voice, str) else row["voice"])
-    if rec.script is not None:
-        return failed_row(row, "multi-speaker scripts are not supported by `bark-serve dataset` yet: send them as "
-                               "/v1/batches items, or one row per line")
     options = json.dumps(rec.options, sort_keys=True) if rec.options else None
     row.update(options=options, seed=rec.seed)
     try:
         fmt = check_format(rec.format if "format" in raw else default_format)
-        plan = synth.plan(rec.text, rec.voice, row_params(options, rec.seed), request_id=row_id)
+        script = None if rec.script is None else [(ln["voice"], ln["text"]) for ln in rec.script]
+        plan = planner.plan(None if script else rec.text, rec.voice, row_params(options, rec.seed), Priority.BATCH,
+                            row_id, script)
     except InvalidRequestError as exc:
         return failed_row(row, str(exc))
-    return {**row, "format": fmt, "seed": plan.seed, "status": Status.PENDING.value, "segments": len(plan.segments),
-            "voice_prompt": pack_voice(plan.voice), "text_ids": pack_arrays(list(plan.text_ids))}
+    return {**row, "format": fmt, "seed": plan.seed, "status": Status.PENDING.value, "segments": plan.n_segments,
+            "voices": pack_voices(plan.voices), "speakers": list(plan.speakers),
+            "text_ids": pack_arrays(list(plan.text_ids))}

@@ -28,7 +28,7 @@ from .manifest import MANIFEST, ManifestWriter, compact, done_ids
 from .outdir import OutDir, absolute, is_uri
 from .rows import Status, declared_ids
 from .settings import MapSpec, plan_spec, stage_specs
-from .udfs import WORKERS, Planner
+from .udfs import WORKERS, RowPlanner
 
 INPUT_KINDS = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".parquet": "parquet",
                ".pq": "parquet"}
@@ -179,7 +179,7 @@ def build_dataset(cfg: BarkConfig, opts: RunOptions, skip: frozenset[str]):
     """The lazy pipeline: input rows in, result rows (manifest columns and stage accounting) out."""
     ds, kind = read_input(opts)
     config = cfg.model_dump(mode="json")
-    ds = _map(ds, Planner, plan_spec(cfg), config=config, source="jsonl" if kind == "jsonl" else "table",
+    ds = _map(ds, RowPlanner, plan_spec(cfg), config=config, source="jsonl" if kind == "jsonl" else "table",
               default_format=opts.default_format, done_ids=skip)
     for stage, spec in stage_specs(cfg).items():
         ds = _map(ds, WORKERS[stage], spec, config=config, out=absolute(opts.out))

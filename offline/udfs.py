@@ -38,13 +38,13 @@ def _table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pylist([{k: r.get(k) for k in WORK_SCHEMA.names} for r in rows], schema=WORK_SCHEMA)
 
 
-class Planner:
+class RowPlanner:
     """Validate and plan input rows; drop those already done (resume)."""
 
     def __init__(self, config: dict, source: str, default_format: str, done_ids: frozenset[str] = frozenset()):
-        from bark_serve.serving.stage_calls import make_synthesizer
+        from bark_serve.serving.stage_calls import make_planner
 
-        self.synth = make_synthesizer(parse_config(config), {})  # planning only: no stage is called
+        self.planner = make_planner(parse_config(config))
         self.source, self.default_format, self.done = source, default_format, done_ids
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -59,7 +59,7 @@ class Planner:
                 raw, error, line = raw_from_table(record), None, None
             if declared_id(raw) in self.done:  # done in an earlier run: not planned (tokenized) again
                 continue
-            row = plan_row(raw, error, self.synth, self.default_format, line)
+            row = plan_row(raw, error, self.planner, self.default_format, line)
             if row["id"] not in self.done:  # a made-up id of a bad row, recorded before
                 out.append(row)
         return _table(out)
@@ -108,8 +108,8 @@ class StageWorker:
         except OSError as exc:
             row.update(failed_row(row, f"writing the audio failed: {exc}"))
             return
-        row.update(status=Status.OK.value, duration_s=len(audio) / self.sample_rate, voice_prompt=None,
-                   text_ids=None, **{s: None for s in STAGES[:-1]})
+        row.update(status=Status.OK.value, duration_s=len(audio) / self.sample_rate, voices=None,
+                   speakers=None, text_ids=None, **{s: None for s in STAGES[:-1]})
 
 
 class SemanticWorker(StageWorker):

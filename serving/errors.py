@@ -7,12 +7,12 @@ import logging
 
 from fastapi.responses import JSONResponse
 
+from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.text import TextTooLongError
 from bark_serve.stages.types import CheckpointError, InvalidRequestError, RequestCrashedStage
 from bark_serve.stages.voices import UnknownVoiceError
 
 from .scheduler import QueueFull, StageError
-from .synthesis import TextTooLarge
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 

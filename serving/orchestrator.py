@@ -138,7 +138,7 @@ class Orchestrator:
 
     async def voices(self, request: Request):
         H.check_api_key(request, self.api_keys)
-        return {"voices": self.synth.voices.names(), "aliases": self.synth.aliases}
+        return {"voices": self.synth.voices.names(), "aliases": self.synth.planner.aliases}
 
     async def models(self, request: Request):
         H.check_api_key(request, self.api_keys)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from bark_serve.stages.plan import Planner
 from bark_serve.stages.text import TextPreparer
 from bark_serve.stages.types import Priority, RequestCrashedStage, StageRequest
 from bark_serve.stages.voices import VoiceLibrary
@@ -120,11 +121,16 @@ def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_B
     return call
 
 
-def make_synthesizer(cfg: BarkConfig, handles: dict) -> Synthesizer:
-    """Tokenizer and voices from the checkpoint (no weights); stage calls through Serve handles."""
+def make_planner(cfg: BarkConfig) -> Planner:
+    """The config's planner: the checkpoint's tokenizer and voices (no weights), the orchestrator's limits."""
     ckpt = Checkpoint.open(cfg.model)
     voices = VoiceLibrary(ckpt.spec, ckpt, [cfg.voices_dir] if cfg.voices_dir else [])
     ocfg = cfg.orchestrator
-    return Synthesizer(TextPreparer.from_checkpoint(ckpt), voices, ckpt.spec, retrying_call(handles),
-                       ocfg.segment_max_tokens, ocfg.max_text_chars, cfg.voice_aliases, ocfg.max_segments_in_flight,
-                       first_segment_max_tokens=ocfg.first_segment_max_tokens)
+    return Planner(TextPreparer.from_checkpoint(ckpt), voices, ocfg.segment_max_tokens,
+                   ocfg.first_segment_max_tokens, ocfg.max_text_chars, cfg.voice_aliases)
+
+
+def make_synthesizer(cfg: BarkConfig, handles: dict) -> Synthesizer:
+    """The config's planner, with stage calls through Serve handles."""
+    planner = make_planner(cfg)
+    return Synthesizer(planner, planner.text.spec, retrying_call(handles), cfg.orchestrator.max_segments_in_flight)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,11 +18,11 @@ from .codec import CodecEngine
 from .constants import STAGES, BarkSpec
 from .engine import EngineOptions, StageEngine
 from .fine import FineEngine
-from .longform import carry_voice, segment_seed, split_script
+from .plan import Plan, Planner
 from .requests import stage_request
 from .semantic import SemanticEngine
 from .text import TextPreparer
-from .types import EngineResult, GenerationParams, InvalidRequestError, VoicePrompt
+from .types import EngineResult, GenerationParams, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 
@@ -105,6 +105,10 @@ class BarkPipeline:
             outputs.append(res.output)
         return outputs
 
+    def planner(self, max_segment_tokens: int | None = None) -> Planner:
+        """This pipeline's planner (stages/plan.py): segments of ``max_segment_tokens`` (default: the model's)."""
+        return Planner(self.text, self.voices, max_segment_tokens)
+
     def synthesize(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
                    max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
         """Any length of text: split into segments, each continuing the previous one's voice.
@@ -113,36 +117,30 @@ class BarkPipeline:
         and so is the audio. Progress: ``on_segment(i, n)`` is called before the first
         segment (i=0) and after each one, ``on_step(stage_name)`` after every engine step.
         """
-        if not isinstance(text, str) or not text.strip():
-            self.text.encode(text)  # raises the empty-text error
-        return self.synthesize_script([(voice, text)], params, max_segment_tokens, on_segment, on_step)
+        return self.run_plan(self.planner(max_segment_tokens).plan(text, voice, params), on_segment, on_step)
 
     def synthesize_script(self, lines: Sequence[tuple[object, str]], params: GenerationParams = GenerationParams(),
                           max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
         """A multi-speaker script of (voice, text) lines, in order. Each line is split like a text; each
-        speaker (lines with an equal voice) continues its own previous segment's voice, not another's.
+        speaker (lines with an equal voice) continues its own previous segment's voice, not another's."""
+        return self.run_plan(self.planner(max_segment_tokens).plan(None, None, params, script=list(lines)),
+                             on_segment, on_step)
 
-        Segment i of the whole script gets ``segment_seed(seed, i)``, as in the served pipeline.
-        """
-        for n, (_, line) in enumerate(lines):
-            if not isinstance(line, str) or not line.strip():
-                raise InvalidRequestError(f"script line {n}: text is empty")
-        speakers, segments = split_script(lines, self.text.count, max_segment_tokens or self.text.max_tokens)
-        history = [self.voices.resolve(v) for v in speakers]  # each speaker's current history prompt
-        seed = params.seed if params.seed is not None else secrets.randbits(62)
-        parts = []
-        if on_segment is not None and segments:
-            on_segment(0, len(segments))
-        for i, seg in enumerate(segments):
-            who = seg.speaker
-            gen = self.generate(seg.text, history[who], replace(params, seed=segment_seed(seed, i)), on_step)[0]
-            parts.append(gen)
-            history[who] = carry_voice(history[who], gen.semantic, gen.coarse, gen.fine)
+    def run_plan(self, plan: Plan, on_segment=None, on_step=None) -> Generation:
+        """A plan's segments one after the other through all four stages (segment i gets ``plan.seed_of(i)``
+        and the plan's history rule, as in the served pipeline)."""
+        outputs: dict[str, list[np.ndarray]] = {s: [] for s in STAGES}
+        if on_segment is not None:
+            on_segment(0, plan.n_segments)
+        for i in range(plan.n_segments):
+            history = plan.history_prompt(i, "fine", lambda s, j: outputs[s][j])  # every stage reads its part
+            upstream = plan.text_ids[i]
+            for stage in STAGES:
+                upstream = self._run(stage, on_step, [plan.stage_request(stage, i, upstream, history)])[0]
+                outputs[stage].append(upstream)
             if on_segment is not None:
-                on_segment(i + 1, len(segments))
-        return Generation("r0", np.concatenate([g.semantic for g in parts]),
-                          np.concatenate([g.coarse for g in parts], axis=1),
-                          np.concatenate([g.fine for g in parts], axis=1),
-                          np.concatenate([g.audio for g in parts]), self.spec.sample_rate, seed,
-                          tuple(len(g.audio) for g in parts))
-
+                on_segment(i + 1, plan.n_segments)
+        return Generation(plan.request_id, np.concatenate(outputs["semantic"]),
+                          np.concatenate(outputs["coarse"], axis=1), np.concatenate(outputs["fine"], axis=1),
+                          np.concatenate(outputs["codec"]), self.spec.sample_rate, plan.seed,
+                          tuple(len(a) for a in outputs["codec"]))

@@ -12,7 +12,7 @@ import pytest
 
 from bark_serve.offline.rows import WORK_SCHEMA, Status, raw_from_table
 from bark_serve.offline.stage_run import run_stage
-from bark_serve.offline.udfs import Planner
+from bark_serve.offline.udfs import RowPlanner
 from bark_serve.serving.config import parse_config
 from bark_serve.stages.constants import STAGES
 from tests.offline.conftest import GOOD_ROWS, QUANT, offline_config, pipe, reference  # noqa: F401
@@ -44,7 +44,7 @@ def test_bad_rows_fail_alone_with_their_reason(config):
         "   ",  # blank lines are skipped
     ]
     cfg = dict(config, orchestrator={**config["orchestrator"], "max_text_chars": 4000})
-    out = Planner(cfg, "jsonl", "wav")(jsonl_batch(lines))
+    out = RowPlanner(cfg, "jsonl", "wav")(jsonl_batch(lines))
     assert out.schema == WORK_SCHEMA
     rows = out.to_pylist()
     assert len(rows) == len(lines) - 1
@@ -62,7 +62,7 @@ def test_bad_rows_fail_alone_with_their_reason(config):
     # the row with the same id as a good one, but too long, is recorded as failed too
     assert [r["status"] for r in rows if r["id"] == "long"] == ["pending", "failed"]
     # ids made up for bad rows are stable: a rerun records the same ids
-    again = Planner(cfg, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()
+    again = RowPlanner(cfg, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()
     assert [r["id"] for r in again] == [r["id"] for r in rows]
 
 
@@ -70,21 +70,22 @@ def test_a_lone_surrogate_or_a_huge_text_fails_its_row_and_the_batch_still_build
     """Unchecked text goes into the manifest short and printable: Arrow refuses lone surrogates."""
     lines = [json.dumps({"id": "sur", "text": "a\ud800b"}), json.dumps({"id": "big", "text": "y" * 50_000}),
              json.dumps({"id": "vsur", "text": "hi", "voice": "\udfff"}), json.dumps(GOOD_ROWS[1])]
-    out = {r["id"]: r for r in Planner(config, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()}
+    out = {r["id"]: r for r in RowPlanner(config, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()}
     assert out["sur"]["status"] == "failed" and out["sur"]["text"] == "a\\ud800b" and "surrogate" in out["sur"]["error"]
     assert out["vsur"]["status"] == "failed" and out["vsur"]["voice"] == "\\udfff"
     assert out["big"]["status"] == "failed" and len(out["big"]["text"]) <= 501
     assert out["short"]["status"] == "pending" and out["short"]["text"] == GOOD_ROWS[1]["text"]
     long_ok = {"id": "long-ok", "text": "word " * 300}  # longer than an error's clip, within max_text_chars
-    assert Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(long_ok)])).to_pylist()[0]["text"] == \
+    assert RowPlanner(config, "jsonl", "wav")(jsonl_batch([json.dumps(long_ok)])).to_pylist()[0]["text"] == \
         long_ok["text"]
 
 
 def test_resume_drops_done_ids_before_planning_them(config):
     lines = [json.dumps(r) for r in GOOD_ROWS]
-    planner = Planner(config, "jsonl", "wav", frozenset({"long", "42"}))
-    planned, plan = [], planner.synth.plan
-    planner.synth.plan = lambda text, *a, **kw: planned.append(kw.get("request_id")) or plan(text, *a, **kw)
+    planner = RowPlanner(config, "jsonl", "wav", frozenset({"long", "42"}))
+    planned, plan = [], planner.planner.plan
+    planner.planner.plan = lambda text, voice, params, priority, request_id, script: (
+        planned.append(request_id) or plan(text, voice, params, priority, request_id, script))
     out = planner(jsonl_batch(lines)).to_pylist()
     assert [r["id"] for r in out] == ["short", "sampled", "raw"] == planned  # done rows are not tokenized again
 
@@ -98,7 +99,7 @@ def test_csv_cells_and_json_options(config, tmp_path):
                     'b,Second row.,v2/en_speaker_6,,\n'
                     'c,Bad options.,,,{oops\n'
                     '1,12345,,,\n')  # id 1 is not id 001; a numeric text is text
-    rows = Planner(config, "table", "flac")(pacsv.read_csv(path, convert_options=csv_convert_options())).to_pylist()
+    rows = RowPlanner(config, "table", "flac")(pacsv.read_csv(path, convert_options=csv_convert_options())).to_pylist()
     assert [(r["id"], r["status"]) for r in rows] == [("001", "pending"), ("b", "pending"), ("c", "failed"),
                                                       ("1", "pending")]
     assert rows[3]["text"] == "12345"
@@ -124,7 +125,7 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
     from bark_serve.stages.dsp import join_segments
 
     cfg = parse_config(config)
-    rows = Planner(config, "jsonl", "wav")(jsonl_batch([json.dumps(r) for r in GOOD_ROWS])).to_pylist()
+    rows = RowPlanner(config, "jsonl", "wav")(jsonl_batch([json.dumps(r) for r in GOOD_ROWS])).to_pylist()
     assert rows[0]["segments"] >= 2
     for stage in STAGES:
         if stage == "codec":  # the codec reads only the fine stage's output
@@ -141,17 +142,18 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
 
 def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse():
     """A row whose segments are all too short to carry the voice: every one's history is the row's voice."""
-    from bark_serve.offline.stage_run import RowWork, history
+    from bark_serve.offline.stage_run import RowWork
+    from bark_serve.stages.plan import Plan
     from bark_serve.stages.types import GenerationParams, VoicePrompt
 
     n = 3000
     voice = VoicePrompt(np.zeros(4, np.int64), np.zeros((2, 4), np.int64), np.zeros((8, 4), np.int64))
+    plan = Plan("r", (), (np.zeros(1, np.int64),) * n, (voice,), (0,) * n, GenerationParams(), 0)
     short = [np.zeros(1, np.int64)] * n  # one semantic token: carries no voice
-    work = RowWork(0, short, {"semantic": short}, voice, GenerationParams(), 0, [None] * n)
-    assert history("coarse", n - 1, work) is voice
+    assert RowWork(0, plan, short, {"semantic": short}, [None] * n).history("coarse", n - 1) is voice
     long = [np.arange(8)] + short[1:]  # segment 0 carries it: the walk stops there
     coarse = [np.ones((2, 3), np.int64)] + [None] * (n - 1)  # what the coarse stage has made so far
-    got = history("coarse", n - 1, RowWork(0, long, {"semantic": long}, voice, GenerationParams(), 0, coarse))
+    got = RowWork(0, plan, long, {"semantic": long}, coarse).history("coarse", n - 1)
     assert np.array_equal(got.semantic, np.arange(8)) and np.array_equal(got.coarse, coarse[0])
 
 

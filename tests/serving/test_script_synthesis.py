@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from bark_serve.serving.scheduler import StageOutput
-from bark_serve.serving.synthesis import Synthesizer, TextTooLarge
+from bark_serve.serving.synthesis import Synthesizer
 from bark_serve.stages.longform import carry_voice, segment_seed
+from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 from bark_serve.stages.voices import UnknownVoiceError
-from tests.serving.test_synthesis import make_synth, pipe  # noqa: F401  (pipe is a fixture)
+from tests.serving.test_synthesis import make_synth, pipe, planner_of  # noqa: F401  (pipe is a fixture)
 
 A, B = "v2/en_speaker_1", "v2/de_speaker_3"
 SCRIPT = [(A, "Good morning. How are you today?"), (B, "Guten Morgen, mir geht es gut."),
@@ -25,10 +26,10 @@ GREEDY = GenerationParams.greedy(max_semantic_tokens=10, min_eos_p=None)
 @pytest.mark.parametrize("params", [GREEDY, GenerationParams(max_semantic_tokens=10, seed=7)], ids=["greedy", "seeded"])
 def test_pipelined_script_equals_the_in_process_script(pipe, params):  # noqa: F811
     synth = make_synth(pipe, segment_max_tokens=8)
-    plan = synth.plan(None, None, params, script=SCRIPT)
+    plan = synth.planner.plan(None, None, params, script=SCRIPT)
     assert len(plan.segments) > len(SCRIPT)  # long lines were split too
     assert len(plan.voices) == 2 and plan.speakers[0] == 0 and set(plan.speakers) == {0, 1}
-    text_plan = synth.plan("Just a text.", A, params)
+    text_plan = synth.planner.plan("Just a text.", A, params)
 
     async def both():  # the in-process schedulers belong to one event loop
         return await synth.collect(plan), await synth.collect(text_plan)
@@ -69,7 +70,7 @@ def test_a_speaker_continues_its_own_previous_line_not_the_other_speakers(pipe):
 def test_the_served_script_keeps_each_speakers_history(pipe):  # noqa: F811
     lines = [(A, "The first line."), (B, "Ein zweiter Satz."), (A, "The third line.")]
     synth = make_synth(pipe, segment_max_tokens=24)
-    plan = synth.plan(None, None, GREEDY, script=lines)
+    plan = synth.planner.plan(None, None, GREEDY, script=lines)
     assert plan.previous == (None, None, 0)
     served = np.concatenate([c.audio for c in asyncio.run(synth.collect(plan))])
     np.testing.assert_allclose(served, pipe.synthesize_script(lines, GREEDY, max_segment_tokens=24).audio, atol=1e-5)
@@ -77,7 +78,7 @@ def test_the_served_script_keeps_each_speakers_history(pipe):  # noqa: F811
 
 def test_aliases_and_names_of_one_preset_are_one_speaker(pipe):  # noqa: F811
     synth = make_synth(pipe, voice_aliases={"alloy": "v2/en_speaker_6"})
-    plan = synth.plan(None, None, GREEDY, script=[("alloy", "One."), ("v2/en_speaker_6", "Two."), (B, "Drei.")])
+    plan = synth.planner.plan(None, None, GREEDY, script=[("alloy", "One."), ("v2/en_speaker_6", "Two."), (B, "Drei.")])
     assert plan.speakers == (0, 0, 1) and plan.previous == (None, 0, None)
     assert plan.voices[0].name == "v2/en_speaker_6" and plan.voices[1].name == B
 
@@ -93,9 +94,9 @@ def test_aliases_and_names_of_one_preset_are_one_speaker(pipe):  # noqa: F811
 def test_plan_checks_every_line_first(pipe, script, error, match):  # noqa: F811
     synth = make_synth(pipe, max_text_chars=50)
     with pytest.raises(error, match=match):
-        synth.plan(None, None, GREEDY, script=script)
+        synth.planner.plan(None, None, GREEDY, script=script)
     with pytest.raises(InvalidRequestError, match="send no text or voice"):
-        synth.plan("hello", None, GREEDY, script=[(A, "hi")])
+        synth.planner.plan("hello", None, GREEDY, script=[(A, "hi")])
 
 
 class SlowSemantic:
@@ -125,9 +126,8 @@ class SlowSemantic:
 def test_different_speakers_lines_are_in_flight_together_one_speakers_are_not(pipe):  # noqa: F811
     def peak(max_tokens, **request):
         stages = SlowSemantic()
-        synth = Synthesizer(pipe.text, pipe.voices, pipe.spec, stages.call, segment_max_tokens=max_tokens,
-                            max_segments_in_flight=4)
-        chunks = asyncio.run(synth.collect(synth.plan(params=GREEDY, **request)))
+        synth = Synthesizer(planner_of(pipe, segment_max_tokens=max_tokens), pipe.spec, stages.call, 4)
+        chunks = asyncio.run(synth.collect(synth.planner.plan(params=GREEDY, **request)))
         assert [c.index for c in chunks] == list(range(len(chunks))) and len(chunks) == len(lines)
         return stages.peak
 
