@@ -33,3 +33,20 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def preset_dir() -> Path:
     return voices_dir()
+
+
+@pytest.fixture(scope="module")
+def pipe_capacity() -> int:
+    """How many requests each engine of ``pipe`` holds at once. A test module (or a folder's conftest.py)
+    that needs another number overrides this fixture."""
+    return 8
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt, pipe_capacity):
+    """The in-process BarkPipeline on the tiny checkpoint, float32 (as the e2e and offline configs pin), its
+    engines holding ``pipe_capacity`` requests. One per test module: the engines keep state between tests."""
+    from bark_serve.stages.engine import EngineOptions
+    from bark_serve.stages.pipeline import BarkPipeline
+
+    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=pipe_capacity, dtype="float32"))

@@ -35,11 +35,8 @@ GOOD_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    from bark_serve.stages.engine import EngineOptions
-    from bark_serve.stages.pipeline import BarkPipeline
-
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=4, dtype="float32"))
+def pipe_capacity() -> int:
+    return 4
 
 
 def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:

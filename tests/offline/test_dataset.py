@@ -19,7 +19,7 @@ import pytest
 
 from bark_serve.offline.run import DatasetInputError, RunOptions, run_dataset
 from bark_serve.serving.config import parse_config
-from tests.offline.conftest import GOOD_ROWS, QUANT, audio_of, manifest, offline_config, pipe, reference  # noqa: F401
+from tests.offline.conftest import GOOD_ROWS, QUANT, audio_of, manifest, offline_config, reference
 
 pytestmark = pytest.mark.slow
 

@@ -15,7 +15,7 @@ from bark_serve.offline.stage_run import run_stage
 from bark_serve.offline.udfs import RowPlanner
 from bark_serve.serving.config import parse_config
 from bark_serve.stages.constants import STAGES
-from tests.offline.conftest import GOOD_ROWS, QUANT, offline_config, pipe, reference  # noqa: F401
+from tests.offline.conftest import GOOD_ROWS, QUANT, offline_config, reference
 
 
 @pytest.fixture(scope="module")

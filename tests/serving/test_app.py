@@ -15,8 +15,6 @@ import pytest
 import soundfile as sf
 
 from bark_serve.serving.audio import from_pcm16
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
 from tests.serving.conftest import API_KEY
 
@@ -25,11 +23,6 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 RAW = {"trim_silence": False, "crossfade_ms": 0, "normalize_loudness": False}  # the model's samples, unjoined
 GREEDY = {"temperature": 0, "min_eos_p": None, **RAW}  # comparable with the in-process pipeline
 QUANT = 2 / 32767  # 16-bit PCM quantization
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8))
 
 
 def expected(pipe, text, voice, n):

@@ -19,13 +19,11 @@ from bark_serve.serving.batch_app import BatchWorker
 from bark_serve.serving.config import BarkConfig
 from bark_serve.serving.scheduler import StageScheduler
 from bark_serve.serving.synthesis import Synthesizer
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=4))
+def pipe_capacity() -> int:
+    return 4
 
 
 def _worker(pipe, tiny_ckpt) -> BatchWorker:

@@ -15,8 +15,6 @@ import soundfile as sf
 
 from bark_serve.serving.audio import from_pcm16
 from bark_serve.serving.config import OPENAI_VOICES
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
 from tests.serving.conftest import API_KEY
 from tests.serving.e2e_helpers import assert_error_shape
@@ -34,11 +32,6 @@ SCRIPT = [{"voice": "v2/en_speaker_6", "text": "Welcome back to the podcast. Tod
           {"voice": {"id": "v2/de_speaker_3"}, "text": "Gerne."}]
 SCRIPT_LINES = [("v2/en_speaker_6", SCRIPT[0]["text"]), ("v2/de_speaker_3", SCRIPT[1]["text"]),
                 ("v2/en_speaker_6", SCRIPT[2]["text"]), ("v2/de_speaker_3", SCRIPT[3]["text"])]
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8))
 
 
 def expected(pipe, text, voice, n):

@@ -15,7 +15,7 @@ from bark_serve.stages.longform import carry_voice, segment_seed
 from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 from bark_serve.stages.voices import UnknownVoiceError
-from tests.serving.test_synthesis import make_synth, pipe, planner_of  # noqa: F401  (pipe is a fixture)
+from tests.serving.test_synthesis import make_synth, pipe_capacity, planner_of  # noqa: F401  (pipe_capacity is a fixture)
 
 A, B = "v2/en_speaker_1", "v2/de_speaker_3"
 SCRIPT = [(A, "Good morning. How are you today?"), (B, "Guten Morgen, mir geht es gut."),
@@ -24,7 +24,7 @@ GREEDY = GenerationParams.greedy(max_semantic_tokens=10, min_eos_p=None)
 
 
 @pytest.mark.parametrize("params", [GREEDY, GenerationParams(max_semantic_tokens=10, seed=7)], ids=["greedy", "seeded"])
-def test_pipelined_script_equals_the_in_process_script(pipe, params):  # noqa: F811
+def test_pipelined_script_equals_the_in_process_script(pipe, params):
     synth = make_synth(pipe, segment_max_tokens=8)
     plan = synth.planner.plan(None, None, params, script=SCRIPT)
     assert len(plan.segments) > len(SCRIPT)  # long lines were split too
@@ -44,7 +44,7 @@ def test_pipelined_script_equals_the_in_process_script(pipe, params):  # noqa: F
     np.testing.assert_allclose(np.concatenate([c.audio for c in chunks]), ref.audio, atol=1e-5)
 
 
-def test_a_speaker_continues_its_own_previous_line_not_the_other_speakers(pipe):  # noqa: F811
+def test_a_speaker_continues_its_own_previous_line_not_the_other_speakers(pipe):
     """[A1, B1, A2]: A2's history is A1's output. References from single generations (no script code), and
     A's lines alone as one long text of A's: A's parts of the script are that text's audio."""
     lines = [(A, "The first line."), (B, "Ein zweiter Satz."), (A, "The third line.")]
@@ -67,7 +67,7 @@ def test_a_speaker_continues_its_own_previous_line_not_the_other_speakers(pipe):
     np.testing.assert_allclose(got.audio, np.concatenate([a_alone[:cut], b1.audio, a_alone[cut:]]), atol=1e-5)
 
 
-def test_the_served_script_keeps_each_speakers_history(pipe):  # noqa: F811
+def test_the_served_script_keeps_each_speakers_history(pipe):
     lines = [(A, "The first line."), (B, "Ein zweiter Satz."), (A, "The third line.")]
     synth = make_synth(pipe, segment_max_tokens=24)
     plan = synth.planner.plan(None, None, GREEDY, script=lines)
@@ -76,7 +76,7 @@ def test_the_served_script_keeps_each_speakers_history(pipe):  # noqa: F811
     np.testing.assert_allclose(served, pipe.synthesize_script(lines, GREEDY, max_segment_tokens=24).audio, atol=1e-5)
 
 
-def test_aliases_and_names_of_one_preset_are_one_speaker(pipe):  # noqa: F811
+def test_aliases_and_names_of_one_preset_are_one_speaker(pipe):
     synth = make_synth(pipe, voice_aliases={"alloy": "v2/en_speaker_6"})
     plan = synth.planner.plan(None, None, GREEDY, script=[("alloy", "One."), ("v2/en_speaker_6", "Two."), (B, "Drei.")])
     assert plan.speakers == (0, 0, 1) and plan.previous == (None, 0, None)
@@ -91,7 +91,7 @@ def test_aliases_and_names_of_one_preset_are_one_speaker(pipe):  # noqa: F811
     ([(A, 5)], InvalidRequestError, "line 0: expected a"),
     (["hello"], InvalidRequestError, "line 0: expected a"),
 ])
-def test_plan_checks_every_line_first(pipe, script, error, match):  # noqa: F811
+def test_plan_checks_every_line_first(pipe, script, error, match):
     synth = make_synth(pipe, max_text_chars=50)
     with pytest.raises(error, match=match):
         synth.planner.plan(None, None, GREEDY, script=script)
@@ -123,7 +123,7 @@ class SlowSemantic:
         return StageOutput(out, now, now, now)
 
 
-def test_different_speakers_lines_are_in_flight_together_one_speakers_are_not(pipe):  # noqa: F811
+def test_different_speakers_lines_are_in_flight_together_one_speakers_are_not(pipe):
     def peak(max_tokens, **request):
         stages = SlowSemantic()
         synth = Synthesizer(planner_of(pipe, segment_max_tokens=max_tokens), pipe.spec, stages.call, 4)

@@ -11,8 +11,6 @@ import pytest
 
 from bark_serve.serving.scheduler import StageOutput, StageScheduler
 from bark_serve.serving.synthesis import SegmentWindow, Synthesizer, TextTooLarge
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
 LONG = ("The first sentence is here. The second one follows it closely! Is this the third? "
@@ -20,8 +18,8 @@ LONG = ("The first sentence is here. The second one follows it closely! Is this 
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=4))
+def pipe_capacity() -> int:
+    return 4
 
 
 def make_synth(pipe, **kw):

@@ -22,11 +22,6 @@ def ckpt(tiny_ckpt):
     return Checkpoint.open(tiny_ckpt)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8))
-
-
 def _staggered(engine, requests, join_every: int):
     """Admit one request, step ``join_every`` times, admit the next... then drain. -> {id: output}"""
     out, pending = {}, list(requests)

@@ -10,15 +10,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.requests import stage_request
 from bark_serve.stages.types import GenerationParams
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=16))
+def pipe_capacity() -> int:
+    return 16
 
 
 def _semantic(pipe, rid: str, text: str, max_tokens: int):

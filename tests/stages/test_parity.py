@@ -9,8 +9,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams
 from tests.hf_reference import HFBark
 
@@ -20,11 +18,6 @@ AUDIO_TOL = 1e-4
 @pytest.fixture(scope="module")
 def hf(tiny_ckpt):
     return HFBark(tiny_ckpt)
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_ckpt, preset_dir):
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8), preset_dirs=[preset_dir])
 
 
 def _voice(preset_dir, name):
