@@ -25,15 +25,15 @@ def _generation_params(args) -> GenerationParams:
     """The same options, defaults and checks as the HTTP API's."""
     from pydantic import ValidationError
 
-    from bark_serve.serving.api_models import BarkOptions
-    from bark_serve.stages.untrusted import summarize_errors
+    from bark_serve.schema.options import BarkOptions
+    from bark_serve.schema.untrusted import validation_message
 
     fields = {k: getattr(args, k) for k in ("seed", "temperature", "semantic_temperature", "coarse_temperature",
                                             "fine_temperature", "top_k", "top_p", "min_eos_p", "max_semantic_tokens")}
     try:
         return BarkOptions(**fields).generation_params()
     except ValidationError as exc:
-        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        problems = validation_message(exc)
         raise InvalidRequestError(problems.replace("_", "-")) from None
 
 
@@ -41,16 +41,16 @@ def _post_process(args):
     """The output options of synth, checked like the HTTP API's; --raw turns every step off."""
     from pydantic import ValidationError
 
-    from bark_serve.serving.api_models import OutputOptions
+    from bark_serve.schema.options import OutputOptions
+    from bark_serve.schema.untrusted import validation_message
     from bark_serve.serving.config import AudioConfig
-    from bark_serve.stages.untrusted import summarize_errors
 
     fields = {k: getattr(args, k) for k in ("speed", "trim_silence", "crossfade_ms", "normalize_loudness",
                                             "target_lufs")}
     try:
         options = OutputOptions(**fields)
     except ValidationError as exc:
-        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        problems = validation_message(exc)
         raise InvalidRequestError(problems.replace("_", "-")) from None
     if args.raw:
         options = OutputOptions(speed=options.speed, trim_silence=False, crossfade_ms=0, normalize_loudness=False)
@@ -63,8 +63,8 @@ def read_script(path: str) -> list[tuple[str, str]]:
 
     from pydantic import TypeAdapter, ValidationError
 
-    from bark_serve.cluster.request_fields import Script
-    from bark_serve.stages.untrusted import check_plain_data, summarize_errors
+    from bark_serve.schema.fields import Script
+    from bark_serve.schema.untrusted import check_plain_data, validation_message
 
     raw = Path(path).read_bytes()
     try:
@@ -77,7 +77,7 @@ def read_script(path: str) -> list[tuple[str, str]]:
     try:
         lines = TypeAdapter(Script).validate_python(data)
     except ValidationError as exc:
-        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        problems = validation_message(exc)
         raise InvalidRequestError(f"--script {path}: expected a list of {{voice, text}} lines: {problems}") from None
     return [(line.voice, line.text) for line in lines]
 
@@ -86,7 +86,8 @@ def synth(args) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from bark_serve.serving.audio import encode, format_for_path
+    from bark_serve.schema.formats import format_for_path
+    from bark_serve.serving.audio import encode
     from bark_serve.stages.dsp import join_segments
     from bark_serve.stages.pipeline import BarkPipeline
     from bark_serve.stages.voices import save_npz

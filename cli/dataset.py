@@ -45,7 +45,7 @@ def register(sub) -> None:
 def dataset(args) -> int:
     from bark_serve.offline.outdir import OutDir
     from bark_serve.offline.run import DatasetInputError, RunOptions, check_input, run_dataset
-    from bark_serve.serving.audio import check_format
+    from bark_serve.schema.formats import check_format
     from bark_serve.serving.config import load_config
     from bark_serve.stages.weights import Checkpoint
 

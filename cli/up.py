@@ -432,7 +432,7 @@ def _redis_url_from_env(cfg) -> str | None:
 def say(args) -> int:
     import httpx
 
-    from bark_serve.serving.audio import format_for_path
+    from bark_serve.schema.formats import format_for_path
 
     url = server_url(args.url)
     fmt = format_for_path(args.output)

@@ -15,19 +15,18 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import msgpack
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError, model_validator
 
+from bark_serve.schema.fields import NullMeansDefault, Script, VoiceRef, check_text_or_script
+from bark_serve.schema.formats import FORMAT_NAMES, FORMATS, FormatName
+from bark_serve.schema.untrusted import check_plain_data, clip, validation_message
 from bark_serve.stages.types import InvalidRequestError, Priority, check_seed
-from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
 
-from .request_fields import NullMeansDefault, Script, VoiceRef, check_text_or_script
-
-AUDIO_FORMATS = ("wav", "flac", "pcm", "mp3", "opus", "aac")
-MEDIA_TYPES = {"wav": "audio/wav", "flac": "audio/flac", "pcm": "audio/pcm", "mp3": "audio/mpeg",
-               "opus": "audio/ogg", "aac": "audio/aac"}
+AUDIO_FORMATS = FORMAT_NAMES
+MEDIA_TYPES = {name: f.media_type for name, f in FORMATS.items()}
 # Item ids name files on the client (DIR/<id>.<format>), so they stay filename-safe.
 ITEM_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 JOB_ID_RE = re.compile(r"^b_[0-9a-f]{32}$")
@@ -79,7 +78,7 @@ class ItemIn(NullMeansDefault):
     script: Script | None = None  # [{voice, text}, ...] instead of text
     voice: VoiceRef | None = None
     seed: Annotated[int | None, AfterValidator(check_seed)] = None
-    format: Literal["wav", "flac", "pcm", "mp3", "opus", "aac"] = "wav"
+    format: FormatName = "wav"
     options: dict[str, Any] = Field(default_factory=dict)  # per-stage temperatures etc., passed through
 
     @model_validator(mode="after")
@@ -210,10 +209,6 @@ class BatchKeys:
         return f"{self.prefix}:job:{job_id}" + (f":{part}" if part else "")
 
 
-def _one_line(exc: ValidationError) -> str:
-    return summarize_errors(exc.errors(include_url=False, include_input=False))
-
-
 def _failed(item_id: str, index: int, error: str) -> ItemRecord:
     return ItemRecord(id=item_id, index=index, error=clip(error, MAX_ITEM_ERROR_CHARS))
 
@@ -244,7 +239,7 @@ def parse_item(raw: Any, index: int, max_text_chars: int, parse_error: str | Non
     except InvalidRequestError as exc:
         return _failed(item_id, index, f"item {index}: {exc}")
     except ValidationError as exc:
-        return _failed(item_id, index, f"item {index}: {_one_line(exc)}")
+        return _failed(item_id, index, f"item {index}: {validation_message(exc)}")
     texts = [item.text] if item.script is None else [line.text for line in item.script]
     for n, text in enumerate(texts):
         if not text.strip():

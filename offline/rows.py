@@ -21,17 +21,17 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-from pydantic import ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from bark_serve.cluster.batch_types import InvalidBatchError, item_id_of, parse_item
-from bark_serve.serving.api_models import BarkOptions, OutputOptions
-from bark_serve.serving.audio import check_format
+from bark_serve.schema.formats import check_format
+from bark_serve.schema.options import SynthesisOptions
+from bark_serve.schema.untrusted import clip, invalid_request
 from bark_serve.serving.config import AudioConfig
 from bark_serve.stages.constants import STAGES
 from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.plan import Plan, Planner
 from bark_serve.stages.types import GenerationParams, InvalidRequestError, Priority, VoicePrompt
-from bark_serve.stages.untrusted import clip, summarize_errors
 
 MAX_ERROR_CHARS = 500
 TABLE_FIELDS = ("id", "text", "voice", "seed", "format", "options")
@@ -53,13 +53,6 @@ WORK_SCHEMA = pa.schema([
     *[(f"busy_s_{stage}", pa.float64()) for stage in STAGES],
     *[(f"node_{stage}", pa.string()) for stage in STAGES],
 ])
-
-
-class RowOptions(BarkOptions, OutputOptions):
-    """A row's ``options``: Bark's knobs and the output options (speed, joins) as the HTTP API takes them;
-    an unknown key is an error."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 def pack_arrays(arrays: list[np.ndarray]) -> bytes:
@@ -101,10 +94,10 @@ def row_params(options_json: str | None, seed: int | None) -> GenerationParams:
         options = json.loads(options_json) if options_json else {}
         if not isinstance(options, dict):
             raise InvalidRequestError("options must be an object")
-        return RowOptions.model_validate({**options, **({"seed": seed} if seed is not None else {})}) \
+        return SynthesisOptions.model_validate({**options, **({"seed": seed} if seed is not None else {})}) \
             .generation_params()
     except ValidationError as exc:
-        raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
+        raise invalid_request(exc) from None
     except json.JSONDecodeError as exc:
         raise InvalidRequestError(f"options are not valid JSON: {exc}") from None
 
@@ -112,7 +105,7 @@ def row_params(options_json: str | None, seed: int | None) -> GenerationParams:
 def row_post_process(options_json: str | None, defaults: AudioConfig) -> PostProcess:
     """How a row's segments are joined: the config's ``audio:`` block with the row's own options."""
     options = json.loads(options_json) if options_json else {}
-    return RowOptions.model_validate(options).post_process(defaults)
+    return SynthesisOptions.model_validate(options).post_process(defaults)
 
 
 def empty_row(row_id: str) -> dict:

@@ -20,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 
 import pyarrow as pa
 
+from bark_serve.schema.untrusted import clip
 from bark_serve.serving.config import BarkConfig
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.untrusted import clip
 
 from .manifest import MANIFEST, ManifestWriter, compact, done_ids
 from .outdir import OutDir, absolute, is_uri

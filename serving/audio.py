@@ -34,52 +34,16 @@ from __future__ import annotations
 import functools
 import io
 import struct
-from dataclasses import dataclass, field
 
 import numpy as np
 
+from bark_serve.schema.formats import EXTENSIONS, FORMATS, AudioFormat, check_format, format_for_path, media_type
 from bark_serve.stages.dsp import PostProcess, SegmentJoiner, finite
-from bark_serve.stages.types import InvalidRequestError
+
+__all__ = ["EXTENSIONS", "FORMATS", "AudioFormat", "check_format", "format_for_path", "media_type"]  # + encoders
 
 
-@dataclass(frozen=True)
-class AudioFormat:
-    media_type: str
-    container: str | None = None  # FFmpeg muxer; None: written here (wav, pcm)
-    codec: str | None = None
-    options: dict[str, str] = field(default_factory=dict)  # muxer options
-
-
-FORMATS: dict[str, AudioFormat] = {
-    "mp3": AudioFormat("audio/mpeg", "mp3", "libmp3lame"),
-    "opus": AudioFormat("audio/ogg", "ogg", "libopus", {"page_duration": "60000"}),
-    "aac": AudioFormat("audio/aac", "adts", "aac"),
-    "flac": AudioFormat("audio/flac", "flac", "flac"),
-    "wav": AudioFormat("audio/wav"),
-    "pcm": AudioFormat("audio/pcm"),
-}
-EXTENSIONS = {".wav": "wav", ".flac": "flac", ".mp3": "mp3", ".ogg": "opus", ".opus": "opus", ".aac": "aac",
-              ".pcm": "pcm", ".raw": "pcm"}
 EMPTY_STAND_IN_S = 0.01  # mp3/opus/aac/flac cannot hold zero samples: 10 ms of silence stands in
-
-
-def check_format(fmt: str) -> str:
-    fmt = (fmt or "wav").lower()
-    if fmt not in FORMATS:
-        raise InvalidRequestError(f"unsupported response_format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return fmt
-
-
-def media_type(fmt: str) -> str:
-    return FORMATS[check_format(fmt)].media_type
-
-
-def format_for_path(path: str) -> str:
-    """Audio format from a file name's extension."""
-    for ext, fmt in EXTENSIONS.items():
-        if str(path).lower().endswith(ext):
-            return fmt
-    raise InvalidRequestError(f"cannot tell the audio format of {path!r}: use one of {', '.join(EXTENSIONS)}")
 
 
 def full_scale(audio: np.ndarray) -> np.ndarray:

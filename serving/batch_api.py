@@ -65,7 +65,6 @@ from typing import Any
 import msgpack
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
 from redis.exceptions import OutOfMemoryError, RedisError
 
 from bark_serve.cluster.batch_types import (
@@ -82,12 +81,12 @@ from bark_serve.cluster.batch_types import (
 from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
 from bark_serve.cluster.quotas import Quota, QuotaExceeded
 from bark_serve.cluster.redis_conn import RedisUnavailable
-from bark_serve.stages.types import Priority
-from bark_serve.stages.untrusted import clip
+from bark_serve.schema.request import item_request
+from bark_serve.schema.untrusted import clip
+from bark_serve.stages.types import InvalidRequestError
 
-from .api_models import TTSRequest
 from .errors import APIError, to_api_error
-from .http_api import MSGPACK_TYPES, read_limited, validation_error
+from .http_api import MSGPACK_TYPES, read_limited
 
 log = logging.getLogger("bark.batch.api")
 
@@ -190,23 +189,16 @@ def _msgpack_items(body: bytes) -> list[tuple[int, Any, str | None]]:
 
 
 def _check_options(record: ItemRecord) -> ItemRecord:
-    """An item whose options the worker would refuse fails now, alone (NaN temperatures, unknown keys...).
-
-    The worker builds the same TTSRequest (serving/batch_app.py ``item_request``).
-    """
+    """An item whose options the worker would refuse fails now, alone (NaN temperatures, unknown keys...):
+    the worker builds the same request (``SynthesisRequest.of_item``, serving/batch_app.py ``item_request``)."""
     if record.error is not None:
         return record
     try:
-        TTSRequest(text=record.text if record.script is None else None, script=record.script, voice=record.voice,
-                   format=record.format, seed=record.seed, priority=Priority.BATCH, **record.options)
-    except ValidationError as exc:
-        error = f"item {record.index}: {validation_error(exc).message}"
-    except TypeError:  # an option that is also an item field (text, script, voice, format, seed, priority)
-        error = f"item {record.index}: options repeat an item field ({', '.join(sorted(record.options))[:200]})"
-    else:
-        return record
-    return replace(record, text="", voice=None, seed=None, options={}, script=None,
-                   error=clip(error, MAX_ITEM_ERROR_CHARS))
+        item_request(record.text, record.script, record.voice, record.format, record.seed, record.options)
+    except InvalidRequestError as exc:
+        return replace(record, text="", voice=None, seed=None, options={}, script=None,
+                       error=clip(f"item {record.index}: {exc}", MAX_ITEM_ERROR_CHARS))
+    return record
 
 
 def _media(content_type: str) -> str:

@@ -12,20 +12,18 @@ import asyncio
 import functools
 import logging
 
-from pydantic import ValidationError
 from ray import serve
 
 from bark_serve.cluster.batch_types import BatchItem, SynthesisResult
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
+from bark_serve.schema.request import item_request
 from bark_serve.stages.constants import STAGES
 from bark_serve.stages.dsp import join_segments
-from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
-from bark_serve.stages.untrusted import summarize_errors
+from bark_serve.stages.types import Priority, StageRequest
 
 from . import audio as A
-from .api_models import TTSRequest
 from .config import BarkConfig, parse_config
 from .errors import unwrap
 from .metrics import BatchMetrics, BatchProgressReporter, read_worker_progress
@@ -68,18 +66,6 @@ def batch_store_factory(cfg: BarkConfig):
     return functools.partial(open_store, cfg.batch)
 
 
-def item_request(item: BatchItem) -> TTSRequest:
-    """A batch item as a native request; a bad item raises InvalidRequestError (it fails without retries)."""
-    try:
-        text = item.text if item.script is None else None
-        return TTSRequest(text=text, script=item.script, voice=item.voice, format=item.format, seed=item.seed,
-                          priority=item.priority, **(item.options or {}))
-    except ValidationError as exc:
-        raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
-    except TypeError as exc:
-        raise InvalidRequestError(f"bad options: {exc}") from None
-
-
 @serve.deployment
 class BatchWorker:
     async def __init__(self, config: dict, semantic, coarse, fine, codec):
@@ -98,7 +84,7 @@ class BatchWorker:
         log.info("batch worker %s started (max %d in flight)", self.loop.consumer, bcfg.max_in_flight)
 
     async def synthesize(self, item: BatchItem) -> SynthesisResult:
-        req = item_request(item)
+        req = item_request(item.text, item.script, item.voice, item.format, item.seed, item.options, item.priority)
         try:
             # in the planning thread: a 20k-character item must not stall this loop's heartbeats and claims
             plan = await self.synth.plan_async(req.text, req.voice, req.generation_params(), Priority.BATCH,

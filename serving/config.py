@@ -17,9 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX, pool_resource
 from bark_serve.cluster.redis_conn import RedisSettings
+from bark_serve.schema.untrusted import validation_message
 from bark_serve.stages.constants import STAGES
 from bark_serve.stages.dsp import PostProcess
-from bark_serve.stages.untrusted import summarize_errors
 
 __all__ = ["POOL_RESOURCE_PREFIX", "AudioConfig", "BarkConfig", "BatchConfig", "ConfigError", "load_config",
            "parse_config"]
@@ -281,7 +281,7 @@ def parse_config(data: dict, source: str = "config") -> BarkConfig:
     try:
         return BarkConfig.model_validate(data)
     except ValidationError as exc:
-        problems = summarize_errors(exc.errors(include_url=False, include_input=False))
+        problems = validation_message(exc)
         raise ConfigError(f"{source} is invalid: {problems}") from None
 
 

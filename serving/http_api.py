@@ -19,9 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
+from bark_serve.schema.untrusted import check_plain_data, short_repr, summarize_errors
 from bark_serve.stages.dsp import PostProcess, join_segments
 from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import check_plain_data, short_repr, summarize_errors
 
 from . import audio as A
 from .errors import APIError, to_api_error

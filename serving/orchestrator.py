@@ -17,8 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
-from bark_serve.stages.types import InvalidRequestError, Priority
-from bark_serve.stages.untrusted import check_plain_data, clip, summarize_errors
+from bark_serve.schema.request import SynthesisRequest
+from bark_serve.schema.untrusted import check_plain_data, clip, invalid_request
 
 from . import http_api as H
 from .admission import Admission
@@ -75,9 +75,10 @@ class Orchestrator:
         """Serve calls this once, after __init__: this replica's FastAPI app."""
         return build_http_app(self)
 
-    async def _plan(self, text, voice, params, priority, script=None):
-        """Synthesizer.plan in its planning thread (InvalidRequestError for bad input)."""
-        return await self.synth.plan_async(text, voice, params, priority, script=script)
+    async def _plan(self, req: SynthesisRequest):
+        """The request planned (stages/plan.py) in the synthesizer's planning thread; InvalidRequestError if bad."""
+        return await self.synth.plan_async(req.text, req.voice, req.generation_params(), req.priority,
+                                           script=req.lines())
 
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str | None = None, voice=None, script=None, **options) -> dict:
@@ -91,14 +92,13 @@ class Orchestrator:
         check_plain_data({"text": text, "voice": voice if isinstance(voice, (str, dict)) and not _arrays(voice)
                           else None, "script": script, **options})
         try:
-            req = TTSRequest(text=text, voice=voice, script=script, **options)
+            req = TTSRequest(text=text, voice=voice, script=script, **options)  # its options: those of /v1/tts
         except ValidationError as exc:
-            raise InvalidRequestError(summarize_errors(exc.errors(include_url=False, include_input=False))) from None
+            raise invalid_request(exc) from None
         deadline = asyncio.get_running_loop().time() + self.cfg.orchestrator.request_timeout_s
         with self.admission.acquire():
             t0 = time.time()
-            plan = await asyncio.wait_for(self._plan(req.text, req.voice, req.generation_params(), req.priority,
-                                                     req.lines()), H.remaining(deadline))  # planning counts too
+            plan = await asyncio.wait_for(self._plan(req), H.remaining(deadline))  # planning counts too
             chunks = await asyncio.wait_for(self.synth.collect(plan), H.remaining(deadline))
             audio, sr = await asyncio.to_thread(H.joined_audio, chunks, req.post_process(self.cfg.audio))
         return {"audio": audio, "sample_rate": sr, "seed": plan.seed, "request_id": plan.request_id,
@@ -155,27 +155,24 @@ class Orchestrator:
                            "model_not_found")
         sse = req.stream_format == "sse"
         stream = sse or not H.wants_json(request)  # every format streams; Accept: application/json gets it whole
-        return await self._respond(request, "speech", req.input, req.voice, req, req.format, stream,
-                                   Priority.INTERACTIVE, sse=sse)
+        return await self._respond(request, "speech", req.synthesis_request(), stream, sse=sse)
 
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)
         self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, TTSRequest, self.cfg.orchestrator.max_body_bytes)
-        return await self._respond(request, "tts", req.text, req.voice, req, req.format, req.stream, req.priority)
+        return await self._respond(request, "tts", req, req.stream)
 
-    async def _respond(self, request, api, text, voice, options, fmt, stream, priority, sse=False):
+    async def _respond(self, request: Request, api: str, req: SynthesisRequest, stream: bool, sse: bool = False):
         """Admit, plan, synthesize; the admission slot is released exactly once, whatever happens."""
         ocfg = self.cfg.orchestrator
-        post = options.post_process(self.cfg.audio)
+        fmt, post = req.format, req.post_process(self.cfg.audio)
         deadline = asyncio.get_running_loop().time() + ocfg.request_timeout_s
         with self.admission.acquire() as slot:  # before voices are read or text is tokenized
             t0 = time.time()
             try:
-                plan = await asyncio.wait_for(self._plan(text, voice, options.generation_params(), priority,
-                                                         getattr(options, "lines", lambda: None)()),
-                                              H.remaining(deadline))
+                plan = await asyncio.wait_for(self._plan(req), H.remaining(deadline))
                 meta = {"seed": plan.seed, "request_id": plan.request_id}
                 chunks = self.synth.stream(plan)
                 try:

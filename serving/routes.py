@@ -17,8 +17,8 @@ from fastapi.responses import PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from bark_serve.schema.untrusted import clip
 from bark_serve.stages.types import InvalidRequestError
-from bark_serve.stages.untrusted import clip
 
 from .errors import APIError, to_api_error
 from .http_api import check_api_key, key_owner, validation_error

@@ -14,7 +14,6 @@ import numpy as np
 
 from .constants import BarkSpec
 from .types import InvalidRequestError
-from .untrusted import check_plain_data
 from .weights import Checkpoint, CheckpointError
 
 _WHITESPACE = re.compile(r"\s+")
@@ -58,7 +57,11 @@ class TextPreparer:
         """Token ids of one generation's text. (T,) int64, 1 <= T <= 256"""
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a string, got {type(text).__name__}")
-        check_plain_data(text, where="text")  # a lone surrogate makes the tokenizer raise TypeError
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (a CLI argument, say) makes the tokenizer raise TypeError
+            raise InvalidRequestError("text: strings must be valid Unicode (a lone surrogate such as \\ud800 "
+                                      "is not)") from None
         clean = normalize_text(text)
         if not clean:
             raise InvalidRequestError("text is empty")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,26 @@ class Priority(str, enum.Enum):
 class RequestCrashedStage(RuntimeError):
     """A request whose stage replica died under it, and died again when it was retried alone: it is taken
     to be what kills the replica, and is not sent again (neither by the stage calls nor by batch retries)."""
+
+
+MAX_REPR_CHARS = 100  # a user value quoted in an error message is cut here
+
+
+def clip(text: str, limit: int = MAX_REPR_CHARS) -> str:
+    """``text`` cut to ``limit`` characters (marked with an ellipsis)."""
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
+    """``repr(value)`` cut to about ``limit`` characters: error messages never echo big user input."""
+    if isinstance(value, str) and len(value) > limit:
+        value = value[:limit]
+        return repr(value)[:-1] + f"…' ({len(value)}+ characters)"
+    try:
+        text = repr(value)
+    except RecursionError:  # a deeply nested value cannot even be printed
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 class InvalidRequestError(ValueError):

@@ -19,8 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .constants import BarkSpec
-from .types import InvalidRequestError, VoicePrompt
-from .untrusted import short_repr
+from .types import InvalidRequestError, VoicePrompt, short_repr
 from .weights import Checkpoint, CheckpointError
 
 PROMPT_KEYS = ("semantic_prompt", "coarse_prompt", "fine_prompt")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BARE = ("stages", "serving", "cluster", "offline", "bench", "cli")
+BARE = ("stages", "schema", "serving", "cluster", "offline", "bench", "cli")
 
 _IMPORT_ALL = """
 import importlib, pkgutil, sys
-import bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.offline, bark_serve.bench, bark_serve.cli
-roots = [bark_serve.stages, bark_serve.cluster, bark_serve.serving, bark_serve.offline, bark_serve.bench,
-         bark_serve.cli]
+import bark_serve.stages, bark_serve.schema, bark_serve.cluster, bark_serve.serving, bark_serve.offline
+import bark_serve.bench, bark_serve.cli
+roots = [bark_serve.stages, bark_serve.schema, bark_serve.cluster, bark_serve.serving, bark_serve.offline,
+         bark_serve.bench, bark_serve.cli]
 for root in roots:
     for info in pkgutil.walk_packages(root.__path__, root.__name__ + "."):
         if not info.name.endswith(".__main__"):  # running it is `python -m`, not an import
@@ -36,6 +37,14 @@ def test_a_folder_named_serving_does_not_shadow_the_app(tmp_path):
     code = "import bark_serve.serving.app, bark_serve.stages.pipeline, bark_serve.cluster.queue; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_the_request_schema_imports_no_torch():
+    """bark_serve.schema is pydantic over stages' plain types: a client-side validator need not load torch."""
+    code = ("import sys, bark_serve.schema.request, bark_serve.schema.formats, bark_serve.schema.untrusted; "
+            "print(sorted(m for m in ('torch', 'transformers', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-3000:])
 
 
 def test_no_test_session_module_is_bare():

@@ -34,6 +34,14 @@ GOOD_ROWS = [
 ]
 
 
+# A two-speaker script row (greedy): its second speaker is named by an alias; the first speaks twice, and its
+# first line makes two segments, so each speaker's history walk is seen.
+SCRIPT_ROW = {"id": "script", "options": {"temperature": 0, "max_semantic_tokens": 10}, "script": [
+    {"voice": "v2/en_speaker_6", "text": "Good morning to you. How has the day been so far, my friend?"},
+    {"voice": "ash", "text": "Quite good, thank you."},
+    {"voice": "v2/en_speaker_6", "text": "Glad to hear it."}]}
+
+
 @pytest.fixture(scope="module")
 def pipe_capacity() -> int:
     return 4
@@ -57,8 +65,12 @@ def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        gen = pipe.synthesize(row["text"], voice, row_params(options, row.get("seed")),
-                              max_segment_tokens=SEGMENT_TOKENS)
+        params = row_params(options, row.get("seed"))
+        if "script" in row:
+            lines = [(aliases.get(line["voice"], line["voice"]), line["text"]) for line in row["script"]]
+            gen = pipe.synthesize_script(lines, params, max_segment_tokens=SEGMENT_TOKENS)
+        else:
+            gen = pipe.synthesize(row["text"], voice, params, max_segment_tokens=SEGMENT_TOKENS)
     finally:
         torch.set_num_threads(threads)
     segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1])

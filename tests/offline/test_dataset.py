@@ -19,7 +19,7 @@ import pytest
 
 from bark_serve.offline.run import DatasetInputError, RunOptions, run_dataset
 from bark_serve.serving.config import parse_config
-from tests.offline.conftest import GOOD_ROWS, QUANT, audio_of, manifest, offline_config, reference
+from tests.offline.conftest import GOOD_ROWS, QUANT, SCRIPT_ROW, audio_of, manifest, offline_config, reference
 
 pytestmark = pytest.mark.slow
 
@@ -58,26 +58,30 @@ def check_good_rows(out: Path, records: dict, pipe) -> None:
 
 def test_jsonl_rows_bad_rows_and_summary(ray_local, pipe, tmp_path):
     src = tmp_path / "in.jsonl"
-    src.write_text("\n".join([json.dumps(r) for r in GOOD_ROWS] + BAD_LINES) + "\n")
+    src.write_text("\n".join([json.dumps(r) for r in [*GOOD_ROWS, SCRIPT_ROW]] + BAD_LINES) + "\n")
     out = tmp_path / "out"
     summary = run_dataset(ray_local, RunOptions(str(src), str(out), progress=False))
     records = manifest(out)
     check_good_rows(out, records, pipe)
+    script = records["script"]  # a multi-speaker script row: the in-process pipeline's script audio
+    assert script["status"] == "ok" and script["segments"] == 4, script
+    np.testing.assert_allclose(audio_of(out, script), np.clip(reference(pipe, SCRIPT_ROW), -1, 1), atol=QUANT)
     failed = {k: r["error"] for k, r in records.items() if r["status"] == "failed"}
     assert len(failed) == 4 and failed["empty"] == "text is empty" and "nobody" in failed["voice"]
     assert "temperature" in failed["opts"] and all(r["path"] is None for r in records.values() if r["error"])
-    assert sorted(p.name for p in (out / "audio").iterdir()) == sorted(f"{r['id']}.wav" for r in GOOD_ROWS)
+    written = sorted(p.name for p in (out / "audio").iterdir())
+    assert written == sorted(f"{r['id']}.wav" for r in [*GOOD_ROWS, SCRIPT_ROW])
     assert list((out / "manifest").iterdir()) == []  # compacted
-    assert (summary.rows_ok, summary.rows_failed, summary.rows_skipped) == (len(GOOD_ROWS), 4, 0)
+    assert (summary.rows_ok, summary.rows_failed, summary.rows_skipped) == (len(GOOD_ROWS) + 1, 4, 0)
     assert summary.exit_code == 1  # `bark-serve dataset` exits 1 when rows failed (it exited 0: issue 25)
     assert summary.audio_s == pytest.approx(sum(r["duration_s"] for r in records.values() if r["duration_s"]))
     assert all(summary.busy_s[s] > 0 and len(summary.nodes[s]) == 1 for s in summary.busy_s)
     saved = json.loads((out / "summary.json").read_text())
-    assert saved["rows_ok"] == len(GOOD_ROWS) and saved["audio_s_per_wall_s"] > 0
+    assert saved["rows_ok"] == len(GOOD_ROWS) + 1 and saved["audio_s_per_wall_s"] > 0
 
     # The same command again: everything ok is skipped, the failed rows are tried (and fail) again.
     again = run_dataset(ray_local, RunOptions(str(src), str(out), progress=False))
-    assert (again.rows_ok, again.rows_failed, again.rows_skipped) == (0, 4, len(GOOD_ROWS))
+    assert (again.rows_ok, again.rows_failed, again.rows_skipped) == (0, 4, len(GOOD_ROWS) + 1)
     assert manifest(out) == {**records, **{k: manifest(out)[k] for k in failed}}
     assert {k: r["run"] for k, r in manifest(out).items() if r["status"] == "ok"} == \
         {k: r["run"] for k, r in records.items() if r["status"] == "ok"}

@@ -15,7 +15,7 @@ from bark_serve.offline.stage_run import run_stage
 from bark_serve.offline.udfs import RowPlanner
 from bark_serve.serving.config import parse_config
 from bark_serve.stages.constants import STAGES
-from tests.offline.conftest import GOOD_ROWS, QUANT, offline_config, reference
+from tests.offline.conftest import GOOD_ROWS, QUANT, SCRIPT_ROW, offline_config, reference
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +138,58 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
         joined = join_segments(row["audio"], 24000, row_post_process(row["options"], AudioConfig()))  # as _write does
         np.testing.assert_allclose(joined, reference(pipe, {**good, "seed": row["seed"]}), atol=QUANT)
     assert 0 < rows[0]["semantic_tokens"] <= 10 * rows[0]["segments"]
+
+
+def _run_stages(cfg, rows: list[dict]) -> dict[str, object]:
+    """The four stage loops over ``rows`` (in place), as the stage workers run them; -> the engines."""
+    from bark_serve.serving.stage_server import engine_options, load_engine
+
+    engines = {}
+    for stage in STAGES:
+        engines[stage] = engine = load_engine(stage, cfg, engine_options(cfg.stage(stage)))
+        assert run_stage(engine, stage, rows) > 0 and engine.num_active == 0
+    return engines
+
+
+def test_a_script_row_gives_the_served_apps_audio(config):
+    """A multi-speaker script row (batched with a text row) is planned by the one planner and its stages follow
+    the one history rule: its audio equals the served synthesizer's for the same greedy request."""
+    import asyncio
+
+    from bark_serve.offline.rows import row_params, row_post_process
+    from bark_serve.serving.config import AudioConfig
+    from bark_serve.serving.scheduler import StageScheduler
+    from bark_serve.serving.stage_calls import make_planner
+    from bark_serve.serving.synthesis import Synthesizer
+    from bark_serve.stages.dsp import join_segments
+    from bark_serve.stages.types import Priority
+
+    cfg = parse_config(config)
+    rows = RowPlanner(config, "jsonl", "wav")(jsonl_batch([json.dumps(SCRIPT_ROW), json.dumps(GOOD_ROWS[1])]))
+    rows = rows.to_pylist()
+    assert rows[0]["status"] == Status.PENDING.value, rows[0]["error"]
+    assert rows[0]["segments"] == 4 and rows[0]["speakers"] == [0, 0, 1, 0]
+    engines = _run_stages(cfg, rows)
+    assert rows[0]["status"] == Status.PENDING.value, rows[0]["error"]
+    post = row_post_process(rows[0]["options"], AudioConfig())
+    dataset = join_segments(rows[0]["audio"], 24000, post)
+
+    async def served():
+        scheds = {s: StageScheduler(engines[s], batch_wait_s=0) for s in STAGES}
+
+        async def call(stage, req, priority):
+            return await scheds[stage].submit(req, priority)
+
+        synth = Synthesizer(make_planner(cfg), engines["codec"].spec, call)
+        lines = [(line["voice"], line["text"]) for line in SCRIPT_ROW["script"]]
+        params = row_params(rows[0]["options"], rows[0]["seed"])
+        plan = await synth.plan_async(None, None, params, Priority.BATCH, "s", lines)
+        assert plan.speakers == tuple(rows[0]["speakers"])
+        return [c.audio for c in await synth.collect(plan)]
+
+    segments = asyncio.run(served())
+    assert [len(a) for a in segments] == [len(a) for a in rows[0]["audio"]]
+    np.testing.assert_allclose(dataset, join_segments(segments, 24000, post), atol=1e-5)
 
 
 def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse():

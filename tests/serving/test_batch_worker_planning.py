@@ -19,6 +19,7 @@ from bark_serve.serving.batch_app import BatchWorker
 from bark_serve.serving.config import BarkConfig
 from bark_serve.serving.scheduler import StageScheduler
 from bark_serve.serving.synthesis import Synthesizer
+from bark_serve.stages.plan import Planner
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def _worker(pipe, tiny_ckpt) -> BatchWorker:
     cls = type("InProcessBatchWorker", (BatchWorker.func_or_class,), {"__del__": lambda self: None})
     worker = object.__new__(cls)
     worker.cfg = BarkConfig(model=str(tiny_ckpt))
-    worker.synth = Synthesizer(pipe.text, pipe.voices, pipe.spec, call)
+    worker.synth = Synthesizer(Planner(pipe.text, pipe.voices, 200, None, 20_000), pipe.spec, call)
     worker.synth.call = worker._tracking(worker.synth.call)
     worker.progress = {}
     worker.loop = BatchWorkerLoop(None, worker.synthesize)  # only its report_stage is used here
@@ -48,13 +49,13 @@ def _worker(pipe, tiny_ckpt) -> BatchWorker:
 def test_an_item_is_planned_in_the_planning_thread_not_on_the_workers_loop(pipe, tiny_ckpt):
     worker = _worker(pipe, tiny_ckpt)
     planned_on: list[str] = []
-    plan = worker.synth.plan
+    plan = worker.synth.planner.plan
 
     def recording_plan(*args, **kwargs):
         planned_on.append(threading.current_thread().name)
         return plan(*args, **kwargs)
 
-    worker.synth.plan = recording_plan
+    worker.synth.planner.plan = recording_plan
     item = BatchItem(job_id="job1", item_id="a", text="Hello there. A short item.", voice=None, seed=7,
                      format="wav", options={"max_semantic_tokens": 8})
 

@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from bark_serve.cluster.batch_types import ItemIn, parse_item
-from bark_serve.cluster.request_fields import MAX_SCRIPT_LINES
+from bark_serve.schema.fields import MAX_SCRIPT_LINES
 from bark_serve.serving.api_models import BarkOptions, SpeechRequest, TTSRequest
 from bark_serve.serving.config import OPENAI_VOICES, AudioConfig, BarkConfig
 from bark_serve.stages import constants as C

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from bark_serve.serving.scheduler import StageOutput, StageScheduler
-from bark_serve.serving.synthesis import SegmentWindow, Synthesizer, TextTooLarge
+from bark_serve.serving.synthesis import SegmentWindow, Synthesizer
+from bark_serve.stages.plan import Planner, TextTooLarge
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
 LONG = ("The first sentence is here. The second one follows it closely! Is this the third? "
@@ -30,14 +31,21 @@ def make_synth(pipe, **kw):
             scheds[stage] = StageScheduler(pipe.engines[stage], batch_wait_s=0)
         return await scheds[stage].submit(req, priority)
 
-    return Synthesizer(pipe.text, pipe.voices, pipe.spec, call, **kw)
+    window = kw.pop("max_segments_in_flight", 4)
+    return Synthesizer(planner_of(pipe, **kw), pipe.spec, call, window)
+
+
+def planner_of(pipe, segment_max_tokens=200, first_segment_max_tokens=None, max_text_chars=20_000,
+               voice_aliases=None) -> Planner:
+    """The served defaults (serving/config.py OrchestratorConfig) over the test pipeline's tokenizer and voices."""
+    return Planner(pipe.text, pipe.voices, segment_max_tokens, first_segment_max_tokens, max_text_chars, voice_aliases)
 
 
 @pytest.mark.parametrize("params", [GenerationParams.greedy(max_semantic_tokens=12, min_eos_p=None),
                                     GenerationParams(max_semantic_tokens=12, seed=42)], ids=["greedy", "seeded"])
 def test_pipelined_segments_equal_the_sequential_long_form(pipe, params):
     synth = make_synth(pipe, segment_max_tokens=12)
-    plan = synth.plan(LONG, "v2/en_speaker_1", params)
+    plan = synth.planner.plan(LONG, "v2/en_speaker_1", params)
     assert len(plan.segments) >= 3
     chunks = asyncio.run(synth.collect(plan))
     assert [c.index for c in chunks] == list(range(len(plan.segments)))
@@ -47,7 +55,7 @@ def test_pipelined_segments_equal_the_sequential_long_form(pipe, params):
 
 def test_segments_overlap_across_stages(pipe):
     synth = make_synth(pipe, segment_max_tokens=12)
-    plan = synth.plan(LONG, None, GenerationParams(max_semantic_tokens=40, seed=1))
+    plan = synth.planner.plan(LONG, None, GenerationParams(max_semantic_tokens=40, seed=1))
     chunks = asyncio.run(synth.collect(plan))
     # segment 1 entered the semantic stage before segment 0 left the pipeline (codec finished)
     assert chunks[1].timings["semantic"]["started"] < chunks[0].timings["codec"]["finished"]
@@ -63,7 +71,7 @@ def test_the_first_segment_budget_makes_a_short_first_segment_and_stage_requests
         return await inner(stage, req, priority)
 
     synth.call = call
-    plan = synth.plan(LONG, None, GenerationParams.greedy(max_semantic_tokens=6, min_eos_p=None))
+    plan = synth.planner.plan(LONG, None, GenerationParams.greedy(max_semantic_tokens=6, min_eos_p=None))
     assert pipe.text.count(plan.segments[0]) <= 8 < max(pipe.text.count(s) for s in plan.segments[1:])
     asyncio.run(synth.collect(plan))
     assert sorted(seen) == sorted((st, f"{plan.request_id}:{i}", i)
@@ -72,13 +80,13 @@ def test_the_first_segment_budget_makes_a_short_first_segment_and_stage_requests
 
 def test_plan_checks_input_first(pipe):
     synth = make_synth(pipe, max_text_chars=50, voice_aliases={"alloy": "v2/en_speaker_6"})
-    assert synth.plan("hello", "alloy").voice.name == "v2/en_speaker_6"
+    assert synth.planner.plan("hello", "alloy").voice.name == "v2/en_speaker_6"
     with pytest.raises(TextTooLarge):
-        synth.plan("x" * 51)
+        synth.planner.plan("x" * 51)
     with pytest.raises(InvalidRequestError, match="empty"):
-        synth.plan("   ")
+        synth.planner.plan("   ")
     with pytest.raises(InvalidRequestError, match="unknown voice"):
-        synth.plan("hello", "nobody")
+        synth.planner.plan("hello", "nobody")
 
 
 # -- the per-request window of segments in each stage --------------------------------------------------
@@ -139,9 +147,8 @@ def test_a_request_holds_at_most_the_window_in_each_stage(pipe):
 
     def run(window):
         stages = RecordingStages()
-        synth = Synthesizer(pipe.text, pipe.voices, pipe.spec, stages.call, segment_max_tokens=8,
-                            max_segments_in_flight=window)
-        plan = synth.plan(text, "v2/en_speaker_1", GenerationParams(seed=7), request_id="r")
+        synth = Synthesizer(planner_of(pipe, segment_max_tokens=8), pipe.spec, stages.call, window)
+        plan = synth.planner.plan(text, "v2/en_speaker_1", GenerationParams(seed=7), request_id="r")
         assert len(plan.segments) == 100
         return asyncio.run(synth.collect(plan)), stages.peak
 
@@ -183,14 +190,15 @@ def test_the_window_lets_the_lowest_segment_in_first_and_survives_cancellation()
 def test_the_history_walk_over_thousands_of_near_silent_segments_does_not_recurse(pipe):
     """Each segment too short to carry the voice: the walk back reaches the speaker's own voice, past
     Python's recursion limit."""
-    from bark_serve.serving.synthesis import Plan
+    from bark_serve.stages.plan import Plan
     from bark_serve.stages.types import Priority
 
     n = 3000
     synth = make_synth(pipe)
     voice = pipe.voices.resolve("v2/en_speaker_1")
-    plan = Plan("r", ("x",) * n, (np.zeros(1, np.int64),) * n, (voice,), (0,) * n, (None, *range(n - 1)),
-                GenerationParams(), 0, Priority.INTERACTIVE)
+    plan = Plan("r", ("x",) * n, (np.zeros(1, np.int64),) * n, (voice,), (0,) * n, GenerationParams(), 0,
+                Priority.INTERACTIVE)
+    assert plan.previous == (None, *range(n - 1))
 
     async def walk():
         loop = asyncio.get_running_loop()

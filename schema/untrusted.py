@@ -1,4 +1,5 @@
-"""Checks for decoded, untrusted request data (JSON / msgpack), before any model or library sees it.
+"""Checks for decoded, untrusted request data (JSON / msgpack), before any model or library sees it,
+and the one formatter of validation errors.
 
 Python's json module and msgpack decode whatever they are given: nesting a
 thousand levels deep (recursive code downstream, even ``repr``, then raises
@@ -12,32 +13,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from .types import InvalidRequestError
+from pydantic import ValidationError
+
+from bark_serve.stages.types import MAX_REPR_CHARS, InvalidRequestError, clip, short_repr
+
+__all__ = ["MAX_DEPTH", "MAX_REPR_CHARS", "UntrustedDataError", "check_plain_data", "clip", "invalid_request",
+           "short_repr", "summarize_errors", "validation_message"]
 
 MAX_DEPTH = 32  # the deepest legitimate input is an inline voice inside a batch item's options (4 levels)
-MAX_REPR_CHARS = 100  # a user value quoted in an error message is cut here
 _SCALARS = (str, bytes, int, float, bool, type(None))
 
 
 class UntrustedDataError(InvalidRequestError):
     """Decoded request data that no part of the server should see (too deep, invalid strings, odd types)."""
-
-
-def clip(text: str, limit: int = MAX_REPR_CHARS) -> str:
-    """``text`` cut to ``limit`` characters (marked with an ellipsis)."""
-    return text if len(text) <= limit else text[:limit] + "…"
-
-
-def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
-    """``repr(value)`` cut to about ``limit`` characters: error messages never echo big user input."""
-    if isinstance(value, str) and len(value) > limit:
-        value = value[:limit]
-        return repr(value)[:-1] + f"…' ({len(value)}+ characters)"
-    try:
-        text = repr(value)
-    except RecursionError:  # a deeply nested value cannot even be printed
-        return f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _check_str(value: str, where: str) -> None:
@@ -95,3 +83,13 @@ def summarize_errors(errors: list[dict]) -> str:
     if len(errors) > MAX_LISTED_ERRORS:
         parts.append(f"and {len(errors) - MAX_LISTED_ERRORS} more errors")
     return "; ".join(parts)
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic ValidationError as our one-line message (``summarize_errors``)."""
+    return summarize_errors(exc.errors(include_url=False, include_input=False))
+
+
+def invalid_request(exc: ValidationError) -> InvalidRequestError:
+    """A pydantic ValidationError as the InvalidRequestError every path answers with (HTTP 422, a failed item)."""
+    return InvalidRequestError(validation_message(exc))
