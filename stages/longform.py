@@ -114,12 +114,6 @@ def history_prompt(semantic: np.ndarray, coarse: np.ndarray | None = None,
                        np.asarray(fine, dtype=np.int64), name="carried")
 
 
-def carry_voice(previous: VoicePrompt | None, semantic: np.ndarray, coarse: np.ndarray,
-                fine: np.ndarray) -> VoicePrompt | None:
-    """The history prompt for the next segment: this segment's output, unless too short to be one."""
-    return history_prompt(semantic, coarse, fine) if carries_voice(semantic) else previous
-
-
 def segment_seed(seed: int, index: int) -> int:
     """A distinct, reproducible seed for each segment of one request."""
     if index == 0:

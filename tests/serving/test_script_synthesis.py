@@ -11,13 +11,18 @@ import pytest
 
 from bark_serve.serving.scheduler import StageOutput
 from bark_serve.serving.synthesis import Synthesizer
-from bark_serve.stages.longform import carry_voice, segment_seed
+from bark_serve.stages.longform import carries_voice, history_prompt, segment_seed
 from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 from bark_serve.stages.voices import UnknownVoiceError
 from tests.serving.test_synthesis import make_synth, pipe_capacity, planner_of  # noqa: F401  (pipe_capacity is a fixture)
 
 A, B = "v2/en_speaker_1", "v2/de_speaker_3"
+
+
+def carry_voice(previous, semantic, coarse, fine):
+    """The next segment's history, written out here as the oracle: this output if it carries a voice."""
+    return history_prompt(semantic, coarse, fine) if carries_voice(semantic) else previous
 SCRIPT = [(A, "Good morning. How are you today?"), (B, "Guten Morgen, mir geht es gut."),
           (A, "That is wonderful to hear."), (B, "Danke!"), (A, "See you soon, then.")]
 GREEDY = GenerationParams.greedy(max_semantic_tokens=10, min_eos_p=None)
