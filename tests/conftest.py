@@ -42,11 +42,30 @@ def pipe_capacity() -> int:
     return 8
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test leaves torch's thread count as it found it. float32 GEMMs on 1 and 2 threads round
+    differently, and on a random tiny model a greedy token can follow: a count leaked by one test (an engine
+    built with ``torch_threads``) once decided whether a later module's parity checks passed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_ckpt, pipe_capacity):
-    """The in-process BarkPipeline on the tiny checkpoint, float32 (as the e2e and offline configs pin), its
-    engines holding ``pipe_capacity`` requests. One per test module: the engines keep state between tests."""
+    """The in-process BarkPipeline on the tiny checkpoint, float32 and one torch thread (as the served stage
+    replicas under test run: float32 pinned by the e2e and offline configs, one thread from Ray's
+    OMP_NUM_THREADS for a fractional CPU), its engines holding ``pipe_capacity`` requests. One per test
+    module: the engines keep state between tests. The thread count is restored after the module."""
+    import torch
+
     from bark_serve.stages.engine import EngineOptions
     from bark_serve.stages.pipeline import BarkPipeline
 
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=pipe_capacity, dtype="float32"))
+    threads = torch.get_num_threads()
+    yield BarkPipeline.from_pretrained(
+        str(tiny_ckpt), EngineOptions(capacity=pipe_capacity, dtype="float32", torch_threads=1))
+    torch.set_num_threads(threads)

@@ -20,9 +20,10 @@ def redis_srv(tmp_path_factory):
 
 
 def e2e_config(model: str, port: int, **overrides) -> dict:
-    # float32 pinned: tests compare with the in-process float32 pipeline, and "auto" picks bfloat16
-    # on CPUs with AMX / AVX512-BF16.
-    small = {"num_cpus": 0.1, "max_batch": 8, "batch_wait_ms": 5, "dtype": "float32"}
+    # float32 and one torch thread pinned: tests compare with the in-process pipeline (tests/conftest.py's
+    # pipe, float32 on one thread); "auto" picks bfloat16 on CPUs with AMX / AVX512-BF16, and GEMMs on
+    # another thread count round differently.
+    small = {"num_cpus": 0.1, "max_batch": 8, "batch_wait_ms": 5, "dtype": "float32", "torch_threads": 1}
     cfg = {
         "model": model, "http_host": "127.0.0.1", "http_port": port,
         "orchestrator": {"num_cpus": 0.1, "max_active_requests": 24, "segment_max_tokens": 24,
