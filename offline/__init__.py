@@ -8,6 +8,6 @@ the serving config (settings.py), the Parquet manifest and resume (manifest.py)
 and the run itself with its summary (run.py).
 
 Layer: above ``bark_serve.serving`` (it reuses the serving config, request
-planning, audio encoding and the segment joins of stages/dsp.py), below ``bark_serve.bench`` and the CLI. Enforced
+planning, audio encoding and the segment joins of stages/audio.py), below ``bark_serve.bench`` and the CLI. Enforced
 by import-linter (pyproject.toml).
 """

@@ -28,8 +28,8 @@ from bark_serve.schema.formats import check_format
 from bark_serve.schema.options import SynthesisOptions
 from bark_serve.schema.untrusted import clip, invalid_request
 from bark_serve.serving.config import AudioConfig
+from bark_serve.stages.audio import PostProcess
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.dsp import PostProcess
 from bark_serve.stages.plan import Plan, Planner
 from bark_serve.stages.types import GenerationParams, InvalidRequestError, Priority, VoicePrompt
 

@@ -105,7 +105,7 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict]) -> float:
 
 def _finish(stage: str, row: dict, outputs: list[np.ndarray]) -> None:
     if stage == "codec":
-        row["audio"] = list(outputs)  # per segment: the codec worker joins them (stages/dsp.py) and writes the file
+        row["audio"] = list(outputs)  # per segment: the codec worker joins them (stages/audio.py) and writes the file
         return
     row[stage] = pack_arrays(outputs)
     if stage == "semantic":

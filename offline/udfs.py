@@ -2,17 +2,16 @@
 
 Ray Data builds one instance per actor of the pool; ``__call__`` takes one batch (a pyarrow Table)
 and returns one with ``WORK_SCHEMA``. The codec worker also encodes each row's audio
-(serving/audio.py) and writes it under the output directory, so waveforms never travel.
+(stages/audio.py) and writes it under the output directory, so waveforms never travel.
 """
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-from bark_serve.serving.audio import encode
 from bark_serve.serving.config import parse_config
+from bark_serve.stages.audio import encode, join_segments
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.dsp import join_segments
 
 from .outdir import OutDir
 from .rows import (

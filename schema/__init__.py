@@ -6,6 +6,6 @@ the formats the encoders write (``formats``) and the checks of untrusted decoded
 formatter of validation errors (``untrusted``). The HTTP models, batch items, dataset rows and the
 CLI all take their rules from here.
 
-Layer: right above ``stages`` (it uses the plain types of stages/types.py and stages/dsp.py, which
+Layer: right above ``stages`` (it uses the plain types of stages/types.py and stages/audio.py, which
 import no torch), below ``cluster``. Enforced by import-linter (pyproject.toml).
 """

@@ -11,7 +11,7 @@ from typing import Annotated, Protocol
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from bark_serve.stages import constants as C
-from bark_serve.stages.dsp import PostProcess
+from bark_serve.stages.audio import PostProcess
 from bark_serve.stages.types import GenerationParams, SamplingParams, check_seed
 
 from .fields import NullMeansDefault

@@ -19,11 +19,11 @@ from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
 from bark_serve.schema.request import item_request
+from bark_serve.stages import audio as A
+from bark_serve.stages.audio import join_segments
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.dsp import join_segments
 from bark_serve.stages.types import Priority, StageRequest
 
-from . import audio as A
 from .config import BarkConfig, parse_config
 from .errors import unwrap
 from .metrics import BatchMetrics, BatchProgressReporter, read_worker_progress

@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from bark_serve.cluster.placement import POOL_RESOURCE_PREFIX, pool_resource
 from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.schema.untrusted import validation_message
+from bark_serve.stages.audio import PostProcess
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.dsp import PostProcess
 
 __all__ = ["POOL_RESOURCE_PREFIX", "AudioConfig", "BarkConfig", "BatchConfig", "ConfigError", "load_config",
            "parse_config"]
@@ -113,7 +113,7 @@ class OrchestratorConfig(Placement):
 
 
 class AudioConfig(_Strict):
-    """How long-form audio is joined (stages/dsp.py): the defaults of every request, which may override each."""
+    """How long-form audio is joined (stages/audio.py): the defaults of every request, which may override each."""
 
     trim_silence: bool = True  # cut each segment's leading/trailing silence
     trim_threshold_db: float = Field(-40.0, ge=-100, le=-1)  # silence: this far below the segment's loudest frame

@@ -20,10 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bark_serve.schema.untrusted import check_plain_data, short_repr, summarize_errors
-from bark_serve.stages.dsp import PostProcess, join_segments
+from bark_serve.stages import audio as A
+from bark_serve.stages.audio import PostProcess, join_segments
 from bark_serve.stages.types import InvalidRequestError
 
-from . import audio as A
 from .errors import APIError, to_api_error
 from .synthesis import AudioChunk
 
@@ -151,7 +151,7 @@ def timings_summary(chunks: list[AudioChunk], t0: float, first_audio: float | No
 
 
 def joined_audio(chunks: list[AudioChunk], post: PostProcess) -> tuple[np.ndarray, int]:
-    """The request's segments joined as ``post`` says (stages/dsp.py), and the sample rate."""
+    """The request's segments joined as ``post`` says (stages/audio.py), and the sample rate."""
     sr = chunks[0].sample_rate if chunks else 24_000
     return join_segments([c.audio for c in chunks], sr, post), sr
 
@@ -248,8 +248,8 @@ def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[Aud
                     on_done: Callable[[bool], None], sse: bool = False, input_tokens: int = 0) -> SlotStreamingResponse:
     """Audio as segments finish: encoded bytes in ``fmt``, Server-Sent Events (``sse``), or msgpack objects.
 
-    Each segment is joined onto the previous ones (``post``, stages/dsp.py) and encoded incrementally
-    (serving/audio.py) in a worker thread. The stream obeys ``deadline`` (event-loop time) like a full
+    Each segment is joined onto the previous ones (``post``) and encoded incrementally
+    (stages/audio.py) in a worker thread. The stream obeys ``deadline`` (event-loop time) like a full
     answer: past it, or when a stage fails, an SSE stream ends with an ``{"type": "error", "error": ...}``
     event, a msgpack stream with an ``{"error": ...}`` object, and a raw stream is cut off (StreamAborted).
     ``release`` frees the request's admission slot exactly once; ``on_done(ok)`` records the outcome.

@@ -54,7 +54,7 @@ def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:
 
     from bark_serve.offline.rows import row_params, row_post_process
     from bark_serve.serving.config import AudioConfig, BarkConfig
-    from bark_serve.stages.dsp import join_segments
+    from bark_serve.stages.audio import join_segments
 
     aliases = aliases or BarkConfig().voice_aliases
     options = json.dumps(row["options"]) if row.get("options") else None

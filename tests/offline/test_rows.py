@@ -122,7 +122,7 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
     from bark_serve.offline.rows import row_post_process
     from bark_serve.serving.config import AudioConfig
     from bark_serve.serving.stage_server import engine_options, load_engine
-    from bark_serve.stages.dsp import join_segments
+    from bark_serve.stages.audio import join_segments
 
     cfg = parse_config(config)
     rows = RowPlanner(config, "jsonl", "wav")(jsonl_batch([json.dumps(r) for r in GOOD_ROWS])).to_pylist()
@@ -161,7 +161,7 @@ def test_a_script_row_gives_the_served_apps_audio(config):
     from bark_serve.serving.scheduler import StageScheduler
     from bark_serve.serving.stage_calls import make_planner
     from bark_serve.serving.synthesis import Synthesizer
-    from bark_serve.stages.dsp import join_segments
+    from bark_serve.stages.audio import join_segments
     from bark_serve.stages.types import Priority
 
     cfg = parse_config(config)

@@ -19,7 +19,7 @@ import soundfile as sf
 
 from bark_serve.cluster.ports import free_port
 from bark_serve.serving.config import AudioConfig
-from bark_serve.stages.dsp import join_segments
+from bark_serve.stages.audio import join_segments
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import GenerationParams

@@ -1,11 +1,11 @@
-"""stages/dsp.py on synthetic signals: tones with silence and noise around them."""
+"""stages/audio.py's post-processing on synthetic signals: tones with silence and noise around them."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from bark_serve.stages.dsp import (
+from bark_serve.stages.audio import (
     LIMIT_CEILING,
     PEAK_CEILING,
     PostProcess,
