@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
-from ray.serve import Application
+from typing import cast
+
+from ray.serve import Application, Deployment
 
 from bark_serve.stages.constants import STAGES
 
@@ -21,19 +23,24 @@ def build_app(args: dict | BarkConfig) -> Application:
     return make_app(args if isinstance(args, BarkConfig) else parse_config(dict(args or {})))
 
 
+def _deployment(cls: type) -> Deployment:
+    """A ``@serve.deployment`` class, which the decorator made a Deployment (its typing does not say so)."""
+    return cast(Deployment, cls)
+
+
 def make_app(cfg: BarkConfig, engine_factory=load_engine) -> Application:
     """The application from a config; ``engine_factory`` is injectable (tests pass a fake engine)."""
     data = cfg.model_dump(mode="json")
     stages = {}
     for stage in STAGES:
         name = DEPLOYMENT_NAMES[stage]
-        stages[stage] = StageServer.options(name=name, **_options(cfg.stage(stage))).bind(
+        stages[stage] = _deployment(StageServer).options(name=name, **_options(cfg.stage(stage))).bind(
             stage, data, engine_factory)
     batch = None
     if cfg.batch.enabled:
         from .batch_app import BatchWorker
 
-        opts = _options(cfg.batch.worker)
-        batch = BatchWorker.options(name=BATCH_WORKER_NAME, **opts).bind(data, *(stages[s] for s in STAGES))
-    ingress = Orchestrator.options(name=INGRESS_NAME, **_options(cfg.orchestrator))
+        worker = _deployment(BatchWorker).options(name=BATCH_WORKER_NAME, **_options(cfg.batch.worker))
+        batch = worker.bind(data, *(stages[s] for s in STAGES))
+    ingress = _deployment(Orchestrator).options(name=INGRESS_NAME, **_options(cfg.orchestrator))
     return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch)

@@ -57,7 +57,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -164,7 +164,7 @@ def _jsonl_items(body: bytes) -> list[tuple[int, Any, str | None]]:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise APIError(400, "JSONL body is not valid UTF-8", "invalid_body") from None
-    out = []
+    out: list[tuple[int, Any, str | None]] = []
     for index, line in enumerate(text.split("\n")):
         line = line.strip()
         if not line:
@@ -279,7 +279,7 @@ def _query(request: Request) -> tuple[str, int, bool, float]:
 
 
 async def _results(store: JobStore, job_id: str, after: str, limit: int, follow: bool, wait_s: float,
-                   encode: Callable[[dict], bytes], limits: BatchLimits) -> AsyncIterator[bytes]:
+                   encode: Callable[[dict], bytes], limits: BatchLimits) -> AsyncGenerator[bytes, None]:
     cursor, sent, final = after, 0, False
     deadline = time.monotonic() + (min(wait_s, limits.follow_max_s) if wait_s else limits.follow_max_s)
     try:
@@ -349,7 +349,7 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
     stores = _StoreCache(store_factory)
     following: dict[str, int] = {}  # tenant -> its open follow=true streams on this replica
 
-    async def counted(owner: str, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    async def counted(owner: str, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
         """A follow stream, counted against its tenant from its first byte until it ends or is dropped."""
         following[owner] = following.get(owner, 0) + 1
         try:

@@ -22,7 +22,6 @@ from bark_serve.schema.request import item_request
 from bark_serve.stages import audio as A
 from bark_serve.stages.audio import join_segments
 from bark_serve.stages.constants import STAGES
-from bark_serve.stages.types import Priority, StageRequest
 
 from .config import BarkConfig, parse_config
 from .errors import unwrap
@@ -68,12 +67,10 @@ def batch_store_factory(cfg: BarkConfig):
 
 @serve.deployment
 class BatchWorker:
-    async def __init__(self, config: dict, semantic, coarse, fine, codec):
+    async def __init__(self, config: dict, semantic, coarse, fine, codec):  # type: ignore[misc]  # Serve awaits it
         self.cfg = parse_config(config)
         handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
         self.synth = make_synthesizer(self.cfg, handles)
-        self.synth.call = self._tracking(self.synth.call)
-        self.progress: dict[str, ItemProgress] = {}  # plan request id -> its item's progress
         bcfg = self.cfg.batch
         self.queue = await open_queue(bcfg)
         # Only batch.item_timeout_s bounds an item: the interactive request_timeout_s is for people waiting.
@@ -84,18 +81,17 @@ class BatchWorker:
         log.info("batch worker %s started (max %d in flight)", self.loop.consumer, bcfg.max_in_flight)
 
     async def synthesize(self, item: BatchItem) -> SynthesisResult:
+        """One item on the one path (serving/orchestrator.py's ``_run``): the typed request, planned in the
+        planning thread (a 20k-character item must not stall this loop's heartbeats and claims), streamed
+        through the stages with batch priority, joined and encoded as a file."""
         req = item_request(item.text, item.script, item.voice, item.format, item.seed, item.options, item.priority)
         try:
-            # in the planning thread: a 20k-character item must not stall this loop's heartbeats and claims
-            plan = await self.synth.plan_async(req.text, req.voice, req.generation_params(), Priority.BATCH,
-                                               request_id=f"{item.job_id}-{item.item_id}", script=req.lines())
-            report = functools.partial(self.loop.report_stage, item.job_id, item.item_id)
-            self.progress[plan.request_id] = ItemProgress(len(plan.segments), report)
-            chunks = await self.synth.collect(plan)
+            plan = await self.synth.plan_request(req, request_id=f"{item.job_id}-{item.item_id}")
+            progress = ItemProgress(plan.n_segments, functools.partial(self.loop.report_stage, item.job_id,
+                                                                        item.item_id))
+            chunks = await self.synth.collect(plan, on_stage=progress.finished)
         except Exception as exc:
             raise unwrap(exc) from None  # InvalidRequestError fails the item at once; others are retried
-        finally:
-            self.progress.pop(f"{item.job_id}-{item.item_id}", None)
         sr = self.synth.spec.sample_rate
         # joining and encoding minutes of audio is CPU work: not on this replica's event loop
         audio = await asyncio.to_thread(join_segments, [c.audio for c in chunks], sr,
@@ -105,18 +101,6 @@ class BatchWorker:
                    for s in chunks[0].timings}
         return SynthesisResult(audio=encoded, sample_rate=sr, duration_s=len(audio) / sr,
                                media_type=A.media_type(req.format), timings={"seed": plan.seed, "stages_s": timings})
-
-    def _tracking(self, call):
-        """The Synthesizer's stage call, also telling the item's progress when a segment leaves a stage."""
-
-        async def tracked(stage: str, request: StageRequest, priority: Priority):
-            out = await call(stage, request, priority)
-            progress = self.progress.get(request.request_id.rpartition(":")[0])  # "<plan id>:<segment>"
-            if progress is not None:
-                progress.finished(stage)
-            return out
-
-        return tracked
 
     async def stats(self) -> dict:
         return {"consumer": self.loop.consumer, "running": not self.task.done()}

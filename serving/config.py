@@ -184,7 +184,7 @@ class BarkConfig(_Strict):
     app_name: str = "bark"
     model: str = "suno/bark-small"
     voices_dir: str | None = None  # extra directory of suno-style .npz presets
-    # Every current OpenAI voice name -> a Bark preset (README "Voices"); a config may remap or add names.
+    # Every current OpenAI voice name -> a Bark preset (docs/API.md, "Voices"); a config may remap or add names.
     voice_aliases: dict[str, str] = Field(default_factory=lambda: dict(OPENAI_VOICES))
     http_host: str = "0.0.0.0"
     http_port: int = Field(8000, ge=1, le=65535)
@@ -216,7 +216,7 @@ class BarkConfig(_Strict):
             pool = self.stage(name).pool
             if pool:
                 out.setdefault(pool, []).append(DEPLOYMENT_NAMES[name])
-        placements = [(INGRESS_NAME, self.orchestrator)]
+        placements: list[tuple[str, Placement]] = [(INGRESS_NAME, self.orchestrator)]
         if self.batch.enabled:
             placements.append((BATCH_WORKER_NAME, self.batch.worker))
         for dep, placement in placements:

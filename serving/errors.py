@@ -36,8 +36,9 @@ def overloaded(message: str, retry_after: int, status: int = 503) -> APIError:
 
 def unwrap(exc: BaseException) -> BaseException:
     """The original exception of a Ray task/actor error (whose str() is a whole remote traceback)."""
-    while getattr(exc, "cause", None) is not None and exc.cause is not exc:
-        exc = exc.cause
+    cause = getattr(exc, "cause", None)
+    while cause is not None and cause is not exc:
+        exc, cause = cause, getattr(cause, "cause", None)
     return exc
 
 

@@ -11,6 +11,8 @@ import logging
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal, TypeVar
 
 import msgpack
 import numpy as np
@@ -32,6 +34,7 @@ log = logging.getLogger("ray.serve")  # shows in the replica logs
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack", "application/vnd.msgpack")
 JSON_TYPES = ("application/json", "")  # no Content-Type at all: JSON, as most clients mean
 DECODE_INLINE_BYTES = 64 * 1024  # bigger bodies are decoded in a worker thread, off the event loop
+M = TypeVar("M", bound=BaseModel)
 REQUEST_ID_HEADER = "X-Bark-Request-Id"  # Ray Serve owns X-Request-Id (and takes the client's)
 
 
@@ -41,6 +44,30 @@ def wants_msgpack(request: Request) -> bool:
 
 def wants_json(request: Request) -> bool:
     return "application/json" in request.headers.get("accept", "")
+
+
+@dataclass(frozen=True)
+class Reply:
+    """How a caller takes its answer, decided once at the edge (the route and its Accept header).
+
+    ``kind``: ``audio`` (the encoded bytes in the request's format), ``json`` (base64 audio and the
+    metadata), ``msgpack`` (16-bit PCM and the metadata), ``sse`` (OpenAI's ``speech.audio.delta`` events)
+    or ``arrays`` (the Python handle API: a dict holding the float32 samples). ``stream``: as segments
+    finish (sse always streams; arrays never do).
+    """
+
+    kind: Literal["audio", "json", "msgpack", "sse", "arrays"]
+    stream: bool = False
+
+
+HANDLE_REPLY = Reply("arrays")
+
+
+def http_reply(request: Request, stream: bool, sse: bool = False) -> Reply:
+    """The Reply an HTTP request asks for: msgpack or JSON by its Accept header (msgpack first), else audio."""
+    if sse:
+        return Reply("sse", stream=True)
+    return Reply("msgpack" if wants_msgpack(request) else "json" if wants_json(request) else "audio", stream)
 
 
 def check_api_key(request: Request, keys: frozenset[str]) -> None:
@@ -118,13 +145,13 @@ def decode_body(body: bytes, kind: str) -> dict:
     return data
 
 
-async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -> BaseModel:
+async def parse_body(request: Request, model: type[M], max_bytes: int) -> M:
     """JSON or msgpack body -> pydantic model; 413 if too large, 415 if another type, 400 if unreadable,
     422 if invalid. Big bodies are decoded and validated in a worker thread."""
     kind = content_kind(request)
     body = await read_limited(request, max_bytes)
 
-    def parse() -> BaseModel:
+    def parse() -> M:
         try:
             return model.model_validate(decode_body(body, kind))
         except ValidationError as exc:
@@ -136,7 +163,7 @@ async def parse_body(request: Request, model: type[BaseModel], max_bytes: int) -
 def validation_error(exc: ValidationError | RequestValidationError) -> APIError:
     """A 422 naming the first few problems, each cut short: the answer stays small whatever was sent."""
     errors = exc.errors(include_url=False, include_input=False) if isinstance(exc, ValidationError) else exc.errors()
-    return APIError(422, summarize_errors(errors), "invalid_parameters")
+    return APIError(422, summarize_errors([dict(e) for e in errors]), "invalid_parameters")
 
 
 def timings_summary(chunks: list[AudioChunk], t0: float, first_audio: float | None) -> dict:
@@ -156,15 +183,18 @@ def joined_audio(chunks: list[AudioChunk], post: PostProcess) -> tuple[np.ndarra
     return join_segments([c.audio for c in chunks], sr, post), sr
 
 
-def full_response(request: Request, chunks: list[AudioChunk], fmt: str, meta: dict, post: PostProcess) -> Response:
-    """A finished request, as audio bytes, msgpack (PCM + timings) or JSON (base64 audio + timings)."""
+def full_answer(reply: Reply, chunks: list[AudioChunk], fmt: str, meta: dict, post: PostProcess) -> Response | dict:
+    """A finished request as ``reply`` says: audio bytes, msgpack (PCM + timings), JSON (base64 audio +
+    timings), or for the handle a dict with the samples (``audio``, float32) and the same metadata."""
     audio, sr = joined_audio(chunks, post)
     meta = {**meta, "sample_rate": sr, "duration_s": len(audio) / sr, "segments": len(chunks)}
-    if wants_msgpack(request):
+    if reply.kind == "arrays":
+        return {**meta, "audio": audio}
+    if reply.kind == "msgpack":
         body = msgpack.packb({**meta, "format": "pcm", "audio": A.to_pcm16(audio)}, use_bin_type=True)
         return Response(body, media_type="application/msgpack")
     encoded = A.encode(audio, sr, fmt)
-    if wants_json(request):
+    if reply.kind == "json":
         return JSONResponse({**meta, "format": fmt, "audio_base64": base64.b64encode(encoded).decode()})
     return Response(encoded, media_type=A.media_type(fmt), headers=_meta_headers(meta))
 
@@ -243,10 +273,11 @@ def _usage(input_tokens: int, output_tokens: int) -> dict:
     return {"input_tokens": input_tokens, "output_tokens": output_tokens, "total_tokens": input_tokens + output_tokens}
 
 
-def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str, meta: dict,
+def stream_response(reply: Reply, first: AudioChunk, rest: AsyncIterator[AudioChunk], fmt: str, meta: dict,
                     *, post: PostProcess, deadline: float, release: Callable[[], None],
-                    on_done: Callable[[bool], None], sse: bool = False, input_tokens: int = 0) -> SlotStreamingResponse:
-    """Audio as segments finish: encoded bytes in ``fmt``, Server-Sent Events (``sse``), or msgpack objects.
+                    on_done: Callable[[bool], None], input_tokens: int = 0) -> SlotStreamingResponse:
+    """Audio as segments finish: msgpack objects or Server-Sent Events as ``reply`` says, else encoded bytes
+    in ``fmt``.
 
     Each segment is joined onto the previous ones (``post``) and encoded incrementally
     (stages/audio.py) in a worker thread. The stream obeys ``deadline`` (event-loop time) like a full
@@ -254,7 +285,7 @@ def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[Aud
     event, a msgpack stream with an ``{"error": ...}`` object, and a raw stream is cut off (StreamAborted).
     ``release`` frees the request's admission slot exactly once; ``on_done(ok)`` records the outcome.
     """
-    packed = wants_msgpack(request) and not sse
+    packed, sse = reply.kind == "msgpack", reply.kind == "sse"
     out = A.AudioOut(fmt, first.sample_rate, post)
 
     async def piece(chunk: AudioChunk) -> bytes:
@@ -269,7 +300,7 @@ def stream_response(request: Request, first: AudioChunk, rest: AsyncIterator[Aud
     async def body():
         ok, semantic_tokens = False, 0
         try:
-            chunk = first
+            chunk: AudioChunk | None = first
             while chunk is not None:
                 semantic_tokens += chunk.semantic_tokens
                 data = await piece(chunk)

@@ -32,16 +32,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 log = logging.getLogger("ray.serve")
+M = TypeVar("M")
 
 LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300]
-BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+BATCH_BUCKETS: list[float] = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 REPUBLISH_S = 10.0  # start-time gauges are set again this often, with the steps
 
 
-class StageMetrics:
+class NullStageMetrics:
+    """What a stage replica reports (its scheduler: queue, steps, requests; its engine: CUDA graphs), recorded
+    nowhere. The one "no metrics" pattern: a sink whose methods do nothing, never ``None`` and never a stub
+    that answers any name; :func:`replica_metrics` falls back to it outside a Serve replica."""
+
+    def graphs(self, stats: dict | None) -> None: ...
+    def queue_length(self, n: int) -> None: ...
+    def step(self, batch: float, tokens: float, seconds: float) -> None: ...
+    def request_done(self, latency_s: float, ok: bool) -> None: ...
+
+
+class NullRequestMetrics:
+    """What the orchestrator reports per request, recorded nowhere (see :class:`NullStageMetrics`)."""
+
+    def request(self, api: str, seconds: float) -> None: ...
+    def first_audio(self, seconds: float) -> None: ...
+    def audio(self, seconds: float) -> None: ...
+    def error(self, code: int, route: str = "unmatched") -> None: ...
+
+
+def replica_metrics(make: Callable[[], M], null: M, what: str) -> M:
+    """``make()``, the real sink (it needs a Serve replica's context), or ``null`` where it cannot be made:
+    metrics never fail serving (unit tests build schedulers and orchestrator parts outside a replica)."""
+    try:
+        return make()
+    except Exception:
+        log.warning("metrics unavailable for %s; recording none", what, exc_info=True)
+        return null
+
+
+class StageMetrics(NullStageMetrics):
     """The scheduler's metrics sink for one stage replica."""
 
     def __init__(self, stage: str):
@@ -57,7 +90,7 @@ class StageMetrics:
         self._latency = Histogram("bark_stage_request_seconds", "Time of a request in the stage",
                                   boundaries=LATENCY_BUCKETS, tag_keys=("stage",))
         self._requests = Counter("bark_stage_requests_total", "Requests finished by the stage",
-                                 tag_keys=("stage", "outcome"))
+                                 tag_keys=("stage", "outcome"))  # type: ignore[arg-type]  # Ray types a 1-tuple
         self._graphs = Gauge("bark_stage_cuda_graphs", "CUDA graphs the replica captured at start (0: eager steps)",
                              tag_keys=("stage",))
         self._capture = Gauge("bark_stage_graph_capture_seconds", "Seconds the replica spent capturing CUDA graphs",
@@ -95,7 +128,7 @@ class StageMetrics:
         self._requests.inc(1, tags={"stage": self._stage, "outcome": "ok" if ok else "error"})
 
 
-class RequestMetrics:
+class RequestMetrics(NullRequestMetrics):
     """The orchestrator's request-level metrics."""
 
     def __init__(self):
@@ -107,7 +140,7 @@ class RequestMetrics:
                                boundaries=LATENCY_BUCKETS)
         self._audio = Counter("bark_audio_seconds_total", "Seconds of audio produced")
         self._errors = Counter("bark_http_errors_total", "Error answers, every refusal included",
-                               tag_keys=("code", "route"))
+                               tag_keys=("code", "route"))  # type: ignore[arg-type]  # Ray types a 1-tuple
 
     def request(self, api: str, seconds: float) -> None:
         self._latency.observe(seconds, tags={"api": api})

@@ -25,6 +25,7 @@ from .admission import Admission
 from .api_models import SpeechRequest, TTSRequest
 from .config import parse_config
 from .errors import APIError, to_api_error
+from .metrics import NullRequestMetrics, RequestMetrics, replica_metrics
 from .routes import ROUTES, build_http_app
 from .stage_calls import make_synthesizer
 
@@ -34,19 +35,6 @@ OPENAI_MODEL_NAMES = ("bark", "tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 # Helpers come before the deployment class: Serve pickles the class when it is decorated.
 async def _drain(chunks):
     return [c async for c in chunks]
-
-
-def _request_metrics():
-    try:
-        from .metrics import RequestMetrics
-
-        return RequestMetrics()
-    except Exception:  # outside a replica (unit tests): a no-op sink
-        class _Null:
-            def __getattr__(self, name):
-                return lambda *a, **k: None
-
-        return _Null()
 
 
 def _arrays(voice) -> bool:
@@ -68,22 +56,17 @@ class Orchestrator:
         self.model_names = {self.cfg.model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.public_models = {self.cfg.public_model, self.cfg.model.rstrip("/").split("/")[-1], *OPENAI_MODEL_NAMES}
         self.admission = Admission(ocfg.max_active_requests, ocfg.retry_after_s)
-        self.metrics = _request_metrics()
+        self.metrics = replica_metrics(RequestMetrics, NullRequestMetrics(), "the orchestrator")
         self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
 
     def __serve_build_asgi_app__(self):
         """Serve calls this once, after __init__: this replica's FastAPI app."""
         return build_http_app(self)
 
-    async def _plan(self, req: SynthesisRequest):
-        """The request planned (stages/plan.py) in the synthesizer's planning thread; InvalidRequestError if bad."""
-        return await self.synth.plan_async(req.text, req.voice, req.generation_params(), req.priority,
-                                           script=req.lines())
-
     # -- Python handle API (serve.get_app_handle("bark")) ----------------------------------------
     async def synthesize(self, text: str | None = None, voice=None, script=None, **options) -> dict:
         """Synthesize ``text`` (or ``script``: [{"voice", "text"}, ...]); options are those of /v1/tts.
-        -> {audio (float32 array), sample_rate, seed, timings}
+        -> {audio (float32 array), sample_rate, seed, request_id, duration_s, segments, timings}
 
         Raises InvalidRequestError for bad input and APIError(429) when this replica is at
         ``max_active_requests`` (Ray Client callers especially: Serve's queue limits are relaxed there).
@@ -95,14 +78,7 @@ class Orchestrator:
             req = TTSRequest(text=text, voice=voice, script=script, **options)  # its options: those of /v1/tts
         except ValidationError as exc:
             raise invalid_request(exc) from None
-        deadline = asyncio.get_running_loop().time() + self.cfg.orchestrator.request_timeout_s
-        with self.admission.acquire():
-            t0 = time.time()
-            plan = await asyncio.wait_for(self._plan(req), H.remaining(deadline))  # planning counts too
-            chunks = await asyncio.wait_for(self.synth.collect(plan), H.remaining(deadline))
-            audio, sr = await asyncio.to_thread(H.joined_audio, chunks, req.post_process(self.cfg.audio))
-        return {"audio": audio, "sample_rate": sr, "seed": plan.seed, "request_id": plan.request_id,
-                "timings": H.timings_summary(chunks, t0, None)}
+        return await self._run("handle", req, H.HANDLE_REPLY)
 
     async def stats(self) -> dict:
         """This replica's state, for operators and tests: pid, active requests, cached voices."""
@@ -154,49 +130,55 @@ class Orchestrator:
             raise APIError(404, f"model {clip(req.model)!r} not found; this server serves {self.cfg.public_model!r}",
                            "model_not_found")
         sse = req.stream_format == "sse"
-        stream = sse or not H.wants_json(request)  # every format streams; Accept: application/json gets it whole
-        return await self._respond(request, "speech", req.synthesis_request(), stream, sse=sse)
+        reply = H.http_reply(request, stream=not H.wants_json(request), sse=sse)  # Accept: application/json: whole
+        return await self._http("speech", req.synthesis_request(), reply)
 
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)
         self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, TTSRequest, self.cfg.orchestrator.max_body_bytes)
-        return await self._respond(request, "tts", req, req.stream)
+        return await self._http("tts", req, H.http_reply(request, req.stream))
 
-    async def _respond(self, request: Request, api: str, req: SynthesisRequest, stream: bool, sse: bool = False):
-        """Admit, plan, synthesize; the admission slot is released exactly once, whatever happens."""
-        ocfg = self.cfg.orchestrator
-        fmt, post = req.format, req.post_process(self.cfg.audio)
-        deadline = asyncio.get_running_loop().time() + ocfg.request_timeout_s
+    # -- the one path ------------------------------------------------------------------------------
+    async def _http(self, api: str, req: SynthesisRequest, reply: H.Reply):
+        """``_run`` for an HTTP route: whatever it raises becomes the API's error answer."""
+        try:
+            return await self._run(api, req, reply)
+        except Exception as exc:  # counted by the app's error handler, as every error answer is
+            raise to_api_error(exc, self.cfg.orchestrator.retry_after_s) from None
+
+    async def _run(self, api: str, req: SynthesisRequest, reply: H.Reply):
+        """Every caller's path (the HTTP routes and the handle; batch items plan and stream the same way in
+        serving/batch_app.py): admit -> plan -> stream -> answer as ``reply`` says. The admission slot is
+        released exactly once, whatever happens; the deadline covers planning too."""
+        post = req.post_process(self.cfg.audio)
+        deadline = asyncio.get_running_loop().time() + self.cfg.orchestrator.request_timeout_s
         with self.admission.acquire() as slot:  # before voices are read or text is tokenized
             t0 = time.time()
+            plan = await asyncio.wait_for(self.synth.plan_request(req), H.remaining(deadline))
+            meta = {"seed": plan.seed, "request_id": plan.request_id}
+            chunks = self.synth.stream(plan)
             try:
-                plan = await asyncio.wait_for(self._plan(req), H.remaining(deadline))
-                meta = {"seed": plan.seed, "request_id": plan.request_id}
-                chunks = self.synth.stream(plan)
-                try:
-                    first = await asyncio.wait_for(anext(chunks, None), H.remaining(deadline))
-                    t_first = time.time()
-                    self.metrics.first_audio(t_first - t0)
-                    if stream and first is not None:
-                        def finished(ok):
-                            self.metrics.request(api, time.time() - t0)
+                first = await asyncio.wait_for(anext(chunks, None), H.remaining(deadline))
+                t_first = time.time()
+                self.metrics.first_audio(t_first - t0)
+                if reply.stream and first is not None:
+                    def finished(ok):
+                        self.metrics.request(api, time.time() - t0)
 
-                        response = H.stream_response(request, first, chunks, fmt, meta, post=post, sse=sse,
-                                                     input_tokens=sum(len(ids) for ids in plan.text_ids),
-                                                     deadline=deadline, release=slot.release, on_done=finished)
-                        slot.transfer()  # from here the response releases the slot (see SlotStreamingResponse)
-                        return response
-                    rest = await asyncio.wait_for(_drain(chunks), H.remaining(deadline)) if first else []
-                except BaseException:
-                    await H.close_quietly(chunks)  # stop the pipeline: error, timeout, or the client went away
-                    raise
-                collected = [first, *rest] if first else []
-                meta["timings"] = H.timings_summary(collected, t0, t_first)
-                self.metrics.audio(sum(len(c.audio) for c in collected) / self.synth.spec.sample_rate)
-                self.metrics.request(api, time.time() - t0)
-                # joining and encoding minutes of audio takes a while: not on the event loop
-                return await asyncio.to_thread(H.full_response, request, collected, fmt, meta, post)
-            except Exception as exc:  # counted by the app's error handler, as every error answer is
-                raise to_api_error(exc, ocfg.retry_after_s) from None
+                    response = H.stream_response(reply, first, chunks, req.format, meta, post=post,
+                                                 input_tokens=sum(len(ids) for ids in plan.text_ids),
+                                                 deadline=deadline, release=slot.release, on_done=finished)
+                    slot.transfer()  # from here the response releases the slot (see SlotStreamingResponse)
+                    return response
+                rest = await asyncio.wait_for(_drain(chunks), H.remaining(deadline)) if first else []
+            except BaseException:
+                await H.close_quietly(chunks)  # stop the pipeline: error, timeout, or the client went away
+                raise
+            collected = [first, *rest] if first else []
+            meta["timings"] = H.timings_summary(collected, t0, t_first)
+            self.metrics.audio(sum(len(c.audio) for c in collected) / self.synth.spec.sample_rate)
+            self.metrics.request(api, time.time() - t0)
+            # joining and encoding minutes of audio takes a while: not on the event loop
+            return await asyncio.to_thread(H.full_answer, reply, collected, req.format, meta, post)

@@ -116,12 +116,15 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every failure answered in the API's error shape, ``{"error": {"message", "type", "code"}}``
     (:class:`ErrorCounter` answers the exceptions no handler takes, and counts every error answer)."""
 
+    @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
         return exc.response()
 
+    @app.exception_handler(RequestValidationError)
     async def invalid_parameters(request: Request, exc: RequestValidationError):
         return validation_error(exc).response()
 
+    @app.exception_handler(StarletteHTTPException)
     async def router_error(request: Request, exc: StarletteHTTPException):
         """404 / 405 and friends from the router, instead of FastAPI's ``{"detail": ...}``."""
         where = f"{request.method} {clip(request.url.path, 100)}"
@@ -135,13 +138,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers.update(exc.headers or {})  # e.g. Allow on a 405
         return response
 
+    @app.exception_handler(InvalidRequestError)
     async def invalid_request(request: Request, exc: InvalidRequestError):
         return to_api_error(exc).response()
-
-    app.add_exception_handler(APIError, api_error)
-    app.add_exception_handler(RequestValidationError, invalid_parameters)
-    app.add_exception_handler(StarletteHTTPException, router_error)
-    app.add_exception_handler(InvalidRequestError, invalid_request)
 
 
 def _batch_routes(orch) -> APIRouter:

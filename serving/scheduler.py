@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 from bark_serve.stages.types import EngineResult, InvalidRequestError, Priority, StageRequest
 
+from .metrics import NullStageMetrics
+
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
@@ -51,14 +53,6 @@ class StageOutput:
     finished: float
 
 
-class NullMetrics:
-    """What the scheduler reports; serving.metrics records it in Ray's Prometheus metrics."""
-
-    def queue_length(self, n: int) -> None: ...
-    def step(self, batch: float, tokens: float, seconds: float) -> None: ...
-    def request_done(self, latency_s: float, ok: bool) -> None: ...
-
-
 @dataclass(order=True)
 class _Entry:
     priority: int
@@ -71,14 +65,15 @@ class _Entry:
 
 
 class StageScheduler:
-    def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002, metrics=None, alone_hook=None):
+    def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002,
+                 metrics: NullStageMetrics = NullStageMetrics(), alone_hook=None):
         self.engine = engine
         # alone_hook(request_id, True) when an isolated request goes into the engine alone, (request_id, False)
         # once it is out: what tells a caller whose replica died whether its request was the one running
         self.alone_hook = alone_hook
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
-        self.metrics = metrics or NullMetrics()
+        self.metrics = metrics  # serving/metrics.py: Prometheus through Ray in a replica
         self._queue: list[_Entry] = []
         self._seq = itertools.count()
         self._held: dict[str, _Entry] = {}  # request_id -> entry, admitted to the engine

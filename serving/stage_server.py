@@ -17,6 +17,7 @@ from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtyp
 from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 
 from .config import BarkConfig, StageConfig, parse_config
+from .metrics import NullStageMetrics, StageMetrics, replica_metrics
 from .scheduler import StageOutput, StageScheduler
 from .stage_calls import alone_marker
 
@@ -25,7 +26,7 @@ log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 def resolve_threads(setting: int | str | None) -> int | None:
     """``"auto"``: the cores this process may run on (its CPU affinity), else the setting itself."""
-    if setting == "auto":
+    if isinstance(setting, str):  # "auto", the only string StageConfig allows
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return setting
 
@@ -67,20 +68,13 @@ class StageServer:
         cfg = parse_config(config)
         scfg = cfg.stage(stage)
         self.engine = engine_factory(stage, cfg, engine_options(scfg))
-        try:
-            from .metrics import StageMetrics
-
-            metrics = StageMetrics(stage)
-        except Exception:  # metrics need a Serve replica context; never fail serving for them
-            log.warning("metrics unavailable for %s", stage, exc_info=True)
-            metrics = None
+        metrics = replica_metrics(lambda: StageMetrics(stage), NullStageMetrics(), stage)
         max_queue = scfg.max_queued_requests if scfg.max_queued_requests >= 0 else 1 << 30
         self.scheduler = StageScheduler(self.engine, alone_hook=alone_marker(stage),
                                         max_queue=max_queue + scfg.max_ongoing_requests,
                                         batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
         graphs = getattr(self.engine, "graph_stats", lambda: None)()
-        if metrics is not None:
-            metrics.graphs(graphs)
+        metrics.graphs(graphs)
         log.info("%s ready: capacity %d, %s on %s, %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device,
                  "eager steps" if graphs is None else
                  f"{graphs['cuda_graphs']} CUDA graphs captured in {graphs['capture_s']:.2f} s, "

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bark_serve.schema.request import SynthesisRequest
 from bark_serve.stages.constants import STAGES, BarkSpec
 from bark_serve.stages.longform import carries_voice
 from bark_serve.stages.plan import Plan, Planner, segment_history
@@ -124,13 +125,20 @@ class Synthesizer:
         call = functools.partial(self.planner.plan, text, voice, params, priority, request_id, script)
         return await asyncio.get_running_loop().run_in_executor(self._planner_thread, call)
 
-    async def stream(self, plan: Plan) -> AsyncIterator[AudioChunk]:
-        """Audio chunks, one per segment, in order, as soon as each is decoded."""
+    async def plan_request(self, req: SynthesisRequest, request_id: str | None = None) -> Plan:
+        """A caller's typed request (bark_serve.schema) planned, off the event loop: the one way every path
+        (HTTP, the handle, batch items) turns a request into a plan."""
+        return await self.plan_async(req.text, req.voice, req.generation_params(), req.priority, request_id,
+                                     req.lines())
+
+    async def stream(self, plan: Plan, on_stage: Callable[[str], None] | None = None) -> AsyncIterator[AudioChunk]:
+        """Audio chunks, one per segment, in order, as soon as each is decoded. ``on_stage(stage)`` is called
+        each time one of the plan's segments leaves a stage (a batch item's progress)."""
         tasks: dict[tuple[str, int], asyncio.Task] = {}
         windows = {stage: SegmentWindow(self.max_segments_in_flight) for stage in STAGES}
         for i in range(len(plan.segments)):
             for stage in STAGES:
-                tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks, windows[stage]))
+                tasks[stage, i] = asyncio.ensure_future(self._stage(stage, i, plan, tasks, windows[stage], on_stage))
         try:
             for i in range(len(plan.segments)):
                 out = await tasks["codec", i]
@@ -143,11 +151,12 @@ class Synthesizer:
                 if task.done() and not task.cancelled():
                     task.exception()  # retrieved: a failure shared by the tasks after it is raised once, above
 
-    async def collect(self, plan: Plan) -> list[AudioChunk]:
-        return [chunk async for chunk in self.stream(plan)]
+    async def collect(self, plan: Plan, on_stage: Callable[[str], None] | None = None) -> list[AudioChunk]:
+        return [chunk async for chunk in self.stream(plan, on_stage)]
 
     # -- one (stage, segment) task ----------------------------------------------------------------
-    async def _stage(self, stage: str, i: int, plan: Plan, tasks, window: SegmentWindow):
+    async def _stage(self, stage: str, i: int, plan: Plan, tasks, window: SegmentWindow,
+                     on_stage: Callable[[str], None] | None):
         """Segment i in ``stage``: wait for its input and its history, then call the stage."""
         if stage == "semantic":
             upstream = plan.text_ids[i]
@@ -156,7 +165,10 @@ class Synthesizer:
         history = await self._history(i, plan, tasks, stage) if stage != "codec" else None
         req = plan.stage_request(stage, i, upstream, history)
         async with window.slot(i):  # inputs are ready; only the call itself takes a place in the window
-            return await self.call(stage, req, plan.priority)
+            out = await self.call(stage, req, plan.priority)
+        if on_stage is not None:
+            on_stage(stage)
+        return out
 
     @staticmethod
     async def _history(i: int, plan: Plan, tasks, stage: str) -> VoicePrompt | None:

@@ -76,7 +76,7 @@ def test_readyz_answers_503_at_once_while_a_stage_has_no_replica(crowded):
     _, up, url = crowded
     up.wait_for(WAITING, timeout_s=120)
     deadline = time.time() + 120
-    while True:  # until the orchestrator runs (before, the proxy answers 408 when asked to, see README)
+    while True:  # until the orchestrator runs (before, the proxy answers 408 when asked to, see docs/CONFIGURATION.md)
         r = httpx.get(url + "/readyz", headers={"x-request-timeout-seconds": "2"}, timeout=10)
         if r.status_code == 503:
             break

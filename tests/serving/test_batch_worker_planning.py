@@ -19,6 +19,7 @@ from bark_serve.serving.batch_app import BatchWorker
 from bark_serve.serving.config import BarkConfig
 from bark_serve.serving.scheduler import StageScheduler
 from bark_serve.serving.synthesis import Synthesizer
+from bark_serve.stages.constants import STAGES
 from bark_serve.stages.plan import Planner
 
 
@@ -40,8 +41,6 @@ def _worker(pipe, tiny_ckpt) -> BatchWorker:
     worker = object.__new__(cls)
     worker.cfg = BarkConfig(model=str(tiny_ckpt))
     worker.synth = Synthesizer(Planner(pipe.text, pipe.voices, 200, None, 20_000), pipe.spec, call)
-    worker.synth.call = worker._tracking(worker.synth.call)
-    worker.progress = {}
     worker.loop = BatchWorkerLoop(None, worker.synthesize)  # only its report_stage is used here
     return worker
 
@@ -56,6 +55,8 @@ def test_an_item_is_planned_in_the_planning_thread_not_on_the_workers_loop(pipe,
         return plan(*args, **kwargs)
 
     worker.synth.planner.plan = recording_plan
+    reports: list[tuple] = []
+    worker.loop.report_stage = lambda *report: reports.append(report)
     item = BatchItem(job_id="job1", item_id="a", text="Hello there. A short item.", voice=None, seed=7,
                      format="wav", options={"max_semantic_tokens": 8})
 
@@ -68,4 +69,7 @@ def test_an_item_is_planned_in_the_planning_thread_not_on_the_workers_loop(pipe,
     assert loop_thread not in planned_on
     audio, sr = sf.read(io.BytesIO(result.audio))
     assert sr == result.sample_rate and len(audio) > 0
-    assert worker.progress == {}  # the item's progress entry is dropped when it ends
+    # the item's progress, from its segments leaving each stage (Synthesizer.stream's on_stage): every stage
+    # passed once, in order, and the item ends in none
+    assert sum((passed for *_, passed in reports), []) == list(STAGES), reports
+    assert reports[0] == ("job1", "a", "semantic", []) and reports[-1][2] is None

@@ -4,7 +4,7 @@ Real FFmpeg through PyAV both ways. A whole mp3 carries a LAME Info frame (encod
 so decoders trim both: the exact length, aligned. A streamed mp3 now carries one too (the delay; the end is
 not known when its head is sent), so it starts aligned and ends at most one frame of padding late; before,
 it decoded 1344 samples long and 1105 late. ADTS (aac) has no place for either: decoders keep AAC's 1024
-priming samples, which the README states, and this pins.
+priming samples, which docs/API.md states, and this pins.
 
 Lengths where n + 1105 falls just past a multiple of 576 (libmp3lame then flushes one frame of padding
 only, and FFmpeg's muxer read the end padding from that frame alone) decoded up to 46 samples long whole
