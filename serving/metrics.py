@@ -11,7 +11,7 @@ Stage replicas (tag ``stage``):
 - ``bark_stage_cuda_graphs``, ``bark_stage_graph_capture_seconds``, ``bark_stage_graph_memory_bytes`` (gauges):
   CUDA graphs captured at start (0: eager steps), their capture time and memory
 Orchestrator:
-- ``bark_request_seconds`` (histogram, tag ``api``): whole request latency
+- ``bark_request_seconds`` (histogram, tag ``api``: speech, tts, handle): whole request latency
 - ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
 - ``bark_audio_seconds_total`` (counter): seconds of audio produced
 - ``bark_http_errors_total`` (counter, tags ``code`` and ``route``, the route template): every error answer
