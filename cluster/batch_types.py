@@ -132,6 +132,7 @@ class BatchItem:
     attempt: int = 1
     priority: Priority = Priority.BATCH  # stage servers schedule batch work behind interactive requests
     script: list[dict] | None = None  # [{"voice", "text"}, ...] instead of text
+    owner: str = ""  # the job's tenant: its items may name that tenant's registered voices
 
 
 @dataclass(frozen=True)
@@ -161,12 +162,13 @@ class Lease:
     entry: QueueEntry
     attempt: int
     record: ItemRecord
+    owner: str = ""  # the job's tenant ("" without API keys): whose registered voices its items may use
 
     def batch_item(self) -> BatchItem:
         r = self.record
         return BatchItem(job_id=self.entry.job_id, item_id=r.id, text=r.text, voice=r.voice,
                          seed=r.seed, format=r.format, options=dict(r.options), attempt=self.attempt,
-                         script=r.script)
+                         script=r.script, owner=self.owner)
 
 
 @dataclass(frozen=True)

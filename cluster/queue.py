@@ -75,7 +75,7 @@ for i = 8, #ARGV, 3 do
         redis.call('HSET', jk(jid, 'state'), iid, 'running')
       end
       redis.call('HSETNX', jk(jid), 'started_at', NOW)
-      out[#out + 1] = {e, att, redis.call('HGET', jk(jid, 'items'), iid)}
+      out[#out + 1] = {e, att, redis.call('HGET', jk(jid, 'items'), iid), redis.call('HGET', jk(jid), 'owner') or ''}
     end
     touch(jid)
   end
@@ -277,8 +277,8 @@ class WorkQueue:
             args += [e.entry_id, e.job_id, e.item_id]
         by_id = {e.entry_id: e for e in entries}
         out = await self._start(args=args)
-        return [Lease(entry=by_id[eid.decode()], attempt=int(att), record=ItemRecord.unpack(spec))
-                for eid, att, spec in out]
+        return [Lease(entry=by_id[eid.decode()], attempt=int(att), record=ItemRecord.unpack(spec),
+                      owner=_tenant(owner)) for eid, att, spec, owner in out]
 
     async def heartbeat(self, consumer: str, leases: Sequence[Lease]) -> dict[str, Heartbeat]:
         """Keep this consumer's leases alive; entry id -> verdict (LOST/CANCELLED: stop that item)."""
@@ -427,6 +427,12 @@ def _plain(value):
         return float(value)
     except (TypeError, ValueError):
         return str(value)
+
+
+def _tenant(owner) -> str:
+    """A job's stored owner as the tenant id ("-", a job made without API keys, is the shared owner "")."""
+    text = owner.decode() if isinstance(owner, bytes) else str(owner or "")
+    return "" if text == "-" else text
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> QueueEntry:

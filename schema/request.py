@@ -46,6 +46,11 @@ class SynthesisRequest(SynthesisOptions):
         """The script as (voice, text) pairs (None for a text request)."""
         return None if self.script is None else [(line.voice, line.text) for line in self.script]
 
+    def named_voices(self) -> set[str]:
+        """The voices this request names (presets, aliases, registered voices), not inline arrays."""
+        voices = [self.voice] if self.script is None else [line.voice for line in self.script]
+        return {v for v in voices if isinstance(v, str)}
+
 
 def item_request(text: str | None, script: list[dict] | None, voice: str | None, format: str, seed: int | None,
                  options: dict | None, priority: Priority = Priority.BATCH) -> SynthesisRequest:

@@ -25,7 +25,7 @@ import contextlib
 import functools
 import heapq
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -118,18 +118,20 @@ class Synthesizer:
 
     async def plan_async(self, text: str | None = None, voice=None, params: GenerationParams = GenerationParams(),
                          priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None,
-                         script: Sequence[tuple[object, str]] | None = None) -> Plan:
+                         script: Sequence[tuple[object, str]] | None = None,
+                         own_voices: Mapping[str, VoicePrompt] | None = None) -> Plan:
         """``Planner.plan`` in this synthesizer's planning thread, off the caller's event loop."""
         if self._planner_thread is None:
             self._planner_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bark-plan")
-        call = functools.partial(self.planner.plan, text, voice, params, priority, request_id, script)
+        call = functools.partial(self.planner.plan, text, voice, params, priority, request_id, script, own_voices)
         return await asyncio.get_running_loop().run_in_executor(self._planner_thread, call)
 
-    async def plan_request(self, req: SynthesisRequest, request_id: str | None = None) -> Plan:
+    async def plan_request(self, req: SynthesisRequest, request_id: str | None = None,
+                           own_voices: Mapping[str, VoicePrompt] | None = None) -> Plan:
         """A caller's typed request (bark_serve.schema) planned, off the event loop: the one way every path
-        (HTTP, the handle, batch items) turns a request into a plan."""
+        (HTTP, the handle, batch items) turns a request into a plan. ``own_voices``: Planner.plan's."""
         return await self.plan_async(req.text, req.voice, req.generation_params(), req.priority, request_id,
-                                     req.lines())
+                                     req.lines(), own_voices)
 
     async def stream(self, plan: Plan, on_stage: Callable[[str], None] | None = None) -> AsyncIterator[AudioChunk]:
         """Audio chunks, one per segment, in order, as soon as each is decoded. ``on_stage(stage)`` is called

@@ -151,18 +151,24 @@ class Planner:
         self.max_text_chars = max_text_chars
         self.aliases = dict(aliases or {})
 
-    def resolve_voice(self, voice) -> VoicePrompt | None:
+    def resolve_voice(self, voice, own_voices: Mapping[str, VoicePrompt] | None = None) -> VoicePrompt | None:
+        """A voice as a request names it: one of the caller's own (registered, cloned) voices by name or id,
+        an alias, a preset, an .npz path where allowed, or arrays."""
         if isinstance(voice, str):
+            if own_voices and voice in own_voices:
+                return own_voices[voice]
             voice = self.aliases.get(voice, voice)
         return self.voices.resolve(voice)
 
     def plan(self, text: str | None = None, voice=None, params: GenerationParams = GenerationParams(),
              priority: Priority | str = Priority.INTERACTIVE, request_id: str | None = None,
-             script: Sequence[Line] | None = None) -> Plan:
+             script: Sequence[Line] | None = None, own_voices: Mapping[str, VoicePrompt] | None = None) -> Plan:
         """Check everything a request carries before any stage sees it; raises InvalidRequestError.
 
         ``script``: (voice, text) lines instead of ``text`` and ``voice``; their characters together
-        count against ``max_text_chars``. The seed is ``params.seed``, or drawn here.
+        count against ``max_text_chars``. The seed is ``params.seed``, or drawn here. ``own_voices``: the
+        caller's registered voices the request names (by name or id), read by the caller from its store
+        (a registered name never shadows a preset or an alias, so it is looked up first).
         """
         lines = request_lines(text, voice, script)
         chars = sum(len(t) for _, t in lines)
@@ -170,7 +176,7 @@ class Planner:
             raise TextTooLarge(f"input has {chars} characters; this server accepts at most {self.max_text_chars}")
         speakers, segments = split_script(lines, self.text.count, self.segment_max_tokens,
                                           self.first_segment_max_tokens, self.aliases)
-        voices = tuple(self.resolve_voice(v) for v in speakers)
+        voices = tuple(self.resolve_voice(v, own_voices) for v in speakers)
         ids = tuple(self.text.encode(s.text) for s in segments)
         seed = params.seed if params.seed is not None else secrets.randbits(62)
         return Plan(request_id or uuid.uuid4().hex, tuple(s.text for s in segments), ids, voices,

@@ -145,3 +145,18 @@ def test_results_cursor_and_ttl(redis_server, prefix):
             assert 0 < ttl <= 120, part
         await client.aclose()
     run(main())
+
+
+def test_a_lease_carries_its_jobs_owner(redis_server, prefix):
+    """The worker learns whose job an item is (the tenant whose registered voices it may name), from the
+    job itself, whichever owner submitted it; "" for a server without API keys."""
+    async def main():
+        client, store, queue = build(redis_server.url, prefix)
+        mine = await store.submit(records(["a"]), owner="tenant-a")
+        shared = await store.submit(records(["b"]))
+        leases = {lease.entry.job_id: lease for lease in await queue.claim("w1", 10)}
+        assert leases[mine.job.job_id].owner == "tenant-a"
+        assert leases[mine.job.job_id].batch_item().owner == "tenant-a"
+        assert leases[shared.job.job_id].owner == "" and leases[shared.job.job_id].batch_item().owner == ""
+        await client.aclose()
+    run(main())
