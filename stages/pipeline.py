@@ -8,7 +8,7 @@ the same engines as four deployments that overlap instead.
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,7 +26,8 @@ from .types import EngineResult, GenerationParams, VoicePrompt
 from .voices import VoiceLibrary
 from .weights import Checkpoint
 
-ENGINES = {"semantic": SemanticEngine, "coarse": CoarseEngine, "fine": FineEngine, "codec": CodecEngine}
+ENGINES: dict[str, type[SemanticEngine | CoarseEngine | FineEngine | CodecEngine]] = {
+    "semantic": SemanticEngine, "coarse": CoarseEngine, "fine": FineEngine, "codec": CodecEngine}
 
 
 @dataclass
@@ -82,7 +83,7 @@ class BarkPipeline:
         texts = [texts] if isinstance(texts, str) else list(texts)
         n = len(texts)
         voices = list(voices) if isinstance(voices, (list, tuple)) else [voices] * n
-        params = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        params = [params] * n if isinstance(params, GenerationParams) else list(params)
         if len(voices) != n or len(params) != n:
             raise ValueError("voices and params must be one value or one per text")
         prompts = [self.voices.resolve(v) for v in voices]
@@ -102,6 +103,7 @@ class BarkPipeline:
         for res in self.engines[stage].run(requests, step):
             if not res.ok:
                 raise StageFailed(stage, res)
+            assert res.output is not None, "an engine's ok result carries its output"
             outputs.append(res.output)
         return outputs
 
@@ -110,21 +112,25 @@ class BarkPipeline:
         return Planner(self.text, self.voices, max_segment_tokens)
 
     def synthesize(self, text: str, voice=None, params: GenerationParams = GenerationParams(),
-                   max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
+                   max_segment_tokens: int | None = None, on_segment=None, on_step=None,
+                   own_voices: Mapping[str, VoicePrompt] | None = None) -> Generation:
         """Any length of text: split into segments, each continuing the previous one's voice.
 
         The tokens of all segments are concatenated (so ``as_voice`` saves the whole generation)
         and so is the audio. Progress: ``on_segment(i, n)`` is called before the first
         segment (i=0) and after each one, ``on_step(stage_name)`` after every engine step.
+        ``own_voices``: registered voices by name (Planner.plan's).
         """
-        return self.run_plan(self.planner(max_segment_tokens).plan(text, voice, params), on_segment, on_step)
+        plan = self.planner(max_segment_tokens).plan(text, voice, params, own_voices=own_voices)
+        return self.run_plan(plan, on_segment, on_step)
 
     def synthesize_script(self, lines: Sequence[tuple[object, str]], params: GenerationParams = GenerationParams(),
-                          max_segment_tokens: int | None = None, on_segment=None, on_step=None) -> Generation:
+                          max_segment_tokens: int | None = None, on_segment=None, on_step=None,
+                          own_voices: Mapping[str, VoicePrompt] | None = None) -> Generation:
         """A multi-speaker script of (voice, text) lines, in order. Each line is split like a text; each
         speaker (lines with an equal voice) continues its own previous segment's voice, not another's."""
-        return self.run_plan(self.planner(max_segment_tokens).plan(None, None, params, script=list(lines)),
-                             on_segment, on_step)
+        plan = self.planner(max_segment_tokens).plan(None, None, params, script=list(lines), own_voices=own_voices)
+        return self.run_plan(plan, on_segment, on_step)
 
     def run_plan(self, plan: Plan, on_segment=None, on_step=None) -> Generation:
         """A plan's segments one after the other through all four stages (segment i gets ``plan.seed_of(i)``
