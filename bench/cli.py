@@ -22,6 +22,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from bark_serve.stages.constants import STAGES
 
@@ -147,8 +148,8 @@ def _bench(args) -> dict:
     work = Workload(mix=f"fixed-{args.semantic_tokens}" if args.semantic_tokens else args.mix, seed=args.seed)
     _log(f"measuring GEMM peaks on {device}")
     peaks = gemm_peaks(device, size=8192 if device.startswith("cuda") else 2048, seconds=args.gemm_seconds)
-    dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.get)
-    report = {"machine": _machine(device, torch),
+    dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.__getitem__)
+    report: dict[str, Any] = {"machine": _machine(device, torch),
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
               "workload": {"model": model, **work.describe()}, "runs": []}
     runs = _Runs(report, args.out)
@@ -241,7 +242,7 @@ def per_stage(spec: str) -> dict[str, int]:
 def _for_stages(values: dict[str, int], default: int | None) -> dict[str, int]:
     """Per stage: its own value, else the bare number, else ``default`` (stages with no value are left out)."""
     fallback = values.get("*", default)
-    return {s: values.get(s, fallback) for s in STAGES if values.get(s, fallback) is not None}
+    return {s: v for s in STAGES if (v := values.get(s, fallback)) is not None}
 
 
 def _served(args, model, work, dtype, device, peaks, runs, report) -> None:

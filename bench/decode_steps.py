@@ -16,20 +16,23 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from bark_serve.stages.coarse import CoarseEngine
 from bark_serve.stages.engine import EngineOptions, StageEngine
+from bark_serve.stages.fine import FineEngine
 from bark_serve.stages.pipeline import ENGINES
+from bark_serve.stages.semantic import SemanticEngine
 from bark_serve.stages.types import CoarseRequest, FineRequest, SemanticRequest
 from bark_serve.stages.weights import Checkpoint
 
 STAGES = ("semantic", "coarse", "fine")
 
 
-def _requests(stage: str, n: int, engine: StageEngine, rng: np.random.Generator) -> list:
+def _requests(n: int, engine: SemanticEngine | CoarseEngine | FineEngine, rng: np.random.Generator) -> list:
     spec = engine.spec
-    if stage == "semantic":
+    if isinstance(engine, SemanticEngine):
         ids = [rng.integers(0, min(1000, engine.text_vocab), 40) for _ in range(n)]
         return [SemanticRequest(f"s{i}", ids[i], max_new_tokens=spec.max_semantic_tokens, seed=i) for i in range(n)]
-    if stage == "coarse":
+    if isinstance(engine, CoarseEngine):
         return [CoarseRequest(f"c{i}", rng.integers(0, spec.semantic_vocab_size, spec.max_semantic_tokens), seed=i)
                 for i in range(n)]
     return [FineRequest(f"f{i}", rng.integers(0, spec.codebook_size, (2, 6000)), seed=i) for i in range(n)]
@@ -82,9 +85,10 @@ def measure(model_dir: str, batches: Sequence[int], graph_settings: Sequence[str
         for stage in stages:
             opts = EngineOptions(device=device, dtype=dtype, capacity=max(batches), cuda_graphs=graphs)
             engine = ENGINES[stage].from_checkpoint(ckpt, opts)
+            assert isinstance(engine, (SemanticEngine, CoarseEngine, FineEngine)), f"no decode steps in {stage}"
             stats = engine.graph_stats() if hasattr(engine, "graph_stats") else None
             for b in batches:
-                reqs = _requests(stage, b, engine, rng)
+                reqs = _requests(b, engine, rng)
                 for r in reqs:
                     engine.admit(r)
                 _decode_only_steps(engine, 3)  # prefill, then warm-up

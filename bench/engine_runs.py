@@ -34,6 +34,6 @@ def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peak
     run.extra["weights_mb"] = {s: round(e.weight_bytes() / 2**20, 1) for s, e in pipe.engines.items()}
     run.extra["decode_only_ms"] = {s: round(1e3 * t["decode_only_s"] / t["decode_only_steps"], 4)
                                    for s, t in totals.items() if t.get("decode_only_steps")}
-    run.extra["graphs"] = {s: e.graph_stats() for s, e in pipe.engines.items()
-                           if getattr(e, "graph_stats", lambda: None)() is not None}
+    run.extra["graphs"] = {s: g for s, e in pipe.engines.items()
+                           if (g := getattr(e, "graph_stats", lambda: None)()) is not None}
     return run

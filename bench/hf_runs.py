@@ -23,7 +23,8 @@ def segments_of(work: Workload, n: int) -> list[tuple[str, str | None, int]]:
 def _load(model_dir: str, dtype: str, device: str = "cpu"):
     from transformers import BarkModel, BarkProcessor
 
-    model = BarkModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    # transformers types to() as @wraps(Module.to), whose stub takes the device for self
+    model = BarkModel.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()  # type: ignore[arg-type]
     return model, BarkProcessor.from_pretrained(model_dir)
 
 

@@ -107,7 +107,8 @@ def read_items(path: Path) -> list[LocalItem]:
 
 
 def _chunks(items: list[LocalItem]):
-    chunk, size = [], 0
+    chunk: list[str] = []
+    size = 0
     for item in items:
         if chunk and (len(chunk) >= CHUNK_ITEMS or size + len(item.line) > CHUNK_BYTES):
             yield chunk

@@ -174,7 +174,7 @@ def _wait_ready(url: str, timeout: float, cfg, local: bool = True, state: dict |
                 return
         except httpx.HTTPError:
             pass
-        if (state or {}).get("deploy_error") is not None:
+        if state is not None and state.get("deploy_error") is not None:
             raise CliError(f"deploying failed: {state['deploy_error']}", code=1)
         if time.time() >= next_check:
             next_check = time.time() + CHECK_EVERY_S
@@ -295,6 +295,8 @@ def _start_ray(args, cfg, state: dict) -> str:
 
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case ray was imported before the variable was set
 
+    from ray._private.worker import RayContext
+
     from bark_serve.serving.serve_config import pool_resources
 
     level = logging.INFO if args.verbose else logging.ERROR
@@ -305,7 +307,8 @@ def _start_ray(args, cfg, state: dict) -> str:
     state["local_ray"] = True
     ctx = ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg),
                    include_dashboard=False, log_to_driver=args.verbose, logging_level=level,
-                   _temp_dir=state["ray_tmp"], **({"_node_ip_address": node_ip} if node_ip else {}))
+                   _temp_dir=state["ray_tmp"], _node_ip_address=node_ip or None)
+    assert isinstance(ctx, RayContext)  # a local instance (not a ray:// client connection)
     return ctx.address_info.get("gcs_address") or ray.get_runtime_context().gcs_address
 
 

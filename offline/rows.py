@@ -71,7 +71,7 @@ def pack_voices(voices: Sequence[VoicePrompt | None]) -> bytes:
     buf = io.BytesIO()
     arrays = {f"{k}_{part}": np.asarray(getattr(v, part)) for k, v in enumerate(voices) if v is not None
               for part in ("semantic", "coarse", "fine")}
-    np.savez(buf, n=np.int64(len(voices)), **arrays)
+    np.savez(buf, n=np.int64(len(voices)), **arrays)  # type: ignore[arg-type]  # mypy matches **arrays to allow_pickle
     return buf.getvalue()
 
 

@@ -148,7 +148,8 @@ def read_input(opts: RunOptions):
     import ray.data
 
     path, kind = check_input(opts)
-    readers = {"jsonl": ray.data.read_text, "csv": ray.data.read_csv, "parquet": ray.data.read_parquet}
+    readers: dict[str, Callable[..., ray.data.Dataset]] = {"jsonl": ray.data.read_text, "csv": ray.data.read_csv,
+                                                            "parquet": ray.data.read_parquet}
     extra = {"convert_options": csv_convert_options()} if kind == "csv" else {}
     ds = readers[kind](path, num_cpus=READ_CPUS, **extra)
     return (ds.limit(opts.limit) if opts.limit else ds), kind

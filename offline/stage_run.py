@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,8 +37,14 @@ class RowWork:
 
     def history(self, stage: str, i: int) -> VoicePrompt | None:
         """Segment i's history prompt in ``stage`` (the plan's rule), from the outputs known so far."""
-        parts = {**self.earlier, stage: self.outputs}
-        return self.plan.history_prompt(i, stage, lambda s, j: parts[s][j])
+        parts: dict[str, Sequence[np.ndarray | None]] = {**self.earlier, stage: self.outputs}
+
+        def output(s: str, j: int) -> np.ndarray:
+            out = parts[s][j]
+            assert out is not None, f"segment {j}'s {s} output read before it was made"  # the rule reads only j < i
+            return out
+
+        return self.plan.history_prompt(i, stage, output)
 
 
 def _work(stage: str, index: int, row: dict) -> RowWork:
@@ -103,7 +110,9 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict]) -> float:
     return busy
 
 
-def _finish(stage: str, row: dict, outputs: list[np.ndarray]) -> None:
+def _finish(stage: str, row: dict, segments: list[np.ndarray | None]) -> None:
+    outputs = [o for o in segments if o is not None]
+    assert len(outputs) == len(segments), f"{stage}: a row not failed has a segment without output"
     if stage == "codec":
         row["audio"] = list(outputs)  # per segment: the codec worker joins them (stages/audio.py) and writes the file
         return

@@ -102,6 +102,8 @@ class StageWorker:
         except Exception as exc:  # this row's failure, never the run's (Ray Data does not retry a raising UDF)
             row.update(failed_row(row, f"joining or encoding the audio failed: {exc}"))
             return
+        if self.out is None:
+            raise RuntimeError("the codec worker writes audio: it needs an output directory (out)")
         try:
             row["path"] = self.out.write_audio(row["id"], row["format"], data)
         except OSError as exc:
