@@ -11,6 +11,7 @@ InvalidRequestError; ``short_repr`` keeps user values in error messages short.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from pydantic import ValidationError
@@ -69,7 +70,7 @@ def check_plain_data(value: Any, max_depth: int = MAX_DEPTH, where: str = "") ->
 MAX_LISTED_ERRORS = 5  # a validation message names this many problems, then counts the rest
 
 
-def summarize_errors(errors: list[dict]) -> str:
+def summarize_errors(errors: Sequence[Mapping[str, Any]]) -> str:
     """pydantic's ``ValidationError.errors()`` on one short line: the first few problems, each cut short.
 
     The one formatter of validation errors (HTTP answers, batch items, the config file, the CLI):

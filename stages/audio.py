@@ -406,12 +406,16 @@ class AvEncoder:
         import av
 
         spec = FORMATS[fmt]
+        if spec.codec is None:
+            raise ValueError(f"{fmt!r} is not encoded through PyAV (open_encoder picks its encoder)")
         self.sample_rate, self.samples, self._closed = sample_rate, 0, False
         self._fmt, self._streaming = fmt, stream
         self._info = mp3_stream_info_frame(sample_rate) if fmt == "mp3" and stream else b""
         self._out = _Sink() if stream else io.BytesIO()  # BytesIO is seekable: headers get the final length
         self._container = av.open(self._out, mode="w", format=spec.container, options=dict(spec.options))
-        self._stream = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
+        audio = self._container.add_stream(spec.codec, rate=sample_rate, layout="mono")
+        assert isinstance(audio, av.AudioStream), f"{spec.codec} is not an audio codec"
+        self._stream = audio
 
     def _taken(self) -> bytes:
         out = self._out.take() if isinstance(self._out, _Sink) else b""

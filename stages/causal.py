@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import time
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -33,14 +33,15 @@ from .sampling import SampleMode
 from .slot_table import SlotTable
 from .types import CoarseRequest, EngineResult, SemanticRequest
 
+CausalRequestT = TypeVar("CausalRequestT", bound=SemanticRequest | CoarseRequest)
 StateT = TypeVar("StateT")
 
 
 @dataclass
-class Slot(Generic[StateT]):
+class Slot(Generic[CausalRequestT, StateT]):
     """Per-request decoding state on the host; each engine keeps its own bookkeeping in a typed ``state``."""
 
-    request: SemanticRequest | CoarseRequest
+    request: CausalRequestT
     generator: torch.Generator
     state: StateT
     position: int = 0  # tokens in the cache; the next decode writes here
@@ -50,7 +51,7 @@ class Slot(Generic[StateT]):
     started: float = field(default_factory=time.perf_counter)
 
 
-class CausalEngine(StageEngine):
+class CausalEngine(StageEngine[CausalRequestT]):
     """Shared slot, prefill and decode machinery of the semantic and coarse engines.
 
     Subclasses set ``self.spec`` before calling this constructor: capturing the decode graphs runs
@@ -66,7 +67,7 @@ class CausalEngine(StageEngine):
         # every slot at max_len from the start (a graph holds its address)
         self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device, self.fixed_shape)
         self.table = SlotTable(options.capacity, max_steps, self.device)
-        self.slots: list[Slot] = []
+        self.slots: list[Slot[CausalRequestT, Any]] = []
         self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
         self._work: dict[str, float] = {}
@@ -104,7 +105,7 @@ class CausalEngine(StageEngine):
     def modules_for_accounting(self):
         return [self.model]
 
-    def admit(self, request: SemanticRequest | CoarseRequest) -> None:
+    def admit(self, request: CausalRequestT) -> None:
         assert self.free > 0, "admit() called on a full engine"
         slot = self._new_slot(request)
         if slot is None:
@@ -162,7 +163,7 @@ class CausalEngine(StageEngine):
 
     # -- subclass hooks --------------------------------------------------------------------------
     @abc.abstractmethod
-    def _new_slot(self, request: SemanticRequest | CoarseRequest) -> Slot | None:
+    def _new_slot(self, request: CausalRequestT) -> Slot[CausalRequestT, Any] | None:
         """Validate a request and build its slot (None if it finished on admission)."""
 
     @abc.abstractmethod
@@ -280,6 +281,7 @@ class CausalEngine(StageEngine):
         (rows, length); padding rows repeat row 0 (same slot, same prompt: their writes change nothing)."""
         r = len(chunk)
         shape = (fit(self.row_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
+        assert self.prefill_graphs is not None, "the fixed-shape path has prefill graphs"
         pad = [0] * (shape[0] - r)
         self._pf_ids[: shape[0]].zero_()
         self._pf_ids[: shape[0], : ids.shape[1]].copy_(torch.from_numpy(ids[list(range(r)) + pad]))
@@ -307,7 +309,7 @@ class CausalEngine(StageEngine):
         length = {i: self._prompt_length(self.slots[i]) for i in rows}
         chunks: list[list[int]] = []
         longest = 0
-        for i in sorted(rows, key=length.get):  # equal lengths together
+        for i in sorted(rows, key=length.__getitem__):  # equal lengths together
             n = length[i]
             if chunks and max(longest, n) * (len(chunks[-1]) + 1) <= budget:
                 chunks[-1].append(i)

@@ -37,7 +37,10 @@ class CoarseState:
     in_window: int = 0  # tokens generated in the current window (which codebook comes next)
 
 
-class CoarseEngine(CausalEngine):
+CoarseSlot = Slot[CoarseRequest, CoarseState]
+
+
+class CoarseEngine(CausalEngine[CoarseRequest]):
     name = "coarse"
 
     def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
@@ -51,7 +54,7 @@ class CoarseEngine(CausalEngine):
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("coarse"))
         return cls(options, model, ckpt.spec)
 
-    def _new_slot(self, req: CoarseRequest) -> Slot[CoarseState] | None:
+    def _new_slot(self, req: CoarseRequest) -> CoarseSlot | None:
         spec = self.spec
         sem = check_int_array("semantic_tokens", req.semantic_tokens, 1, 0, spec.semantic_vocab_size, min_len=0,
                               max_len=spec.max_semantic_tokens)
@@ -59,7 +62,8 @@ class CoarseEngine(CausalEngine):
         if voice is not None:
             check_int_array("voice semantic_prompt", voice.semantic, 1, 0, spec.semantic_vocab_size)
             check_int_array("voice coarse_prompt", voice.coarse, 2, 0, spec.codebook_size, rows=spec.n_coarse_codebooks)
-        sem_hist, coarse_hist = T.coarse_histories(voice and voice.semantic, voice and voice.coarse, spec)
+        sem_hist, coarse_hist = T.coarse_histories(voice.semantic if voice else None, voice.coarse if voice else None,
+                                                   spec)
         target = T.coarse_output_length(len(sem), spec)
         if target == 0:
             self._finish_now(req.request_id, np.zeros((spec.n_coarse_codebooks, 0), dtype=np.int32))
@@ -68,7 +72,7 @@ class CoarseEngine(CausalEngine):
                             n_history=len(coarse_hist), target=target)
         return Slot(req, stage_generator(req.seed, self.name), state)
 
-    def _prompt(self, slot: Slot[CoarseState]) -> tuple[np.ndarray, int]:
+    def _prompt(self, slot: CoarseSlot) -> tuple[np.ndarray, int]:
         """The next window's prompt (semantic context, infer token, coarse history); starts the window."""
         st = slot.state
         generated = len(st.coarse_all) - st.n_history
@@ -86,10 +90,10 @@ class CoarseEngine(CausalEngine):
         longest = spec.max_coarse_input_length + 1 + spec.max_coarse_history
         return spec.max_coarse_input_length + 1, longest, longest
 
-    def _prompt_length(self, slot: Slot[CoarseState]) -> int:
+    def _prompt_length(self, slot: CoarseSlot) -> int:
         return T.coarse_window_length(len(slot.state.coarse_all), self.spec)
 
-    def _reach(self, slot: Slot[CoarseState]) -> int:
+    def _reach(self, slot: CoarseSlot) -> int:
         """The last window's prompt (history + all but its new tokens, at most 630) plus its new tokens."""
         st = slot.state
         return T.coarse_window_length(st.n_history + st.target, self.spec) + self.spec.sliding_window_len
@@ -101,10 +105,10 @@ class CoarseEngine(CausalEngine):
         allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
         return sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode) + lo
 
-    def _max_steps(self, slot: Slot[CoarseState]) -> int:
+    def _max_steps(self, slot: CoarseSlot) -> int:
         return slot.state.target
 
-    def _advance(self, slot: Slot, token: int) -> bool:
+    def _advance(self, slot: CoarseSlot, token: int) -> bool:
         st = slot.state
         st.coarse_all.append(token)
         st.in_window += 1
@@ -115,7 +119,7 @@ class CoarseEngine(CausalEngine):
             slot.needs_prefill = True
         return False
 
-    def _output(self, slot: Slot[CoarseState]) -> np.ndarray:
+    def _output(self, slot: CoarseSlot) -> np.ndarray:
         st = slot.state
         generated = np.asarray(st.coarse_all[st.n_history:], dtype=np.int64)
         return T.unflatten_coarse(generated, self.spec).astype(np.int32)  # (2, T)

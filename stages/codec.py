@@ -40,7 +40,7 @@ class _Codec(torch.nn.Module):
         return self.decoder(emb)[:, 0]  # (B, samples)
 
 
-class CodecEngine(StageEngine):
+class CodecEngine(StageEngine[CodecRequest]):
     name = "codec"
 
     def __init__(self, options: EngineOptions, model: _Codec, spec: BarkSpec):

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 
@@ -77,7 +78,7 @@ def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cac
             hit = cache[key]
             return DtypeChoice(hit["dtype"], dict(hit.get("tflops", {})), cached=True)
         rates = {name: rate(name, device) for name in candidates(device)}
-        best = max(rates, key=rates.get)
+        best = max(rates, key=rates.__getitem__)
         if path:
             _write(path, {**cache, key: {"dtype": best, "tflops": rates}})
     return DtypeChoice(best, rates, cached=False)
@@ -124,13 +125,15 @@ def _locked(path: Path | None) -> Iterator[None]:
     """An exclusive lock beside the cache file while it is read, measured for and written: processes of
     one host (the stage actors of one run) that start together then agree on the dtype. Best effort:
     without a lock file (read-only home, no fcntl) each process measures on its own, as before."""
-    try:
-        import fcntl
+    lock: TextIO | None = None
+    if path is not None:  # None: the cache is off
+        try:
+            import fcntl
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        lock = open(path.with_name(path.name + ".lock"), "a")
-    except (ImportError, OSError, AttributeError):  # AttributeError: no path (the cache is off)
-        lock = None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_name(path.name + ".lock"), "a")
+        except (ImportError, OSError):  # no fcntl, or no lock file here: measure alone
+            pass
     if lock is None:
         yield
         return

@@ -14,13 +14,17 @@ import ctypes
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
 
 from .types import EngineResult, InvalidRequestError, StageRequest
+
+RequestT = TypeVar("RequestT", bound=StageRequest)  # the request type an engine admits
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 
 @dataclass(frozen=True)
@@ -130,8 +134,8 @@ def tune_cpu_malloc() -> bool:
     return _MALLOC_TUNED
 
 
-class StageEngine(abc.ABC):
-    """A stage that batches the requests it holds."""
+class StageEngine(abc.ABC, Generic[RequestT]):
+    """A stage that batches the requests it holds (of its own request type, ``RequestT``)."""
 
     name: str = "stage"
 
@@ -170,7 +174,7 @@ class StageEngine(abc.ABC):
         return self.capacity - self.num_active
 
     @abc.abstractmethod
-    def admit(self, request: StageRequest) -> None:
+    def admit(self, request: RequestT) -> None:
         """Validate and take in one request; raises InvalidRequestError for a bad one."""
 
     @abc.abstractmethod
@@ -187,14 +191,14 @@ class StageEngine(abc.ABC):
     def modules_for_accounting(self) -> list[torch.nn.Module]:
         return []
 
-    def run(self, requests: Iterable[StageRequest], on_step=None) -> list[EngineResult]:
+    def run(self, requests: Iterable[RequestT], on_step=None) -> list[EngineResult]:
         """Run requests to completion in arrival order, admitting whenever a place frees up.
 
         ``on_step()``, if given, is called after every step (progress display).
         """
         return list(self.iter_run(requests, on_step))
 
-    def iter_run(self, requests: Iterable[StageRequest], on_step=None) -> Iterator[EngineResult]:
+    def iter_run(self, requests: Iterable[RequestT], on_step=None) -> Iterator[EngineResult]:
         pending = deque(requests)
         order = [r.request_id for r in pending]
         done: dict[str, EngineResult] = {}
@@ -214,7 +218,7 @@ class StageEngine(abc.ABC):
             yield done[rid]
 
 
-def load_for(options: EngineOptions, factory, state: dict, **kwargs) -> torch.nn.Module:
+def load_for(options: EngineOptions, factory: Callable[[], ModuleT], state: dict, **kwargs) -> ModuleT:
     """Load a sub-model where the options say; with cpu_offload its weights stay in host memory
     (accelerate moves each layer's weights to the execution device for its forward)."""
     from .weights import load_module

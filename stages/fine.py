@@ -59,7 +59,7 @@ class _FineJob:
         return out
 
 
-class FineEngine(StageEngine):
+class FineEngine(StageEngine[FineRequest]):
     name = "fine"
 
     def __init__(self, options: EngineOptions, model: FineLM, spec: BarkSpec):
@@ -181,6 +181,7 @@ class FineEngine(StageEngine):
 
     def _pass_graph(self, jobs: list[_FineJob], windows: list[T.FineWindow], mode: SampleMode) -> bool:
         """Copy the held windows into the static buffers, run the bucket's pass, write the tokens back."""
+        assert self.graphs is not None, "only the fixed-shape path copies into the static buffers"
         win, b = self.spec.max_fine_input_length, len(jobs)
         for i, (job, w) in enumerate(zip(jobs, windows)):
             self._codes[i].copy_(job.sequence[w.start: w.start + win])

@@ -163,8 +163,8 @@ class StepGraphs:
         return out, True
 
     def stats(self) -> dict:
-        out = {"cuda_graphs": len(self.graphs), "shapes": len(self.shapes), "capture_s": round(self.capture_s, 4),
-               "graph_bytes": self.graph_bytes}
+        out: dict[str, float | str] = {"cuda_graphs": len(self.graphs), "shapes": len(self.shapes),
+                                       "capture_s": round(self.capture_s, 4), "graph_bytes": self.graph_bytes}
         if self.error:
             out["capture_error"] = self.error
         return out

@@ -76,10 +76,11 @@ def split_text(text: str, count: Callable[[str], int], max_tokens: int, first_ma
     first audio then comes from a short segment, so it starts sooner; the rest is packed as usual.
     """
     first = min(first_max_tokens or max_tokens, max_tokens)
-    units = []
+    units: list[str] = []
     for sentence in _pieces(" ".join(text.split()), _SENTENCE_END):
         units += _fit(sentence, count, first if not units else max_tokens)  # the opening sentence: the finer cut
-    segments, cur = [], ""
+    segments: list[str] = []
+    cur = ""
     for unit in units:
         limit = first if not segments else max_tokens
         cand = f"{cur} {unit}".strip()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -318,7 +319,7 @@ class FineLM(nn.Module):
         x = self._hidden(codes, want, lo, hi)  # (B, T, C)
         if lo == hi:
             return self.lm_heads[lo - self.n_codes_given](x)
-        logits = x.new_empty((*x.shape[:2], self.lm_heads[0].out_features))
+        logits = x.new_empty((*x.shape[:2], cast(nn.Linear, self.lm_heads[0]).out_features))
         for cb in sorted(set(codebooks)):
             rows = [b for b, c in enumerate(codebooks) if c == cb]
             logits[rows] = self.lm_heads[cb - self.n_codes_given](x[rows])
@@ -326,7 +327,7 @@ class FineLM(nn.Module):
 
     def stacked_heads(self) -> torch.Tensor:
         """The heads' weights as one tensor (heads, V, C), for ``forward_static``."""
-        return torch.stack([h.weight for h in self.lm_heads]).detach().clone()
+        return torch.stack([cast(nn.Linear, h).weight for h in self.lm_heads]).detach().clone()
 
     def forward_static(self, codes: torch.Tensor, codebooks: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """``forward_rows`` with the codebooks (B,) on the device and no branch on them (a CUDA graph's
@@ -342,7 +343,11 @@ class FineLM(nn.Module):
         x = self.input_embeds_layers[0](codes[:, :, 0])  # (B, T, C)
         for i in range(1, hi + 1):
             added = x + self.input_embeds_layers[i](codes[:, :, i])
-            x = added if i <= lo else torch.where(want >= i, added, x)
+            if i <= lo:
+                x = added
+            else:
+                assert want is not None, "codebooks past lo need the per-row codebooks"
+                x = torch.where(want >= i, added, x)
         t = codes.shape[1]
         x = x + self.position_embeds_layer(torch.arange(t, device=codes.device))[None]
         for layer in self.layers:

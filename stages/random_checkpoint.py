@@ -13,14 +13,22 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import torch
 
 from .constants import BarkSpec
 
+
+class _Size(TypedDict):
+    gpt: tuple[int, int, int]
+    codec: tuple[int, int, int]
+    vocab: int
+
+
 # (hidden, layers, heads) of the three GPTs; the codec's (hidden_size, num_filters, lstm layers).
-SIZES = {
+SIZES: dict[str, _Size] = {
     "tiny": {"gpt": (32, 2, 2), "codec": (32, 4, 1), "vocab": 2000},
     "small": {"gpt": (768, 12, 12), "codec": (128, 32, 2), "vocab": 8000},
     "large": {"gpt": (1024, 24, 16), "codec": (128, 32, 2), "vocab": 8000},
@@ -137,7 +145,7 @@ def _probe(semantic, spec: BarkSpec, clock: int, n_text: int = 8) -> tuple[float
     history = torch.full_like(text, spec.semantic_pad_token)
     emb = semantic.input_embeds_layer
     embeds = torch.cat([emb(text) + emb(history), emb(torch.tensor([spec.semantic_infer_token]))])[None]
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
     hook = semantic.layernorm_final.register_forward_hook(lambda mod, args, out: seen.update(h=args[0], y=out))
     try:
         logits = semantic(inputs_embeds=embeds).logits[0, -1]  # (V,)
@@ -226,7 +234,7 @@ def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dt
     if eos:
         with torch.no_grad():
             _tune_semantic_eos(model.semantic, spec)
-    model.to(torch_dtype)
+    model.to(torch_dtype)  # type: ignore[arg-type]  # transformers' @wraps(Module.to) hides the signature
     model.config.save_pretrained(str(directory))
     model.save_pretrained(str(directory), safe_serialization=True)
     # transformers 5 cannot save a BarkGenerationConfig; write the hub's shape ourselves.

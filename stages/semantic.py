@@ -31,7 +31,10 @@ class SemanticState:
     tokens: list[int] = field(default_factory=list)  # generated so far
 
 
-class SemanticEngine(CausalEngine):
+SemanticSlot = Slot[SemanticRequest, SemanticState]
+
+
+class SemanticEngine(CausalEngine[SemanticRequest]):
     name = "semantic"
 
     def __init__(self, options: EngineOptions, model: CausalLM, spec: BarkSpec):
@@ -47,7 +50,7 @@ class SemanticEngine(CausalEngine):
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("semantic"))
         return cls(options, model, ckpt.spec)
 
-    def _new_slot(self, req: SemanticRequest) -> Slot[SemanticState]:
+    def _new_slot(self, req: SemanticRequest) -> SemanticSlot:
         spec = self.spec
         check_int_array("text_ids", req.text_ids, 1, 0, self.text_vocab, max_len=spec.max_input_semantic_length)
         if not (1 <= req.max_new_tokens <= spec.max_semantic_tokens):
@@ -58,7 +61,7 @@ class SemanticEngine(CausalEngine):
         prompt = np.stack([T.text_window(req.text_ids, spec), T.semantic_history_window(history, spec)])
         return Slot(req, stage_generator(req.seed, self.name), SemanticState(prompt))
 
-    def _prompt(self, slot: Slot[SemanticState]) -> tuple[np.ndarray, int]:
+    def _prompt(self, slot: SemanticSlot) -> tuple[np.ndarray, int]:
         """Text window, then semantic history window, then the infer token (merged in ``_embed``)."""
         ids = np.concatenate([slot.state.prompt.reshape(-1), [self.spec.semantic_infer_token]])  # (513,)
         return ids.astype(np.int64), self._prompt_length(slot)
@@ -74,10 +77,10 @@ class SemanticEngine(CausalEngine):
         length = self.spec.max_input_semantic_length + 1
         return length, length, 2 * self.spec.max_input_semantic_length + 1
 
-    def _prompt_length(self, slot: Slot[SemanticState]) -> int:
+    def _prompt_length(self, slot: SemanticSlot) -> int:
         return self.spec.max_input_semantic_length + 1  # every prompt: 256 merged positions + infer token
 
-    def _reach(self, slot: Slot[SemanticState]) -> int:
+    def _reach(self, slot: SemanticSlot) -> int:
         return self._prompt_length(slot) + slot.request.max_new_tokens
 
     def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
@@ -87,14 +90,14 @@ class SemanticEngine(CausalEngine):
         p_eos = torch.softmax(allowed, dim=-1)[:, eos]  # (R,)
         return torch.where(p_eos > self.table.min_eos[rows], torch.full_like(picked, eos), picked)
 
-    def _max_steps(self, slot: Slot[SemanticState]) -> int:
+    def _max_steps(self, slot: SemanticSlot) -> int:
         return slot.request.max_new_tokens
 
-    def _advance(self, slot: Slot, token: int) -> bool:
+    def _advance(self, slot: SemanticSlot, token: int) -> bool:
         if token == self.spec.semantic_eos_token:
             return True
         slot.state.tokens.append(token)
         return len(slot.state.tokens) >= slot.request.max_new_tokens
 
-    def _output(self, slot: Slot[SemanticState]) -> np.ndarray:
+    def _output(self, slot: SemanticSlot) -> np.ndarray:
         return np.asarray(slot.state.tokens, dtype=np.int32)  # (T_s,)

@@ -13,7 +13,7 @@ import json
 import os
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -92,14 +92,14 @@ def load_npz(path: str | os.PathLike, spec: BarkSpec, name: str | None = None) -
 
 
 def save_npz(voice: VoicePrompt, path: str | os.PathLike) -> None:
-    np.savez(path, **voice.as_npz_dict())
+    np.savez(path, **voice.as_npz_dict())  # type: ignore[arg-type]  # mypy matches **arrays to allow_pickle
 
 
 class VoiceLibrary:
     """Resolves voice names, files and arrays to validated :class:`VoicePrompt` s."""
 
     def __init__(self, spec: BarkSpec, checkpoint: Checkpoint | None = None,
-                 preset_dirs: list[str | os.PathLike] = (), allow_paths: bool = False):
+                 preset_dirs: Sequence[str | os.PathLike] = (), allow_paths: bool = False):
         self.spec = spec
         self.checkpoint = checkpoint
         self.preset_dirs = [Path(d).resolve() for d in preset_dirs]
@@ -181,6 +181,7 @@ class VoiceLibrary:
 
     def _load_hf(self, key: str) -> VoicePrompt:
         entry = self._hf_index[key]
+        assert self.checkpoint is not None, "the hf index comes from the checkpoint"
         data = {}
         for prompt in PROMPT_KEYS:
             if prompt not in entry:

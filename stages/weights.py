@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, TypeVar, overload
 
 import torch
 
 from .constants import BarkSpec
 from .types import CheckpointError
+
+ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
 SUBMODEL_PREFIX = {
     "semantic": "semantic.",
@@ -55,6 +59,11 @@ class Checkpoint:
             raise CheckpointError(f"model {str(name_or_path)!r}: no such directory, and not a hub id like suno/bark")
         _ = ckpt.config  # fail early on a missing or broken config.json
         return ckpt
+
+    @overload
+    def file(self, relpath: str, required: Literal[True] = True) -> Path: ...
+    @overload
+    def file(self, relpath: str, required: bool) -> Path | None: ...
 
     def file(self, relpath: str, required: bool = True) -> Path | None:
         """Local path of a checkpoint file (downloaded from the hub on first use)."""
@@ -181,9 +190,9 @@ def _read_bin(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
 
-def load_module(module_factory, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device,
-                ignore_suffixes: tuple[str, ...] = (".attn.bias", ".attn.masked_bias"),
-                on_meta: bool = True) -> torch.nn.Module:
+def load_module(module_factory: Callable[[], ModuleT], state: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: torch.device, ignore_suffixes: tuple[str, ...] = (".attn.bias", ".attn.masked_bias"),
+                on_meta: bool = True) -> ModuleT:
     """Build a module (on the meta device: no throwaway init) and load exactly the given tensors into it.
 
     Modules with non-persistent buffers computed at init (EnCodec's) need ``on_meta=False``.
@@ -202,6 +211,7 @@ def load_module(module_factory, state: dict[str, torch.Tensor], dtype: torch.dty
         if tuple(state[key].shape) != tuple(value.shape):
             raise CheckpointError(f"tensor {key} has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
     module.load_state_dict(state, assign=on_meta)
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
+    tie_weights = getattr(module, "tie_weights", None)  # FineLM's
+    if tie_weights is not None:
+        tie_weights()
     return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
