@@ -121,7 +121,7 @@ def _check_channels(channels: int) -> None:
 
 
 def _too_long(max_s: float) -> InvalidRequestError:
-    return InvalidRequestError(f"the audio is longer than {max_s:g} s, the most accepted")
+    return InvalidRequestError(f"the audio is longer than {max_s:g} s; at most {max_s:g} s is accepted")
 
 
 def _decode_av(av: ModuleType, data: bytes, max_s: float) -> tuple[np.ndarray, int]:

@@ -67,6 +67,8 @@ DEFAULT_HUBERT = "facebook/hubert-base-ls960"
 DEFAULT_QUANTIZER = "GitMylo/bark-voice-cloning/quantifier_hubert_base_ls960_14.pth"  # hub repo + file
 V0_SIZES = {"input_size": 768, "hidden_size": 1024, "output_size": 10_000}  # a checkpoint without .info
 V1_INTERMEDIATE = 4096  # their version 1's fixed width (random tiny quantizers use less; read from the weights)
+WEIGHTS_HINT = ("give a local HuBERT directory and quantizer file, or random ones with the same layout "
+                "(bark_serve.stages.random_cloning.make_cloning_weights)")
 MAX_NPZ_MEMBER_BYTES = MAX_PROMPT_LEN * 8 * 8 + 4096  # the largest prompt Bark's format allows (8 x 8192 int64)
 
 
@@ -159,8 +161,7 @@ def resolve_quantizer(name: str | os.PathLike) -> Path:
         return Path(hf_hub_download(f"{owner}/{repo}", filename, local_files_only=not hub_reachable()))
     except Exception as exc:  # offline and not cached, no such repo or file, network errors: all one answer
         raise CloningUnavailable(f"cannot fetch quantizer {os.fspath(name)!r} (no such local file, and the hub "
-                                 f"file is unavailable: {type(exc).__name__}); give a local --quantizer file, "
-                                 "or write random ones with make-checkpoint") from None
+                                 f"file is unavailable: {type(exc).__name__}); {WEIGHTS_HINT}") from None
 
 
 def load_hubert(name: str | os.PathLike, device: torch.device, dtype: torch.dtype) -> Any:
@@ -172,11 +173,19 @@ def load_hubert(name: str | os.PathLike, device: torch.device, dtype: torch.dtyp
     if not local and path.exists():
         raise CloningUnavailable(f"hubert {os.fspath(name)!r} is a file; give a Hugging Face model directory "
                                  "(config.json + model.safetensors) or a hub id")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on a server's or the CLI's stderr
     try:
         model: Any = HubertModel.from_pretrained(str(path) if local else os.fspath(name),
-                                            local_files_only=local or not hub_reachable())
+                                                 local_files_only=local or not hub_reachable())
     except (OSError, ValueError) as exc:
-        raise CloningUnavailable(f"cannot load HuBERT {os.fspath(name)!r}: {str(exc).splitlines()[0][:300]}") from None
+        raise CloningUnavailable(f"cannot load HuBERT {os.fspath(name)!r}: {str(exc).splitlines()[0][:300]} "
+                                 f"({WEIGHTS_HINT})") from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.num_hidden_layers < HUBERT_OUTPUT_LAYER:
         raise CloningUnavailable(f"HuBERT {os.fspath(name)!r} has {model.config.num_hidden_layers} layers; the "
                                  f"quantizer reads layer {HUBERT_OUTPUT_LAYER}")
