@@ -242,7 +242,11 @@ def parse_item(raw: Any, index: int, max_text_chars: int, parse_error: str | Non
         return _failed(item_id, index, f"item {index}: {exc}")
     except ValidationError as exc:
         return _failed(item_id, index, f"item {index}: {validation_message(exc)}")
-    texts = [item.text] if item.script is None else [line.text for line in item.script]
+    if item.script is None:
+        assert item.text is not None, "ItemIn holds a text or a script"
+        texts = [item.text]
+    else:
+        texts = [line.text for line in item.script]
     for n, text in enumerate(texts):
         if not text.strip():
             where = "text" if item.script is None else f"script line {n}: text"

@@ -285,7 +285,9 @@ class BatchWorkerLoop:
 
     async def _commit(self, write: Callable[[], Awaitable[Outcome]]) -> Outcome | None:
         """Run the guarded write, retrying while Redis is down (until stop's grace runs out)."""
-        self._committing.add(asyncio.current_task())
+        task = asyncio.current_task()
+        assert task is not None, "a write is committed from the item's task"
+        self._committing.add(task)
         failures = 0
         while True:
             try:

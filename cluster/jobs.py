@@ -21,6 +21,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import msgpack
 import redis.asyncio as aioredis
@@ -28,6 +29,7 @@ import redis.asyncio as aioredis
 from bark_serve.cluster.batch_types import LUA_PRELUDE, BatchKeys, ItemRecord, ItemState, JobState
 from bark_serve.cluster.queue import ensure_group
 from bark_serve.cluster.quotas import Quota, check_quota
+from bark_serve.cluster.redis_conn import StreamEntry, StreamRead
 from bark_serve.stages.constants import STAGES
 
 ADD_CHUNK = 500  # items per script call: bounds how long one call holds Redis
@@ -235,13 +237,14 @@ class JobStore:
         key = self.keys.owner_jobs(owner)
         start = 0
         if after is not None:
-            rank = await self.redis.zrevrank(key, after)
+            rank = cast(int | None, await self.redis.zrevrank(key, after))
             if rank is None:
                 raise JobNotFound(after)
             start = rank + 1
         jobs: list[JobInfo] = []
         while True:
-            ids = await self.redis.zrevrange(key, start, start + limit)  # one more than a page: is there more?
+            # one more than a page: is there more?
+            ids = cast(list[bytes], await self.redis.zrevrange(key, start, start + limit))
             if not ids:
                 return jobs, False
             for raw in ids:
@@ -281,7 +284,7 @@ class JobStore:
 
     async def get(self, job_id: str) -> JobInfo | None:
         """Status, counts, rate and ETA of a job; None if there is no such job."""
-        h = await self.redis.hgetall(self.keys.job(job_id))
+        h = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id)))
         if not h:
             return None
         counts = JobCounts(**{f: int(h.get(f.encode(), 0)) for f in JobCounts.__dataclass_fields__})
@@ -318,7 +321,7 @@ class JobStore:
     async def _stage_counts(self, job_id: str) -> dict[str, int]:
         """Running items by stage (the hash holds only items in flight, so it stays small)."""
         stages = {s: 0 for s in STAGES}
-        for value in await self.redis.hvals(self.keys.job(job_id, "stage")):
+        for value in cast(list[bytes], await self.redis.hvals(self.keys.job(job_id, "stage"))):
             if value.decode() in stages:
                 stages[value.decode()] += 1
         return stages
@@ -341,19 +344,20 @@ class JobStore:
         """
         key = self.keys.job(job_id, "results")
         if block_ms:
-            got = await self.redis.xread({key: after}, count=count, block=block_ms)
+            got = cast(StreamRead, await self.redis.xread({key: after}, count=count, block=block_ms))
             entries = got[0][1] if got else []
         else:
-            entries = await self.redis.xrange(key, min=f"({after}" if after != "0" else "-", count=count)
+            low = f"({after}" if after != "0" else "-"
+            entries = cast(list[StreamEntry], await self.redis.xrange(key, min=low, count=count))
         return [_record(eid, fields) for eid, fields in entries]
 
     async def item_states(self, job_id: str) -> dict[str, ItemState]:
         """State of every item (for tests and debugging: reads the whole hash)."""
-        raw = await self.redis.hgetall(self.keys.job(job_id, "state"))
+        raw = cast(dict[bytes, bytes], await self.redis.hgetall(self.keys.job(job_id, "state")))
         return {k.decode(): ItemState(v.decode()) for k, v in raw.items()}
 
     async def item(self, job_id: str, item_id: str) -> ItemRecord | None:
-        data = await self.redis.hget(self.keys.job(job_id, "items"), item_id)
+        data = cast(bytes | None, await self.redis.hget(self.keys.job(job_id, "items"), item_id))
         return None if data is None else ItemRecord.unpack(data)
 
 

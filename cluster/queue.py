@@ -30,6 +30,7 @@ import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import msgpack
 import redis.asyncio as aioredis
@@ -45,6 +46,7 @@ from bark_serve.cluster.batch_types import (
     QueueEntry,
     SynthesisResult,
 )
+from bark_serve.cluster.redis_conn import StreamEntry, StreamRead
 
 log = logging.getLogger("bark.batch.queue")
 DEAD_LETTER_MAXLEN = 10_000  # the dead-letter stream is for operators, not a store: keep it bounded
@@ -257,8 +259,8 @@ class WorkQueue:
 
     async def claim(self, consumer: str, count: int, block_ms: int = 0) -> list[Lease]:
         """Read up to ``count`` new entries (waiting up to ``block_ms`` for the first) and lease them."""
-        got = await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.queue: ">"}, count=count,
-                                          block=block_ms or None)
+        got = cast(StreamRead, await self.redis.xreadgroup(self.keys.group, consumer, {self.keys.queue: ">"},
+                                                           count=count, block=block_ms or None))
         entries = [_entry(eid, f) for _, msgs in (got or []) for eid, f in msgs if f]
         return await self._lease(entries)
 
@@ -318,6 +320,7 @@ class WorkQueue:
 
     def _results_root(self) -> Path:
         """This deployment's part of results_dir (two deployments may share a folder as they share a Redis)."""
+        assert self.results_dir is not None, "only called with a results_dir"
         return self.results_dir / self.keys.prefix
 
     async def sweep_results(self, min_age_s: float) -> int:
@@ -385,7 +388,7 @@ class WorkQueue:
 
     async def dead_letters(self, count: int = 100) -> list[dict]:
         """The newest dead-lettered items (exhausted retries or lost workers), newest first."""
-        rows = await self.redis.xrevrange(self.keys.dead, count=count)
+        rows = cast(list[StreamEntry], await self.redis.xrevrange(self.keys.dead, count=count))
         return [{k.decode(): v.decode() for k, v in fields.items()} | {"entry": eid.decode()} for eid, fields in rows]
 
     async def backlog(self) -> tuple[int, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
@@ -46,7 +47,7 @@ class QuotaExceeded(Exception):
 
 async def tenant_usage(redis: aioredis.Redis, keys: BatchKeys, owner: str = "") -> Usage:
     """What ``owner``'s unexpired jobs hold: open jobs, queued or running items, result bytes."""
-    ids = await redis.zrange(keys.owner_jobs(owner), 0, -1)
+    ids = cast(list[bytes], await redis.zrange(keys.owner_jobs(owner), 0, -1))  # bytes: see cluster/redis_conn.py
     if not ids:
         return Usage()
     pipe = redis.pipeline(transaction=False)
@@ -80,7 +81,7 @@ async def check_quota(redis: aioredis.Redis, keys: BatchKeys, records: Sequence[
     ``owner`` past ``quota``; a submission that adds no new item always passes."""
     existing = None
     if scoped_key:
-        jid = await redis.get(keys.jobkey(scoped_key))
+        jid = cast(bytes | None, await redis.get(keys.jobkey(scoped_key)))
         if jid is not None and await redis.exists(keys.job(jid.decode())):
             existing = jid.decode()
     valid = [r for r in records if r.error is None]

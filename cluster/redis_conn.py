@@ -23,6 +23,12 @@ CONNECT_TIMEOUT_S = 5.0
 # Longer than any blocking stream read we issue (those block for at most a few seconds).
 SOCKET_TIMEOUT_S = 30.0
 
+# What these clients read: bytes (decode_responses=False) in RESP2 shapes (redis-py's default legacy_responses).
+# redis-py annotates a reply for every setting (bytes | str, RESP2 lists or RESP3 dicts), so the cluster modules
+# cast the replies they read to what they are; the stream replies' shapes:
+StreamEntry = tuple[bytes, dict[bytes, bytes]]  # (entry id, fields): XRANGE, XREVRANGE
+StreamRead = list[tuple[bytes, list[StreamEntry]]]  # [(stream, entries)]: XREAD, XREADGROUP
+
 
 @dataclass(frozen=True)
 class RedisSettings:
