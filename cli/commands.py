@@ -104,6 +104,7 @@ def synth(args) -> int:
     script = read_script(args.script) if args.script else None
     t0 = time.perf_counter()
     pipe = BarkPipeline.from_pretrained(args.model, _engine_options(args), preset_dirs=args.voices_dir)
+    own = _registered_voices(pipe, {args.voice} if args.voice else {v for v, _ in script or [] if isinstance(v, str)})
     t_load = time.perf_counter() - t0
     state = {"segment": 1, "segments": 1}
     with tqdm(total=None, unit="step", disable=None, file=sys.stderr,
@@ -116,9 +117,10 @@ def synth(args) -> int:
             bar.update(1)
 
         if script is not None:
-            gen = pipe.synthesize_script(script, params, on_segment=on_segment, on_step=on_step)
+            gen = pipe.synthesize_script(script, params, on_segment=on_segment, on_step=on_step, own_voices=own)
         else:
-            gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step)
+            gen = pipe.synthesize(args.text, args.voice, params, on_segment=on_segment, on_step=on_step,
+                                  own_voices=own)
     segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1]) if gen.segment_samples else [gen.audio]
     audio = join_segments(segments, gen.sample_rate, post)
     Path(args.output).write_bytes(encode(audio, gen.sample_rate, fmt))
@@ -131,10 +133,23 @@ def synth(args) -> int:
     return 0
 
 
+def _registered_voices(pipe, names: set[str]) -> dict:
+    """The registered voices (``POST /v1/voices`` on a server without API keys, kept in the voice folder:
+    $BARK_STATE_DIR/voices, else ~/.cache/bark-serve/voices) among the voice ``names`` asked for."""
+    if not names:
+        return {}
+    from bark_serve.cluster.voice_store import DirVoiceStore
+    from bark_serve.serving.config import BarkConfig
+    from bark_serve.serving.voices_api import registered_voices_sync
+
+    return registered_voices_sync(DirVoiceStore(BarkConfig().voice_store_dir()), names, {}, pipe.spec)
+
+
 def make_checkpoint(args) -> int:
     from bark_serve.stages.random_checkpoint import make_checkpoint as make
 
-    path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype, eos=not args.full_length)
+    path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype, eos=not args.full_length,
+                cloning=args.cloning)
     ending = "requests run to the semantic cap" if args.full_length else "requests end after about 1-4 s of audio"
     print(f"wrote a random {args.size} Bark checkpoint to {path} ({ending}; see {path}/README.md)")
     return 0

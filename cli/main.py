@@ -1,7 +1,7 @@
 """``bark-serve``: the command line.
 
 Subcommands: synth (in-process), make-checkpoint, up (serve locally), say
-(HTTP client), render-config, voices, bench, batch, dataset (Ray Data). Bad arguments and bad
+(HTTP client), render-config, voices, bench, batch, dataset (Ray Data), voice (cloning). Bad arguments and bad
 input end with one line on stderr and exit code 2, never a stack trace.
 
 Building the parser imports no torch, ray or transformers: each command's
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import dataset, up
     from .batch import add_batch_commands
     from .batch import run as run_batch
+    from .voice import add_voice_commands
 
     parser = _Parser(prog="bark-serve", description="Serve Suno's Bark text-to-speech at scale.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     add_batch_commands(sub).set_defaults(func=run_batch)
     dataset.register(sub)
+    add_voice_commands(sub)
     return parser
 
 
@@ -58,7 +60,8 @@ def _add_synth(sub, cmd) -> None:
     p.add_argument("-o", "--output", required=True,
                    help="output file: .wav, .flac, .mp3, .ogg/.opus, .aac (ADTS) or .pcm")
     _add_model_args(p)
-    p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer) or a .npz file")
+    p.add_argument("--voice", help="preset name (v2/en_speaker_6, announcer), a .npz file, or the name of a voice "
+                                   "registered on a server without API keys (its voice folder: $BARK_STATE_DIR/voices)")
     p.add_argument("--voices-dir", action="append", default=[], help="extra directory of suno-style .npz presets")
     p.add_argument("--seed", type=int, help="random seed (same seed, same output)")
     p.add_argument("--temperature", type=float,
@@ -104,6 +107,9 @@ def _add_checkpoint_commands(sub, cmd) -> None:
                    help="dtype the weights are stored in (default float32)")
     p.add_argument("--full-length", "--no-eos", dest="full_length", action="store_true",
                    help="no end-of-speech tuning: requests run to max_semantic_tokens (for benchmarks)")
+    p.add_argument("--no-voice-cloning", dest="cloning", action="store_false",
+                   help="skip the random voice-cloning weights (HuBERT and quantizers, voice_cloning/; about 700 MB "
+                        "for small/large)")
     p.set_defaults(func=cmd.make_checkpoint)
 
     p = sub.add_parser("voices", help="list the voice presets of a checkpoint",

@@ -16,7 +16,7 @@ import hashlib
 import io
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -173,8 +173,9 @@ def declared_id(raw: Any) -> str | None:
 
 
 def plan_row(raw: Any, parse_error: str | None, planner: Planner, default_format: str, line: str | None = None,
-             ) -> dict:
-    """Validate and plan one input row; the result has status pending (ready for semantic) or failed."""
+             own_voices: Callable[[set[str]], Mapping[str, VoicePrompt]] | None = None) -> dict:
+    """Validate and plan one input row; the result has status pending (ready for semantic) or failed.
+    ``own_voices(names)``: the registered voices among the voice names the row gives (serving/voices_api.py)."""
     if isinstance(raw, dict) and raw.get("id") is None:  # a batch item may go without (its index); a row may not
         return failed_row(empty_row(fallback_id(raw, line)), "id is missing: every row needs a unique id")
     try:
@@ -193,8 +194,10 @@ def plan_row(raw: Any, parse_error: str | None, planner: Planner, default_format
     try:
         fmt = check_format(rec.format if "format" in raw else default_format)
         script = None if rec.script is None else [(ln["voice"], ln["text"]) for ln in rec.script]
+        named = {v for v in ([rec.voice] if script is None else [v for v, _ in script]) if isinstance(v, str)}
+        own = own_voices(named) if own_voices is not None and named else None
         plan = planner.plan(None if script else rec.text, rec.voice, row_params(options, rec.seed), Priority.BATCH,
-                            row_id, script)
+                            row_id, script, own)
     except InvalidRequestError as exc:
         return failed_row(row, str(exc))
     return {**row, "format": fmt, "seed": plan.seed, "status": Status.PENDING.value, "segments": plan.n_segments,

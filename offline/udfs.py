@@ -7,6 +7,8 @@ and returns one with ``WORK_SCHEMA``. The codec worker also encodes each row's a
 
 from __future__ import annotations
 
+import functools
+
 import pyarrow as pa
 
 from bark_serve.serving.config import parse_config
@@ -42,9 +44,15 @@ class RowPlanner:
 
     def __init__(self, config: dict, source: str, default_format: str, done_ids: frozenset[str] = frozenset()):
         from bark_serve.serving.stage_calls import make_planner
+        from bark_serve.serving.voices_api import registered_voices_sync, voice_store
 
-        self.planner = make_planner(parse_config(config))
+        cfg = parse_config(config)
+        self.planner = make_planner(cfg)
         self.source, self.default_format, self.done = source, default_format, done_ids
+        store = voice_store(cfg) if cfg.voice_cloning.enabled else None
+        # rows may name the shared owner's registered voices (a server without API keys: POST /v1/voices)
+        self.own_voices = None if store is None else functools.partial(
+            registered_voices_sync, store, aliases=self.planner.aliases, spec=self.planner.text.spec)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = []
@@ -58,7 +66,7 @@ class RowPlanner:
                 raw, error, line = raw_from_table(record), None, None
             if declared_id(raw) in self.done:  # done in an earlier run: not planned (tokenized) again
                 continue
-            row = plan_row(raw, error, self.planner, self.default_format, line)
+            row = plan_row(raw, error, self.planner, self.default_format, line, self.own_voices)
             if row["id"] not in self.done:  # a made-up id of a bad row, recorded before
                 out.append(row)
         return _table(out)

@@ -12,7 +12,7 @@ from ray.serve import Application, Deployment
 
 from bark_serve.stages.constants import STAGES
 
-from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, parse_config
+from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, VOICE_ENCODER_NAME, BarkConfig, parse_config
 from .orchestrator import Orchestrator
 from .serve_config import deployment_options as _options
 from .stage_server import StageServer, load_engine
@@ -42,5 +42,10 @@ def make_app(cfg: BarkConfig, engine_factory=load_engine) -> Application:
 
         worker = _deployment(BatchWorker).options(name=BATCH_WORKER_NAME, **_options(cfg.batch.worker))
         batch = worker.bind(data, *(stages[s] for s in STAGES))
+    encoder = None
+    if cfg.voice_cloning.enabled:
+        from .voice_server import VoiceEncoder
+
+        encoder = _deployment(VoiceEncoder).options(name=VOICE_ENCODER_NAME, **_options(cfg.voice_cloning)).bind(data)
     ingress = _deployment(Orchestrator).options(name=INGRESS_NAME, **_options(cfg.orchestrator))
-    return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch)
+    return ingress.bind(data, stages["semantic"], stages["coarse"], stages["fine"], stages["codec"], batch, encoder)

@@ -18,15 +18,18 @@ from bark_serve.cluster.batch_types import BatchItem, SynthesisResult
 from bark_serve.cluster.batch_worker import BatchWorkerLoop
 from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
+from bark_serve.cluster.voice_store import VoiceStore
 from bark_serve.schema.request import item_request
 from bark_serve.stages import audio as A
 from bark_serve.stages.audio import join_segments
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.types import VoicePrompt
 
 from .config import BarkConfig, parse_config
 from .errors import unwrap
 from .metrics import BatchMetrics, BatchProgressReporter, read_worker_progress
 from .stage_calls import make_synthesizer
+from .voices_api import registered_voices, voice_store
 
 log = logging.getLogger("ray.serve")
 
@@ -71,6 +74,7 @@ class BatchWorker:
         self.cfg = parse_config(config)
         handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
         self.synth = make_synthesizer(self.cfg, handles)
+        self.voice_store: VoiceStore | None = None  # opened when an item first names a registered voice
         bcfg = self.cfg.batch
         self.queue = await open_queue(bcfg)
         # Only batch.item_timeout_s bounds an item: the interactive request_timeout_s is for people waiting.
@@ -86,7 +90,8 @@ class BatchWorker:
         through the stages with batch priority, joined and encoded as a file."""
         req = item_request(item.text, item.script, item.voice, item.format, item.seed, item.options, item.priority)
         try:
-            plan = await self.synth.plan_request(req, request_id=f"{item.job_id}-{item.item_id}")
+            own = await self._own_voices(req.named_voices(), item.owner)  # the job's tenant's registered voices
+            plan = await self.synth.plan_request(req, request_id=f"{item.job_id}-{item.item_id}", own_voices=own)
             progress = ItemProgress(plan.n_segments, functools.partial(self.loop.report_stage, item.job_id,
                                                                         item.item_id))
             chunks = await self.synth.collect(plan, on_stage=progress.finished)
@@ -101,6 +106,15 @@ class BatchWorker:
                    for s in chunks[0].timings}
         return SynthesisResult(audio=encoded, sample_rate=sr, duration_s=len(audio) / sr,
                                media_type=A.media_type(req.format), timings={"seed": plan.seed, "stages_s": timings})
+
+    async def _own_voices(self, names: set[str], owner: str) -> dict[str, VoicePrompt]:
+        """``owner``'s registered voices among ``names`` (serving/voices_api.py), from the voice store."""
+        aliases = self.synth.planner.aliases
+        if not self.cfg.voice_cloning.enabled or not any("/" not in n and n not in aliases for n in names):
+            return {}
+        if self.voice_store is None:
+            self.voice_store = await asyncio.to_thread(voice_store, self.cfg)
+        return await registered_voices(self.voice_store, names, owner, aliases, self.synth.spec)
 
     async def stats(self) -> dict:
         return {"consumer": self.loop.consumer, "running": not self.task.done()}

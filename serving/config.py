@@ -9,6 +9,7 @@ per stage) and ``single-gpu`` (all stages on one GPU, optional CPU offload).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -38,6 +39,7 @@ OPENAI_VOICES = {
     "cedar": "v2/en_speaker_0",
 }
 BATCH_WORKER_NAME = "BatchWorker"
+VOICE_ENCODER_NAME = "VoiceEncoder"
 
 
 class _Strict(BaseModel):
@@ -178,6 +180,35 @@ class BatchConfig(_Strict):
         return RedisSettings(self.redis_url, self.redis_url_env, self.redis_password_env, self.redis_tls_ca_file)
 
 
+class VoiceCloningConfig(Placement):
+    """Voice cloning (``POST /v1/voices``, stages/cloning.py): the VoiceEncoder deployment that turns a short
+    recording into a Bark voice (HuBERT + the community's quantizer for the semantic prompt, EnCodec for
+    the coarse and fine prompts), and where registered voices are kept."""
+
+    enabled: bool = True
+    # HuBERT base in the Hugging Face layout (a folder or a hub id) and the quantizer checkpoint (a file, or
+    # "<hub repo>/<file>"); `bark-serve make-checkpoint` writes random ones under <checkpoint>/voice_cloning/.
+    # None: <model>/voice_cloning/hubert and .../quantizer/quantifier_V1_hubert_base_ls960_23.pth when the
+    # checkpoint is a folder that has them, else the hub ids below.
+    hubert: str | None = None
+    quantizer: str | None = None
+    max_batch: int = Field(4, ge=1, le=64)  # clips one replica encodes at once (Serve's @serve.batch)
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "float32"
+    max_upload_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a POST /v1/voices body, the file included
+    min_audio_s: float = Field(1.0, gt=0)
+    max_audio_s: float = Field(60.0, gt=0, le=600)  # longer clips are refused (the voice keeps at most ~13 s)
+    max_voices_per_key: int | None = Field(100, ge=1)  # None: no quota
+    # Registered voices live in the batch Redis when the config names one (batch enabled, or a redis_url),
+    # else in this folder (None: $BARK_STATE_DIR/voices, else ~/.cache/bark-serve/voices).
+    store_dir: str | None = None
+
+
+HUBERT_HUB_ID = "facebook/hubert-base-ls960"
+QUANTIZER_HUB_FILE = "GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth"
+
+
 class BarkConfig(_Strict):
     """The whole deployment."""
 
@@ -195,6 +226,7 @@ class BarkConfig(_Strict):
     codec: StageConfig = StageConfig(pool="codec", max_batch=8)
     audio: AudioConfig = AudioConfig()
     batch: BatchConfig = BatchConfig()
+    voice_cloning: VoiceCloningConfig = VoiceCloningConfig(num_cpus=0.1, max_ongoing_requests=16)
 
     @property
     def public_model(self) -> str:
@@ -203,6 +235,27 @@ class BarkConfig(_Strict):
         model = self.model.rstrip("/") or self.model
         local = model.startswith((".", "/", "~")) or Path(model).expanduser().is_dir()
         return Path(model).name if local else model
+
+    def cloning_weights(self) -> tuple[str, str]:
+        """(HuBERT, quantizer) as voice_cloning names them, else the checkpoint folder's voice_cloning/ (what
+        ``make-checkpoint`` writes), else the hub's."""
+        vc = self.voice_cloning
+        local = Path(self.model).expanduser() / "voice_cloning"
+        hubert = vc.hubert or (str(local / "hubert") if (local / "hubert").is_dir() else HUBERT_HUB_ID)
+        quant = local / "quantizer" / QUANTIZER_HUB_FILE.rsplit("/", 1)[1]
+        return hubert, vc.quantizer or (str(quant) if quant.is_file() else QUANTIZER_HUB_FILE)
+
+    def voice_store_redis(self) -> RedisSettings | None:
+        """The Redis that keeps registered voices: the batch Redis when the config names one, else None."""
+        b = self.batch
+        return b.redis() if b.enabled or b.redis_url or b.redis_url_env else None
+
+    def voice_store_dir(self) -> Path:
+        """The folder that keeps registered voices when there is no Redis."""
+        if self.voice_cloning.store_dir:
+            return Path(self.voice_cloning.store_dir).expanduser()
+        state = os.environ.get("BARK_STATE_DIR")
+        return Path(state) / "voices" if state else Path.home() / ".cache" / "bark-serve" / "voices"
 
     def stage(self, name: str) -> StageConfig:
         if name not in STAGES:
@@ -219,6 +272,8 @@ class BarkConfig(_Strict):
         placements: list[tuple[str, Placement]] = [(INGRESS_NAME, self.orchestrator)]
         if self.batch.enabled:
             placements.append((BATCH_WORKER_NAME, self.batch.worker))
+        if self.voice_cloning.enabled:
+            placements.append((VOICE_ENCODER_NAME, self.voice_cloning))
         for dep, placement in placements:
             if placement.pool:
                 out.setdefault(placement.pool, []).append(dep)

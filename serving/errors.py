@@ -7,6 +7,8 @@ import logging
 
 from fastapi.responses import JSONResponse
 
+from bark_serve.stages.audio_in import MissingPackage
+from bark_serve.stages.cloning import CloningUnavailable
 from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.text import TextTooLongError
 from bark_serve.stages.types import CheckpointError, InvalidRequestError, RequestCrashedStage
@@ -63,6 +65,10 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
         return APIError(400, str(exc), "voice_not_found")
     if isinstance(exc, TextTooLongError):
         return APIError(400, str(exc), "input_too_long")
+    if isinstance(exc, MissingPackage):  # an optional feature this host lacks: the server's, not the client's
+        return APIError(503, str(exc), "missing_package", "server_error")
+    if isinstance(exc, CloningUnavailable):
+        return APIError(503, str(exc), "voice_cloning_unavailable", "server_error")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), "invalid_request")
     if isinstance(exc, (QueueFull, BackPressureError)):

@@ -28,6 +28,7 @@ from .errors import APIError, to_api_error
 from .metrics import NullRequestMetrics, RequestMetrics, replica_metrics
 from .routes import ROUTES, build_http_app
 from .stage_calls import make_synthesizer
+from .voices_api import Voices
 
 READY_WAIT_S = 1.5  # /readyz waits this long for each stage (in parallel) before calling it not ready
 log = logging.getLogger("ray.serve")  # shows in the replica logs
@@ -45,7 +46,7 @@ def _arrays(voice) -> bool:
 @serve.deployment
 @serve.ingress()  # late-bound: each replica builds its app in __serve_build_asgi_app__ (serving/routes.py)
 class Orchestrator:
-    def __init__(self, config: dict, semantic, coarse, fine, codec, batch_worker=None):
+    def __init__(self, config: dict, semantic, coarse, fine, codec, batch_worker=None, voice_encoder=None):
         self.cfg = parse_config(config)
         ocfg = self.cfg.orchestrator
         self.handles = {"semantic": semantic, "coarse": coarse, "fine": fine, "codec": codec}
@@ -58,6 +59,8 @@ class Orchestrator:
         self.admission = Admission(ocfg.max_active_requests, ocfg.retry_after_s)
         self.metrics = replica_metrics(RequestMetrics, NullRequestMetrics(), "the orchestrator")
         self.batch_worker = batch_worker  # keeps the BatchWorker deployment in the app
+        self.voice_encoder = voice_encoder  # the VoiceEncoder deployment (POST /v1/voices), when cloning is on
+        self.voices_reg = Voices(self)  # registered voices: the store, and their lookup by name
 
     def __serve_build_asgi_app__(self):
         """Serve calls this once, after __init__: this replica's FastAPI app."""
@@ -112,10 +115,6 @@ class Orchestrator:
         headers = {"Retry-After": str(self.cfg.orchestrator.retry_after_s)} if full else None
         return JSONResponse(body, status_code=200 if ok else 503, headers=headers)
 
-    async def voices(self, request: Request):
-        H.check_api_key(request, self.api_keys)
-        return {"voices": self.synth.voices.names(), "aliases": self.synth.planner.aliases}
-
     async def models(self, request: Request):
         H.check_api_key(request, self.api_keys)
         return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "bark-serve"}
@@ -131,32 +130,34 @@ class Orchestrator:
                            "model_not_found")
         sse = req.stream_format == "sse"
         reply = H.http_reply(request, stream=not H.wants_json(request), sse=sse)  # Accept: application/json: whole
-        return await self._http("speech", req.synthesis_request(), reply)
+        return await self._http("speech", req.synthesis_request(), reply, H.key_owner(request, self.api_keys))
 
     async def tts(self, request: Request):
         """Native API: JSON or msgpack in, audio / msgpack / JSON out, optional streaming."""
         H.check_api_key(request, self.api_keys)
         self.admission.check()  # a full replica answers 429 before reading the body
         req = await H.parse_body(request, TTSRequest, self.cfg.orchestrator.max_body_bytes)
-        return await self._http("tts", req, H.http_reply(request, req.stream))
+        return await self._http("tts", req, H.http_reply(request, req.stream), H.key_owner(request, self.api_keys))
 
     # -- the one path ------------------------------------------------------------------------------
-    async def _http(self, api: str, req: SynthesisRequest, reply: H.Reply):
+    async def _http(self, api: str, req: SynthesisRequest, reply: H.Reply, owner: str):
         """``_run`` for an HTTP route: whatever it raises becomes the API's error answer."""
         try:
-            return await self._run(api, req, reply)
+            return await self._run(api, req, reply, owner)
         except Exception as exc:  # counted by the app's error handler, as every error answer is
             raise to_api_error(exc, self.cfg.orchestrator.retry_after_s) from None
 
-    async def _run(self, api: str, req: SynthesisRequest, reply: H.Reply):
+    async def _run(self, api: str, req: SynthesisRequest, reply: H.Reply, owner: str = ""):
         """Every caller's path (the HTTP routes and the handle; batch items plan and stream the same way in
         serving/batch_app.py): admit -> plan -> stream -> answer as ``reply`` says. The admission slot is
-        released exactly once, whatever happens; the deadline covers planning too."""
+        released exactly once, whatever happens; the deadline covers planning too. ``owner``: the caller's
+        tenant, whose registered voices the request may name (the handle's is the shared owner "")."""
         post = req.post_process(self.cfg.audio)
         deadline = asyncio.get_running_loop().time() + self.cfg.orchestrator.request_timeout_s
         with self.admission.acquire() as slot:  # before voices are read or text is tokenized
             t0 = time.time()
-            plan = await asyncio.wait_for(self.synth.plan_request(req), H.remaining(deadline))
+            own = await asyncio.wait_for(self.voices_reg.own_voices(req.named_voices(), owner), H.remaining(deadline))
+            plan = await asyncio.wait_for(self.synth.plan_request(req, own_voices=own), H.remaining(deadline))
             meta = {"seed": plan.seed, "request_id": plan.request_id}
             chunks = self.synth.stream(plan)
             try:

@@ -22,6 +22,7 @@ from bark_serve.stages.types import InvalidRequestError
 
 from .errors import APIError, to_api_error
 from .http_api import check_api_key, key_owner, validation_error
+from .voices_api import voice_router
 
 ROUTES = {"speech": "/v1/audio/speech", "tts": "/v1/tts", "voices": "/v1/voices", "models": "/v1/models",
           "batches": "/v1/batches", "health": "/healthz", "ready": "/readyz", "docs": "/docs",
@@ -41,7 +42,7 @@ def build_http_app(orch) -> FastAPI:
     app.mount(ROUTES["playground"].rstrip("/"), StaticFiles(directory=STATIC_DIR, html=True), name="playground")
     app.add_api_route(ROUTES["health"], orch.healthz, methods=["GET"])
     app.add_api_route(ROUTES["ready"], orch.readyz, methods=["GET"])
-    app.add_api_route(ROUTES["voices"], orch.voices, methods=["GET"])
+    app.include_router(voice_router(orch))
     app.add_api_route(ROUTES["models"], orch.models, methods=["GET"])
     app.add_api_route(ROUTES["metrics"], _metrics(orch), methods=["GET"], include_in_schema=False)
     app.add_api_route(ROUTES["speech"], orch.speech, methods=["POST"])

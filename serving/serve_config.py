@@ -1,6 +1,6 @@
 """Render a :class:`BarkConfig` as a Ray Serve config file (``serve deploy`` / RayService serveConfigV2).
 
-One deployment entry per stage, the orchestrator and the batch worker, each
+One deployment entry per stage, the orchestrator, the batch worker and the voice encoder, each
 with its replicas (or autoscaling), queue limits and ``ray_actor_options``
 whose custom resource ``bark_pool_<pool>`` pins it to its pool. The whole
 BarkConfig travels as the application's ``args``, so the replicas build
@@ -13,7 +13,7 @@ from __future__ import annotations
 from bark_serve.cluster.placement import POOL_RESOURCE_UNITS, pool_resource_map
 from bark_serve.stages.constants import STAGES
 
-from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, BarkConfig, Placement
+from .config import BATCH_WORKER_NAME, DEPLOYMENT_NAMES, INGRESS_NAME, VOICE_ENCODER_NAME, BarkConfig, Placement
 
 IMPORT_PATH = "bark_serve.serving.app:build_app"
 
@@ -46,6 +46,8 @@ def deployment_entries(cfg: BarkConfig) -> list[dict]:
     entries += [deployment_entry(DEPLOYMENT_NAMES[s], cfg.stage(s)) for s in STAGES]
     if cfg.batch.enabled:
         entries.append(deployment_entry(BATCH_WORKER_NAME, cfg.batch.worker))
+    if cfg.voice_cloning.enabled:
+        entries.append(deployment_entry(VOICE_ENCODER_NAME, cfg.voice_cloning))
     return entries
 
 

@@ -208,12 +208,17 @@ def write_readme(directory: Path, size: str, seed: int, eos: bool) -> None:
         f"# Random Bark checkpoint ({size}, seed {seed})\n\n"
         "Written by `bark-serve make-checkpoint`. The weights are random: the audio is noise, not speech, but "
         "every path of bark-serve (and transformers' BarkModel) runs on it.\n\n"
-        f"{ending}\n\nVoice presets: {', '.join(PRESETS)}.\n")
+        f"{ending}\n\nVoice presets: {', '.join(PRESETS)}.\n\nVoice cloning (`voice_cloning/`, unless made with "
+        "`--no-voice-cloning`): a random HuBERT in the Hugging Face layout and random quantizers of both published "
+        "versions; a cloned voice is as random as the rest.\n")
 
 
 def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32",
-                    eos: bool = False) -> Path:
+                    eos: bool = False, cloning: bool = True) -> Path:
     """Write a random Bark checkpoint that transformers' BarkModel/BarkProcessor load.
+
+    ``cloning``: also the voice-cloning weights under ``voice_cloning/`` (stages/random_cloning.py: a random
+    HuBERT and quantizers of both published versions, in their shapes), which the server finds there.
 
     ``eos=True`` (the ``make-checkpoint`` command's default) tunes the semantic GPT so that
     requests end by themselves after about 1-4 s of audio (:func:`_tune_semantic_eos`).
@@ -242,4 +247,8 @@ def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dt
     write_tokenizer(directory, SIZES[size]["vocab"])
     write_speaker_embeddings(directory, spec, np.random.default_rng(seed))
     write_readme(directory, size, seed, eos)
+    if cloning:
+        from .random_cloning import make_cloning_weights
+
+        make_cloning_weights(directory / "voice_cloning", size, seed)
     return directory

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import pytest
 
 from bark_serve.cluster.ports import free_port
@@ -30,6 +32,9 @@ def e2e_config(model: str, port: int, **overrides) -> dict:
                          "api_keys_env": "BARK_E2E_API_KEYS", "max_text_chars": 4000, "max_body_bytes": 200_000},
         "semantic": {"pool": "semantic", **small}, "coarse": {"pool": "coarse", **small},
         "fine": {"pool": "fine", **small, "max_batch": 4}, "codec": {"pool": "codec", **small},
+        # registered voices in a folder of this app's own (never ~/.cache); no cloning weights unless a test
+        # names them (POST /v1/voices then answers 503)
+        "voice_cloning": {"num_cpus": 0.1, "store_dir": tempfile.mkdtemp(prefix="bark-voices-", dir="/tmp")},
     }
     cfg.update(overrides)
     return cfg

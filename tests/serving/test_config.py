@@ -70,7 +70,8 @@ def test_placement_problems_name_the_deployment_its_ask_and_what_the_cluster_has
     # the file: only model and an orchestrator block, so every stage asks num_cpus 1
     bare = parse_config({"model": "m", "orchestrator": {"num_cpus": 0.1}})
     [problem] = placement_problems(bare, [{"CPU": 2.0, **{f"bark_pool_{s}": 64.0 for s in STAGE_POOLS}}])
-    assert "ask 4.1 CPU in all" in problem and "SemanticServer 1 x 1" in problem and "has 2" in problem
+    assert "ask 4.2 CPU in all" in problem and "SemanticServer 1 x 1" in problem and "has 2" in problem
+    assert "VoiceEncoder 1 x 0.1" in problem
     big = parse_config({**load_config("local-cpu").model_dump(), "semantic": {"num_cpus": 64, "pool": "semantic"}})
     problems = placement_problems(big, two_cores)
     assert any("deployment SemanticServer cannot be placed" in p and "CPU 64" in p and "CPU 2" in p for p in problems)

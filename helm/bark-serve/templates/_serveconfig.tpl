@@ -30,6 +30,7 @@ codec: [pool, autoscaling, torch_threads]
 batch: [redis_url, redis_password_env, redis_tls_ca_file, results_dir]
 batch.worker: [pool, autoscaling]
 batch.quota: [max_jobs_in_flight, max_items_queued, max_result_bytes, max_follow_streams]
+voice_cloning: [pool, autoscaling, hubert, quantizer, max_voices_per_key, store_dir]
 {{- end -}}
 
 {{/* Every placement in the bark block, by deployment name (BatchWorker included even when disabled). */}}
@@ -40,6 +41,7 @@ CoarseServer: [coarse]
 FineServer: [fine]
 CodecServer: [codec]
 BatchWorker: [batch, worker]
+VoiceEncoder: [voice_cloning]
 {{- end -}}
 
 {{/*
@@ -95,6 +97,9 @@ inside voice_aliases just removes that alias.) Returns YAML.
 {{- if $args.batch.enabled -}}
 {{- $deps = append $deps (include "bark-serve.deploymentEntry" (list "BatchWorker" $args.batch.worker) | fromYaml) -}}
 {{- end -}}
+{{- if $args.voice_cloning.enabled -}}
+{{- $deps = append $deps (include "bark-serve.deploymentEntry" (list "VoiceEncoder" $args.voice_cloning) | fromYaml) -}}
+{{- end -}}
 {{- $app := dict "name" $args.app_name "route_prefix" "/" "import_path" "bark_serve.serving.app:build_app" "args" $args "deployments" $deps -}}
 {{- $http := dict "host" $args.http_host "port" $args.http_port -}}
 {{- /* The one chart-only field (not in BarkConfig; tests/helm/test_serve_http.py): null leaves Serve's default. */ -}}
@@ -103,12 +108,14 @@ inside voice_aliases just removes that alias.) Returns YAML.
 {{- toYaml $doc -}}
 {{- end -}}
 
-{{/* Pools that need a worker group: those of the stages and the orchestrator, and the batch worker's when batch is on. */}}
+{{/* Pools that need a worker group: those of the stages and the orchestrator, the batch worker's when batch is on,
+and the voice encoder's when voice cloning is on. */}}
 {{- define "bark-serve.poolsInUse" -}}
 {{- $args := include "bark-serve.barkArgs" . | fromYaml -}}
 {{- $pools := list -}}
 {{- $placements := list $args.orchestrator $args.semantic $args.coarse $args.fine $args.codec -}}
 {{- if $args.batch.enabled }}{{ $placements = append $placements $args.batch.worker }}{{ end -}}
+{{- if $args.voice_cloning.enabled }}{{ $placements = append $placements $args.voice_cloning }}{{ end -}}
 {{- range $placements -}}
 {{- if .pool }}{{ $pools = append $pools .pool }}{{ end -}}
 {{- end -}}
