@@ -16,6 +16,7 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Any, cast
 
 import numpy as np
 from ray import serve
@@ -55,8 +56,9 @@ class VoiceEncoder:
         self._error: str | None = None
         self._failed_at = 0.0
         self._lock = threading.Lock()
-        self._encode.set_max_batch_size(vc.max_batch)
-        self._encode.set_batch_wait_timeout_s(vc.batch_wait_ms / 1000.0)
+        batched = cast(Any, self._encode)  # @serve.batch adds these setters; its typing does not say so
+        batched.set_max_batch_size(vc.max_batch)
+        batched.set_batch_wait_timeout_s(vc.batch_wait_ms / 1000.0)
         self.clips = 0
 
     def _loaded(self) -> VoiceCloner:
