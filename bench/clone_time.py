@@ -1,7 +1,8 @@
 """Seconds to clone a voice from a 10 s clip, on this machine: ``python -m bark_serve.bench.clone_time``.
 
 A benchmark figure, not a timed test. Loads a :class:`VoiceCloner` (a Bark checkpoint's codec, HuBERT and the
-quantizer; random ones with bark-small's shapes, made once and cached, when none are given), then times
+quantizer; random ones with bark-small's shapes, made once and cached under $BARK_BENCH_CACHE or
+~/.cache/bark-serve beside ``bark-serve bench``'s checkpoint, when none are given), then times
 ``clone`` on one seeded synthetic clip (a 24 kHz vowel-like tone with noise) after a warm-up, and prints one
 JSON object: every run, the median, the load time, device, dtype, threads and the model sizes. Random
 weights cost the same arithmetic as real ones, so the figure stands for the real models.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -18,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-CACHE = Path.home() / ".cache" / "bark-serve" / "bench-clone"
 
 
 def synthetic_clip(seconds: float, rate: int = 24_000, seed: int = 0) -> np.ndarray:
@@ -40,10 +40,11 @@ def random_models(size: str) -> tuple[Path, dict[str, Path]]:
     from bark_serve.stages.random_checkpoint import make_checkpoint
     from bark_serve.stages.random_cloning import make_cloning_weights
 
-    ckpt, cloning = CACHE / f"bark-{size}", CACHE / f"cloning-{size}"
+    cache = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve"))
+    ckpt, cloning = cache / f"bench-{size}", cache / f"bench-cloning-{size}"  # the checkpoint `bench` makes too
     if not (ckpt / "model.safetensors").exists():
         print(f"making a random {size} Bark checkpoint in {ckpt} ...", file=sys.stderr)
-        make_checkpoint(ckpt, size, seed=0)
+        make_checkpoint(ckpt, size, seed=0, eos=False)
     weights = {"hubert": cloning / "hubert", "quantizer": cloning / "quantizer" / "quantifier_hubert_base_ls960_14.pth"}
     if not all(p.exists() for p in weights.values()):
         print(f"making random {size} cloning weights in {cloning} ...", file=sys.stderr)

@@ -7,7 +7,8 @@ The community's method (gitmylo/bark-voice-cloning-HuBERT-quantizer), made exact
   in version 1 a Linear to 4096, a Linear to Bark's 10000 semantic tokens, argmax per frame). HuBERT here is
   transformers' ``HubertModel`` in the Hugging Face layout; fairseq's ``output_layer=9`` stops after its 9th
   transformer layer, which is ``hidden_states[9]`` (:data:`HUBERT_HIDDEN_STATE`; see there). The waveform goes
-  in as it is, in [-1, 1]: their code does not normalise it (fairseq's base model was trained without).
+  in as it is, in [-1, 1]: their code does not normalise it (fairseq's base model was trained without; its
+  first convolution's group norm over time makes the features nearly indifferent to gain and offset anyway).
 - **Coarse and fine prompts**: EnCodec 24 kHz at 6 kbps (8 codebooks at 75 Hz), transformers'
   ``EncodecModel.encode`` with the Bark checkpoint's own codec weights: the 8 codebooks are ``fine_prompt``,
   the first 2 ``coarse_prompt``.
@@ -15,8 +16,8 @@ The community's method (gitmylo/bark-voice-cloning-HuBERT-quantizer), made exact
 **Long audio.** Only the last :data:`MAX_PROMPT_SECONDS` (13 s) of a clip are encoded. Bark continues a voice
 from the end of its prompt (each stage reads the prompt's tail: the last 256 semantic tokens, 630 coarse
 tokens, 512 fine frames), so the end of the recording is what matters, and a recording that ends cleanly (a
-sentence's end) keeps that ending. 13 s covers every tail Bark reads with room to spare (the longest of Bark's
-own presets is 7.6 s).
+sentence's end) keeps that ending. 13 s covers every tail Bark reads with room to spare (Bark's own presets
+hold 6-8 s).
 
 **Alignment.** HuBERT gives 50 frames a second, EnCodec 75; Bark pairs ``n`` semantic tokens with
 ``floor(n * 75 / 49.9)`` coarse frames (its ``generate_coarse``), and reads both histories from their ends. So
@@ -114,16 +115,10 @@ def load_quantizer(path: str | os.PathLike) -> Quantizer:
     path = Path(path)
     if not path.is_file():
         raise CloningUnavailable(f"quantizer file {str(path)!r} does not exist")
-    sizes: dict[str, int] = dict(V0_SIZES, version=0)
     try:
-        with zipfile.ZipFile(path) as archive:
-            infos = [n for n in archive.namelist() if n.endswith("/.info")]
-            if infos:
-                data = json.loads(archive.read(infos[0]).decode("utf-8"))
-                sizes = {k: int(data[k]) for k in ("input_size", "hidden_size", "output_size", "version")}
+        sizes = _quantizer_info(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (zipfile.BadZipFile, pickle.UnpicklingError, OSError, RuntimeError, ValueError, KeyError, TypeError,
-            EOFError) as exc:
+    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as exc:
         raise CloningUnavailable(f"quantizer {str(path)!r} is not a readable quantizer checkpoint: "
                                  f"{str(exc)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -137,6 +132,22 @@ def load_quantizer(path: str | os.PathLike) -> Quantizer:
     except CheckpointError as exc:
         raise CloningUnavailable(f"quantizer {str(path)!r} (version {sizes['version']}, sizes {sizes}): "
                                  f"{exc}") from None
+
+
+def _quantizer_info(path: Path) -> dict[str, int]:
+    """The sizes and version in the checkpoint's ``*/.info`` entry, as their loader reads it (the first entry
+    named so, wherever it is); a file without one, or no zip at all (torch's legacy format), is version 0."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = [n for n in archive.namelist() if n.endswith("/.info")]
+            if not infos:
+                return dict(V0_SIZES, version=0)
+            data = json.loads(archive.read(infos[0]).decode("utf-8"))
+    except zipfile.BadZipFile:
+        return dict(V0_SIZES, version=0)
+    if not isinstance(data, dict):
+        raise ValueError(".info is not a JSON object")
+    return {k: int(data[k]) for k in ("input_size", "hidden_size", "output_size", "version")}
 
 
 def save_quantizer(quantizer: Quantizer, path: str | os.PathLike, info: bool = True) -> Path:
@@ -251,8 +262,9 @@ class VoiceCloner:
     def from_pretrained(cls, checkpoint: str | os.PathLike | Checkpoint, hubert: str | os.PathLike = DEFAULT_HUBERT,
                         quantizer: str | os.PathLike = DEFAULT_QUANTIZER,
                         options: EngineOptions = EngineOptions()) -> "VoiceCloner":
-        """Load from a Bark checkpoint (its codec), a HuBERT directory or hub id and a quantizer file
-        (or ``owner/repo/file``); HuBERT runs in ``options``' device and dtype, the rest in float32."""
+        """Load from a Bark checkpoint (its codec), a HuBERT directory or hub id and a quantizer file (or
+        ``owner/repo/file``); HuBERT runs in ``options``' device and dtype (resolved, not "auto"), the rest in
+        float32."""
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)

@@ -244,9 +244,11 @@ def test_quantizer_without_info_has_version_0_published_sizes(tmp_path):
     assert sorted(ours.state_dict()) == sorted(ref.state_dict())
     features = features_for(768, 60, seed=3)
     assert torch.equal(ours.tokens(features[None])[0], ref.get_token(features))
+    legacy = tmp_path / "legacy.pth"  # torch's pre-1.6 format, not a zip: no .info either
+    torch.save(ref.state_dict(), legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_quantizer(legacy).tokens(features[None])[0], ref.get_token(features))
 
 
-@pytest.mark.slow
 def test_published_v1_shapes_load(tmp_path):
     """Version 1 at the published sizes (768 -> 1024 -> 4096 -> 10000), written by their save()."""
     torch.manual_seed(4)
