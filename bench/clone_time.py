@@ -45,7 +45,8 @@ def random_models(size: str) -> tuple[Path, dict[str, Path]]:
     if not (ckpt / "model.safetensors").exists():
         print(f"making a random {size} Bark checkpoint in {ckpt} ...", file=sys.stderr)
         make_checkpoint(ckpt, size, seed=0, eos=False)
-    weights = {"hubert": cloning / "hubert", "quantizer": cloning / "quantizer" / "quantifier_hubert_base_ls960_14.pth"}
+    weights = {"hubert": cloning / "hubert",
+               "quantizer": cloning / "quantizer" / "quantifier_V1_hubert_base_ls960_23.pth"}
     if not all(p.exists() for p in weights.values()):
         print(f"making random {size} cloning weights in {cloning} ...", file=sys.stderr)
         weights = make_cloning_weights(cloning, size, seed=0)

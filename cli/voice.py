@@ -43,7 +43,7 @@ def _add_clone(sub) -> None:
     p.add_argument("--hubert", help="HuBERT base: a Hugging Face model directory or hub id "
                                     "(default facebook/hubert-base-ls960)")
     p.add_argument("--quantizer", help="quantizer checkpoint (.pth, gitmylo's format) or hub owner/repo/file "
-                                       "(default GitMylo/bark-voice-cloning/quantifier_hubert_base_ls960_14.pth)")
+                                       "(default GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="HuBERT's dtype (default float32; the quantizer and EnCodec always run in float32)")

@@ -57,7 +57,8 @@ def make_cloning_weights(directory: str | Path, size: str = "tiny", seed: int = 
     """Write a random HuBERT and random quantizers of both versions under ``directory``.
 
     Returns their paths: ``hubert`` (the model directory), ``quantizer_v0``, ``quantizer_v1`` and
-    ``quantizer`` (the default one, version 0, as gitmylo's notebook and hub defaults choose).
+    ``quantizer`` (the default one: version 1, the published quantizer trained longest, which the served
+    config's ``voice_cloning`` also defaults to).
     """
     from transformers import HubertModel
 
@@ -79,5 +80,5 @@ def make_cloning_weights(directory: str | Path, size: str = "tiny", seed: int = 
             published_sizes = quantizer.info() == dict(V0_SIZES, version=0)
             out[f"quantizer_v{version}"] = save_quantizer(quantizer, directory / "quantizer" / filename,
                                                           info=not published_sizes)
-    out["quantizer"] = out["quantizer_v0"]
+    out["quantizer"] = out["quantizer_v1"]
     return out
