@@ -33,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .batch import add_batch_commands
     from .batch import run as run_batch
     from .voice import add_voice_commands
+    from .voice_client import register as register_voice_client
 
     parser = _Parser(prog="bark-serve", description="Serve Suno's Bark text-to-speech at scale.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_bench(sub)
     add_batch_commands(sub).set_defaults(func=run_batch)
     dataset.register(sub)
-    add_voice_commands(sub)
+    register_voice_client(add_voice_commands(sub))
     return parser
 
 

@@ -252,3 +252,36 @@ def test_stage_pools_from_the_config_blocks(tiny_ckpt):
     assert plan_spec(parse_config(raw)).kwargs()["num_cpus"] == 0.25
     source = open(apm.__file__).read()
     assert 'ray_remote_args["max_restarts"] = -1' in source and 'ray_remote_args["max_task_retries"] = -1' in source
+
+
+def test_a_row_may_name_a_voice_registered_without_keys(config, tmp_path):
+    """Issue 23: a voice registered on a server without API keys (the one shared owner, kept in the voice
+    folder) is a dataset row's voice by its name or id, in a text row and in a script; another name stays
+    an unknown voice."""
+    import asyncio
+
+    from bark_serve.cluster.voice_store import DirVoiceStore
+    from bark_serve.offline.rows import unpack_voices
+    from bark_serve.stages.cloning import voice_npz_bytes
+    from bark_serve.stages.voices import VoiceLibrary
+    from bark_serve.stages.weights import Checkpoint
+
+    ckpt = Checkpoint.open(config["model"])
+    voice = VoiceLibrary(ckpt.spec, ckpt).resolve("announcer")
+    store = DirVoiceStore(tmp_path / "voices")
+    made = asyncio.run(store.add("", "house voice", voice_npz_bytes(voice), 2.0))
+    asyncio.run(store.add("someone-else", "private", voice_npz_bytes(voice), 2.0))
+    cfg = dict(config, voice_cloning={**config["voice_cloning"], "store_dir": str(tmp_path / "voices")})
+    lines = [json.dumps({"id": "by-name", "text": "Hi.", "voice": "house voice"}),
+             json.dumps({"id": "by-id", "text": "Hi.", "voice": made.id}),
+             json.dumps({"id": "script", "script": [{"voice": "house voice", "text": "One."},
+                                                    {"voice": "alloy", "text": "Two."}]}),
+             json.dumps({"id": "private", "text": "Hi.", "voice": "private"})]
+    rows = {r["id"]: r for r in RowPlanner(cfg, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()}
+    for rid in ("by-name", "by-id", "script"):
+        assert rows[rid]["status"] == Status.PENDING.value, rows[rid]["error"]
+        planned = unpack_voices(rows[rid]["voices"])[0]
+        assert planned is not None
+        np.testing.assert_array_equal(planned.semantic, voice.semantic)
+        np.testing.assert_array_equal(planned.fine, voice.fine)
+    assert rows["private"]["status"] == Status.FAILED.value and "unknown voice" in rows["private"]["error"]
