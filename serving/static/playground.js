@@ -1,5 +1,7 @@
 // The playground: fills the voice list from /v1/voices, sends /v1/tts, plays a msgpack stream with the
 // Web Audio API as its chunks arrive, then puts the whole result (a WAV blob) into the <audio> element.
+// "Your voice" clones a voice: an uploaded file, or a recording made here (MediaRecorder, sent as WAV),
+// goes to POST /v1/voices; the new voice joins the picker under "Your voices" and is selected.
 // It holds no secret: an API key, when the server needs one, is typed in by the user and sent as a
 // bearer token. Everything it loads comes from this server (no CDN, no build step).
 "use strict";
@@ -8,9 +10,11 @@
   const $ = (id) => document.getElementById(id);
   const API = new URL("../", document.baseURI); // the app's root, whatever prefix it is served under
   const STAGES = ["semantic", "coarse", "fine", "codec"];
-  const state = { key: "", audioCtx: null, busy: false, objectUrl: null };
+  const state = { key: "", audioCtx: null, busy: false, voiceBusy: false, objectUrl: null };
   // What the last request did, for people reading the page and for tests.
-  window.playground = { last: null, voicesLoaded: false };
+  // voice: what the last add / delete of a voice did ({added}, {deleted} or {error}).
+  window.playground = { last: null, voicesLoaded: false, voice: null };
+  const MAX_RECORD_S = 12; // Bark's prompts hold about 13 s: a recording stops itself before that
 
   function headers(extra) {
     const h = { ...extra };
@@ -34,7 +38,8 @@
     return `HTTP ${resp.status} ${resp.statusText}`;
   }
 
-  async function loadVoices() {
+  // pick: the voice to select once the list is in (a voice just added), else the current choice is kept.
+  async function loadVoices(pick) {
     let resp;
     try {
       resp = await fetch(new URL("v1/voices", API), { headers: headers() });
@@ -49,13 +54,22 @@
     }
     if (!resp.ok) { showError(await apiError(resp)); return; }
     const data = await resp.json();
-    fillVoices(data.voices || [], data.aliases || {});
+    // a server that clones voices lists the caller's own ("custom"); without that the section stays hidden
+    const cloning = Array.isArray(data.custom);
+    const custom = cloning ? [...data.custom].sort((a, b) => a.name.localeCompare(b.name)) : [];
+    fillVoices(data.voices || [], data.aliases || {}, custom, pick);
+    fillMyVoices(custom);
+    $("clone").hidden = !cloning;
+    $("voice-record").hidden = !canRecord();
     showError("");
     window.playground.voicesLoaded = true;
   }
 
-  function fillVoices(presets, aliases) {
+  const seconds = (x) => (typeof x === "number" ? `${x.toFixed(1)} s` : "");
+
+  function fillVoices(presets, aliases, custom, pick) {
     const select = $("voice");
+    const keep = pick === undefined ? select.value : pick;
     select.querySelectorAll("optgroup").forEach((g) => g.remove());
     const group = (label, entries) => {
       const g = document.createElement("optgroup");
@@ -63,8 +77,38 @@
       for (const [value, text] of entries) g.append(new Option(text, value));
       select.append(g);
     };
+    if (custom.length) {
+      group("Your voices", custom.map((v) => [v.name, v.duration_s == null ? v.name : `${v.name} (${seconds(v.duration_s)})`]));
+    }
     group("aliases", Object.entries(aliases).sort().map(([a, p]) => [a, `${a} (${p})`]));
     group("presets", [...presets].sort().map((p) => [p, p]));
+    select.value = keep;
+    if (select.value !== keep) select.value = ""; // gone (deleted, or another key's): Bark picks
+  }
+
+  // The caller's voices, each with a delete button.
+  function fillMyVoices(custom) {
+    const list = $("my-voices");
+    list.replaceChildren();
+    for (const v of custom) {
+      const item = document.createElement("li");
+      item.dataset.voiceId = v.id;
+      item.dataset.voiceName = v.name;
+      const name = document.createElement("span");
+      name.textContent = v.name;
+      const meta = document.createElement("span");
+      meta.className = "meta";
+      meta.textContent = seconds(v.duration_s);
+      const remove = document.createElement("button");
+      remove.type = "button";
+      remove.className = "delete";
+      remove.textContent = "\u00d7";
+      remove.title = `delete the voice ${v.name}`;
+      remove.setAttribute("aria-label", remove.title);
+      remove.addEventListener("click", () => deleteVoice(v));
+      item.append(name, meta, remove);
+      list.append(item);
+    }
   }
 
   function requestBody() {
@@ -236,6 +280,178 @@
       $("generate").disabled = false;
     }
   }
+
+  // --- your voice ---------------------------------------------------------------------------
+  const rec = { recorder: null, timer: null, started: 0 };
+
+  function canRecord() {
+    return typeof window.MediaRecorder === "function" && !!(navigator.mediaDevices && navigator.mediaDevices.getUserMedia);
+  }
+
+  function setVoiceState(text) { $("voice-state").textContent = text; }
+
+  function voiceBusy(busy) {
+    state.voiceBusy = busy;
+    $("voice-add").disabled = busy || !!rec.recorder;
+    $("voice-record").disabled = busy;
+    $("my-voices").querySelectorAll("button").forEach((b) => { b.disabled = busy; });
+  }
+
+  function voiceFailed(message) {
+    window.playground.voice = { error: message };
+    showError(message);
+    setVoiceState("failed");
+  }
+
+  function voiceName() {
+    const name = $("voice-name").value.trim();
+    if (!name) {
+      voiceFailed("Give the voice a name first (1 to 64 letters, digits, _ - . or inner spaces).");
+      $("voice-name").focus();
+    }
+    return name;
+  }
+
+  // Sends one recording to POST /v1/voices; on success the list is reloaded with the new voice selected.
+  async function uploadVoice(blob, filename, name) {
+    voiceBusy(true);
+    showError("");
+    setVoiceState(`adding ${name}…`);
+    try {
+      const form = new FormData();
+      form.append("name", name);
+      form.append("file", blob, filename);
+      let resp;
+      try {
+        resp = await fetch(new URL("v1/voices", API), { method: "POST", headers: headers(), body: form });
+      } catch (e) {
+        voiceFailed(`cannot reach the server: ${e.message}`);
+        return;
+      }
+      if (!resp.ok) { voiceFailed(await apiError(resp)); return; }
+      const voice = await resp.json();
+      $("voice-file").value = "";
+      $("voice-name").value = "";
+      await loadVoices(voice.name);
+      window.playground.voice = { added: voice };
+      setVoiceState(`added ${voice.name}${voice.duration_s == null ? "" : ` (${seconds(voice.duration_s)})`}: selected above`);
+    } finally {
+      voiceBusy(false);
+    }
+  }
+
+  function addVoice() {
+    if (state.voiceBusy || rec.recorder) return;
+    window.playground.voice = null;
+    const file = $("voice-file").files[0];
+    if (!file) { voiceFailed("Choose a recording to upload first (or press Record)."); return; }
+    const name = voiceName();
+    if (name) uploadVoice(file, file.name || "recording", name);
+  }
+
+  async function deleteVoice(voice) {
+    if (state.voiceBusy) return;
+    window.playground.voice = null;
+    voiceBusy(true);
+    showError("");
+    setVoiceState(`deleting ${voice.name}…`);
+    try {
+      const url = new URL(`v1/voices/${encodeURIComponent(voice.id)}`, API);
+      let resp;
+      try {
+        resp = await fetch(url, { method: "DELETE", headers: headers() });
+      } catch (e) {
+        voiceFailed(`cannot reach the server: ${e.message}`);
+        return;
+      }
+      if (!resp.ok) { voiceFailed(await apiError(resp)); return; }
+      await loadVoices();
+      window.playground.voice = { deleted: voice.id };
+      setVoiceState(`deleted ${voice.name}`);
+    } finally {
+      voiceBusy(false);
+    }
+  }
+
+  // A recording as 16-bit mono WAV at 24 kHz (EnCodec's rate), which every server reads, whatever
+  // container the browser's MediaRecorder makes (webm/opus in Chromium, ogg in Firefox, mp4 in Safari).
+  async function recordingToWav(blob) {
+    const rate = 24000;
+    const decoded = await new OfflineAudioContext(1, 1, rate).decodeAudioData(await blob.arrayBuffer());
+    const n = decoded.length;
+    const channels = decoded.numberOfChannels;
+    const pcm = new DataView(new ArrayBuffer(2 * n));
+    const data = [...Array(channels).keys()].map((c) => decoded.getChannelData(c));
+    for (let i = 0; i < n; i++) {
+      let x = 0;
+      for (const d of data) x += d[i];
+      pcm.setInt16(2 * i, Math.max(-32768, Math.min(32767, Math.round((x / channels) * 32767))), true);
+    }
+    return wavBlob([pcm.buffer], rate);
+  }
+
+  function stopRecording() {
+    if (rec.recorder && rec.recorder.state !== "inactive") rec.recorder.stop();
+  }
+
+  async function toggleRecording() {
+    if (rec.recorder) { stopRecording(); return; }
+    if (state.voiceBusy) return;
+    window.playground.voice = null;
+    const name = voiceName();
+    if (!name) return;
+    showError("");
+    let stream;
+    try {
+      stream = await navigator.mediaDevices.getUserMedia({ audio: true });
+    } catch (e) {
+      voiceFailed(`cannot record from the microphone: ${e.message}`);
+      return;
+    }
+    const recorder = new MediaRecorder(stream);
+    const chunks = [];
+    recorder.addEventListener("dataavailable", (e) => { if (e.data && e.data.size) chunks.push(e.data); });
+    recorder.addEventListener("stop", async () => {
+      clearInterval(rec.timer);
+      rec.recorder = null;
+      stream.getTracks().forEach((t) => t.stop());
+      const button = $("voice-record");
+      button.textContent = "Record";
+      button.classList.remove("recording");
+      voiceBusy(true);
+      setVoiceState("reading the recording…");
+      const raw = new Blob(chunks, { type: recorder.mimeType || "audio/webm" });
+      let wav;
+      try {
+        wav = await recordingToWav(raw);
+      } catch (e) {
+        voiceFailed(`cannot read the recording: ${e.message || e}`);
+        voiceBusy(false);
+        return;
+      }
+      await uploadVoice(wav, "recording.wav", name);
+    });
+    recorder.start(250);
+    rec.recorder = recorder;
+    rec.started = performance.now();
+    const button = $("voice-record");
+    button.textContent = "Stop";
+    button.classList.add("recording");
+    voiceBusy(false); // Add is off while recording; Record (now Stop) stays on
+    const tick = () => {
+      const s = (performance.now() - rec.started) / 1000;
+      setVoiceState(`recording ${name}: ${s.toFixed(1)} s (stops by itself at ${MAX_RECORD_S} s)`);
+      if (s >= MAX_RECORD_S) stopRecording();
+    };
+    tick();
+    rec.timer = setInterval(tick, 100);
+  }
+
+  $("voice-add").addEventListener("click", addVoice);
+  $("voice-record").addEventListener("click", toggleRecording);
+  $("voice-name").addEventListener("keydown", (e) => { // Enter here adds the voice rather than generating
+    if (e.key === "Enter") { e.preventDefault(); addVoice(); }
+  });
 
   $("form").addEventListener("submit", generate);
   $("key-apply").addEventListener("click", () => { state.key = $("api-key").value.trim(); loadVoices(); });
