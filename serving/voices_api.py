@@ -4,7 +4,8 @@
   (serving/voice_server.py) makes a Bark voice of it, the voice store (cluster/voice_store.py) keeps it
   under the caller's API key; 201 with the voice (its ``id``). The body is read bounded
   (``voice_cloning.max_upload_bytes``) before any parsing.
-- ``GET /v1/voices``: ``voices`` (presets), ``aliases`` and ``custom``, the caller's registered voices.
+- ``GET /v1/voices``: ``voices`` (presets), ``aliases`` and ``custom``, the caller's registered voices
+  (absent when voice cloning is disabled).
 - ``GET /v1/voices/{id}`` (metadata), ``GET /v1/voices/{id}/npz`` (Bark's .npz), ``DELETE /v1/voices/{id}``;
   ``{id}`` is the id or the name. Another key's voice answers 404, as a missing one does.
 
@@ -184,8 +185,8 @@ def voice_router(orch) -> APIRouter:
     @router.get("")
     async def list_voices(request: Request):
         owner = owner_of(request)
-        out = {"voices": orch.synth.voices.names(), "aliases": orch.synth.planner.aliases, "custom": []}
-        if vc.enabled:
+        out = {"voices": orch.synth.voices.names(), "aliases": orch.synth.planner.aliases}
+        if vc.enabled:  # without cloning there is no "custom" list (the playground then shows no upload)
             store = await voices.store()
             out["custom"] = [v.to_public() for v in await store.list(owner)]
         return out

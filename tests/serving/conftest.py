@@ -32,9 +32,11 @@ def e2e_config(model: str, port: int, **overrides) -> dict:
                          "api_keys_env": "BARK_E2E_API_KEYS", "max_text_chars": 4000, "max_body_bytes": 200_000},
         "semantic": {"pool": "semantic", **small}, "coarse": {"pool": "coarse", **small},
         "fine": {"pool": "fine", **small, "max_batch": 4}, "codec": {"pool": "codec", **small},
-        # registered voices in a folder of this app's own (never ~/.cache); no cloning weights unless a test
-        # names them (POST /v1/voices then answers 503)
-        "voice_cloning": {"num_cpus": 0.1, "store_dir": tempfile.mkdtemp(prefix="bark-voices-", dir="/tmp")},
+        # registered voices in a folder of this app's own (never ~/.cache); cloning weights that do not exist
+        # (POST /v1/voices answers 503, tests/serving/test_app.py); a test that clones passes its own block, whose
+        # weights default to the checkpoint's voice_cloning/ (make_checkpoint writes them)
+        "voice_cloning": {"num_cpus": 0.1, "store_dir": tempfile.mkdtemp(prefix="bark-voices-", dir="/tmp"),
+                          "hubert": "/nonexistent/hubert", "quantizer": "/nonexistent/no-quantizer.pth"},
     }
     cfg.update(overrides)
     return cfg

@@ -355,6 +355,17 @@ class TestVoiceCloning:
             context.close()
 
 
+@pytest.fixture(scope="module")
+def served(tiny_ckpt, tmp_path_factory):
+    """The conftest app, with API keys, but with cloning weights (the checkpoint's voice_cloning/): the
+    conftest default names missing ones (its 503 is tested in test_app.py)."""
+    from tests.serving.e2e_helpers import running_app
+
+    cloning = {"num_cpus": 0.1, "store_dir": str(tmp_path_factory.mktemp("keyed-voices"))}
+    with running_app(e2e_config(str(tiny_ckpt), free_port(), voice_cloning=cloning)) as url:
+        yield url, None
+
+
 def test_with_api_keys_the_key_field_is_used_and_a_missing_key_shows_the_401_message(browser, page, served):
     url, _ = served
     unauthorized = httpx.get(url + "/v1/voices", timeout=30)
