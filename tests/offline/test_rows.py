@@ -84,7 +84,7 @@ def test_resume_drops_done_ids_before_planning_them(config):
     lines = [json.dumps(r) for r in GOOD_ROWS]
     planner = RowPlanner(config, "jsonl", "wav", frozenset({"long", "42"}))
     planned, plan = [], planner.planner.plan
-    planner.planner.plan = lambda text, voice, params, priority, request_id, script: (
+    planner.planner.plan = lambda text, voice, params, priority, request_id, script, own_voices=None: (
         planned.append(request_id) or plan(text, voice, params, priority, request_id, script))
     out = planner(jsonl_batch(lines)).to_pylist()
     assert [r["id"] for r in out] == ["short", "sampled", "raw"] == planned  # done rows are not tokenized again
