@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("config, says", [
-    ("orchestrator: {num_cpus: 0.1}\n", ["ask 4.2 CPU in all", "VoiceEncoder 1 x 0.1", "SemanticServer 1 x 1", "the cluster has 2"]),
+    ("orchestrator: {num_cpus: 0.1}\n", ["ask 4.2 CPU in all", "VoiceEncoder 1 x 0.1", "SemanticServer 1 x 1",
+                                        "the cluster has 2"]),
     ("profile: local-cpu\nsemantic: {num_cpus: 64}\n", ["deployment SemanticServer cannot be placed", "CPU 64"]),
 ], ids=["stage-defaults", "one-too-big"])
 def test_up_refuses_deployments_it_cannot_place_at_once(tiny_ckpt, tmp_path, config, says):
