@@ -138,7 +138,7 @@ def _registered_voices(pipe, names: set[str]) -> dict:
     $BARK_STATE_DIR/voices, else ~/.cache/bark-serve/voices) among the voice ``names`` asked for."""
     if not names:
         return {}
-    from bark_serve.cluster.voice_store import DirVoiceStore
+    from bark_serve.cluster.voice_backends import DirVoiceStore
     from bark_serve.serving.config import BarkConfig
     from bark_serve.serving.voices_api import registered_voices_sync
 

@@ -23,15 +23,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 
-from bark_serve.cluster.voice_store import (
-    DirVoiceStore,
-    RedisVoiceStore,
-    VoiceNameTaken,
-    VoiceQuotaExceeded,
-    VoiceStore,
-    check_name,
-    is_voice_id,
-)
+from bark_serve.cluster.voice_backends import DirVoiceStore, RedisVoiceStore
+from bark_serve.cluster.voice_store import VoiceNameTaken, VoiceQuotaExceeded, VoiceStore, check_name, is_voice_id
 from bark_serve.schema.untrusted import short_repr
 from bark_serve.stages.cloning import voice_from_npz_bytes
 from bark_serve.stages.types import InvalidRequestError, VoicePrompt

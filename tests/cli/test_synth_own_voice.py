@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from bark_serve.cluster.voice_store import DirVoiceStore
+from bark_serve.cluster.voice_backends import DirVoiceStore
 from bark_serve.stages.cloning import voice_npz_bytes
 from bark_serve.stages.voices import VoiceLibrary
 from bark_serve.stages.weights import Checkpoint

@@ -15,18 +15,17 @@ from pathlib import Path
 import pytest
 import redis
 
+from bark_serve.cluster import voice_backends as vb
 from bark_serve.cluster import voice_store as vs
 from bark_serve.cluster.redis_conn import RedisSettings
+from bark_serve.cluster.voice_backends import DirVoiceStore, RedisVoiceStore, open_voice_store
 from bark_serve.cluster.voice_store import (
-    DirVoiceStore,
     InvalidVoiceName,
-    RedisVoiceStore,
     StoredVoice,
     VoiceNameTaken,
     VoiceQuotaExceeded,
     VoiceStore,
     check_name,
-    open_voice_store,
 )
 from bark_serve.stages.types import InvalidRequestError
 
@@ -415,19 +414,19 @@ def test_redis_sync_methods_share_the_data(redis_server, prefix):
 def test_dir_failed_write_leaves_nothing(tmp_path, monkeypatch):
     root = tmp_path / "voices"
     store = DirVoiceStore(root)
-    real = vs._write_atomic
+    real = vb._write_atomic
 
     def failing(path, data):
         if path.suffix == ".json":
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(vs, "_write_atomic", failing)
+    monkeypatch.setattr(vb, "_write_atomic", failing)
     with pytest.raises(OSError, match="No space"):
         run(add(store, ALICE, "doomed"))
     files = [p for p in root.rglob("*") if p.is_file() and p.name != ".lock"]
     assert files == []
-    monkeypatch.setattr(vs, "_write_atomic", real)
+    monkeypatch.setattr(vb, "_write_atomic", real)
     assert run(add(store, ALICE, "doomed")).name == "doomed"  # the name is free
 
 
@@ -440,7 +439,7 @@ def test_dir_takes_over_a_name_left_by_a_killed_add(tmp_path):
     assert store.get_sync(ALICE, "crashed") is None and store.list_sync(ALICE) == []
     again = run(add(store, ALICE, "crashed", quota=1))
     assert again.id != voice.id and store.get_sync(ALICE, "crashed") == again
-    (tmp_path / ALICE / "names" / vs._name_file("other")).write_bytes(b"")  # killed before writing the id
+    (tmp_path / ALICE / "names" / vb._name_file("other")).write_bytes(b"")  # killed before writing the id
     assert run(add(store, BOB, "other")) and run(add(store, ALICE, "other"))
 
 
@@ -451,7 +450,7 @@ def test_dir_layout(tmp_path):
     assert (base / "voices" / f"{voice.id}.npz").read_bytes() == NPZ
     record = json.loads((base / "voices" / f"{voice.id}.json").read_text())
     assert record == voice.to_record()
-    assert (base / "names" / vs._name_file("layout")).read_text() == voice.id
+    assert (base / "names" / vb._name_file("layout")).read_text() == voice.id
     assert not [p for p in base.rglob("*.tmp")]
     # an owner string that is not a plain hash stays inside its own folder
     odd = run(store.add("../escape", "x", NPZ, 1.0))
@@ -461,7 +460,8 @@ def test_dir_layout(tmp_path):
 
 _PROC = textwrap.dedent("""
     import asyncio, sys, time
-    from bark_serve.cluster.voice_store import DirVoiceStore, VoiceNameTaken, VoiceQuotaExceeded
+    from bark_serve.cluster.voice_store import VoiceNameTaken, VoiceQuotaExceeded
+    from bark_serve.cluster.voice_backends import DirVoiceStore
     root, mode, start, tag = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4]
     store = DirVoiceStore(root)
     async def main():

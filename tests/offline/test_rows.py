@@ -260,7 +260,7 @@ def test_a_row_may_name_a_voice_registered_without_keys(config, tmp_path):
     an unknown voice."""
     import asyncio
 
-    from bark_serve.cluster.voice_store import DirVoiceStore
+    from bark_serve.cluster.voice_backends import DirVoiceStore
     from bark_serve.offline.rows import unpack_voices
     from bark_serve.stages.cloning import voice_npz_bytes
     from bark_serve.stages.voices import VoiceLibrary
