@@ -87,7 +87,8 @@ def synth(args) -> int:
     from tqdm import tqdm
 
     from bark_serve.schema.formats import format_for_path
-    from bark_serve.stages.audio import encode, join_segments
+    from bark_serve.stages.audio import join_segments
+    from bark_serve.stages.encoders import encode
     from bark_serve.stages.pipeline import BarkPipeline
     from bark_serve.stages.voices import save_npz
 

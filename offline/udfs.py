@@ -12,8 +12,9 @@ import functools
 import pyarrow as pa
 
 from bark_serve.serving.config import parse_config
-from bark_serve.stages.audio import encode, join_segments
+from bark_serve.stages.audio import join_segments
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.encoders import encode
 
 from .outdir import OutDir
 from .rows import (

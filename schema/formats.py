@@ -1,4 +1,4 @@
-"""The audio formats a caller may ask for: the encoders' own table (stages/audio.py, which encodes each).
+"""The audio formats a caller may ask for: the encoders' own table (stages/encoders.py, which encodes each).
 
 The one list of formats: the HTTP models, batch items, dataset rows and the CLI take their choices
 from ``FORMATS`` (``FormatName`` is checked against it at import).
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from bark_serve.stages.audio import EXTENSIONS, FORMATS, AudioFormat, check_format, format_for_path, media_type
+from bark_serve.stages.encoders import EXTENSIONS, FORMATS, AudioFormat, check_format, format_for_path, media_type
 
 __all__ = ["EXTENSIONS", "FORMATS", "FORMAT_NAMES", "AudioFormat", "FormatName", "check_format", "format_for_path",
            "media_type"]

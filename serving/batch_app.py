@@ -20,7 +20,7 @@ from bark_serve.cluster.jobs import open_store
 from bark_serve.cluster.queue import open_queue
 from bark_serve.cluster.voice_store import VoiceStore
 from bark_serve.schema.request import item_request
-from bark_serve.stages import audio as A
+from bark_serve.stages import encoders as A
 from bark_serve.stages.audio import join_segments
 from bark_serve.stages.constants import STAGES
 from bark_serve.stages.types import VoicePrompt

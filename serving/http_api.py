@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 
 from bark_serve.schema.untrusted import check_plain_data, short_repr, summarize_errors
-from bark_serve.stages import audio as A
+from bark_serve.stages import encoders as A
 from bark_serve.stages.audio import PostProcess, join_segments
 from bark_serve.stages.types import InvalidRequestError
 

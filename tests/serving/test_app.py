@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from bark_serve.stages.audio import from_pcm16
+from bark_serve.stages.encoders import from_pcm16
 from bark_serve.stages.types import GenerationParams
 from tests.serving.conftest import API_KEY
 

@@ -15,7 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from bark_serve.stages.audio import from_pcm16
+from bark_serve.stages.encoders import from_pcm16
 from bark_serve.stages.longform import split_text
 from bark_serve.stages.text import TextPreparer
 from bark_serve.stages.weights import Checkpoint

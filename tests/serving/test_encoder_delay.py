@@ -19,7 +19,7 @@ import io
 import numpy as np
 import pytest
 
-from bark_serve.stages.audio import _id3_length, encode, open_encoder
+from bark_serve.stages.encoders import _id3_length, encode, open_encoder
 
 SR = 24000
 

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from bark_serve.cluster.ports import free_port
-from bark_serve.stages.audio import from_pcm16
+from bark_serve.stages.encoders import from_pcm16
 from tests.serving.conftest import API_KEY, e2e_config
 from tests.serving.e2e_helpers import running_app
 

@@ -14,7 +14,7 @@ import pytest
 import soundfile as sf
 
 from bark_serve.serving.config import OPENAI_VOICES
-from bark_serve.stages.audio import from_pcm16
+from bark_serve.stages.encoders import from_pcm16
 from bark_serve.stages.types import GenerationParams
 from tests.serving.conftest import API_KEY
 from tests.serving.e2e_helpers import assert_error_shape

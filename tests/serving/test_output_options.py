@@ -11,16 +11,8 @@ from pydantic import ValidationError
 
 from bark_serve.serving.api_models import SpeechRequest, TTSRequest
 from bark_serve.serving.config import ConfigError, parse_config
-from bark_serve.stages.audio import (
-    FORMATS,
-    AudioOut,
-    PostProcess,
-    encode,
-    from_pcm16,
-    join_segments,
-    open_encoder,
-    to_pcm16,
-)
+from bark_serve.stages.audio import PostProcess, join_segments
+from bark_serve.stages.encoders import FORMATS, AudioOut, encode, from_pcm16, open_encoder, to_pcm16
 
 SR = 24_000
 

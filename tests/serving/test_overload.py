@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from bark_serve.cluster.ports import free_port
-from bark_serve.stages.audio import from_pcm16
+from bark_serve.stages.encoders import from_pcm16
 from tests.serving.conftest import e2e_config
 from tests.serving.e2e_helpers import (
     AUTH,

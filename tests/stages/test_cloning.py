@@ -421,8 +421,8 @@ def test_npz_bytes_round_trip_and_refusals(cloner):
 def test_cloned_voice_same_tokens_by_arrays_bytes_and_path(pipe, cloner, tmp_path):
     """Audio bark-serve made, encoded as a file, decoded as an upload, cloned; the voice speaks the same
     greedy tokens whether passed as arrays, as a VoicePrompt read back from npz bytes, or as an .npz path."""
-    from bark_serve.stages.audio import encode
     from bark_serve.stages.audio_in import decode_clip
+    from bark_serve.stages.encoders import encode
     from bark_serve.stages.types import GenerationParams
 
     made = pipe.synthesize("A voice to clone, spoken by the tiny model.", "v2/en_speaker_6",
