@@ -69,9 +69,10 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=per_stage, default={},
                    help="stage max_batch of the served app: a number for every stage and/or per-stage values, "
                         "e.g. 16,fine=1 (default: the highest concurrency level)")
-    p.add_argument("--stage-threads", type=per_stage, default={},
-                   help="torch threads per stage replica of the served app, e.g. semantic=1,coarse=2,fine=2,codec=1 "
-                        "(default: the profile's)")
+    p.add_argument("--stage-threads", type=stage_threads, default={},
+                   help="torch threads per stage replica of the served app: a number, auto (every core each) or "
+                        "shared (the cores leased per step among the replicas), for all stages and/or per stage, "
+                        "e.g. semantic=1,coarse=2,fine=2,codec=1 (default: the profile's; local-cpu: shared)")
     p.add_argument("--profile", default=None, help="config profile of the served app (default local-cpu, or "
                                                    "single-gpu with --device cuda)")
     p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
@@ -222,24 +223,33 @@ def per_batch(spec: str) -> dict:
     return out
 
 
-def per_stage(spec: str) -> dict[str, int]:
-    """'16,fine=1' -> {"*": 16, "fine": 1} (argparse type: a bad value is a usage error, exit 2)."""
-    out: dict[str, int] = {}
+def stage_threads(spec: str) -> dict:
+    return per_stage(spec, ("auto", "shared"))
+
+
+def per_stage(spec: str, words: tuple[str, ...] = ()) -> dict:
+    """'16,fine=1' -> {"*": 16, "fine": 1} (argparse type: a bad value is a usage error, exit 2); ``words``
+    are the other values allowed besides whole numbers."""
+    out: dict = {}
     for part in (p.strip() for p in spec.split(",") if p.strip()):
         stage, _, value = part.rpartition("=")
         stage = stage.strip() or "*"
         if stage != "*" and stage not in STAGES:
             raise argparse.ArgumentTypeError(f"unknown stage {stage!r}: choose {', '.join(STAGES)}")
+        if value.strip() in words:
+            out[stage] = value.strip()
+            continue
         try:
             out[stage] = int(value)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{value.strip()!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{value.strip()!r} is not a whole number"
+                                             + (f" nor one of {', '.join(words)}" if words else "")) from None
         if out[stage] < 1:
             raise argparse.ArgumentTypeError(f"{part!r}: values must be at least 1")
     return out
 
 
-def _for_stages(values: dict[str, int], default: int | None) -> dict[str, int]:
+def _for_stages(values: dict, default: int | None) -> dict:
     """Per stage: its own value, else the bare number, else ``default`` (stages with no value are left out)."""
     fallback = values.get("*", default)
     return {s: v for s in STAGES if (v := values.get(s, fallback)) is not None}

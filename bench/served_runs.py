@@ -63,6 +63,7 @@ class ServedApp:
         self.cfg = load_config(profile, overrides)
         self.dtype = dtype
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
+        self.thread_setting = {s: self.cfg.stage(s).torch_threads for s in STAGES}
         self.max_batch = {s: self.cfg.stage(s).max_batch for s in STAGES}
         ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
@@ -131,7 +132,8 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     outcomes = submit(requests)
     wall = time.perf_counter() - t0
     ok = [o for o in outcomes if o is not None]
-    run = Run(name, wall_s=wall, extra={"dtype": app.dtype, "torch_threads": app.threads, "max_batch": app.max_batch})
+    run = Run(name, wall_s=wall, extra={"dtype": app.dtype, "torch_threads": app.threads,
+                                        "torch_threads_setting": app.thread_setting, "max_batch": app.max_batch})
     run.latencies = [o.latency_s for o in ok]
     run.ttfa = [o.ttfa_s for o in ok]
     run.audio_s = sum(o.audio_s for o in ok)
@@ -143,8 +145,23 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     run.extra["roofline"] = roofline(counted_flops(totals), run.audio_s, wall, peaks.get(app.dtype, 0.0))
     run.extra["peak_rss_mb_per_replica"] = {s: round(after[s]["peak_rss_bytes"] / 2**20, 1) for s in STAGES}
     run.extra["kv"] = {s: after[s]["kv"] for s in STAGES if after[s].get("kv")}
+    run.extra["cores"] = core_leases(before, after)
     run.timeline = [{"sent_at": o.sent_at, "ttfa_s": o.ttfa_s, "segments": o.segments} for o in ok]  # not in summary
     return run
+
+
+def core_leases(before: dict, after: dict) -> dict:
+    """Per stage with ``torch_threads: shared``: the steps run on leased cores in this run, the mean threads they
+    got and the seconds they waited for cores (cluster/cores.py)."""
+    out = {}
+    for s in STAGES:
+        a, b = after[s].get("cores"), before[s].get("cores") or {}
+        if a:
+            leases = a["leases"] - b.get("leases", 0)
+            out[s] = {"leases": leases, "waited_s": round(a["waited_s"] - b.get("waited_s", 0.0), 3),
+                      "mean_threads": round((a["threads_granted"] - b.get("threads_granted", 0)) / leases, 2)
+                      if leases else None}
+    return out
 
 
 def served_closed(app: ServedApp, work: Workload, concurrency: int, n: int, peaks: dict, offset: int = 0) -> Run:

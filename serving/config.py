@@ -85,9 +85,11 @@ class StageConfig(Placement):
     batch_wait_ms: float = Field(2.0, ge=0, le=1000)  # an idle loop waits this long to gather a batch
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # torch threads of the replica. "auto": every core this process may use; None: torch's default,
-    # which under Ray is the replica's num_cpus (1 for a fractional num_cpus).
-    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto"] | None = None
+    # torch threads of the replica. "shared": on CPU, the host's cores leased per step among the stage
+    # replicas of the host (cluster/cores.py: a lone replica gets every core, busy ones a fair share each,
+    # never more threads than cores in all); on CUDA the same as "auto". "auto": every core this process
+    # may use; None: torch's default, which under Ray is the replica's num_cpus (1 for a fractional num_cpus).
+    torch_threads: Annotated[int, Field(ge=1)] | Literal["auto", "shared"] | None = None
     cpu_offload: bool = False  # accelerate CPU offload: weights on CPU, moved to the GPU per forward
     max_forward_tokens: int | None = Field(None, ge=1)  # rows per prefill/fine forward; None: automatic
     # fixed-shape steps replayed as CUDA graphs (stages/graphs.py): auto = on for CUDA, off on CPU

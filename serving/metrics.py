@@ -10,6 +10,10 @@ Stage replicas (tag ``stage``):
 - ``bark_stage_requests_total`` (counter, tag ``outcome`` ok|error)
 - ``bark_stage_cuda_graphs``, ``bark_stage_graph_capture_seconds``, ``bark_stage_graph_memory_bytes`` (gauges):
   CUDA graphs captured at start (0: eager steps), their capture time and memory
+- ``bark_stage_device_info`` (gauge, 1; tags ``device``, ``gpu_name``, ``gpu_ids``, ``gpu_share``): where the replica
+  computes: its torch device, the GPU's name, the GPU ids Ray gave it and its share of them
+- ``bark_stage_device_memory_bytes`` (gauge, tag ``kind``: allocated, reserved, free, total): the CUDA device's
+  memory as this replica sees it (torch's allocated and reserved; the device's free and total)
 Orchestrator:
 - ``bark_request_seconds`` (histogram, tag ``api``: speech, tts, handle): whole request latency
 - ``bark_time_to_first_audio_seconds`` (histogram): until the first audio chunk is ready
@@ -50,6 +54,7 @@ class NullStageMetrics:
     that answers any name; :func:`replica_metrics` falls back to it outside a Serve replica."""
 
     def graphs(self, stats: dict | None) -> None: ...
+    def device(self, report: dict, probe: Callable[[], dict] | None = None) -> None: ...
     def queue_length(self, n: int) -> None: ...
     def step(self, batch: float, tokens: float, seconds: float) -> None: ...
     def request_done(self, latency_s: float, ok: bool) -> None: ...
@@ -97,10 +102,15 @@ class StageMetrics(NullStageMetrics):
                               tag_keys=("stage",))
         self._graph_memory = Gauge("bark_stage_graph_memory_bytes", "GPU memory the captured CUDA graphs reserved",
                                    tag_keys=("stage",))
+        self._device = Gauge("bark_stage_device_info", "Where the replica computes (value 1)",
+                             tag_keys=("stage", "device", "gpu_name", "gpu_ids", "gpu_share"))  # type: ignore[arg-type]
+        self._memory = Gauge("bark_stage_device_memory_bytes", "CUDA memory as the replica sees it",
+                             tag_keys=("stage", "kind"))  # type: ignore[arg-type]  # Ray types a 1-tuple
         self._tags = tags
         self._stage = stage
         self._graph_stats: dict | None = None
         self._graphs_at = 0.0
+        self._device_probe: Callable[[], dict] | None = None
 
     def graphs(self, stats: dict | None) -> None:
         """The engine's ``graph_stats()`` at start (None: its steps run eagerly). Set again with the steps
@@ -111,12 +121,25 @@ class StageMetrics(NullStageMetrics):
         self._capture.set(self._graph_stats.get("capture_s", 0.0), tags=self._tags)
         self._graph_memory.set(max(self._graph_stats.get("graph_bytes", 0), 0), tags=self._tags)
 
+    def device(self, report: dict, probe: Callable[[], dict] | None = None) -> None:
+        """The replica's ``device_report()``; ``probe`` reads it again when the gauges are set again."""
+        self._device_probe = probe or self._device_probe
+        share = (report.get("assigned_resources") or {}).get("GPU", 0)
+        self._device.set(1, tags={"stage": self._stage, "device": str(report.get("device")),
+                                  "gpu_name": str(report.get("name", "")), "gpu_share": f"{share:g}",
+                                  "gpu_ids": ",".join(report.get("gpu_ids", []))})
+        for kind in ("allocated", "reserved", "free", "total"):
+            if f"{kind}_bytes" in report:
+                self._memory.set(report[f"{kind}_bytes"], tags={"stage": self._stage, "kind": kind})
+
     def queue_length(self, n: int) -> None:
         self._queue.set(n, tags=self._tags)
 
     def step(self, batch: float, tokens: float, seconds: float) -> None:
         if self._graph_stats is not None and time.monotonic() - self._graphs_at > REPUBLISH_S:
             self.graphs(self._graph_stats)
+            if self._device_probe is not None:
+                self.device(self._device_probe())
         if batch:
             self._batch.observe(batch, tags=self._tags)
         self._step.observe(seconds, tags=self._tags)

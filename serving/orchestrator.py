@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
 
+from bark_serve.cluster.placement import ray_placement
 from bark_serve.schema.request import SynthesisRequest
 from bark_serve.schema.untrusted import check_plain_data, clip, invalid_request
 
@@ -84,9 +85,10 @@ class Orchestrator:
         return await self._run("handle", req, H.HANDLE_REPLY)
 
     async def stats(self) -> dict:
-        """This replica's state, for operators and tests: pid, active requests, cached voices."""
+        """This replica's state, for operators and tests: pid, active requests, cached voices, what Ray gave it."""
         return {"pid": os.getpid(), "active": self.admission.active, "max_active": self.admission.limit,
-                "voice_cache": self.synth.voices.cached, "voice_cache_size": self.synth.voices.cache_size}
+                "voice_cache": self.synth.voices.cached, "voice_cache_size": self.synth.voices.cache_size,
+                **ray_placement()}
 
     # -- HTTP (paths in serving/routes.py) --------------------------------------------------------
     async def index(self):

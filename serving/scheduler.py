@@ -8,6 +8,8 @@ How this works:
 - one loop task admits queued requests whenever the engine has room, then
   runs ``engine.step()`` in a worker thread (so the event loop keeps
   accepting requests), and resolves the futures of the requests that finished;
+- with a ``cores`` budget (cluster/cores.py, ``torch_threads: shared``) each step runs on the cores it
+  leases from the replicas of its host, and the replica counts as idle there while it holds nothing;
 - when the engine is idle the loop sleeps until a request arrives, then waits
   ``batch_wait_s`` so that a burst is admitted together;
 - a bad request fails alone (``admit`` raises, or its result carries an
@@ -66,8 +68,9 @@ class _Entry:
 
 class StageScheduler:
     def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002,
-                 metrics: NullStageMetrics = NullStageMetrics(), alone_hook=None):
+                 metrics: NullStageMetrics = NullStageMetrics(), alone_hook=None, cores=None):
         self.engine = engine
+        self.cores = cores  # a cluster.cores.CoreBudget, or None: steps run on the engine's own threads
         # alone_hook(request_id, True) when an isolated request goes into the engine alone, (request_id, False)
         # once it is out: what tells a caller whose replica died whether its request was the one running
         self.alone_hook = alone_hook
@@ -100,6 +103,8 @@ class StageScheduler:
                 pass
             self._task = None
         self._executor.shutdown(wait=False)
+        if self.cores is not None:
+            self.cores.idle()
 
     @property
     def alive(self) -> bool:
@@ -141,6 +146,8 @@ class StageScheduler:
         loop = asyncio.get_running_loop()
         while True:
             if not self._queue and not self._held:
+                if self.cores is not None:
+                    self.cores.idle()
                 self._wake.clear()
                 await self._wake.wait()
                 if self.batch_wait_s:
@@ -151,7 +158,7 @@ class StageScheduler:
                 continue
             t0 = time.perf_counter()
             try:
-                results = await loop.run_in_executor(self._executor, self.engine.step)
+                results = await loop.run_in_executor(self._executor, self._step)
             except Exception as exc:  # the engine broke: fail what it held, keep serving
                 log.exception("%s step failed; failing %d held requests", self.engine.name, len(self._held))
                 self._fail_held(exc)
@@ -163,6 +170,13 @@ class StageScheduler:
             self.metrics.step(last.get("batch", 0.0), last.get("tokens", 0.0), last.get("step_s", 0.0))
             for res in results:
                 self._finish(res)
+
+    def _step(self) -> list[EngineResult]:
+        """One engine step (in the step thread), on leased cores when the replica shares its host's."""
+        if self.cores is None:
+            return self.engine.step()
+        with self.cores.lease():
+            return self.engine.step()
 
     def _admit(self) -> None:
         if self._alone is not None and self._alone not in self._held:

@@ -13,7 +13,9 @@ import os
 
 from ray import serve
 
-from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
+from bark_serve.cluster.cores import CoreBudget, host_cores
+from bark_serve.cluster.placement import ray_placement
+from bark_serve.stages.engine import EngineOptions, device_report, resolve_device, resolve_dtype
 from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 
 from .config import BarkConfig, StageConfig, parse_config
@@ -25,10 +27,20 @@ log = logging.getLogger("ray.serve")  # shows in the replica logs
 
 
 def resolve_threads(setting: int | str | None) -> int | None:
-    """``"auto"``: the cores this process may run on (its CPU affinity), else the setting itself."""
-    if isinstance(setting, str):  # "auto", the only string StageConfig allows
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """``"auto"`` and ``"shared"``: the cores this process may run on (its CPU affinity; ``"shared"`` leases
+    them per step, :func:`core_budget`), else the setting itself."""
+    if isinstance(setting, str):  # "auto" or "shared", the strings StageConfig allows
+        return host_cores()
     return setting
+
+
+def core_budget(cfg: StageConfig, device: str) -> CoreBudget | None:
+    """The host's cores shared with the other stage replicas there (``torch_threads: shared`` on CPU), else None."""
+    if cfg.torch_threads != "shared" or not device.startswith("cpu"):
+        return None
+    import torch
+
+    return CoreBudget(on_grant=torch.set_num_threads)
 
 
 def engine_options(cfg: StageConfig) -> EngineOptions:
@@ -61,20 +73,38 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+
+def _describe(device: dict) -> str:
+    parts = [device["device"]]
+    if "name" in device:
+        parts.append(f"{device['name']}, {device['allocated_bytes'] / 2**30:.2f} GiB allocated, "
+                     f"{device['reserved_bytes'] / 2**30:.2f} GiB reserved, {device['free_bytes'] / 2**30:.1f} of "
+                     f"{device['total_bytes'] / 2**30:.1f} GiB free")
+    parts.append(f"CUDA_VISIBLE_DEVICES={device.get('cuda_visible_devices')}")
+    if "assigned_resources" in device:
+        parts.append(f"Ray resources {device['assigned_resources']}, GPU ids {device['gpu_ids']}")
+    return "; ".join(parts)
+
+
 @serve.deployment
 class StageServer:
     def __init__(self, stage: str, config: dict, engine_factory=load_engine):
         self.stage = stage
         cfg = parse_config(config)
         scfg = cfg.stage(stage)
-        self.engine = engine_factory(stage, cfg, engine_options(scfg))
+        options = engine_options(scfg)
+        self.engine = engine_factory(stage, cfg, options)
         metrics = replica_metrics(lambda: StageMetrics(stage), NullStageMetrics(), stage)
         max_queue = scfg.max_queued_requests if scfg.max_queued_requests >= 0 else 1 << 30
+        self.cores = core_budget(scfg, options.device)
         self.scheduler = StageScheduler(self.engine, alone_hook=alone_marker(stage),
                                         max_queue=max_queue + scfg.max_ongoing_requests,
-                                        batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics)
+                                        batch_wait_s=scfg.batch_wait_ms / 1000.0, metrics=metrics, cores=self.cores)
         graphs = getattr(self.engine, "graph_stats", lambda: None)()
         metrics.graphs(graphs)
+        device = self.device_report()
+        metrics.device(device, self.device_report)
+        log.info("%s placed: %s", stage, _describe(device))
         log.info("%s ready: capacity %d, %s on %s, %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device,
                  "eager steps" if graphs is None else
                  f"{graphs['cuda_graphs']} CUDA graphs captured in {graphs['capture_s']:.2f} s, "
@@ -95,8 +125,14 @@ class StageServer:
                  totals=dict(self.engine.totals),
                  kv=self.engine.kv_stats() if hasattr(self.engine, "kv_stats") else None,
                  graphs=getattr(self.engine, "graph_stats", lambda: None)(),
-                 peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id())
+                 peak_rss_bytes=_peak_rss(), pid=os.getpid(), node_id=_node_id(), device=self.device_report(),
+                 cores=self.cores.stats() if self.cores is not None else None)
         return s
+
+    def device_report(self) -> dict:
+        """Where this replica computes: its torch device (a CUDA device's name and memory), the resources Ray
+        gave it (GPU share, pool) and the GPUs it sees (``CUDA_VISIBLE_DEVICES``)."""
+        return {**device_report(str(self.engine.device)), **ray_placement()}
 
     async def ready(self) -> bool:
         return True

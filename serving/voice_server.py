@@ -21,6 +21,7 @@ from typing import Any, cast
 import numpy as np
 from ray import serve
 
+from bark_serve.cluster.placement import ray_placement
 from bark_serve.stages.audio_in import decode_clip
 from bark_serve.stages.cloning import CloningUnavailable, VoiceCloner, voice_npz_bytes
 from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
@@ -99,4 +100,4 @@ class VoiceEncoder:
         return await asyncio.to_thread(cloner.clone_batch, clips)
 
     async def stats(self) -> dict:
-        return {"clips": self.clips, "loaded": self._cloner is not None, "error": self._error}
+        return {"clips": self.clips, "loaded": self._cloner is not None, "error": self._error, **ray_placement()}

@@ -58,6 +58,20 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def device_report(device: str) -> dict:
+    """Which device a process computes on, and for CUDA its name and memory (torch's allocated and reserved,
+    the device's free and total): what a stage replica logs at start and exports as metrics."""
+    out: dict = {"device": device, "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                 "torch_threads": torch.get_num_threads()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index
+        index = torch.cuda.current_device() if index is None else index
+        free, total = torch.cuda.mem_get_info(index)
+        out.update(index=index, name=torch.cuda.get_device_name(index), free_bytes=free, total_bytes=total,
+                   allocated_bytes=torch.cuda.memory_allocated(index), reserved_bytes=torch.cuda.memory_reserved(index))
+    return out
+
+
 def resolve_device(name: str = "auto") -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,7 +19,8 @@ MAX_ERROR_BYTES = 4096  # no error answer may be bigger than this, whatever was 
 
 
 @contextlib.contextmanager
-def running_app(raw_config: dict, metrics_port: int | None = None):
+def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: float = 4,
+                num_gpus: float | None = None):
     """Ray + Serve + the bark app from ``raw_config`` (an e2e_config dict); yields the base URL.
 
     The one way the end-to-end tests start the app: a new Ray instance of its own (``address="local"``,
@@ -36,7 +37,9 @@ def running_app(raw_config: dict, metrics_port: int | None = None):
     cfg = parse_config(raw_config)
     tmp = tempfile.mkdtemp(prefix="bark-e2e-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
-    ray.init(address="local", num_cpus=4, resources=pool_resources(cfg), include_dashboard=False,
+    if num_gpus is not None:  # GPUs the node advertises (fake ones on a CPU machine: Ray only counts them)
+        extra["num_gpus"] = num_gpus
+    ray.init(address="local", num_cpus=num_cpus, resources=pool_resources(cfg), include_dashboard=False,
              configure_logging=False, log_to_driver=False, _temp_dir=tmp, **extra)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": cfg.http_port})

@@ -247,7 +247,7 @@ def test_metrics_are_exported_to_prometheus(served):
 
     names = ("bark_stage_queue_length", "bark_stage_batch_size", "bark_stage_step_seconds",
              "bark_stage_tokens_total", "bark_stage_request_seconds", "bark_request_seconds",
-             "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs")
+             "bark_time_to_first_audio_seconds", "bark_stage_cuda_graphs", "bark_stage_device_info")
     deadline, text = time.time() + 90, ""
     while time.time() < deadline:
         text = httpx.get(metrics_url, timeout=10).text

@@ -17,12 +17,21 @@ def test_profiles_load(name):
     assert {s: cfg.stage(s).pool for s in ("semantic", "coarse", "fine", "codec")}
 
 
-def test_torch_threads_auto_is_every_core_of_the_process():
+def test_torch_threads_auto_and_shared_start_from_every_core_of_the_process():
+    """local-cpu shares the host's cores among its stage replicas (leased per step on CPU, cluster/cores.py);
+    an engine starts on every core either way."""
+    from bark_serve.serving.stage_server import core_budget
+
     cores = len(os.sched_getaffinity(0))
     cfg = load_config("local-cpu")
-    assert cfg.stage("fine").torch_threads == "auto"
+    assert cfg.stage("fine").torch_threads == "shared"
     assert engine_options(cfg.stage("fine")).torch_threads == cores
-    assert resolve_threads(3) == 3 and resolve_threads(None) is None
+    assert resolve_threads("auto") == cores and resolve_threads(3) == 3 and resolve_threads(None) is None
+    budget = core_budget(cfg.stage("fine"), "cpu")
+    assert budget is not None and budget.cores == cores
+    budget.close()
+    assert core_budget(cfg.stage("fine"), "cuda:0") is None  # a GPU replica's steps are not leased
+    assert core_budget(parse_config({"fine": {"torch_threads": "auto"}}).stage("fine"), "cpu") is None
 
 
 def test_stage_engine_settings_reach_the_engine_and_bad_ones_are_refused():
