@@ -60,7 +60,9 @@ def register(sub) -> None:
     p.add_argument("--concurrency", default="1,4,16",
                    help="closed-loop client concurrency levels for the served app, configuration (4); the highest "
                         "sets the saturation rate of the Poisson sweep")
-    p.add_argument("--served-requests", type=int, default=16, help="requests per served run")
+    p.add_argument("--served-requests", type=per_batch, default={"*": 16},
+                   help="requests per served run: a number, and/or per closed-loop concurrency, e.g. 16,1=4 "
+                        "(at least the concurrency; the Poisson runs take the bare number, default 16)")
     p.add_argument("--rate-fractions", default="0.3,0.5,0.7,0.9",
                    help="open-loop Poisson rates as fractions of the measured saturation rate ('' for none)")
     p.add_argument("--rates", default="", help="open-loop Poisson rates in requests/s (instead of --rate-fractions)")
@@ -259,7 +261,8 @@ def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
     from .served_runs import ServedApp, served_closed, served_poisson
 
     levels = _ints(args.concurrency)
-    n = args.served_requests
+    counts = args.served_requests
+    n = counts.get("*", 16)
     _log("(4) starting the served app")
     threads = _for_stages(args.stage_threads, None)
     profile = args.profile or ("single-gpu" if device.startswith("cuda") else "local-cpu")
@@ -269,8 +272,8 @@ def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
     try:
         closed = []
         for c in levels:
-            _log(f"(4) served, closed loop, concurrency {c}, {n} requests")
-            run = served_closed(app, work, c, max(n, c), peaks)
+            _log(f"(4) served, closed loop, concurrency {c}, {max(counts.get(c, n), c)} requests")
+            run = served_closed(app, work, c, max(counts.get(c, n), c), peaks)
             closed.append(run.summary())
             runs.append(closed[-1])
         timelines[closed[-1]["name"]] = run.timeline
@@ -328,6 +331,18 @@ def _floors(report: dict) -> dict:
         out["served_frac_of_roofline"] = top.get("roofline", {}).get("frac_of_roofline")
         if best_hf:
             out["served_vs_transformers_best_batch"] = round(top["throughput_audio_s_per_s"] / best_hf, 2)
+        seq = next((r["throughput_audio_s_per_s"] for r in runs if r["name"].startswith("transformers_sequential")),
+                   None)
+        if seq:
+            out["served_vs_transformers_sequential"] = round(top["throughput_audio_s_per_s"] / seq, 1)
+        # the Ray hops' cost: served at saturation against the engines in one process at the served batch size
+        batch = max((top.get("max_batch") or {}).values(), default=None)
+        same = [r for r in engine_runs if r.get("batch") == batch]
+        if same:
+            best_same = max(same, key=lambda r: r["throughput_audio_s_per_s"])
+            out["served_vs_engines_same_batch"] = {
+                "engines": best_same["name"], "ratio": round(top["throughput_audio_s_per_s"]
+                                                             / best_same["throughput_audio_s_per_s"], 3)}
     rates = (report.get("slo") or {}).get("rates") or []
     if rates:
         near = min(rates, key=lambda r: abs((r["fraction"] or 0) - 0.7))

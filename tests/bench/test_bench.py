@@ -79,13 +79,21 @@ def test_bad_per_stage_values_are_usage_errors(flag, value):
 
 
 def test_per_stage_values_parse_with_a_default():
-    from bark_serve.bench.cli import _for_stages, per_stage
+    import argparse
+
+    from bark_serve.bench.cli import _for_stages, per_batch, per_stage, stage_threads
 
     assert per_stage("16,fine=1") == {"*": 16, "fine": 1}
     assert _for_stages(per_stage("16,fine=1"), 8) == {"semantic": 16, "coarse": 16, "fine": 1, "codec": 16}
     assert _for_stages(per_stage("fine=1"), 8) == {"semantic": 8, "coarse": 8, "fine": 1, "codec": 8}
     assert _for_stages(per_stage("coarse=2"), None) == {"coarse": 2}
     assert _for_stages(per_stage(""), None) == {}
+    assert stage_threads("shared,fine=2") == {"*": "shared", "fine": 2}  # the words only --stage-threads takes
+    with pytest.raises(argparse.ArgumentTypeError, match="shared"):
+        stage_threads("fine=many")
+    with pytest.raises(argparse.ArgumentTypeError):
+        per_stage("shared")
+    assert per_batch("32,1=4,64=64") == {"*": 32, 1: 4, 64: 64}  # --served-requests: per concurrency level
 
 
 def test_the_workload_is_deterministic_for_a_seed_and_follows_its_mix():

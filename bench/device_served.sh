@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Issue 22's device check (one call, under 10 minutes on an H200): the served app on the GPU. Installs the
+# device pack (Ray, Serve and what the served app imports beyond the machine's image), starts a local Ray
+# with the `single-gpu` profile (four stage pools on the one GPU, CUDA graphs on) and runs `bark-serve bench`
+# on bark-mix-v1 with a random bark-small checkpoint in bfloat16: transformers sequential fp32 and a static
+# batch of 64 (the best one in the issue-21 run), the engines at batch 64, the served app closed loop at
+# concurrency 1, 16 and 64, and Poisson arrivals at 0.5, 0.7 and 0.9 of saturation (32 requests each),
+# with the plots. The code runs from the checkout on PYTHONPATH (torch and transformers are the machine's).
+#   python -m bark_serve.bench.device_pack .cache/device-pack       # here, once: at most 50 MiB
+#   bash bench/device_served.sh PACKDIR [OUTDIR]                      # there (OUTDIR default: $OUT, else ./out)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PACK="${1:?usage: bench/device_served.sh PACKDIR [OUTDIR]}"
+OUTDIR="${2:-${OUT:-out}}"
+mkdir -p "$OUTDIR"
+SITE="$(mktemp -d /tmp/bark-site-XXXX)"
+bash "$PACK/install.sh" "$SITE"
+ROOT="$(mktemp -d /tmp/bark-src-XXXX)"
+mkdir -p "$ROOT/bark_serve"
+for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
+export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
+timeout 560 python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --profile single-gpu \
+  --skip offline --hf-requests 2 --hf-batches 64 --engine-batches 64 --engine-requests 64 \
+  --concurrency 1,16,64 --served-requests 32,1=4,64=64 --rate-fractions 0.5,0.7,0.9 --gemm-seconds 1 \
+  --plots "$OUTDIR/img" --out "$OUTDIR/bench-h200-served.json" 2> >(tee "$OUTDIR/bench-h200-served.log" >&2) \
+  >/dev/null
+python3 - "$OUTDIR/bench-h200-served.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+for run in r["runs"]:
+    print(f'{run["name"]:48s} n={run.get("requests")} {run.get("throughput_audio_s_per_s", 0):9.3f} audio-s/s '
+          f'ttfa p95 {run.get("ttfa_p95_s")}')
+print(json.dumps({"slo": r.get("slo"), "floors": r.get("floors")}, indent=1))
+PY
