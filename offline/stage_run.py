@@ -56,8 +56,9 @@ def _work(stage: str, index: int, row: dict) -> RowWork:
     return RowWork(index, plan, upstream, earlier, [None] * len(upstream))
 
 
-def run_stage(engine: StageEngine, stage: str, rows: list[dict]) -> float:
-    """Run ``stage`` for every pending row of ``rows`` (updated in place); returns the engine's busy seconds."""
+def run_stage(engine: StageEngine, stage: str, rows: list[dict], cores=None) -> float:
+    """Run ``stage`` for every pending row of ``rows`` (updated in place); returns the engine's busy seconds.
+    ``cores``: a cluster.cores.CoreBudget (``torch_threads: shared``) each step leases its cores from."""
     works: dict[int, RowWork] = {}
     queue: deque[tuple[int, int]] = deque()
     for k, row in enumerate(rows):
@@ -92,7 +93,11 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict]) -> float:
         if not engine.num_active:
             continue
         t0 = time.perf_counter()
-        results = engine.step()
+        if cores is None:
+            results = engine.step()
+        else:
+            with cores.lease():
+                results = engine.step()
         busy += time.perf_counter() - t0
         for res in results:
             k, i = segment_of.pop(res.request_id)
@@ -104,6 +109,8 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict]) -> float:
             works[k].outputs[i] = res.output
             if stage != "codec" and i + 1 < len(works[k].upstream):
                 queue.append((k, i + 1))
+    if cores is not None:
+        cores.idle()
     for k, w in works.items():
         if k not in failed:
             _finish(stage, rows[k], w.outputs)

@@ -79,18 +79,20 @@ class StageWorker:
     stage = ""
 
     def __init__(self, config: dict, out: str | None = None):
-        from bark_serve.serving.stage_server import engine_options, load_engine
+        from bark_serve.serving.stage_server import core_budget, engine_options, load_engine
         from bark_serve.stages.weights import Checkpoint
 
         cfg = parse_config(config)
-        self.engine = load_engine(self.stage, cfg, engine_options(cfg.stage(self.stage)))
+        options = engine_options(cfg.stage(self.stage))
+        self.engine = load_engine(self.stage, cfg, options)
+        self.cores = core_budget(cfg.stage(self.stage), options.device)  # torch_threads: shared
         self.sample_rate = Checkpoint.open(cfg.model).spec.sample_rate
         self.audio_config = cfg.audio
         self.out = OutDir(out) if out else None
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        busy = run_stage(self.engine, self.stage, rows)
+        busy = run_stage(self.engine, self.stage, rows, self.cores)
         node = _node_id()
         share = busy / max(1, len(rows))
         for row in rows:

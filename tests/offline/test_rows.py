@@ -116,9 +116,13 @@ def test_parquet_struct_options_drop_nulls():
         {"top_k": 5}
 
 
-def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
+def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt, tmp_path):
     """Rows of one, two and three segments batch together in each stage (capacity 2 < rows), in order
-    within a row; the audio equals BarkPipeline.synthesize for greedy and seeded rows."""
+    within a row; the audio equals BarkPipeline.synthesize for greedy and seeded rows. Every step runs on
+    a core leased from a one-core budget (``torch_threads: shared``) and the stage is idle after its rows."""
+    import torch
+
+    from bark_serve.cluster.cores import CoreBudget
     from bark_serve.offline.rows import row_post_process
     from bark_serve.serving.config import AudioConfig
     from bark_serve.serving.stage_server import engine_options, load_engine
@@ -131,8 +135,11 @@ def test_stage_loops_give_the_pipeline_audio(config, pipe, tiny_ckpt):
         if stage == "codec":  # the codec reads only the fine stage's output
             rows = [{**r, "semantic": None, "coarse": None} for r in rows]
         engine = load_engine(stage, cfg, engine_options(cfg.stage(stage)))
-        busy = run_stage(engine, stage, rows)
+        cores = CoreBudget(cores=1, folder=tmp_path / "cores", on_grant=torch.set_num_threads)
+        busy = run_stage(engine, stage, rows, cores)
         assert busy > 0 and engine.num_active == 0
+        assert cores.leases == engine.totals["steps"] and cores.busy_replicas() == 0
+        cores.close()
     for good, row in zip(GOOD_ROWS, rows):
         assert row["status"] == Status.PENDING.value, row["error"]
         joined = join_segments(row["audio"], 24000, row_post_process(row["options"], AudioConfig()))  # as _write does
