@@ -31,11 +31,15 @@ A full answer is joined the same way, so streamed and full answers are the same 
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import ModuleType
 
 import numpy as np
+
+from .audio_in import MissingPackage
 
 FRAME_MS = 10.0  # the trimmer's energy frames
 GATE_LUFS = -70.0  # BS.1770's absolute gate: quieter audio is not measured (nor amplified)
@@ -63,6 +67,15 @@ class PostProcess:
     @property
     def is_identity(self) -> bool:
         return not self.trim_silence and self.crossfade_ms <= 0 and not self.normalize_loudness and self.speed == 1.0
+
+
+def optional_package(name: str, needed_for: str) -> ModuleType:
+    """An optional package, imported on first use; on a host without it, MissingPackage naming it (HTTP 503)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        raise MissingPackage(name, f"{needed_for} needs the `{name}` package, which is not installed on this server; "
+                                   "the rest of the API works without it") from None
 
 
 def trim_silence(audio: np.ndarray, sample_rate: int, threshold_db: float = -40.0,
@@ -93,7 +106,7 @@ def time_stretch(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarra
     audio = np.asarray(audio, dtype=np.float32)
     if speed == 1.0 or len(audio) == 0:
         return audio
-    from pedalboard import time_stretch as rubberband  # imported on first use: a big native library
+    rubberband = optional_package("pedalboard", "a speed other than 1").time_stretch  # a big native library
 
     out = rubberband(audio[None, :], float(sample_rate), stretch_factor=float(speed))  # (1, n / speed)
     return np.ascontiguousarray(out[0], dtype=np.float32)
@@ -102,8 +115,7 @@ def time_stretch(audio: np.ndarray, sample_rate: int, speed: float) -> np.ndarra
 def loudness_lufs(audio: np.ndarray, sample_rate: int) -> float:
     """BS.1770-4 integrated loudness (LUFS); -inf for silence. Audio shorter than one 400 ms block is
     measured looped to that length (a short segment has the loudness of its sound, not of silence)."""
-    import pyloudnorm
-
+    pyloudnorm = optional_package("pyloudnorm", "loudness normalization")
     audio = np.asarray(audio, dtype=np.float64)
     if len(audio) == 0 or not np.any(audio):
         return -math.inf
@@ -159,6 +171,10 @@ class SegmentJoiner:
     """Joins a request's segments one by one (see the module docstring). Not thread-safe: one per request."""
 
     def __init__(self, sample_rate: int, options: PostProcess):
+        if options.speed != 1.0:  # a missing package is an answer (503) before any audio, not a broken stream
+            optional_package("pedalboard", "a speed other than 1")
+        if options.normalize_loudness:
+            optional_package("pyloudnorm", "loudness normalization")
         self.sample_rate, self.options = sample_rate, options
         self.fade = int(round(sample_rate * max(0.0, options.crossfade_ms) / 1000))
         self.gain: float | None = None if options.normalize_loudness else 1.0

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .audio import PostProcess, SegmentJoiner, finite
+from .audio import PostProcess, SegmentJoiner, finite, optional_package
 from .types import InvalidRequestError
 
 
@@ -206,8 +206,7 @@ class AvEncoder:
     delay: decoders keep AAC's 1024 priming samples (43 ms at 24 kHz) and the last frame's padding."""
 
     def __init__(self, fmt: str, sample_rate: int, stream: bool = True):
-        import av
-
+        av = optional_package("av", f"{fmt} output (PyAV)")  # wav and pcm need no PyAV
         spec = FORMATS[fmt]
         if spec.codec is None:
             raise ValueError(f"{fmt!r} is not encoded through PyAV (open_encoder picks its encoder)")
