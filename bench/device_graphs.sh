@@ -11,7 +11,7 @@ OUTDIR="${1:-${OUT:-out}}"
 mkdir -p "$OUTDIR"
 ROOT="$(mktemp -d)"
 mkdir -p "$ROOT/bark_serve"
-for d in stages serving cluster offline bench cli; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
+for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -6,19 +6,18 @@
 # batch of 64 (the best one in the issue-21 run), the engines at batch 64, the served app closed loop at
 # concurrency 1, 16 and 64, and Poisson arrivals at 0.5, 0.7 and 0.9 of saturation (32 requests each),
 # with the plots. The code runs from the checkout on PYTHONPATH (torch and transformers are the machine's).
-#   python -m bark_serve.bench.device_pack .cache/device-pack       # here, once: at most 50 MiB
-#   bash bench/device_served.sh PACKDIR [OUTDIR]                      # there (OUTDIR default: $OUT, else ./out)
+#   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once: at most 50 MiB (37 MiB)
+#   bash bench/device_served.sh PACKDIR [OUTDIR]                    # there (OUTDIR default: $OUT, else ./out)
+# With the device tool: run(command="bash bench/device_served.sh .cache/device-pack-out",
+#                           carry=[".cache/device-pack-out"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK="${1:?usage: bench/device_served.sh PACKDIR [OUTDIR]}"
 OUTDIR="${2:-${OUT:-out}}"
 mkdir -p "$OUTDIR"
 SITE="$(mktemp -d /tmp/bark-site-XXXX)"
-bash "$PACK/install.sh" "$SITE"
-ROOT="$(mktemp -d /tmp/bark-src-XXXX)"
-mkdir -p "$ROOT/bark_serve"
-for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
-export PYTHONPATH="$ROOT:$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+bash "$PACK/install.sh" "$SITE" "$PWD"   # the pack, and this checkout linked in as $SITE/bark_serve
+export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
