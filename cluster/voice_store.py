@@ -7,7 +7,8 @@ them ``get``/``npz``/``delete`` answer exactly as for a voice that does not exis
 
 Names are unique per owner and checked by :func:`check_name`; ids are made here (``voice_`` + 24 random
 base32 characters) and never look like a name. This module holds that contract (names, ids, records, the
-abstract :class:`VoiceStore`); the two backends are in cluster/voice_backends.py and give the same answers
+abstract :class:`VoiceStore`); the two backends, cluster/voice_backends.py (Redis) and cluster/voice_dir.py
+(a folder), give the same answers
 (one test suite runs against both):
 
 - :class:`RedisVoiceStore` (when the config names a Redis), keys under ``<prefix>`` (``bark:voices``)::

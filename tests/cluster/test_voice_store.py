@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from bark_serve.cluster import voice_backends as vb
+from bark_serve.cluster import voice_dir as vb
 from bark_serve.cluster import voice_store as vs
 from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.cluster.voice_backends import DirVoiceStore, RedisVoiceStore, open_voice_store
