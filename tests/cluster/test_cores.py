@@ -128,8 +128,12 @@ def test_a_replica_that_dies_mid_step_frees_its_cores_at_once(folder):
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         t.join(5)
-        assert got == [2]  # the dead replica's cores and busy mark went with it
-        assert mine.busy_replicas() == 1  # only this one
+        # The waiter goes on at once. Its first grant may be 1: the kernel drops the dead process's locks
+        # one file at a time, and the waiter can take the freed cores while the dead busy mark still counts.
+        assert got in ([1], [2]), got
+        assert mine.busy_replicas() == 1  # only this one: the dead replica's cores and busy mark went with it
+        with mine.lease() as n:
+            assert n == 2  # a lone replica again: every core
         mine2 = CoreBudget(cores=2, folder=folder)  # a new replica sweeps the dead one's files away
         assert not any(str(proc.pid) in p.name for p in folder.iterdir())
         mine2.close()

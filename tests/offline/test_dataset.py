@@ -19,7 +19,15 @@ import pytest
 
 from bark_serve.offline.run import DatasetInputError, RunOptions, run_dataset
 from bark_serve.serving.config import parse_config
-from tests.offline.conftest import GOOD_ROWS, QUANT, SCRIPT_ROW, audio_of, manifest, offline_config, reference
+from tests.offline.conftest import (
+    GOOD_ROWS,
+    SCRIPT_ROW,
+    assert_same_audio,
+    audio_of,
+    manifest,
+    offline_config,
+    reference,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +60,7 @@ def check_good_rows(out: Path, records: dict, pipe) -> None:
         assert rec["seed"] == row.get("seed", rec["seed"]) and rec["semantic_tokens"] > 0
         assert rec["options"] == (json.dumps(row["options"], sort_keys=True) if "options" in row else None)
         ref = np.clip(reference(pipe, {**row, "seed": rec["seed"]}), -1, 1)  # 16-bit files clip at full scale
-        np.testing.assert_allclose(audio, ref, atol=QUANT)
+        assert_same_audio(audio, ref)
     assert records["long"]["segments"] >= 2 and records["long"]["voice"] == "v2/en_speaker_6"
 
 
@@ -65,7 +73,7 @@ def test_jsonl_rows_bad_rows_and_summary(ray_local, pipe, tmp_path):
     check_good_rows(out, records, pipe)
     script = records["script"]  # a multi-speaker script row: the in-process pipeline's script audio
     assert script["status"] == "ok" and script["segments"] == 4, script
-    np.testing.assert_allclose(audio_of(out, script), np.clip(reference(pipe, SCRIPT_ROW), -1, 1), atol=QUANT)
+    assert_same_audio(audio_of(out, script), np.clip(reference(pipe, SCRIPT_ROW), -1, 1))
     failed = {k: r["error"] for k, r in records.items() if r["status"] == "failed"}
     assert len(failed) == 4 and failed["empty"] == "text is empty" and "nobody" in failed["voice"]
     assert "temperature" in failed["opts"] and all(r["path"] is None for r in records.values() if r["error"])
