@@ -24,7 +24,7 @@ from bark_serve.serving.serve_config import pool_resources
 from tests.cli.up_process import UpProcess
 
 pytestmark = pytest.mark.slow
-READY_TIMEOUT_S = 150  # `up --address` waits this long, then gives up (exit 2)
+READY_TIMEOUT_S = 80  # `up --address` waits this long, then gives up (exit 2); the other tests here take about 35 s
 WAITING = (r"still waiting: deployment SemanticServer cannot be placed: 1 replica\(s\) wait for CPU 1, "
            r"bark_pool_semantic 1 each; the cluster has CPU \S+ free of 2, bark_pool_semantic 64 free of 64")
 
