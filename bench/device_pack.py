@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import importlib.metadata as md
 import json
 import lzma
 import os
@@ -33,7 +34,8 @@ from pathlib import Path
 from packaging.tags import Tag, compatible_tags, cpython_tags
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
-# (distribution, version, why it travels): versions are CI's (.ci-venv's pip freeze), so the device runs what CI tests.
+# (distribution, version, why it travels). The version listed is the fallback: the pack takes the version this
+# environment has installed (pins()), so the device runs what CI tests even after a dependency's new release.
 PINS: tuple[tuple[str, str, str], ...] = (
     ("ray", "2.60.0", "Ray core and Ray Serve (the served app), Ray Data (bark-serve dataset)"),
     ("jsonschema", "4.26.0", "imported by ray.runtime_env (plugin schemas) when ray is imported"),
@@ -123,12 +125,24 @@ def _cached(wheels: Path, name: str, version: str, accepted: set[Tag]) -> Path |
     return None
 
 
-def download(cache: Path, py: tuple[int, int]) -> dict[str, Path]:
+def pins() -> list[tuple[str, str, str]]:
+    """PINS with each version replaced by the one installed here, where it is: CI's fresh venv resolves the
+    dependencies anew, and the device must run the versions the tests ran (the listed ones are the fallback)."""
+    out = []
+    for name, listed, why in PINS:
+        try:
+            out.append((name, md.version(name), why))
+        except md.PackageNotFoundError:
+            out.append((name, listed, why))
+    return out
+
+
+def download(cache: Path, py: tuple[int, int], wanted: list[tuple[str, str, str]]) -> dict[str, Path]:
     """One wheel per pin for Python ``py`` on x86-64 manylinux, from the cache or pip (only the missing ones)."""
     wheels = cache / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     accepted = _accepted_tags(py)
-    missing = [f"{n}=={v}" for n, v, _ in PINS if _cached(wheels, n, v, accepted) is None]
+    missing = [f"{n}=={v}" for n, v, _ in wanted if _cached(wheels, n, v, accepted) is None]
     if missing:
         say(f"downloading {len(missing)} wheels for cp{py[0]}{py[1]}: {' '.join(missing)}")
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheels),
@@ -136,7 +150,7 @@ def download(cache: Path, py: tuple[int, int]) -> dict[str, Path]:
                "--abi", "abi3", "--abi", "none", *(a for p in PLATFORMS for a in ("--platform", p)),
                "--disable-pip-version-check", "--quiet", *missing]
         subprocess.run(cmd, check=True, stdout=sys.stderr)
-    found = {n: _cached(wheels, n, v, accepted) for n, v, _ in PINS}
+    found = {n: _cached(wheels, n, v, accepted) for n, v, _ in wanted}
     lost = [n for n, p in found.items() if p is None]
     if lost:
         raise SystemExit(f"device pack: no wheel of {', '.join(lost)} for cp{py[0]}{py[1]} in {wheels}")
@@ -210,7 +224,8 @@ def build(outdir: Path, py: tuple[int, int], cache: Path, level: int = 6, max_mi
     if cache.resolve().is_relative_to(outdir.resolve()):
         raise SystemExit(f"device pack: the download cache {cache} is inside OUTDIR {outdir}, whose every byte "
                          "travels: give another OUTDIR (e.g. .cache/device-pack-out) or --cache")
-    wheels = download(cache, py)
+    wanted = pins()
+    wheels = download(cache, py, wanted)
     tree = outdir / ".tree"
     shutil.rmtree(tree, ignore_errors=True)
     for old in outdir.glob("*.tar.xz"):
@@ -230,7 +245,7 @@ def build(outdir: Path, py: tuple[int, int], cache: Path, level: int = 6, max_mi
     manifest = {
         "python": version, "platforms": list(PLATFORMS), "xz_level": level,
         "packages": [{"name": n, "version": v, "why": why, "wheel": wheels[n].name,
-                      "wheel_bytes": wheels[n].stat().st_size} for n, v, why in PINS],
+                      "wheel_bytes": wheels[n].stat().st_size} for n, v, why in wanted],
         "unpacked_bytes": unpacked, "kept_bytes": kept,
         "stripped": {p: b for p, b in removed.items() if b},
         "archives": {ARCHIVE: (outdir / ARCHIVE).stat().st_size},

@@ -198,9 +198,10 @@ def test_the_pack_is_under_50_mib_and_holds_what_the_app_imports(pack, device):
     assert summary["files"] == ["MANIFEST.json", "install.sh", "site.tar.xz"]
     assert summary["total_bytes"] == sum(p.stat().st_size for p in out.iterdir()) <= 50 * 2**20
     manifest = json.loads((out / "MANIFEST.json").read_text())
-    assert [(p["name"], p["version"]) for p in manifest["packages"]] == [(n, v) for n, v, _ in device_pack.PINS]
+    assert [p["name"] for p in manifest["packages"]] == [n for n, _, _ in device_pack.PINS]
     versions = {canonicalize_name(p["name"]): p["version"] for p in manifest["packages"]}
-    assert all(md.version(name) == v for name, v in versions.items())  # what CI tests
+    # what CI tests: this venv's versions (resolved afresh by each CI run), not the list's fallbacks
+    assert {name: md.version(name) for name in versions} == versions
     assert not {"av", "pedalboard"} & set(versions)
     assert manifest["stripped"]["ray/jars"] > 30e6 and manifest["python"] == "%d.%d" % sys.version_info[:2]
     target, unpacked = device[0], device[3]
