@@ -279,8 +279,10 @@ def test_huge_chunked_bodies_are_cut_at_the_limit(app):
           f"{', '.join(f'{d:.0f}' for d in peaks)} MB per request, {rss_mb(pid):.0f} MB after")
     # Reading the whole body (as before) grew the process by 407-598 MB per 200 MB body: every request holds at
     # least the body. What remains is Ray Serve's own receive queue in the replica, which pulls the unread rest
-    # until the 413 has gone out: 12-86 MB per request here, up to ~230 MB on a loaded machine.
-    assert min(peaks) < BIG_BODY_MB / 2 and max(peaks) < 2 * BIG_BODY_MB
+    # until the 413 has gone out: 12-86 MB per request on a quiet machine, 122-190 MB with another test module
+    # beside it (.ci/run's two workers), up to ~230 MB on a loaded machine. So the best of three stays below
+    # the body's size, which a request that held the whole body cannot.
+    assert min(peaks) < BIG_BODY_MB and max(peaks) < 2 * BIG_BODY_MB
     assert_all_free(app)
 
 
