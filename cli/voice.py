@@ -78,7 +78,7 @@ def clone(args) -> int:
         raise CliError(f"{args.audio}: {exc}") from None
     except (MissingPackage, CloningUnavailable, CheckpointError) as exc:
         raise CliError(str(exc)) from None
-    from bark_serve.stages.cloning import voice_npz_bytes
+    from bark_serve.stages.voices import voice_npz_bytes
 
     try:
         out.write_bytes(voice_npz_bytes(voice))

@@ -8,10 +8,9 @@ import logging
 from fastapi.responses import JSONResponse
 
 from bark_serve.stages.audio_in import MissingPackage
-from bark_serve.stages.cloning import CloningUnavailable
 from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.text import TextTooLongError
-from bark_serve.stages.types import CheckpointError, InvalidRequestError, RequestCrashedStage
+from bark_serve.stages.types import CheckpointError, CloningUnavailable, InvalidRequestError, RequestCrashedStage
 from bark_serve.stages.voices import UnknownVoiceError
 
 from .scheduler import QueueFull, StageError

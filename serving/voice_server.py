@@ -23,9 +23,10 @@ from ray import serve
 
 from bark_serve.cluster.placement import ray_placement
 from bark_serve.stages.audio_in import decode_clip
-from bark_serve.stages.cloning import CloningUnavailable, VoiceCloner, voice_npz_bytes
+from bark_serve.stages.cloning import CloningUnavailable, VoiceCloner
 from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
 from bark_serve.stages.types import VoicePrompt
+from bark_serve.stages.voices import voice_npz_bytes
 
 from .config import BarkConfig, parse_config
 

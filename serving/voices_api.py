@@ -26,8 +26,8 @@ from starlette.datastructures import UploadFile
 from bark_serve.cluster.voice_backends import DirVoiceStore, RedisVoiceStore
 from bark_serve.cluster.voice_store import VoiceNameTaken, VoiceQuotaExceeded, VoiceStore, check_name, is_voice_id
 from bark_serve.schema.untrusted import short_repr
-from bark_serve.stages.cloning import voice_from_npz_bytes
 from bark_serve.stages.types import InvalidRequestError, VoicePrompt
+from bark_serve.stages.voices import voice_from_npz_bytes
 
 from .errors import APIError, overloaded, to_api_error, unwrap
 from .http_api import check_api_key, key_owner, read_limited

@@ -34,7 +34,6 @@ CPU). A voice must not depend on what it was cloned beside, as no request's toke
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import pickle
@@ -50,8 +49,8 @@ from torch import nn
 from .audio_in import check_clip, resample
 from .constants import BarkSpec
 from .engine import EngineOptions
-from .types import CheckpointError, InvalidRequestError, VoicePrompt
-from .voices import MAX_PROMPT_LEN, PROMPT_KEYS, validate_voice
+from .types import CheckpointError, CloningUnavailable, InvalidRequestError, VoicePrompt
+from .voices import validate_voice
 from .weights import Checkpoint, hub_reachable, load_module
 
 # fairseq's HubertModel(output_layer=9) runs the encoder with tgt_layer = 9 - 1 and breaks out of its layer
@@ -70,12 +69,6 @@ V0_SIZES = {"input_size": 768, "hidden_size": 1024, "output_size": 10_000}  # a 
 V1_INTERMEDIATE = 4096  # their version 1's fixed width (random tiny quantizers use less; read from the weights)
 WEIGHTS_HINT = ("give a local HuBERT directory and quantizer file, or random ones with the same layout "
                 "(bark_serve.stages.random_cloning.make_cloning_weights)")
-MAX_NPZ_MEMBER_BYTES = MAX_PROMPT_LEN * 8 * 8 + 4096  # the largest prompt Bark's format allows (8 x 8192 int64)
-
-
-class CloningUnavailable(RuntimeError):
-    """Voice cloning cannot run here: HuBERT, the quantizer or the codec's encoder is missing or unreadable
-    (the server answers 503 with this message; everything else keeps working)."""
 
 
 class Quantizer(nn.Module):
@@ -312,28 +305,3 @@ class VoiceCloner:
         return {"hubert_params": count(self.hubert), "hubert_hidden": int(self.hubert.config.hidden_size),
                 "hubert_layers_run": len(self.hubert.encoder.layers), "quantizer_params": count(self.quantizer),
                 "quantizer_version": self.quantizer.version, "codec_params": count(self.codec)}
-
-
-def voice_npz_bytes(prompt: VoicePrompt) -> bytes:
-    """A voice as Bark's .npz (semantic_prompt, coarse_prompt, fine_prompt)."""
-    buf = io.BytesIO()
-    arrays = prompt.as_npz_dict()
-    np.savez(buf, semantic_prompt=arrays["semantic_prompt"], coarse_prompt=arrays["coarse_prompt"],
-             fine_prompt=arrays["fine_prompt"])
-    return buf.getvalue()
-
-
-def voice_from_npz_bytes(data: bytes, spec: BarkSpec, name: str | None = None) -> VoicePrompt:
-    """The inverse of :func:`voice_npz_bytes`: no pickles, bounded members, checked by validate_voice."""
-    try:
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            members = archive.infolist()
-            if len(members) > 2 * len(PROMPT_KEYS) or any(m.file_size > MAX_NPZ_MEMBER_BYTES for m in members):
-                raise InvalidRequestError("the voice .npz holds more or bigger arrays than a Bark voice")
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files if k in PROMPT_KEYS}
-    except InvalidRequestError:
-        raise
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
-        raise InvalidRequestError(f"not a readable voice .npz without pickles: {str(exc)[:200]}") from None
-    return validate_voice(arrays, spec, name)

@@ -62,6 +62,11 @@ def short_repr(value: Any, limit: int = MAX_REPR_CHARS) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
+class CloningUnavailable(RuntimeError):
+    """Voice cloning cannot run here: HuBERT, the quantizer or the codec's encoder is missing or unreadable
+    (the server answers 503 with this message; everything else keeps working)."""
+
+
 class InvalidRequestError(ValueError):
     """The request itself is wrong (bad text, voice, tensor or parameter).
 

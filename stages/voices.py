@@ -9,6 +9,7 @@ before a voice reaches a stage.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import zipfile
@@ -192,3 +193,31 @@ class VoiceLibrary:
             except (ValueError, OSError) as exc:
                 raise CheckpointError(f"cannot read {entry[prompt]} of voice {key!r}: {exc}") from None
         return validate_voice(data, self.spec, key)
+
+
+MAX_NPZ_MEMBER_BYTES = MAX_PROMPT_LEN * 8 * 8 + 4096  # the largest prompt Bark's format allows (8 x 8192 int64)
+
+
+def voice_npz_bytes(prompt: VoicePrompt) -> bytes:
+    """A voice as Bark's .npz (semantic_prompt, coarse_prompt, fine_prompt)."""
+    buf = io.BytesIO()
+    arrays = prompt.as_npz_dict()
+    np.savez(buf, semantic_prompt=arrays["semantic_prompt"], coarse_prompt=arrays["coarse_prompt"],
+             fine_prompt=arrays["fine_prompt"])
+    return buf.getvalue()
+
+
+def voice_from_npz_bytes(data: bytes, spec: BarkSpec, name: str | None = None) -> VoicePrompt:
+    """The inverse of :func:`voice_npz_bytes`: no pickles, bounded members, checked by validate_voice."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = archive.infolist()
+            if len(members) > 2 * len(PROMPT_KEYS) or any(m.file_size > MAX_NPZ_MEMBER_BYTES for m in members):
+                raise InvalidRequestError("the voice .npz holds more or bigger arrays than a Bark voice")
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files if k in PROMPT_KEYS}
+    except InvalidRequestError:
+        raise
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, KeyError) as exc:
+        raise InvalidRequestError(f"not a readable voice .npz without pickles: {str(exc)[:200]}") from None
+    return validate_voice(arrays, spec, name)

@@ -13,14 +13,15 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TypeVar, overload
-
-import torch
+from typing import TYPE_CHECKING, Literal, TypeVar, overload
 
 from .constants import BarkSpec
 from .types import CheckpointError
 
-ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
+if TYPE_CHECKING:  # torch is imported where tensors are read: the orchestrator reads only tokenizer and voice files
+    import torch
+
+ModuleT = TypeVar("ModuleT", bound="torch.nn.Module")
 
 SUBMODEL_PREFIX = {
     "semantic": "semantic.",
@@ -186,6 +187,8 @@ def _read_safetensors(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
 
 def _read_bin(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    import torch
+
     full = torch.load(str(path), map_location="cpu", mmap=True, weights_only=True)
     return {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
 
@@ -197,6 +200,8 @@ def load_module(module_factory: Callable[[], ModuleT], state: dict[str, torch.Te
 
     Modules with non-persistent buffers computed at init (EnCodec's) need ``on_meta=False``.
     """
+    import torch
+
     with torch.device("meta" if on_meta else "cpu"):
         module = module_factory()
     state = {k: v for k, v in state.items() if not k.endswith(ignore_suffixes)}

@@ -47,6 +47,20 @@ def test_the_request_schema_imports_no_torch():
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-3000:])
 
 
+def test_the_orchestrator_and_the_batch_worker_load_no_torch(tiny_ckpt):
+    """They load no weights, only the tokenizer and voice files: importing them and building their planner and
+    synthesizer from a checkpoint must not load torch or transformers (about 3 s of CPU and 200 MB of memory
+    per replica, on CPU-only orchestrator nodes too). Only stage and voice-encoder replicas import torch."""
+    code = ("import sys, bark_serve.serving.orchestrator, bark_serve.serving.batch_app\n"
+            "from bark_serve.serving.config import parse_config\n"
+            "from bark_serve.serving.stage_calls import make_synthesizer\n"
+            f"synth = make_synthesizer(parse_config({{'model': {str(tiny_ckpt)!r}}}), handles={{}})\n"
+            "plan = synth.planner.plan('Hello there. [laughter] How are you?', 'v2/en_speaker_6')\n"
+            "print(len(plan.text_ids[0]) > 0, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "True []", (out.stdout, out.stderr[-3000:])
+
+
 def test_no_test_session_module_is_bare():
     assert not {m.split(".")[0] for m in sys.modules} & set(BARE)
 

@@ -8,8 +8,7 @@ import asyncio
 import pytest
 
 from bark_serve.cluster.voice_backends import DirVoiceStore
-from bark_serve.stages.cloning import voice_npz_bytes
-from bark_serve.stages.voices import VoiceLibrary
+from bark_serve.stages.voices import VoiceLibrary, voice_npz_bytes
 from bark_serve.stages.weights import Checkpoint
 from tests.cli.test_synth_cli import run_cli
 

@@ -12,9 +12,10 @@ import pytest
 import soundfile as sf
 
 from bark_serve.cli import voice as voice_cli
-from bark_serve.stages.cloning import VoiceCloner, voice_from_npz_bytes
+from bark_serve.stages.cloning import VoiceCloner
 from bark_serve.stages.constants import BarkSpec
 from bark_serve.stages.random_cloning import make_cloning_weights
+from bark_serve.stages.voices import voice_from_npz_bytes
 
 
 @pytest.fixture(autouse=True)

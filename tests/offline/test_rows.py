@@ -269,8 +269,7 @@ def test_a_row_may_name_a_voice_registered_without_keys(config, tmp_path):
 
     from bark_serve.cluster.voice_backends import DirVoiceStore
     from bark_serve.offline.rows import unpack_voices
-    from bark_serve.stages.cloning import voice_npz_bytes
-    from bark_serve.stages.voices import VoiceLibrary
+    from bark_serve.stages.voices import VoiceLibrary, voice_npz_bytes
     from bark_serve.stages.weights import Checkpoint
 
     ckpt = Checkpoint.open(config["model"])

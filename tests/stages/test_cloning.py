@@ -31,12 +31,11 @@ from bark_serve.stages.cloning import (
     VoiceCloner,
     load_quantizer,
     save_quantizer,
-    voice_from_npz_bytes,
-    voice_npz_bytes,
 )
 from bark_serve.stages.constants import BarkSpec
 from bark_serve.stages.random_cloning import QUANTIZER_FILES, make_cloning_weights
 from bark_serve.stages.types import InvalidRequestError, VoicePrompt
+from bark_serve.stages.voices import voice_from_npz_bytes, voice_npz_bytes
 
 # ---------------------------------------------------------------------------------------------------------------
 # The reference: gitmylo's CustomTokenizer and Data, from bark_hubert_quantizer/customtokenizer.py of

@@ -38,14 +38,60 @@ def text(ckpt):
     return TextPreparer.from_checkpoint(ckpt)
 
 
+HARD_TEXTS = ["Hello, my dog is cute [laughter]", "♪ la la ♪", "你好，世界", "Привет, мир", "  spaced   out  ",
+              "Café naïve coöperate — e\u0301 (a combining accent)", "[CLS] and [SEP] [MASK] typed as text",
+              "emoji 😀👍🏽 and \u200b zero width, \u00a0 no-break", "tab\tand\x07bell and \x00 NUL",
+              "日本語のテキストと한국어 텍스트", "ALL CAPS Mixed CaSe", "[music] [sighs] [gasps] ... — ♪"]
+
+
 def test_text_matches_barkprocessor(ckpt, text):
+    """The tokenizer read from tokenizer.json by the tokenizers library (no transformers, no torch: what the
+    orchestrator runs) gives BarkProcessor's ids, on text that stresses normalization and added tokens."""
     from transformers import BarkProcessor
 
+    from bark_serve.stages.text import _Backend
+
+    assert isinstance(text.tokenizer, _Backend)
     proc = BarkProcessor.from_pretrained(str(ckpt.local_dir))
-    for s in ["Hello, my dog is cute [laughter]", "♪ la la ♪", "你好，世界", "Привет, мир", "  spaced   out  "]:
+    for s in HARD_TEXTS:
         ref = proc(s)
         n = int(ref["attention_mask"].sum())
-        np.testing.assert_array_equal(text.encode(s), ref["input_ids"][0, :n].numpy())
+        np.testing.assert_array_equal(text.encode(s), ref["input_ids"][0, :n].numpy(), err_msg=s)
+
+
+def test_token_counts_of_long_text_match_transformers_without_truncation(ckpt, text):
+    """tokenizer.json may carry a truncation setting; counting a long text must see every token, as
+    transformers' encode does (the planner splits text by these counts)."""
+    from transformers import AutoTokenizer
+
+    ref = AutoTokenizer.from_pretrained(str(ckpt.local_dir))
+    long = " ".join(HARD_TEXTS) * 12
+    assert text.count(long) == len(ref.encode(long, add_special_tokens=False)) > 512
+
+
+def test_the_tokenizer_falls_back_to_transformers_where_the_file_cannot_be_trusted(tiny_ckpt, tmp_path):
+    """No tokenizer.json, or a tokenizer_config.json whose normalizer settings differ from the file's (which
+    transformers would apply): transformers builds the tokenizer, and the ids still match it."""
+    import json
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from bark_serve.stages.text import _Backend
+
+    for case in ("no-file", "lowercase"):
+        ckdir = tmp_path / case
+        shutil.copytree(tiny_ckpt, ckdir)
+        if case == "no-file":
+            (ckdir / "tokenizer.json").unlink()
+        else:
+            cfg = json.loads((ckdir / "tokenizer_config.json").read_text())
+            (ckdir / "tokenizer_config.json").write_text(json.dumps({**cfg, "do_lower_case": True}))
+        prep = TextPreparer.from_checkpoint(Checkpoint.open(ckdir))
+        assert not isinstance(prep.tokenizer, _Backend), case
+        ref = AutoTokenizer.from_pretrained(str(ckdir))
+        for s in HARD_TEXTS[:6]:
+            assert list(prep.encode(s)) == ref.encode(" ".join(s.split()), add_special_tokens=False), (case, s)
 
 
 def test_text_errors(text):
