@@ -47,11 +47,13 @@ def test_the_request_schema_imports_no_torch():
     assert out.returncode == 0 and out.stdout.strip() == "[]", (out.stdout, out.stderr[-3000:])
 
 
-def test_the_orchestrator_and_the_batch_worker_load_no_torch(tiny_ckpt):
+def test_the_orchestrator_batch_worker_and_voice_encoder_start_without_torch(tiny_ckpt):
     """They load no weights, only the tokenizer and voice files: importing them and building their planner and
     synthesizer from a checkpoint must not load torch or transformers (about 3 s of CPU and 200 MB of memory
-    per replica, on CPU-only orchestrator nodes too). Only stage and voice-encoder replicas import torch."""
+    per replica, on CPU-only orchestrator nodes too). Only stage replicas import torch at start; the voice
+    encoder imports it with its weights, on the first clip."""
     code = ("import sys, bark_serve.serving.orchestrator, bark_serve.serving.batch_app\n"
+            "import bark_serve.serving.voice_server\n"
             "from bark_serve.serving.config import parse_config\n"
             "from bark_serve.serving.stage_calls import make_synthesizer\n"
             f"synth = make_synthesizer(parse_config({{'model': {str(tiny_ckpt)!r}}}), handles={{}})\n"
