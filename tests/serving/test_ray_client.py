@@ -46,14 +46,22 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
     cfg = parse_config(raw)
     serve_yaml = tmp_path / "serve.yaml"
     serve_yaml.write_text(yaml.safe_dump(render_serve_config(cfg), sort_keys=False))
-    gcs_port, client_port = free_port(), free_port()
-    address = f"ray://127.0.0.1:{client_port}"
     ray_tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must fit in 107 bytes
-    head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                             f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
-                             f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
-                             "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-                            stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    for attempt in range(3):
+        gcs_port, client_port = free_port(), free_port()
+        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                 f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
+                                 f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
+                                 "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                                stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        # Ray draws its own components' ports at random; one of them can take the free port picked here
+        # (seen once in CI: "client_server is trying to use a port number ... used by other components")
+        if _head_refused_port(head, client_port, tmp_path / "head.log") and attempt < 2:
+            _stop_group(head)  # whatever it had started
+            continue
+        break
+    address = f"ray://127.0.0.1:{client_port}"
     try:
         _wait_for_port(client_port, head, tmp_path / "head.log")
         # deployed through Ray Client too: `serve run` submits the rendered config file
@@ -108,6 +116,21 @@ def _via_client(cmd: list[str], ray_tmp: Path, attempts: int = 3) -> subprocess.
         print(f"{cmd[:2]}: the Ray client server failed to start (attempt {attempt}); retrying{logs}")
         time.sleep(5)
     raise AssertionError("unreachable")
+
+
+def _head_refused_port(proc: subprocess.Popen, port: int, log: Path, timeout_s: float = 120.0) -> bool:
+    """True if the head exited at start because one of Ray's own ports took ``port``; False once the port
+    answers or the head failed otherwise (``_wait_for_port`` reports that)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            return "used by other components" in log.read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return False
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, log: Path, timeout_s: float = 120.0) -> None:
