@@ -108,7 +108,8 @@ def _backend_tokenizer(ckpt: Checkpoint) -> _Backend | None:
         return None
     cfg_path = ckpt.file("tokenizer_config.json", required=False)
     try:
-        spec = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        spec = json.loads(text)
         cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path is not None else {}
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None  # let transformers say what is wrong with it
@@ -123,7 +124,7 @@ def _backend_tokenizer(ckpt: Checkpoint) -> _Backend | None:
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_str(json.dumps(spec))
+        tok = Tokenizer.from_str(text)
     except Exception:  # noqa: BLE001 - a file the library cannot read: transformers reports it
         return None
     tok.no_truncation()  # transformers' encode without truncation= or padding= does neither
