@@ -57,6 +57,8 @@ def register(sub) -> None:
                    help="also time this many decode-only steps of each stage at each --engine-batches and "
                         "--cuda-graphs setting, wall clock against the profiler's GPU time (the report's "
                         "decode_steps block; 0: skip)")
+    p.add_argument("--decode-stages", type=_decode_stages, default="semantic,coarse,fine",
+                   help="the stages --decode-steps measures (default all three; a CPU's fine pass takes seconds)")
     p.add_argument("--concurrency", default="1,4,16",
                    help="closed-loop client concurrency levels for the served app, configuration (4); the highest "
                         "sets the saturation rate of the Poisson sweep")
@@ -87,6 +89,15 @@ def register(sub) -> None:
     p.add_argument("--plots", help="also draw the report's PNG plots into this folder (matplotlib)")
     p.add_argument("--replot", metavar="JSON", help="only draw --plots from a saved report; measure nothing")
     p.set_defaults(func=bench)
+
+
+def _decode_stages(text: str) -> list[str]:
+    """--decode-stages: a comma list of semantic, coarse and fine."""
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in ("semantic", "coarse", "fine")]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"choose from semantic, coarse, fine (got {text!r})")
+    return names
 
 
 def _ints(text: str) -> list[int]:
@@ -168,7 +179,7 @@ def _bench(args) -> dict:
 
         _log(f"decode steps: {args.decode_steps} per stage, batch and cuda_graphs setting")
         report["decode_steps"] = measure(model, _ints(args.engine_batches), graph_settings, dtype, device,
-                                         args.decode_steps, log=_log)
+                                         args.decode_steps, args.decode_stages, log=_log)
         runs.save()
     if "hf" not in skip:
         _log("(1) transformers, one at a time, float32")

@@ -6,6 +6,9 @@ after the prefill and a warm-up, ``steps`` decode-only steps (no prefill or wind
 in them) are timed on the wall clock, then as many again run under the torch profiler, whose
 device events give the kernel time per step. ``wall_ms / gpu_ms`` is how far the host keeps the
 chip waiting: 1.0 means the GPU never idles between kernels. On CPU ``gpu_ms`` is None.
+``ops_per_step`` counts the ATen ops one more decode-only step dispatches from the host (about a kernel
+launch each on CUDA; a replayed graph dispatches none of them): a small model's GPU decode step is bound
+by its kernel count, and this number is the same on any machine.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 from bark_serve.stages.coarse import CoarseEngine
 from bark_serve.stages.engine import EngineOptions, StageEngine
 from bark_serve.stages.fine import FineEngine
+from bark_serve.stages.graphs import dispatched_ops
 from bark_serve.stages.pipeline import ENGINES
 from bark_serve.stages.semantic import SemanticEngine
 from bark_serve.stages.types import CoarseRequest, FineRequest, SemanticRequest
@@ -50,6 +54,17 @@ def _decode_only_steps(engine: StageEngine, k: int, limit: int = 400) -> float:
             if counted == k:
                 return total
     raise RuntimeError(f"{engine.name}: fewer than {k} decode-only steps in {limit}")
+
+
+def _ops_per_step(engine: StageEngine, limit: int = 400) -> dict[str, int]:
+    """The ATen ops one decode-only step dispatches from the host, by name (``dispatched_ops``): about one
+    kernel launch each on CUDA. A replayed CUDA graph counts as none of its kernels (the profiler's
+    ``device_events_per_step`` counts those); on CPU and on the eager path it is the step's whole op count."""
+    for _ in range(limit):
+        ops = dispatched_ops(engine.step)
+        if engine.last_step.get("decode_only_steps", 1.0):
+            return dict(ops.most_common())
+    raise RuntimeError(f"{engine.name}: no decode-only step in {limit}")
 
 
 def _gpu_seconds(engine: StageEngine, k: int) -> tuple[float | None, int]:
@@ -94,15 +109,17 @@ def measure(model_dir: str, batches: Sequence[int], graph_settings: Sequence[str
                 _decode_only_steps(engine, 3)  # prefill, then warm-up
                 wall = _decode_only_steps(engine, steps) / steps
                 gpu, kernels = _gpu_seconds(engine, steps)
+                ops = _ops_per_step(engine)
                 for r in reqs:
                     engine.cancel(r.request_id)
                 row = {"stage": stage, "batch": b, "cuda_graphs": stats is not None and stats["cuda_graphs"] > 0,
                        "setting": graphs, "steps": steps, "wall_ms": round(wall * 1e3, 4),
                        "gpu_ms": round(gpu * 1e3, 4) if gpu is not None else None,
-                       "wall_over_gpu": round(wall / gpu, 3) if gpu else None, "device_events_per_step": kernels}
+                       "wall_over_gpu": round(wall / gpu, 3) if gpu else None, "device_events_per_step": kernels,
+                       "ops_per_step": sum(ops.values()), "ops": ops}
                 if stats is not None:
                     row["capture_s"], row["graph_mib"] = stats["capture_s"], round(stats["graph_bytes"] / 2**20, 1)
-                log(f"decode step {row}")
+                log(f"decode step { {k: v for k, v in row.items() if k != 'ops'} }")
                 out.append(row)
             del engine
             if device.startswith("cuda"):

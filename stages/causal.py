@@ -30,7 +30,7 @@ from .flops import Shape, decode_flops, prefill_flops
 from .graphs import StepGraphs, buckets_for, fit, spans_for, use_graphs
 from .modeling import CausalLM, SlotKVCache
 from .sampling import SampleMode
-from .slot_table import SlotTable
+from .slot_table import Rows, SlotTable
 from .types import CoarseRequest, EngineResult, SemanticRequest
 
 CausalRequestT = TypeVar("CausalRequestT", bound=SemanticRequest | CoarseRequest)
@@ -180,8 +180,9 @@ class CausalEngine(StageEngine[CausalRequestT]):
         """Shortest and longest prompt (positions) and the widest prompt's ids."""
 
     @abc.abstractmethod
-    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
-        """Next token (R,) of table rows ``rows`` (R,) from their logits (R, V), on the device with no
+    def _select(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
+        """Next token (R,) of table rows ``rows`` (R indices, or a decode's ``slice(0, n)``) from their
+        logits (R, V), on the device with no
         host synchronisation (it runs inside the decode graph)."""
 
     @abc.abstractmethod
@@ -246,7 +247,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
     def _decode_rows(self, n: int, mode: SampleMode, span: int) -> torch.Tensor:
         """Decode table rows 0..n-1, sample, and advance the active ones, all on the device. -> (n,)"""
         t = self.table
-        rows = t.rows[:n]
+        rows = slice(0, n)  # views of the table's rows, updated in place
         logits = self.model.decode(t.token[:n], t.position[:n], self.cache, span)  # (n, V)
         tokens = self._select(logits.float(), rows, mode)  # (n,)
         t.commit(rows, tokens, decoded=True)

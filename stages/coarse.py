@@ -21,7 +21,8 @@ from .causal import CausalEngine, Slot
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM, ModelConfig
-from .sampling import SampleMode, sample_tokens, stage_generator
+from .sampling import SampleMode, stage_generator
+from .slot_table import Rows
 from .types import CoarseRequest
 from .weights import Checkpoint
 
@@ -98,12 +99,13 @@ class CoarseEngine(CausalEngine[CoarseRequest]):
         st = slot.state
         return T.coarse_window_length(st.n_history + st.target, self.spec) + self.spec.sliding_window_len
 
-    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
+    def _select(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
         spec = self.spec
-        lo, _ = T.coarse_token_range(self.table.in_window[rows], spec)  # (R,): this step's codebook per row
-        cols = lo[:, None] + torch.arange(spec.codebook_size, device=logits.device)[None, :]  # (R, 1024)
-        allowed = torch.gather(logits, 1, cols)  # (R, 1024): this step's codebook only
-        return sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode) + lo
+        codebook = self.table.in_window[rows] % spec.n_coarse_codebooks  # (R,): this step's codebook per row
+        first, size = spec.semantic_vocab_size, spec.codebook_size
+        books = logits[:, first: first + spec.n_coarse_codebooks * size].view(-1, spec.n_coarse_codebooks, size)
+        allowed = books.gather(1, codebook[:, None, None].expand(-1, 1, size))[:, 0]  # (R, 1024): that codebook
+        return self.table.sample(allowed, rows, mode) + (first + codebook * size)  # as T.coarse_token_range
 
     def _max_steps(self, slot: CoarseSlot) -> int:
         return slot.state.target

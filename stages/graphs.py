@@ -15,6 +15,7 @@ tests' way of checking it).
 from __future__ import annotations
 
 import bisect
+import collections
 import itertools
 import logging
 import time
@@ -81,6 +82,41 @@ class _NoHostTraffic(TorchDispatchMode):
                 raise HostTrafficError("a tensor made from host data inside a fixed-shape step")
             self._scalars.append(out)
         return out
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts the ATen ops a function dispatches that compute or write (not views, not allocations): on
+    CUDA each is about one kernel launch, and a small decode step is bound by how many it launches.
+    Composite ops (``linear``, ``matmul``, ``reshape``: in inference mode they reach this mode whole) are
+    counted by what they decompose into, so a copy that ``reshape`` makes of a strided tensor counts."""
+
+    # allocations, views that are not annotated as aliases, and Python scalars wrapped as host tensors
+    FREE = ("aten::empty", "aten::empty_strided", "aten::lift_fresh", "aten::new_empty", "aten::empty_like",
+            "aten::_unsafe_view", "aten::scalar_tensor")
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"):
+            with self:  # the parts of a composite pass through this mode again
+                out = func.decompose(*args, **kwargs)
+            if out is not NotImplemented:
+                return out
+        returns = func._schema.returns
+        view = bool(returns) and returns[0].alias_info is not None and not returns[0].alias_info.is_write
+        if not view and func._schema.name not in self.FREE:
+            self.ops[func._schema.name] += 1
+        return func(*args, **kwargs)
+
+
+def dispatched_ops(fn: Callable[[], object]) -> collections.Counter[str]:
+    """The computing ops ``fn()`` dispatches, by name (``_OpCounter``); runs it once, in inference mode."""
+    with torch.inference_mode(), _OpCounter() as counter:
+        fn()
+    return counter.ops
 
 
 def use_graphs(setting: str, device: torch.device, cpu_offload: bool = False) -> bool:

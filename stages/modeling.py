@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -104,16 +104,28 @@ class SlotKVCache:
 _CUDA_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Attention of one query per row: two batched GEMVs in the cache's dtype and a float32 softmax.
+class HiddenKeys(NamedTuple):
+    """A decode step's mask for ``decode_attention``, built once per step for every layer: True where a
+    key is *hidden* from its row (past the row's position). (n, 1, 1, S)"""
 
-    q (B, H, 1, D), k and v (B, H, S, D), mask (B, 1, 1, S) True where a key is visible. -> (B, H, 1, D)
-    Used for CUDA decode steps: the memory-efficient SDPA kernel runs one block per (row, head) that
-    walks the keys in turn, which took 2.3 of a 2.4 ms step at batch 64 over 1025 keys on an H200, and
-    SDPA's math path first copies K and V to float32."""
-    scores = torch.matmul(q, k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)  # (B, H, 1, S)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)  # (B, H, 1, D)
+    hidden: torch.Tensor
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Attention of one query per row: two batched GEMVs in the cache's dtype, five kernels a layer.
+
+    q (B, H, 1, D), k and v (B, H, S, D), hidden (B, 1, 1, S) True where a key is hidden. -> (B, H, 1, D)
+    The CUDA decode path (``CausalLM.gemv_decode``): the memory-efficient SDPA kernel runs one block per
+    (row, head) that walks the keys in turn, which took 2.3 of a 2.4 ms step at batch 64 over 1025 keys on
+    an H200, and SDPA's math path first copies K and V to float32. A decode step is bound by its kernel
+    count (an H200 step at batch 64 ran 331 kernels in 1.1 ms), so: the scale goes into the query (a
+    copy the matmul makes anyway; exact for Bark's head size 64), the mask comes inverted from the step,
+    and the softmax reads the cache dtype's scores and accumulates in float32 inside its one kernel.
+    The scores are rounded to the cache dtype by the matmul, as before; the probabilities are rounded
+    to it for the second matmul, as before."""
+    scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1))  # (B, H, 1, S)
+    scores = scores.masked_fill(hidden, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1), v)  # (B, H, 1, D)
 
 
 class SelfAttention(nn.Module):
@@ -128,15 +140,15 @@ class SelfAttention(nn.Module):
         b, t, _ = x.shape
         return x.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, kv: "_KVWriter | None",
+    def forward(self, x: torch.Tensor, mask: "torch.Tensor | HiddenKeys | None", kv: "_KVWriter | None",
                 causal: bool = False) -> torch.Tensor:
         q, k, v = self.att_proj(x).split(x.shape[-1], dim=2)  # 3 x (B, T, C)
         q, k, v = self._heads(q), self._heads(k), self._heads(v)  # (B, H, T, D)
         if kv is not None:
             k, v = kv(k, v)  # (B, H, S, D)
         # causal (no mask): the kernel skips the blocks above the diagonal instead of masking them
-        if q.is_cuda and q.shape[2] == 1 and mask is not None:  # a decode step
-            y = decode_attention(q, k, v, mask)  # (B, H, 1, D)
+        if isinstance(mask, HiddenKeys):  # a decode step on the GEMV path
+            y = decode_attention(q, k, v, mask.hidden)  # (B, H, 1, D)
         elif q.is_cuda:  # not cuDNN's SDPA: it builds a graph per new shape, and decode's span grows every step
             with sdpa_kernel(_CUDA_SDPA):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
@@ -173,13 +185,21 @@ class _KVWriter:
     """Called by one layer's attention with its fresh keys/values; returns what to attend to."""
 
     def __init__(self, cache: SlotKVCache, layer: int, slots: torch.Tensor | None, positions: torch.Tensor | None,
-                 span: int):
+                 span: int, at: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Prefill: ``slots`` (B,) and no positions. Decode: ``positions`` is the (n * H,) row index of each
-        (slot, head)'s new entry in the cache layer viewed as (N * H * L, D) (``CausalLM.decode``)."""
+        (slot, head)'s new entry in the cache layer viewed as (N * H * L, D) (``CausalLM.decode``), or, on
+        the GEMV path, ``at`` = (slots (n,), positions (n,)) written with one ``index_put_`` each."""
         self.cache, self.layer, self.slots, self.positions, self.span = cache, layer, slots, positions, span
+        self.at = at
 
     def __call__(self, k: torch.Tensor, v: torch.Tensor):
         ck, cv = self.cache.k[self.layer], self.cache.v[self.layer]  # (N, H, L, D)
+        if self.at is not None:  # decode, GEMV path (CUDA): one kernel per tensor, from the projection's view
+            rows, pos = self.at
+            n = k.shape[0]
+            ck[rows, :, pos] = k[:, :, 0]  # (n, H, D)
+            cv[rows, :, pos] = v[:, :, 0]
+            return ck[:n, :, : self.span], cv[:n, :, : self.span]
         if self.positions is None:  # prefill from position 0 into arbitrary slots
             t = k.shape[2]
             ck[self.slots, :, :t] = k
@@ -234,12 +254,17 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(Block(hidden, self.n_heads, bias, bias) for _ in range(cfg.num_layers))
         self.layernorm_final = nn.LayerNorm(hidden, bias=bias)
         self.lm_head = nn.Linear(hidden, cfg.output_vocab_size, bias=False)
+        # decode attention as two batched GEMVs (``decode_attention``) rather than SDPA: None = on CUDA.
+        # A test sets True to run the CUDA path on CPU.
+        self.gemv_decode: bool | None = None
 
     def _run(self, x, positions, mask, writers, last_index, causal=False):
+        """The layers over x (B, T, C); logits of position ``last_index`` (B,) of each row, or of the last
+        position when None (a decode step: a view, no gather). -> (B, V)"""
         x = x + self.position_embeds_layer(positions)  # (B, T, C)
         for layer, writer in zip(self.layers, writers):
             x = layer(x, mask, writer, causal)
-        x = x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
+        x = x[:, -1] if last_index is None else x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
         return self.lm_head(self.layernorm_final(x))  # (B, V)
 
     def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor,
@@ -266,18 +291,28 @@ class CausalLM(nn.Module):
 
         Attends to the first ``span`` cache positions (masked past each row's own): the caller's bound
         (the cache's whole length in a fixed-shape step), else read from ``positions`` (a host sync).
+        The attention runs as ``decode_attention`` where ``gemv_decode`` says (None: on CUDA), else
+        through SDPA.
         """
         n = tokens.shape[0]
+        dev = tokens.device
         if span is None:
             span = int(positions.max().item()) + 1
-        keys = torch.arange(span, device=tokens.device)
-        mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (n, 1, 1, S)
-        heads = torch.arange(self.n_heads, device=tokens.device)
-        rows = torch.arange(n, device=tokens.device)[:, None] * self.n_heads + heads[None, :]  # (n, H)
-        index = (rows * cache.length + positions[:, None]).reshape(-1)  # (n * H,) in the flattened cache
-        writers = [_KVWriter(cache, i, None, index, span) for i in range(len(self.layers))]
+        keys = torch.arange(span, device=dev)
+        gemv = tokens.is_cuda if self.gemv_decode is None else self.gemv_decode
+        mask: torch.Tensor | HiddenKeys
+        if gemv:
+            mask = HiddenKeys((keys[None, :] > positions[:, None])[:, None, None, :])  # (n, 1, 1, S)
+            at = (torch.arange(n, device=dev), positions)
+            writers = [_KVWriter(cache, i, None, None, span, at) for i in range(len(self.layers))]
+        else:
+            mask = (keys[None, :] <= positions[:, None])[:, None, None, :]  # (n, 1, 1, S)
+            heads = torch.arange(self.n_heads, device=dev)
+            rows = torch.arange(n, device=dev)[:, None] * self.n_heads + heads[None, :]  # (n, H)
+            index = (rows * cache.length + positions[:, None]).reshape(-1)  # (n * H,) in the flattened cache
+            writers = [_KVWriter(cache, i, None, index, span) for i in range(len(self.layers))]
         x = self.input_embeds_layer(tokens)[:, None, :]  # (n, 1, C)
-        return self._run(x, positions[:, None], mask, writers, torch.zeros(n, dtype=torch.long, device=x.device))
+        return self._run(x, positions[:, None], mask, writers, None)
 
 
 class FineLM(nn.Module):

@@ -20,7 +20,8 @@ from .causal import CausalEngine, Slot
 from .constants import BarkSpec
 from .engine import EngineOptions, check_int_array, load_for
 from .modeling import CausalLM, ModelConfig
-from .sampling import SampleMode, sample_tokens, stage_generator
+from .sampling import SampleMode, stage_generator
+from .slot_table import Rows
 from .types import InvalidRequestError, SemanticRequest
 from .weights import Checkpoint
 
@@ -83,10 +84,10 @@ class SemanticEngine(CausalEngine[SemanticRequest]):
     def _reach(self, slot: SemanticSlot) -> int:
         return self._prompt_length(slot) + slot.request.max_new_tokens
 
-    def _select(self, logits: torch.Tensor, rows: torch.Tensor, mode: SampleMode) -> torch.Tensor:
+    def _select(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
         eos = self.spec.semantic_eos_token
         allowed = logits[:, : eos + 1]  # (R, 10001): the semantic vocabulary and EOS
-        picked = sample_tokens(allowed, self.table.sampling(rows), self.table.uniform(rows), mode)
+        picked = self.table.sample(allowed, rows, mode)
         p_eos = torch.softmax(allowed, dim=-1)[:, eos]  # (R,)
         return torch.where(p_eos > self.table.min_eos[rows], torch.full_like(picked, eos), picked)
 

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import NO_TOP_K, RowSampling, is_greedy, predraw
+from .sampling import NO_TOP_K, RowSampling, SampleMode, is_greedy, predraw, sample_tokens
 from .types import SamplingParams
 
 NO_EOS_THRESHOLD = 2.0  # above any probability: EOS is only taken when it is the sampled token
+# Which rows a step covers: an index tensor (a prefill's rows), or ``slice(0, n)`` (a decode step's rows
+# 0..n-1: reads are views and updates run in place, where an index costs a gather and a scatter each;
+# a CUDA decode step is bound by its kernel count)
+Rows = torch.Tensor | slice
 
 
 class SlotTable:
@@ -81,19 +85,35 @@ class SlotTable:
         self.greedy[rows] = True
         self.min_eos[rows] = NO_EOS_THRESHOLD
 
-    def sampling(self, rows: torch.Tensor) -> RowSampling:
+    def sampling(self, rows: Rows) -> RowSampling:
         return RowSampling(self.temperature[rows], self.top_k[rows], self.top_p[rows], self.greedy[rows])
 
-    def uniform(self, rows: torch.Tensor) -> torch.Tensor:
+    def uniform(self, rows: Rows) -> torch.Tensor:
         """Each row's next draw (its step counter indexes its draws). -> (R,) float64"""
-        return self.draws[rows, self.step[rows].clamp(max=self.max_draws - 1)]
+        steps = self.step[rows].clamp(max=self.max_draws - 1)
+        if isinstance(rows, slice):
+            return self.draws[rows].gather(1, steps[:, None])[:, 0]
+        return self.draws[rows, steps]
 
-    def commit(self, rows: torch.Tensor, tokens: torch.Tensor, decoded: bool) -> None:
+    def sample(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
+        """``sample_tokens`` with the rows' own parameters and draws (read only where ``mode`` samples). -> (R,)"""
+        if mode == SampleMode.GREEDY:
+            return torch.argmax(logits.float(), dim=-1)
+        return sample_tokens(logits, self.sampling(rows), self.uniform(rows), mode)
+
+    def commit(self, rows: Rows, tokens: torch.Tensor, decoded: bool) -> None:
         """After sampling ``tokens`` for ``rows``: active rows take them and advance one step (and one
         position when the token came from a decode; a prefill's rows were placed by ``start``)."""
         act = self.active[rows]
-        self.token[rows] = torch.where(act, tokens, self.token[rows])
+        if isinstance(rows, slice):  # views, updated in place: a kernel each
+            token = self.token[rows]
+            torch.where(act, tokens, token, out=token)
+            updated = [self.step[rows], self.in_window[rows]] + ([self.position[rows]] if decoded else [])
+            for t in updated:
+                t.add_(act)  # True counts 1
+            return
         inc = act.long()
+        self.token[rows] = torch.where(act, tokens, self.token[rows])
         self.step[rows] += inc
         self.in_window[rows] += inc
         if decoded:

@@ -15,14 +15,26 @@ These tests check that this path is exact:
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import torch
 
 from bark_serve.stages.engine import EngineOptions
-from bark_serve.stages.graphs import DEFAULT_BUCKETS, StepGraphs, buckets_for, fit, spans_for, use_graphs
-from bark_serve.stages.pipeline import BarkPipeline
+from bark_serve.stages.graphs import (
+    DEFAULT_BUCKETS,
+    StepGraphs,
+    buckets_for,
+    dispatched_ops,
+    fit,
+    spans_for,
+    use_graphs,
+)
+from bark_serve.stages.modeling import decode_attention
+from bark_serve.stages.pipeline import BarkPipeline, load_engines
 from bark_serve.stages.sampling import NO_TOP_K, RowSampling, SampleMode, predraw, sample_tokens
+from bark_serve.stages.slot_table import SlotTable
 from bark_serve.stages.types import (
     GREEDY,
     CoarseRequest,
@@ -31,6 +43,7 @@ from bark_serve.stages.types import (
     SamplingParams,
     SemanticRequest,
 )
+from bark_serve.stages.weights import Checkpoint
 from tests.hf_reference import HFBark
 from tests.stages.test_parity import CASES, _assert_same, _voice
 
@@ -79,11 +92,21 @@ def fixed3(tiny_ckpt, preset_dir):
     return _pipeline(tiny_ckpt, preset_dir, capacity=3, cuda_graphs="on", graph_buckets=(2,))
 
 
+@pytest.fixture(scope="module")
+def gemv(tiny_ckpt, preset_dir):
+    """The fixed-shape path with CUDA's decode attention (``decode_attention``: two batched GEMVs, the
+    mask inverted once per step, the KV rows written by ``index_put_``), run on CPU."""
+    pipe = _pipeline(tiny_ckpt, preset_dir, capacity=4, cuda_graphs="on")
+    for stage in ("semantic", "coarse"):
+        pipe.engines[stage].model.gemv_decode = True
+    return pipe
+
+
 @pytest.fixture(autouse=True)
 def _drained(request):
     """A test that fails mid-flight leaves no request in a shared engine for the next test."""
     yield
-    for name in ("eager", "fixed", "fixed3"):
+    for name in ("eager", "fixed", "fixed3", "gemv"):
         if name in request.fixturenames:
             for stage in ("semantic", "coarse", "fine"):
                 eng = request.getfixturevalue(name).engines[stage]
@@ -133,6 +156,17 @@ def test_fixed_shape_greedy_matches_transformers_and_eager(fixed, eager, refs, p
     _assert_same_tokens(ours, eager.generate(text, _voice(preset_dir, voice), params)[0])
 
 
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: f"{c[1]}-{c[2]}")
+def test_gemv_decode_greedy_matches_transformers_and_eager(gemv, eager, refs, preset_dir, case):
+    """CUDA's decode attention, run on CPU, decodes what SDPA does (the parity case of 420 tokens
+    spans four 128-position decode spans)."""
+    text, voice, n_sem = case
+    params = GenerationParams.greedy(max_semantic_tokens=n_sem, min_eos_p=None)
+    ours = gemv.generate(text, _voice(preset_dir, voice), params)[0]
+    _assert_same(ours, refs(case))
+    _assert_same_tokens(ours, eager.generate(text, _voice(preset_dir, voice), params)[0])
+
+
 def test_fixed_shape_greedy_batch_matches_transformers(fixed, refs, preset_dir):
     """The three cases in one batch: three rows padded to bucket 4, leaving at different steps."""
     voices = [_voice(preset_dir, v) for _, v, _ in PARITY_CASES]
@@ -161,7 +195,7 @@ MIXED = [
 ]
 
 
-def test_seeded_sampling_is_independent_of_batch_bucket_padding_and_path(eager, fixed, fixed3):
+def test_seeded_sampling_is_independent_of_batch_bucket_padding_and_path(eager, fixed, fixed3, gemv):
     texts, voices, params = (list(x) for x in zip(*MIXED))
     steps = []
 
@@ -171,7 +205,8 @@ def test_seeded_sampling_is_independent_of_batch_bucket_padding_and_path(eager, 
 
     runs = {"eager capacity 8": eager.generate(texts, voices, params),
             "fixed capacity 8": fixed.generate(texts, voices, params),
-            "fixed capacity 3, buckets 2 and 3": fixed3.generate(texts, voices, params, on_step=record)}
+            "fixed capacity 3, buckets 2 and 3": fixed3.generate(texts, voices, params, on_step=record),
+            "fixed capacity 4, CUDA's decode attention": gemv.generate(texts, voices, params)}
     alone = [eager.generate(t, v, p)[0] for t, v, p in MIXED]
     for name, outs in runs.items():
         for i, (out, ref) in enumerate(zip(outs, alone)):
@@ -224,8 +259,10 @@ def _rose_then_fell(seen: list[int]) -> bool:
     return min(seen[:peak], default=max(seen)) < seen[peak] and min(seen[peak:]) < seen[peak]
 
 
+@pytest.mark.parametrize("path", ["fixed", "gemv"])
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_semantic_joins_and_leaves_on_the_fixed_path(fixed, eager, sampling):
+def test_semantic_joins_and_leaves_on_the_fixed_path(request, eager, sampling, path):
+    fixed = request.getfixturevalue(path)
     eng = fixed.engines["semantic"]
     voice = fixed.voices.resolve("v2/en_speaker_1")
     reqs = [SemanticRequest(f"s{i}", fixed.text.encode(t), voice if i % 2 else None, sampling, None, n, seed=i)
@@ -240,8 +277,10 @@ def test_semantic_joins_and_leaves_on_the_fixed_path(fixed, eager, sampling):
         np.testing.assert_array_equal(joined[r.request_id], _alone(eager.engines["semantic"], r))
 
 
+@pytest.mark.parametrize("path", ["fixed", "gemv"])
 @pytest.mark.parametrize("sampling", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
-def test_coarse_joins_and_leaves_on_the_fixed_path(fixed, eager, sampling):
+def test_coarse_joins_and_leaves_on_the_fixed_path(request, eager, sampling, path):
+    fixed = request.getfixturevalue(path)
     eng = fixed.engines["coarse"]
     voice = fixed.voices.resolve("announcer")
     rng = np.random.default_rng(0)
@@ -444,3 +483,80 @@ def test_predraw_equals_single_draws():
         assert many.dtype == torch.float64 and many.shape == (n,)
         singles = torch.cat([torch.rand((1,), generator=b, dtype=torch.float64) for _ in range(n)])
         assert torch.equal(many, singles)
+
+
+# -- the CUDA decode step's kernel count and its pieces ----------------------------------------------
+def _reference_attention(q, k, v, visible):
+    """What decode_attention computed before (scores to float32, then scaled and masked): the same bits."""
+    scores = torch.matmul(q, k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_decode_attention_is_exact(dtype):
+    """Scale folded into the query (a power of two for Bark's head size 64), the mask inverted once per step,
+    the softmax on the cache dtype's scores: bit for bit the earlier formulation, and within the dtype's
+    rounding of float64 SDPA; a row that sees only its first key gets that key's value."""
+    gen = torch.Generator().manual_seed(0)
+    b, h, s, d = 6, 4, 200, 64
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) * 2 for shape in ((b, h, 1, d), (b, h, s, d), (b, h, s, d)))
+    positions = torch.tensor([0, 1, 57, 128, 198, 199])
+    visible = (torch.arange(s)[None, :] <= positions[:, None])[:, None, None, :]
+    ours = decode_attention(q, k, v, ~visible)
+    assert torch.equal(ours, _reference_attention(q, k, v, visible))
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=visible)
+    assert ((ours.double() - ref).norm() / ref.norm()).item() < (1e-6 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(ours[0], v[0, :, :1])
+
+
+def test_cuda_decode_step_kernel_budget(tiny_ckpt):
+    """The CUDA path's decode step (run here on CPU) dispatches 16 ops a layer, as many kernels on a GPU, where
+    it dispatched 22 (3 copies of q, k and v, a float32 round trip, a mask inverted per layer) and the
+    table's row gathers and scatters: a small model's GPU decode step is bound by its kernel count."""
+    engines = load_engines(Checkpoint.open(tiny_ckpt), EngineOptions(capacity=4, cuda_graphs="on",
+                                                                      graph_buckets=(4,)), ("semantic", "coarse"))
+    for name, eng in engines.items():
+        eng.model.gemv_decode = True
+        shape = eng.decode_graphs.shapes[0]
+        step = functools.partial(eng._decode_fixed, shape)
+        counts = {mode: dispatched_ops(functools.partial(step, mode)) for mode in SampleMode}
+        layers = eng.model.layers
+        try:
+            eng.model.layers = layers[:1]
+            one_layer = dispatched_ops(functools.partial(step, SampleMode.GREEDY))
+        finally:
+            eng.model.layers = layers
+        greedy = counts[SampleMode.GREEDY]
+        per_layer = (sum(greedy.values()) - sum(one_layer.values())) // (len(layers) - 1)
+        outside = sum(one_layer.values()) - per_layer
+        assert per_layer == 16, (name, greedy)
+        assert outside <= 20, (name, one_layer)  # embeddings, mask, head, sampling, the table
+        # no copies of strided tensors, no gathers of table rows, no host syncs
+        assert not {"aten::clone", "aten::index", "aten::_local_scalar_dense"} & set(greedy), greedy
+        assert not {"aten::clone", "aten::index"} & set(counts[SampleMode.FILTER]), counts[SampleMode.FILTER]
+        # a greedy step reads no sampling parameters and no draws
+        assert sum(greedy.values()) < sum(counts[SampleMode.SAMPLE].values()) < sum(counts[SampleMode.FILTER].values())
+
+
+def test_slot_table_slice_rows_equal_index_rows():
+    """A decode's ``slice(0, n)`` reads and updates the same rows, the same way, as the index tensor 0..n-1."""
+    gen = torch.Generator().manual_seed(5)
+    tables = [SlotTable(6, 10, torch.device("cpu")) for _ in range(2)]
+    for t in tables:
+        for row, params in enumerate([GREEDY, SamplingParams(0.8, top_k=3), SamplingParams(1.1, top_p=0.7), GREEDY]):
+            t.admit(row, params, torch.Generator().manual_seed(row), 10)
+        t.start(torch.tensor([0, 1, 2]), torch.tensor([5, 9, 2]))  # row 3 waits for its prefill: inactive
+    by_slice, by_index = tables
+    for _ in range(4):
+        logits = torch.randn((4, 50), generator=gen)
+        rows = torch.arange(4)
+        for mode in SampleMode:
+            assert torch.equal(by_slice.sample(logits, slice(0, 4), mode), by_index.sample(logits, rows, mode))
+        assert torch.equal(by_slice.uniform(slice(0, 4)), by_index.uniform(rows))
+        tokens = by_index.sample(logits, rows, SampleMode.FILTER)
+        by_slice.commit(slice(0, 4), tokens, decoded=True)
+        by_index.commit(rows, tokens, decoded=True)
+        for name in ("token", "position", "step", "in_window", "active"):
+            assert torch.equal(getattr(by_slice, name), getattr(by_index, name)), name
+    assert by_slice.position.tolist()[:4] == [9, 13, 6, 0] and by_slice.step.tolist()[:4] == [4, 4, 4, 0]
