@@ -83,6 +83,10 @@ def register(sub) -> None:
     p.add_argument("--offline-requests", type=int, default=16,
                    help="items of the dataset and /v1/batches runs, configuration (5)")
     p.add_argument("--skip", default="", help="comma list of hf,engines,served,offline")
+    p.add_argument("--reuse-runs", metavar="JSON",
+                   help="take the transformers and engine runs of this earlier report (same machine, device, "
+                        "dtype and workload, e.g. written minutes before in the same device call) into this one, "
+                        "marked reused_from, for the ratios and floors; with --skip hf,engines it saves their time")
     p.add_argument("--gemm-seconds", type=float, default=2.0,
                    help="seconds spent measuring each dtype's GEMM peak (default 2)")
     p.add_argument("--out", help="also write the JSON here")
@@ -167,6 +171,9 @@ def _bench(args) -> dict:
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
               "workload": {"model": model, **work.describe()}, "runs": []}
     runs = _Runs(report, args.out)
+    if args.reuse_runs:
+        for run in _reusable_runs(args.reuse_runs, report):
+            runs.append(run)
     graph_settings = _graph_settings(args.cuda_graphs)
     if "engines" not in skip:
         for setting in graph_settings:
@@ -199,6 +206,32 @@ def _bench(args) -> dict:
     report["ratios"] = _ratios(runs)
     report["floors"] = _floors(report)
     return report
+
+
+def _reusable_runs(path: str, report: dict) -> list[dict]:
+    """The transformers and engine runs of the report at ``path``, checked to come from the same machine,
+    device, dtype and workload as ``report`` (a mismatch is a usage error: exit 2 with the difference)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise _UsageError(f"--reuse-runs {path}: cannot read a bench report ({exc})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
+        raise _UsageError(f"--reuse-runs {path}: not a bench report (no runs list)")
+    for key, want in (("device", report["device"]), ("dtype", report["dtype"]), ("workload", report["workload"]),
+                      ("gpu", report["machine"].get("gpu")), ("cpu_model", report["machine"].get("cpu_model"))):
+        have = earlier.get(key) if key in ("device", "dtype", "workload") else earlier.get("machine", {}).get(key)
+        if have != want:
+            raise _UsageError(f"--reuse-runs {path}: its {key} is {have!r}, this run's is {want!r}")
+    return [{**r, "reused_from": path} for r in earlier["runs"]
+            if isinstance(r, dict) and str(r.get("name", "")).startswith(("transformers_", "engines_"))]
+
+
+class _UsageError(SystemExit):
+    """A bad argument found after parsing: the message on stderr and exit status 2."""
+
+    def __init__(self, message: str):
+        print(f"bark-serve bench: error: {message}", file=sys.stderr)
+        super().__init__(2)
 
 
 def _machine(device: str, torch) -> dict:

@@ -21,8 +21,15 @@ export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
-timeout 560 python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --profile single-gpu \
-  --skip offline --hf-requests 2 --hf-batches 64 --engine-batches 64 --engine-requests 64 \
+# REUSE=FILE (bench/device_check.sh sets it): the transformers and engine runs come from issue 21's report,
+# written minutes before in the same call on the same machine (--reuse-runs), instead of being run again.
+if [ -n "${REUSE:-}" ]; then
+  FIRST=(--skip hf,engines,offline --reuse-runs "$REUSE")
+else
+  FIRST=(--skip offline --hf-requests 2 --hf-batches 64 --engine-batches 64 --engine-requests 64)
+fi
+timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 \
+  --profile single-gpu "${FIRST[@]}" \
   --concurrency 1,16,64 --served-requests 32,1=4,64=64 --rate-fractions 0.5,0.7,0.9 --gemm-seconds 1 \
   --plots "$OUTDIR/img" --out "$OUTDIR/bench-h200-served.json" 2> >(tee "$OUTDIR/bench-h200-served.log" >&2) \
   >/dev/null

@@ -182,8 +182,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
     @abc.abstractmethod
     def _select(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
         """Next token (R,) of table rows ``rows`` (R indices, or a decode's ``slice(0, n)``) from their
-        logits (R, V), on the device with no
-        host synchronisation (it runs inside the decode graph)."""
+        logits (R, V), on the device with no host synchronisation (it runs inside the decode graph)."""
 
     @abc.abstractmethod
     def _max_steps(self, slot: Slot) -> int:
@@ -298,7 +297,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
         rows = self._pf_rows[:r]
         lengths = self._pf_len[:r].clamp(max=length)  # the buffer's stale lengths at warm-up may be longer
         embeds = self._embed(self._pf_ids[:r], length)  # (r, length, C)
-        logits = self.model.prefill(embeds, lengths, self.cache, rows, padded=True)  # (r, V)
+        logits = self.model.prefill(embeds, lengths, self.cache, rows)  # (r, V)
         self.table.start(rows, lengths)
         tokens = self._select(logits.float(), rows, mode)
         self.table.commit(rows, tokens, decoded=False)

@@ -267,24 +267,19 @@ class CausalLM(nn.Module):
         x = x[:, -1] if last_index is None else x[torch.arange(x.shape[0], device=x.device), last_index]  # (B, C)
         return self.lm_head(self.layernorm_final(x))  # (B, V)
 
-    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor,
-                padded: bool | None = None):
+    def prefill(self, embeds: torch.Tensor, lengths: torch.Tensor, cache: SlotKVCache, slots: torch.Tensor):
         """Prompts (B, T, C), right-padded to T; logits of each prompt's last token. -> (B, V)
 
-        ``padded``: whether any prompt is shorter than T (None: read from ``lengths``, a host sync; a
-        fixed-shape step says True and always masks)."""
+        Plain causal attention, with no mask, padded or not: a prompt's position i < length attends to
+        keys 0..i, all inside the prompt, so the padding after it is never seen by a position whose
+        output counts (the padding's own outputs are dropped, and the keys and values it writes past the
+        prompt are overwritten by the decode steps before any of them attends there). The causal kernel
+        (flash attention on CUDA) skips the blocks above the diagonal; a (B, 1, T, T) mask would send
+        every padded prefill, and so every fixed-shape one, to a masked kernel, and read no host value."""
         b, t, _ = embeds.shape
-        dev = embeds.device
-        pos = torch.arange(t, device=dev)
+        pos = torch.arange(t, device=embeds.device)
         writers = [_KVWriter(cache, i, slots, None, t) for i in range(len(self.layers))]
-        if padded is None:
-            padded = not bool((lengths == t).all())
-        if not padded:  # plain causal attention
-            return self._run(embeds, pos[None].expand(b, t), None, writers, lengths - 1, causal=True)
-        causal = pos[None, :] <= pos[:, None]  # (T, T)
-        valid = pos[None, :] < lengths[:, None]  # (B, T) keys inside the prompt
-        mask = (causal[None] & valid[:, None, :])[:, None]  # (B, 1, T, T)
-        return self._run(embeds, pos[None].expand(b, t), mask, writers, lengths - 1)
+        return self._run(embeds, pos[None].expand(b, t), None, writers, lengths - 1, causal=True)
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, cache: SlotKVCache, span: int | None = None):
         """One token (n,) for each of slots 0..n-1 at its position (n,). -> logits (n, V)

@@ -68,6 +68,26 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert res.returncode == 0, res.stderr[-2000:]
     assert sorted(p.name for p in again.iterdir()) == drawn
 
+    # a later report takes the transformers and engine runs of this one (same machine, dtype, workload)
+    later = tmp_path / "later.json"
+    base = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
+            "--gemm-seconds", "0.1", "--skip", "hf,engines,served,offline", "--dtype", report["dtype"],
+            "--reuse-runs", str(out)]
+    res = subprocess.run([*base, "--out", str(later)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    reused = json.loads(later.read_text())
+    assert [r["name"] for r in reused["runs"]] == [n for n in names if n.startswith(("engines_", "transformers_"))]
+    assert all(r["reused_from"] == str(out) for r in reused["runs"])
+    key = "engines_vs_transformers_best_batch"
+    assert reused["floors"][key] == report["floors"][key]
+    for other in (["--mix", "fixed-8"], ["--seed", "7"]):  # another workload: refused, exit 2, the difference named
+        res = subprocess.run([*base, *other], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and "--reuse-runs" in res.stderr and "workload" in res.stderr, res.stderr[-2000:]
+        assert "Traceback" not in res.stderr
+    (tmp_path / "junk.json").write_text("{not json")
+    res = subprocess.run([*base[:-1], str(tmp_path / "junk.json")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2 and "cannot read a bench report" in res.stderr and "Traceback" not in res.stderr
+
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--stage-threads"])
 @pytest.mark.parametrize("value", ["fine=0", "vocoder=2", "fine=two", "4,fine=-1"])

@@ -560,3 +560,23 @@ def test_slot_table_slice_rows_equal_index_rows():
         for name in ("token", "position", "step", "in_window", "active"):
             assert torch.equal(getattr(by_slice, name), getattr(by_index, name)), name
     assert by_slice.position.tolist()[:4] == [9, 13, 6, 0] and by_slice.step.tolist()[:4] == [4, 4, 4, 0]
+
+
+def test_right_padded_prefill_needs_no_mask(tiny_ckpt):
+    """Causal attention alone is exact for right-padded prompts: each prompt's logits and the keys and
+    values it leaves in its slot equal those of the prompt prefilled alone (unpadded), whatever the padding."""
+    engines = load_engines(Checkpoint.open(tiny_ckpt), EngineOptions(capacity=3, cuda_graphs="on",
+                                                                      graph_buckets=(3,)), ("coarse",))
+    eng = engines["coarse"]
+    model, cache = eng.model, eng.cache
+    gen = torch.Generator().manual_seed(3)
+    hidden = model.lm_head.weight.shape[1]
+    lengths = [37, 90, 64]
+    embeds = torch.randn((3, 96, hidden), generator=gen)  # padded to 96; the padding is noise, not zeros
+    with torch.inference_mode():
+        together = model.prefill(embeds, torch.tensor(lengths), cache, torch.tensor([0, 1, 2]))
+        keys = [cache.k[:, i, :, :n].clone() for i, n in enumerate(lengths)]
+        for i, n in enumerate(lengths):
+            alone = model.prefill(embeds[i: i + 1, :n], torch.tensor([n]), cache, torch.tensor([i]))
+            torch.testing.assert_close(together[i], alone[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(keys[i], cache.k[:, i, :, :n], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Issues 21 and 22's device checks in one call (under 10 minutes on an H200), so that a session lent the
+# device for 15 minutes gets both. First issue 21's (bench/device_graphs.sh): transformers sequential and a
+# static batch of 64 (the batch of 16, 2.25x slower on the last H200 run, is left out for time), the engines
+# eager and with CUDA graphs at batch 1, 16 and 64, and the decode-step profile. Then issue 22's
+# (bench/device_served.sh): the served app on the GPU, taking the transformers and engine runs from the
+# first report (--reuse-runs: same machine, workload and dtype, minutes apart) instead of running them
+# again. Each report is saved run by run, so a check cut short keeps what it measured.
+#   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once (37 MiB)
+#   bash bench/device_check.sh PACKDIR [OUTDIR]                     # there (OUTDIR default: $OUT, else ./out)
+# With the device tool: run(command="bash bench/device_check.sh .cache/device-pack-out",
+#                           carry=[".cache/device-pack-out"], timeout_s=600)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PACK="${1:?usage: bench/device_check.sh PACKDIR [OUTDIR]}"
+OUTDIR="${2:-${OUT:-out}}"
+mkdir -p "$OUTDIR"
+START=$SECONDS
+HF_BATCHES=64 timeout 330 bash bench/device_graphs.sh "$OUTDIR"
+echo "issue 21's check: exit $?, $((SECONDS - START)) s"
+LEFT=$((575 - (SECONDS - START)))
+if [ -s "$OUTDIR/bench-h200-graphs.json" ]; then
+  export REUSE="$OUTDIR/bench-h200-graphs.json"
+fi
+SERVED_TIMEOUT=$((LEFT - 15)) bash bench/device_served.sh "$PACK" "$OUTDIR"
+echo "issue 22's check: exit $?, $((SECONDS - START)) s in all"
