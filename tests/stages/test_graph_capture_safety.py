@@ -28,11 +28,17 @@ def engines(tiny_ckpt):
     return load_engines(Checkpoint.open(tiny_ckpt), opts, ("semantic", "coarse", "fine"))
 
 
-def test_every_fixed_shape_step_is_capturable(engines):
+@pytest.mark.parametrize("gemv", [False, True], ids=["sdpa-decode", "cuda-decode"])
+def test_every_fixed_shape_step_is_capturable(engines, gemv):
+    """Both decode attentions: SDPA (CPU's) and ``decode_attention`` with ``index_put_`` KV writes (CUDA's)."""
     for name in ("semantic", "coarse"):
         eng = engines[name]
-        assert eng.decode_graphs.check_capturable() == len(eng.decode_graphs.shapes) * len(SampleMode)
-        assert eng.prefill_graphs.check_capturable() == len(eng.prefill_graphs.shapes) * len(SampleMode)
+        eng.model.gemv_decode = gemv
+        try:
+            assert eng.decode_graphs.check_capturable() == len(eng.decode_graphs.shapes) * len(SampleMode)
+            assert eng.prefill_graphs.check_capturable() == len(eng.prefill_graphs.shapes) * len(SampleMode)
+        finally:
+            eng.model.gemv_decode = None
     assert engines["fine"].graphs.check_capturable() == len(engines["fine"].graphs.shapes) * len(SampleMode)
 
 
