@@ -202,21 +202,22 @@ class CausalEngine(StageEngine[CausalRequestT]):
 
     def _forward(self) -> tuple[list[int], list[int]]:
         """Decode the decoding slots, prefill the waiting ones. -> (slot rows, their new tokens)"""
-        decode_rows = [i for i, s in enumerate(self.slots) if not s.needs_prefill]
-        prefill_rows = [i for i, s in enumerate(self.slots) if s.needs_prefill]
-        mode = max(s.mode for s in self.slots)
+        slots = self.slots  # the host's per-row work here runs while the GPU waits: kept to one pass or two
+        decode_rows = [i for i, s in enumerate(slots) if not s.needs_prefill]
+        prefill_rows = [i for i, s in enumerate(slots) if s.needs_prefill]
+        mode = max(s.mode for s in slots)
         parts, order = [], []
         work = {"prefill_flops": 0.0, "prefill_s": 0.0, "decode_flops": 0.0, "decode_s": 0.0, "graph_steps": 0.0}
         n = decode_rows[-1] + 1 if decode_rows else 0  # slots 0..n-1; waiting rows among them are inactive
         if decode_rows:
             t0 = time.perf_counter()
-            span = max(self.slots[i].position for i in decode_rows) + 1  # known here: no device sync
-            out, replayed, rows = self._decode(n, span, mode)
+            positions = [slots[i].position for i in decode_rows]
+            out, replayed, rows = self._decode(n, max(positions) + 1, mode)  # the span: no device sync
             parts.append(out[:n])
-            work["decode_flops"] = decode_flops(self.shape, [self.slots[i].position for i in decode_rows])
+            work["decode_flops"] = decode_flops(self.shape, positions)
             work["graph_steps"], work["bucket"] = float(replayed), float(rows)
             for i in decode_rows:
-                self.slots[i].position += 1
+                slots[i].position += 1
             work["decode_s"] = time.perf_counter() - t0
         if prefill_rows:
             t0 = time.perf_counter()
@@ -227,7 +228,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
             work["prefill_flops"] = prefill_flops(self.shape, all_lengths)
             work["prefill_s"] = time.perf_counter() - t0
         self._work = work
-        tokens = torch.cat(parts).tolist()  # the step's one device-to-host copy
+        tokens = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the step's one device-to-host copy
         return decode_rows + order, [tokens[i] for i in decode_rows] + tokens[n:]
 
     def _decode(self, n: int, span: int, mode: SampleMode) -> tuple[torch.Tensor, bool, int]:
