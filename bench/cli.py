@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import sys
@@ -96,11 +97,11 @@ def register(sub) -> None:
 
 
 def _decode_stages(text: str) -> list[str]:
-    """--decode-stages: a comma list of semantic, coarse and fine."""
+    """--decode-stages: a comma list of the stages that have decode steps (every one but the codec)."""
+    allowed = [s for s in STAGES if s != "codec"]
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in ("semantic", "coarse", "fine")]
-    if bad or not names:
-        raise argparse.ArgumentTypeError(f"choose from semantic, coarse, fine (got {text!r})")
+    if not names or any(n not in allowed for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
     return names
 
 
@@ -213,8 +214,8 @@ def _reusable_runs(path: str, report: dict) -> list[dict]:
     device, dtype and workload as ``report`` (a mismatch is a usage error: exit 2 with the difference)."""
     try:
         earlier = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise _UsageError(f"--reuse-runs {path}: cannot read a bench report ({exc})") from None
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: nested past the parser's depth
+        raise _UsageError(f"--reuse-runs {path}: cannot read a bench report ({type(exc).__name__})") from None
     if not isinstance(earlier, dict) or not isinstance(earlier.get("runs"), list):
         raise _UsageError(f"--reuse-runs {path}: not a bench report (no runs list)")
     for key, want in (("device", report["device"]), ("dtype", report["dtype"]), ("workload", report["workload"]),
@@ -222,8 +223,13 @@ def _reusable_runs(path: str, report: dict) -> list[dict]:
         have = earlier.get(key) if key in ("device", "dtype", "workload") else earlier.get("machine", {}).get(key)
         if have != want:
             raise _UsageError(f"--reuse-runs {path}: its {key} is {have!r}, this run's is {want!r}")
-    return [{**r, "reused_from": path} for r in earlier["runs"]
+    runs = [r for r in earlier["runs"]
             if isinstance(r, dict) and str(r.get("name", "")).startswith(("transformers_", "engines_"))]
+    for r in runs:  # what the ratios and floors read of each
+        tput = r.get("throughput_audio_s_per_s")
+        if not isinstance(tput, (int, float)) or isinstance(tput, bool) or not math.isfinite(tput) or tput <= 0:
+            raise _UsageError(f"--reuse-runs {path}: run {r['name']!r} has no positive throughput_audio_s_per_s")
+    return [{**r, "reused_from": path} for r in runs]
 
 
 class _UsageError(SystemExit):

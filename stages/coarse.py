@@ -101,11 +101,11 @@ class CoarseEngine(CausalEngine[CoarseRequest]):
 
     def _select(self, logits: torch.Tensor, rows: Rows, mode: SampleMode) -> torch.Tensor:
         spec = self.spec
-        codebook = self.table.in_window[rows] % spec.n_coarse_codebooks  # (R,): this step's codebook per row
-        first, size = spec.semantic_vocab_size, spec.codebook_size
-        books = logits[:, first: first + spec.n_coarse_codebooks * size].view(-1, spec.n_coarse_codebooks, size)
+        codebook, lo = T.coarse_codebook(self.table.in_window[rows], spec)  # (R,) each: this step's per row
+        first, size, n_books = spec.semantic_vocab_size, spec.codebook_size, spec.n_coarse_codebooks
+        books = logits[:, first: first + n_books * size].view(-1, n_books, size)  # (R, 2, 1024)
         allowed = books.gather(1, codebook[:, None, None].expand(-1, 1, size))[:, 0]  # (R, 1024): that codebook
-        return self.table.sample(allowed, rows, mode) + (first + codebook * size)  # as T.coarse_token_range
+        return self.table.sample(allowed, rows, mode) + lo
 
     def _max_steps(self, slot: CoarseSlot) -> int:
         return slot.state.target

@@ -120,12 +120,12 @@ def coarse_window_input(
     return np.concatenate([sem, np.array([spec.coarse_infer_token], dtype=np.int64), hist.astype(np.int64)])
 
 
-def coarse_token_range(n_generated_in_window, spec: BarkSpec):
-    """Allowed [lo, hi) of the next coarse token: codebooks alternate, 0 first. An int, or a tensor of
-    counts (one per row: the coarse engine's step, on the device) for tensors of bounds."""
+def coarse_codebook(n_generated_in_window, spec: BarkSpec):
+    """The next coarse token's codebook and the first id of its range [lo, lo + codebook_size): codebooks
+    alternate, 0 first. An int, or a tensor of counts (one per row: the coarse engine's step, on the
+    device) for tensors. -> (codebook, lo)"""
     codebook = n_generated_in_window % spec.n_coarse_codebooks
-    lo = spec.semantic_vocab_size + codebook * spec.codebook_size
-    return lo, lo + spec.codebook_size
+    return codebook, spec.semantic_vocab_size + codebook * spec.codebook_size
 
 
 # ---------------------------------------------------------------- fine

@@ -84,9 +84,16 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
         res = subprocess.run([*base, *other], capture_output=True, text=True, timeout=300)
         assert res.returncode == 2 and "--reuse-runs" in res.stderr and "workload" in res.stderr, res.stderr[-2000:]
         assert "Traceback" not in res.stderr
-    (tmp_path / "junk.json").write_text("{not json")
-    res = subprocess.run([*base[:-1], str(tmp_path / "junk.json")], capture_output=True, text=True, timeout=300)
-    assert res.returncode == 2 and "cannot read a bench report" in res.stderr and "Traceback" not in res.stderr
+    bad_run = {**reused, "runs": [{**reused["runs"][0], "throughput_audio_s_per_s": float("nan")}]}
+    hostile = {"junk.json": ("{not json", "cannot read a bench report"),
+               "deep.json": ("[" * 100_000 + "]" * 100_000, "cannot read a bench report"),
+               "norun.json": (json.dumps({"runs": "x"}), "no runs list"),
+               "nan.json": (json.dumps(bad_run), "no positive throughput")}
+    for name, (text, message) in hostile.items():
+        (tmp_path / name).write_text(text)
+        res = subprocess.run([*base[:-1], str(tmp_path / name)], capture_output=True, text=True, timeout=300)
+        assert res.returncode == 2 and message in res.stderr, (name, res.stderr[-2000:])
+        assert "Traceback" not in res.stderr, (name, res.stderr[-2000:])
 
 
 @pytest.mark.parametrize("flag", ["--max-batch", "--stage-threads"])

@@ -49,12 +49,12 @@ def test_serve_config_file_deploys_and_ray_client_calls_the_handle(tiny_ckpt, tm
     ray_tmp = tempfile.mkdtemp(prefix="rc-")  # short: Ray's socket paths must fit in 107 bytes
     for attempt in range(3):
         gcs_port, client_port = free_port(), free_port()
-        head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                                 f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
-                                 f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
-                                 "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
-                                stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        with open(tmp_path / "head.log", "w") as head_log:  # the head writes to its own copy of the handle
+            head = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+                                     f"--port={gcs_port}", f"--ray-client-server-port={client_port}", "--num-cpus=4",
+                                     f"--resources={json.dumps(pool_resources(cfg))}", "--include-dashboard=false",
+                                     "--disable-usage-stats", f"--temp-dir={ray_tmp}"],
+                                    stdout=head_log, stderr=subprocess.STDOUT, start_new_session=True)
         # Ray draws its own components' ports at random; one of them can take the free port picked here
         # (seen once in CI: "client_server is trying to use a port number ... used by other components")
         if _head_refused_port(head, client_port, tmp_path / "head.log") and attempt < 2:
