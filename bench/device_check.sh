@@ -9,7 +9,7 @@
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once (37 MiB)
 #   bash bench/device_check.sh PACKDIR [OUTDIR]                     # there (OUTDIR default: $OUT, else ./out)
 # With the device tool: run(command="bash bench/device_check.sh .cache/device-pack-out",
-#                           carry=[".cache/device-pack-out"], timeout_s=600)
+#                           carry=[".cache/device-pack-out"], timeout_s=600, kind="nvidia-h200")
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PACK="${1:?usage: bench/device_check.sh PACKDIR [OUTDIR]}"
@@ -19,8 +19,9 @@ START=$SECONDS
 HF_BATCHES=64 timeout 330 bash bench/device_graphs.sh "$OUTDIR"
 echo "issue 21's check: exit $?, $((SECONDS - START)) s"
 LEFT=$((575 - (SECONDS - START)))
-if [ -s "$OUTDIR/bench-h200-graphs.json" ]; then
-  export REUSE="$OUTDIR/bench-h200-graphs.json"
+GRAPHS="$(ls "$OUTDIR"/bench-*-graphs.json 2>/dev/null | head -1)"   # bench-h200-graphs.json on an H200
+if [ -n "$GRAPHS" ] && [ -s "$GRAPHS" ]; then
+  export REUSE="$GRAPHS"
 fi
 SERVED_TIMEOUT=$((LEFT - 15)) bash bench/device_served.sh "$PACK" "$OUTDIR"
 echo "issue 22's check: exit $?, $((SECONDS - START)) s in all"

@@ -9,7 +9,7 @@
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once: at most 50 MiB (37 MiB)
 #   bash bench/device_served.sh PACKDIR [OUTDIR]                    # there (OUTDIR default: $OUT, else ./out)
 # With the device tool: run(command="bash bench/device_served.sh .cache/device-pack-out",
-#                           carry=[".cache/device-pack-out"], timeout_s=600)
+#                           carry=[".cache/device-pack-out"], timeout_s=600, kind="nvidia-h200")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK="${1:?usage: bench/device_served.sh PACKDIR [OUTDIR]}"
@@ -20,6 +20,8 @@ bash "$PACK/install.sh" "$SITE" "$PWD"   # the pack, and this checkout linked in
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E '[a-z]?[0-9]{2,4}' | head -1 | tr 'A-Z' 'a-z' || true)"
+NAME="bench-${GPU:-gpu}-served"   # bench-h200-served.json on an H200
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
 # REUSE=FILE (bench/device_check.sh sets it): the transformers and engine runs come from issue 21's report,
 # written minutes before in the same call on the same machine (--reuse-runs), instead of being run again.
@@ -31,9 +33,9 @@ fi
 timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 \
   --profile single-gpu "${FIRST[@]}" \
   --concurrency 1,16,64 --served-requests 32,1=4,64=64 --rate-fractions 0.5,0.7,0.9 --gemm-seconds 1 \
-  --plots "$OUTDIR/img" --out "$OUTDIR/bench-h200-served.json" 2> >(tee "$OUTDIR/bench-h200-served.log" >&2) \
+  --plots "$OUTDIR/img" --out "$OUTDIR/$NAME.json" 2> >(tee "$OUTDIR/$NAME.log" >&2) \
   >/dev/null
-python3 - "$OUTDIR/bench-h200-served.json" <<'PY'
+python3 - "$OUTDIR/$NAME.json" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
 for run in r["runs"]:
