@@ -11,6 +11,7 @@ module imports what it needs when it runs, so ``--help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .common import EXIT_USAGE, CliError
@@ -145,16 +146,35 @@ def main(argv: list[str] | None = None) -> int:
     from bark_serve.stages.types import CheckpointError, InvalidRequestError
 
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except CliError as exc:
         print(f"bark-serve {args.command}: error: {exc}", file=sys.stderr)
-        return exc.code
+        code = exc.code
     except (InvalidRequestError, CheckpointError, ConfigError, FileNotFoundError, IsADirectoryError) as exc:
         print(f"bark-serve {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        code = EXIT_USAGE
     except KeyboardInterrupt:
         print(f"bark-serve {args.command}: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    if getattr(args, "exit_at_once", False):
+        _exit_at_once(code)
+    return code
+
+
+def _exit_at_once(code: int) -> None:
+    """End the process without the interpreter's teardown, once a command has stopped everything it started.
+    `up` stopped by a signal while ray.init or serve.run was under way leaves threads of Ray's C++ core and of
+    the deploying thread running; tearing the interpreter down under them crashed the process with SIGSEGV
+    after it had printed "stopped" (seen in CI). Logs and output are flushed first."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":  # run the imported module's main, so exception classes are the same objects

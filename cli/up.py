@@ -52,7 +52,7 @@ def _register_up(sub) -> None:
                         "started, with its data in $BARK_STATE_DIR or ~/.cache/bark-serve/redis")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for all stages")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own logs in this terminal")
-    p.set_defaults(func=up)
+    p.set_defaults(func=up, exit_at_once=True)  # see cli.main._exit_at_once
 
 
 def _register_say(sub) -> None:
