@@ -19,8 +19,8 @@ START=$SECONDS
 HF_BATCHES=64 timeout 330 bash bench/device_graphs.sh "$OUTDIR"
 echo "issue 21's check: exit $?, $((SECONDS - START)) s"
 LEFT=$((575 - (SECONDS - START)))
-GRAPHS="$(ls "$OUTDIR"/bench-*-graphs.json 2>/dev/null | head -1)"   # bench-h200-graphs.json on an H200
-if [ -n "$GRAPHS" ] && [ -s "$GRAPHS" ]; then
+GRAPHS="$OUTDIR/bench-$(bash bench/gpu_tag.sh)-graphs.json"   # as device_graphs.sh names it
+if [ -s "$GRAPHS" ]; then
   export REUSE="$GRAPHS"
 fi
 SERVED_TIMEOUT=$((LEFT - 15)) bash bench/device_served.sh "$PACK" "$OUTDIR"

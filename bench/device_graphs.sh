@@ -17,9 +17,7 @@ for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$R
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-# files named after the chip that ran them (bench-h200-graphs.json, bench-h100-graphs.json, ...)
-GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E '[a-z]?[0-9]{2,4}' | head -1 | tr 'A-Z' 'a-z' || true)"
-NAME="bench-${GPU:-gpu}-graphs"
+NAME="bench-$(bash bench/gpu_tag.sh)-graphs"   # bench-h200-graphs.json on an H200
 python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --skip served,offline \
   --hf-requests 2 --hf-batches "${HF_BATCHES:-16,64}" --engine-batches 1,16,64 --engine-requests 1=2,16=16,64=64 \
   --cuda-graphs off,on --decode-steps 20 --gemm-seconds 1 \

@@ -20,8 +20,7 @@ bash "$PACK/install.sh" "$SITE" "$PWD"   # the pack, and this checkout linked in
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-GPU="$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E '[a-z]?[0-9]{2,4}' | head -1 | tr 'A-Z' 'a-z' || true)"
-NAME="bench-${GPU:-gpu}-served"   # bench-h200-served.json on an H200
+NAME="bench-$(bash bench/gpu_tag.sh)-served"   # bench-h200-served.json on an H200
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
 # REUSE=FILE (bench/device_check.sh sets it): the transformers and engine runs come from issue 21's report,
 # written minutes before in the same call on the same machine (--reuse-runs), instead of being run again.
