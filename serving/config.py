@@ -97,6 +97,9 @@ class StageConfig(Placement):
     # batch sizes captured (a step is padded up to the next one); empty: 1, 2, 4, 8, 16, 24, 32, 48, 64, ...
     # up to max_batch, and max_batch itself
     graph_buckets: list[Annotated[int, Field(ge=1, le=512)]] = Field(default_factory=list, max_length=32)
+    # a seed's sampled tokens bit for bit the same whatever requests share the batch (stages/invariance.py):
+    # small batches padded, attention through SDPA's math kernel; a lone request decodes slower
+    batch_invariant: bool = False
 
 
 class OrchestratorConfig(Placement):

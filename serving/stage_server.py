@@ -49,7 +49,7 @@ def engine_options(cfg: StageConfig) -> EngineOptions:
     return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads, log), capacity=cfg.max_batch,
                          torch_threads=threads, cpu_offload=cfg.cpu_offload,
                          max_forward_tokens=cfg.max_forward_tokens, cuda_graphs=cfg.cuda_graphs,
-                         graph_buckets=tuple(cfg.graph_buckets))
+                         graph_buckets=tuple(cfg.graph_buckets), batch_invariant=cfg.batch_invariant)
 
 
 def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):
@@ -105,6 +105,10 @@ class StageServer:
         device = self.device_report()
         metrics.device(device, self.device_report)
         log.info("%s placed: %s", stage, _describe(device))
+        if scfg.batch_invariant:
+            floor = getattr(self.engine, "row_floor", None)
+            log.info("%s batch_invariant: %s", stage, f"batches under {floor} rows padded to {floor}" if floor
+                     else "no padding gives this device batch-invariant GEMMs; sampled tokens may depend on the batch")
         log.info("%s ready: capacity %d, %s on %s, %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device,
                  "eager steps" if graphs is None else
                  f"{graphs['cuda_graphs']} CUDA graphs captured in {graphs['capture_s']:.2f} s, "

@@ -61,6 +61,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
     def __init__(self, options: EngineOptions, model: CausalLM, max_len: int, max_steps: int):
         super().__init__(options)
         self.model = model
+        self.row_floor = self._batch_invariant(model, max(buckets_for(options.capacity, options.graph_buckets)))
         self.max_len = min(max_len, model.block_size)
         self.fixed_shape = use_graphs(options.cuda_graphs, self.device, options.cpu_offload)
         # eager: empty until requests come, reserve() sizes it to the held requests' reach; fixed shape:

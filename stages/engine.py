@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import ctypes
+import logging
 import os
 import sys
 from collections import deque
@@ -22,6 +23,8 @@ import numpy as np
 import torch
 
 from .types import EngineResult, InvalidRequestError, StageRequest
+
+log = logging.getLogger(__name__)
 
 RequestT = TypeVar("RequestT", bound=StageRequest)  # the request type an engine admits
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
@@ -46,6 +49,10 @@ class EngineOptions:
     # (empty: the defaults up to ``capacity``).
     cuda_graphs: str = "auto"
     graph_buckets: tuple[int, ...] = ()
+    # Pad small batches so that a row's logits, and so a seed's sampled tokens, do not depend on the rows
+    # it shares a step with (stages/invariance.py); costs a lone request its GEMV speed. Off: the same
+    # tokens except where a draw falls within rounding of a token boundary (rare, see invariance.py).
+    batch_invariant: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
@@ -163,6 +170,18 @@ class StageEngine(abc.ABC, Generic[RequestT]):
             torch.set_num_threads(options.torch_threads)
         if self.device.type == "cpu":
             tune_cpu_malloc()
+
+    def _batch_invariant(self, model: torch.nn.Module, max_rows: int) -> int | None:
+        """With ``batch_invariant``: pad the model's small GEMMs to the floor probed on this device
+        (stages/invariance.py). -> the floor, or None (option off, CPU offload, or no floor found)."""
+        if not self.options.batch_invariant:
+            return None
+        if self.options.cpu_offload:  # the weights live on the host: a probe there says nothing of the device
+            log.warning("%s: batch_invariant is ignored with cpu_offload", self.name)
+            return None
+        from .invariance import apply_row_floor
+
+        return apply_row_floor(model, max_rows)
 
     def forward_token_budget(self, hidden: int) -> int:
         """Rows one forward may hold (see ``EngineOptions.max_forward_tokens``)."""

@@ -65,6 +65,8 @@ class FineEngine(StageEngine[FineRequest]):
     def __init__(self, options: EngineOptions, model: FineLM, spec: BarkSpec):
         super().__init__(options)
         self.model, self.spec = model, spec
+        # a pass holds 1024 rows per request: only the attention changes (stages/invariance.py)
+        self.row_floor = self._batch_invariant(model, options.capacity)
         self.shape = Shape.of(model)
         self.jobs: list[_FineJob] = []
         self.graphs: StepGraphs | None = None

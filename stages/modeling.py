@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .invariance import RowLinear
+
 
 class SlotKVCache:
     """Keys and values of every layer for ``n_slots`` requests. (layers, slots, heads, length, head_dim)
@@ -133,8 +135,11 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.n_heads = n_heads
         self.head_dim = hidden // n_heads
-        self.att_proj = nn.Linear(hidden, 3 * hidden, bias=bias)
-        self.out_proj = nn.Linear(hidden, hidden, bias=bias)
+        self.att_proj = RowLinear(hidden, 3 * hidden, bias=bias)
+        self.out_proj = RowLinear(hidden, hidden, bias=bias)
+        # SDPA's math kernel only (stages/invariance.py: CPU's flash kernel splits a small batch's work
+        # differently from a large one's, so a row's output depended on the batch)
+        self.math_attention = False
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -149,6 +154,9 @@ class SelfAttention(nn.Module):
         # causal (no mask): the kernel skips the blocks above the diagonal instead of masking them
         if isinstance(mask, HiddenKeys):  # a decode step on the GEMV path
             y = decode_attention(q, k, v, mask.hidden)  # (B, H, 1, D)
+        elif self.math_attention:
+            with sdpa_kernel(SDPBackend.MATH):
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
         elif q.is_cuda:  # not cuDNN's SDPA: it builds a graph per new shape, and decode's span grows every step
             with sdpa_kernel(_CUDA_SDPA):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, D)
@@ -161,8 +169,8 @@ class SelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden: int, bias: bool):
         super().__init__()
-        self.in_proj = nn.Linear(hidden, 4 * hidden, bias=bias)
-        self.out_proj = nn.Linear(4 * hidden, hidden, bias=bias)
+        self.in_proj = RowLinear(hidden, 4 * hidden, bias=bias)
+        self.out_proj = RowLinear(4 * hidden, hidden, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_proj(F.gelu(self.in_proj(x)))
@@ -253,7 +261,7 @@ class CausalLM(nn.Module):
         self.position_embeds_layer = nn.Embedding(cfg.block_size, hidden)
         self.layers = nn.ModuleList(Block(hidden, self.n_heads, bias, bias) for _ in range(cfg.num_layers))
         self.layernorm_final = nn.LayerNorm(hidden, bias=bias)
-        self.lm_head = nn.Linear(hidden, cfg.output_vocab_size, bias=False)
+        self.lm_head = RowLinear(hidden, cfg.output_vocab_size, bias=False)
         # decode attention as two batched GEMVs (``decode_attention``) rather than SDPA: None = on CUDA.
         # A test sets True to run the CUDA path on CPU.
         self.gemv_decode: bool | None = None

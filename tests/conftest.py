@@ -76,7 +76,14 @@ def _torch_threads_restored():
 
 
 @pytest.fixture(scope="module")
-def pipe(tiny_ckpt, pipe_capacity):
+def pipe_batch_invariant() -> bool:
+    """``batch_invariant`` of ``pipe``'s engines: off, as the served stages under test run. A module that
+    compares sampled tokens across batch compositions overrides this fixture (stages/invariance.py)."""
+    return False
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_ckpt, pipe_capacity, pipe_batch_invariant):
     """The in-process BarkPipeline on the tiny checkpoint, float32 and one torch thread (as the served stage
     replicas under test run: float32 pinned by the e2e and offline configs, one thread from Ray's
     OMP_NUM_THREADS for a fractional CPU), its engines holding ``pipe_capacity`` requests. One per test
@@ -88,5 +95,6 @@ def pipe(tiny_ckpt, pipe_capacity):
 
     threads = torch.get_num_threads()
     yield BarkPipeline.from_pretrained(
-        str(tiny_ckpt), EngineOptions(capacity=pipe_capacity, dtype="float32", torch_threads=1))
+        str(tiny_ckpt), EngineOptions(capacity=pipe_capacity, dtype="float32", torch_threads=1,
+                                      batch_invariant=pipe_batch_invariant))
     torch.set_num_threads(threads)

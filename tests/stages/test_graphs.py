@@ -3,7 +3,8 @@
 On CPU ``cuda_graphs="on"`` runs exactly what a CUDA graph would replay, without capture: a
 static whole-length KV cache, every step padded to a captured shape (rows to a bucket, decode
 spans and prompt lengths to multiples of 128), per-slot state and pre-drawn uniforms on the device.
-These tests check that this path is exact:
+These tests check that this path is exact (its engines batch-invariant, stages/invariance.py, so
+"exact" is to the bit whatever shares a step):
 
 - greedy tokens equal transformers' Bark and the eager path, audio within 1e-4;
 - seeded sampling does not depend on the batch, the bucket, the padding or the path;
@@ -72,7 +73,10 @@ def refs(hf, preset_dir):
 
 
 def _pipeline(tiny_ckpt, preset_dir, **options) -> BarkPipeline:
-    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(**options), preset_dirs=[preset_dir])
+    """Batch-invariant engines (stages/invariance.py): the exactness asserted here is to the bit, across
+    batch sizes and buckets."""
+    return BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(batch_invariant=True, **options),
+                                        preset_dirs=[preset_dir])
 
 
 @pytest.fixture(scope="module")
@@ -137,6 +141,9 @@ def test_auto_is_eager_on_cpu_and_on_is_the_fixed_shape_path(eager, fixed, fixed
             assert eng.row_buckets == buckets
             assert eng.graph_stats()["cuda_graphs"] == 0  # nothing captured on CPU: the same steps run eagerly
     assert eager.engines["fine"].graphs is None and fixed.engines["fine"].graphs is not None
+    for pipe in (eager, fixed, fixed3):
+        for stage in ("semantic", "coarse", "fine"):
+            assert pipe.engines[stage].row_floor is not None, f"no batch-invariant GEMM row count on this CPU ({stage})"
     for stage in ("semantic", "coarse"):
         eng = fixed.engines[stage]
         assert eager.engines[stage].decode_graphs is None and eager.engines[stage].prefill_graphs is None

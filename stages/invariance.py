@@ -1,0 +1,103 @@
+"""Batch-invariant linear layers: a row's output bit for bit the same whatever rows share its GEMM.
+
+Why: sampling draws per request (stages/sampling.py), so a seed's tokens depend only on its own
+logits. But a GEMM library picks its kernel by the number of rows: on a 2-core EPYC with MKL, a
+decode step of one row (a GEMV) and one of four rows give the same row different last bits, and
+rows 2-3 differ again from 4 and more. Mostly that changes nothing; now and then a draw lands in
+the sliver between two tokens' cumulative probabilities and the request takes another path from
+there (measured: 5 of 1,600 seeded requests of 60 tokens, tiny checkpoint, bucket 1 against bucket 4).
+
+``batch_invariant`` (an engine option, off by default) removes that: at engine start
+:func:`apply_row_floor` probes each distinct linear shape of the model on its own device and dtype
+for the smallest row count from which every larger one (up to the engine's batch and a few prefill
+sizes) computes a row identically, and every :class:`RowLinear` then pads fewer rows to it with
+zeros. The cost is that a lone request's GEMMs run at that many rows (about 2.5x the GEMV's time
+for bark-small's shapes on CPU); a step that already holds that many rows costs nothing more.
+Where no such floor exists up to ``FLOOR_CAP`` rows (a GPU library whose kernels change with every
+tile size), nothing is padded and the engine says so (``row_floor`` is None).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+FLOOR_CAP = 16  # the most rows a lone row is padded to
+PREFILL_ROWS = (128, 512, 2048)  # prefills run whole prompts: these larger row counts must agree too
+EXHAUSTIVE_ROWS = 64  # every row count up to this is probed; beyond it, every eighth
+
+
+class RowLinear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state-dict names) that pads inputs of fewer than ``min_rows``
+    rows (leading dimensions flattened) with zero rows, and drops their outputs."""
+
+    min_rows: int = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if rows >= self.min_rows or rows == 0:
+            return F.linear(x, self.weight, self.bias)
+        flat = x.reshape(rows, x.shape[-1])
+        padded = torch.cat([flat, flat.new_zeros((self.min_rows - rows, flat.shape[1]))])
+        y = F.linear(padded, self.weight, self.bias)[:rows]
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _probe_sizes(max_rows: int, cap: int) -> list[int]:
+    """Every row count up to the cap (a small engine is padded past its own batch) and up to EXHAUSTIVE_ROWS
+    of the engine's batch, every eighth beyond, and the prefill sizes."""
+    sizes = set(range(1, max(cap, min(max_rows, EXHAUSTIVE_ROWS)) + 1))
+    sizes |= set(range(EXHAUSTIVE_ROWS, max_rows + 1, 8))
+    return sorted(sizes | {max_rows, *PREFILL_ROWS})
+
+
+@torch.inference_mode()
+def row_floor(weight: torch.Tensor, bias: torch.Tensor | None, max_rows: int, cap: int = FLOOR_CAP,
+              fn=F.linear) -> int | None:
+    """The smallest row count r <= cap such that a GEMM of any probed count m >= r rows computes each row as
+    the largest probed GEMM does (and zero rows padding one real row to r change nothing); None if none.
+    ``fn(x, weight, bias)`` is the GEMM (F.linear; a test passes one whose rows drift with the batch)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sizes = _probe_sizes(max_rows, cap)
+    x = torch.randn((sizes[-1], weight.shape[1]), generator=gen).to(weight.device, weight.dtype)
+    ref = fn(x, weight, bias)
+    floor = None
+    for m in reversed(sizes):
+        if not torch.equal(fn(x[:m], weight, bias), ref[:m]):
+            break
+        floor = m
+    if floor is None or floor > cap:
+        return None
+    padded = torch.cat([x[:1], x.new_zeros((floor - 1, x.shape[1]))])
+    return floor if torch.equal(fn(padded, weight, bias)[:1], ref[:1]) else None
+
+
+def apply_row_floor(model: nn.Module, max_rows: int) -> int | None:
+    """Probe every distinct RowLinear shape of ``model`` and pad them all to the largest floor found.
+    -> that floor, or None (then nothing is padded: no floor up to FLOOR_CAP on this device)."""
+    layers = [m for m in model.modules() if isinstance(m, RowLinear)]
+    floors: dict[tuple, int | None] = {}
+    for layer in layers:
+        key = (tuple(layer.weight.shape), layer.bias is not None, layer.weight.dtype, layer.weight.device)
+        if key not in floors:
+            floors[key] = row_floor(layer.weight, layer.bias, max_rows)
+    found = [f for f in floors.values() if f is not None]
+    floor = max(found) if found and len(found) == len(floors) else None
+    for layer in layers:
+        layer.min_rows = floor or 1
+    for module in model.modules():  # attention through SDPA's math kernel, whose rows do not depend on the batch
+        if hasattr(module, "math_attention"):
+            module.math_attention = floor is not None  # type: ignore[assignment]  # SelfAttention (modeling.py)
+    if floor is None:
+        missing = [k[0] for k, f in floors.items() if f is None]
+        log.warning("batch_invariant: no row count up to %d gives these GEMMs (out, in) = %s the same rows on "
+                    "%s; steps are not padded, and a seed's sampled tokens may depend on the batch",
+                    FLOOR_CAP, missing, layers[0].weight.device if layers else "this device")
+    else:
+        log.info("batch_invariant: GEMMs of fewer than %d rows are padded to %d", floor, floor)
+    return floor
