@@ -1,20 +1,23 @@
 """Batch-invariant linear layers: a row's output bit for bit the same whatever rows share its GEMM.
 
 Why: sampling draws per request (stages/sampling.py), so a seed's tokens depend only on its own
-logits. But a GEMM library picks its kernel by the number of rows: on a 2-core EPYC with MKL, a
-decode step of one row (a GEMV) and one of four rows give the same row different last bits, and
-rows 2-3 differ again from 4 and more. Mostly that changes nothing; now and then a draw lands in
-the sliver between two tokens' cumulative probabilities and the request takes another path from
-there (measured: 5 of 1,600 seeded requests of 60 tokens, tiny checkpoint, bucket 1 against bucket 4).
+logits. But a GEMM library picks its kernel by the number of rows: with MKL on a 2-core EPYC a row of a
+1-row GEMM (a GEMV), of a 2-3-row one and the tail rows of 5-7 and 9-11 rows each get other last bits
+than in a larger GEMM, and CPU's flash SDPA splits a small batch's work otherwise than a large one's.
+Mostly that changes nothing; now and then a draw lands in the sliver between two tokens' cumulative
+probabilities and the request takes another path from there (4 of 1,600 seeded 60-token requests,
+alone against four at a time: docs/BENCHMARKS.md, ``python -m bark_serve.bench.batch_invariance``).
 
 ``batch_invariant`` (an engine option, off by default) removes that: at engine start
-:func:`apply_row_floor` probes each distinct linear shape of the model on its own device and dtype
-for the smallest row count from which every larger one (up to the engine's batch and a few prefill
-sizes) computes a row identically, and every :class:`RowLinear` then pads fewer rows to it with
-zeros. The cost is that a lone request's GEMMs run at that many rows (about 2.5x the GEMV's time
-for bark-small's shapes on CPU); a step that already holds that many rows costs nothing more.
+:func:`apply_row_floor` probes each distinct linear shape of the model on its own device, dtype and
+thread count for the smallest row count from which every larger one (up to the engine's batch and a
+few prefill sizes) computes a row identically (12 there with two threads), every :class:`RowLinear`
+then pads fewer rows to it with zeros, and attention goes through SDPA's math kernel. The cost is a
+lone request's speed (a bark-small decode step at batch 1 took 2.1x as long there); a step that
+already holds that many rows pays only the math attention (1.3x at 12 rows).
 Where no such floor exists up to ``FLOOR_CAP`` rows (a GPU library whose kernels change with every
-tile size), nothing is padded and the engine says so (``row_floor`` is None).
+tile size), nothing is padded and the engine says so (``row_floor`` is None). The floor is probed at
+one thread count: ``torch_threads: shared``, which changes it per step, may move the last bits again.
 """
 
 from __future__ import annotations
