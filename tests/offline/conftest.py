@@ -33,8 +33,11 @@ def assert_same_audio(actual: np.ndarray, desired: np.ndarray) -> None:
 
 
 def offline_config(model: str, **overrides) -> dict:
-    """float32 pinned (the reference pipeline is float32), one torch thread, small batches, tiny CPU shares."""
-    stage = {"num_cpus": 0.25, "max_batch": 2, "dtype": "float32", "device": "cpu", "torch_threads": 1}
+    """float32 pinned (the reference pipeline is float32), one torch thread, small batches, tiny CPU shares,
+    batch-invariant engines (as ``pipe`` here): a sampled row batched with another takes the tokens it takes
+    alone in the reference to the bit (stages/invariance.py)."""
+    stage = {"num_cpus": 0.25, "max_batch": 2, "dtype": "float32", "device": "cpu", "torch_threads": 1,
+             "batch_invariant": True}
     cfg = {"model": model, "orchestrator": {"num_cpus": 0.25, "segment_max_tokens": SEGMENT_TOKENS},
            **{s: {"pool": s, **stage} for s in ("semantic", "coarse", "fine", "codec")}}
     cfg.update(overrides)
@@ -65,6 +68,11 @@ SCRIPT_ROW = {"id": "script", "options": {"temperature": 0, "max_semantic_tokens
 @pytest.fixture(scope="module")
 def pipe_capacity() -> int:
     return 4
+
+
+@pytest.fixture(scope="module")
+def pipe_batch_invariant() -> bool:
+    return True
 
 
 def reference(pipe, row: dict, aliases: dict | None = None) -> np.ndarray:
