@@ -68,11 +68,10 @@ def forks(model: str, device: str, invariant: bool, n_requests: int) -> dict[str
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def decode_steps(model: str, device: str, invariant: bool, batches: list[int], steps: int) -> list[dict[str, Any]]:
+def decode_steps(pipe, device: str, invariant: bool, batches: list[int], steps: int) -> list[dict[str, Any]]:
     """Median wall ms of a decode-only step of the semantic engine holding ``batch`` requests."""
     import torch
 
-    pipe = _pipeline(model, device, invariant, capacity=max(batches))
     eng = pipe.engines["semantic"]
     out = []
     for batch in batches:
@@ -101,22 +100,23 @@ def run(args) -> dict[str, Any]:
 
     from bark_serve.bench.cli import _checkpoint, _machine
     from bark_serve.stages.engine import resolve_device
+    from bark_serve.stages.invariance import FLOOR_CAP
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     report: dict[str, Any] = {"benchmark": "batch_invariance", "machine": _machine(device, torch), "device": device}
     small = _checkpoint(argparse.Namespace(model=args.model, size=args.size))
-    floors = {}
-    for stage in ("semantic", "coarse"):
-        floors[stage] = _pipeline(small, device, True).engines[stage].row_floor
-    report["floors"] = floors
-    top = floors["semantic"] or 1
-    batches = sorted({1, top})
     report["steps"] = []
-    for invariant in (False, True):
+    batches: list[int] = []
+    for invariant in (True, False):  # the invariant engines first: their floor is the second batch timed
+        pipe = _pipeline(small, device, invariant, capacity=FLOOR_CAP)
+        if invariant:
+            report["floors"] = {stage: pipe.engines[stage].row_floor for stage in ("semantic", "coarse")}
+            batches = sorted({1, report["floors"]["semantic"] or 1})
         _log(f"decode steps of {small}, batches {batches}, batch_invariant {invariant}")
-        report["steps"] += decode_steps(small, device, invariant, batches, args.steps)
+        report["steps"] += decode_steps(pipe, device, invariant, batches, args.steps)
+        del pipe
     tiny = _checkpoint(argparse.Namespace(model=None, size=args.fork_size))
     report["forks"] = []
     for invariant in (False, True):

@@ -13,8 +13,8 @@ alone against four at a time: docs/BENCHMARKS.md, ``python -m bark_serve.bench.b
 thread count for the smallest row count from which every larger one (up to the engine's batch and a
 few prefill sizes) computes a row identically (12 there with two threads), every :class:`RowLinear`
 then pads fewer rows to it with zeros, and attention goes through SDPA's math kernel. The cost is a
-lone request's speed (a bark-small decode step at batch 1 took 2.1x as long there); a step that
-already holds that many rows pays only the math attention (1.3x at 12 rows).
+lone request's speed (a bark-small decode step at batch 1 took about 1.6x as long there); a step
+that already holds that many rows pays only the math attention (not measurable at 12 rows).
 Where no such floor exists up to ``FLOOR_CAP`` rows (a GPU library whose kernels change with every
 tile size), nothing is padded and the engine says so (``row_floor`` is None). The floor is probed at
 one thread count: ``torch_threads: shared``, which changes it per step, may move the last bits again.
