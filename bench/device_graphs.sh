@@ -11,11 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-out}}"
 mkdir -p "$OUTDIR"
-ROOT="$(mktemp -d)"
-mkdir -p "$ROOT/bark_serve"
-for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}"
+source bench/checkout_on_path.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 NAME="bench-$(bash bench/gpu_tag.sh)-graphs"   # bench-h200-graphs.json on an H200
 python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --skip served,offline \

@@ -10,11 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-out}}"
 mkdir -p "$OUTDIR"
-ROOT="$(mktemp -d)"
-mkdir -p "$ROOT/bark_serve"
-for d in stages serving cluster offline bench cli schema; do ln -s "$PWD/$d" "$ROOT/bark_serve/$d"; done
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}"
+source bench/checkout_on_path.sh
 NAME="bench-$(bash bench/gpu_tag.sh)-invariance"
 python3 -m bark_serve.bench.batch_invariance --device "${DEVICE:-cuda}" --requests "${REQUESTS:-200}" --steps 20 \
   > "$OUTDIR/$NAME.json" 2> >(tee "$OUTDIR/$NAME.log" >&2)
