@@ -8,6 +8,8 @@ Prints one JSON object (progress on stderr):
 - ``steps``: the semantic engine's decode step (a random checkpoint of ``--size``, bark-small's shapes by
   default) at batch 1 and at the probed row floor, with the option off and on: median ms over ``--steps``.
 - ``floors``: the row floor each causal engine probed (stages/invariance.py).
+- ``floors_by_threads`` (CPU): the semantic model's row floor probed at each torch thread count from 1 to
+  the bench's, and over all of them (``shared``: what a ``torch_threads: shared`` replica pads to).
 
 A benchmark figure, not a timed test: compare the on/off numbers of one run only.
 """
@@ -95,6 +97,18 @@ def decode_steps(pipe, device: str, invariant: bool, batches: list[int], steps: 
     return out
 
 
+def floors_by_threads(model, max_rows: int) -> dict[str, int | None]:
+    """The model's row floor at each torch thread count up to the current one, and over all of them."""
+    import torch
+
+    from bark_serve.stages.invariance import common_floor, model_floors
+
+    counts = range(1, torch.get_num_threads() + 1)
+    out: dict[str, int | None] = {str(t): common_floor(model_floors(model, max_rows, (t,))) for t in counts}
+    out["shared"] = common_floor(model_floors(model, max_rows, counts))
+    return out
+
+
 def run(args) -> dict[str, Any]:
     import torch
 
@@ -114,6 +128,8 @@ def run(args) -> dict[str, Any]:
         if invariant:
             report["floors"] = {stage: pipe.engines[stage].row_floor for stage in ("semantic", "coarse")}
             batches = sorted({1, report["floors"]["semantic"] or 1})
+            if device == "cpu":
+                report["floors_by_threads"] = floors_by_threads(pipe.engines["semantic"].model, FLOOR_CAP)
         _log(f"decode steps of {small}, batches {batches}, batch_invariant {invariant}")
         report["steps"] += decode_steps(pipe, device, invariant, batches, args.steps)
         del pipe

@@ -34,9 +34,14 @@ def resolve_threads(setting: int | str | None) -> int | None:
     return setting
 
 
+def shares_cores(cfg: StageConfig, device: str) -> bool:
+    """Whether the replica leases the host's cores per step (``torch_threads: shared`` on CPU)."""
+    return cfg.torch_threads == "shared" and device.startswith("cpu")
+
+
 def core_budget(cfg: StageConfig, device: str) -> CoreBudget | None:
     """The host's cores shared with the other stage replicas there (``torch_threads: shared`` on CPU), else None."""
-    if cfg.torch_threads != "shared" or not device.startswith("cpu"):
+    if not shares_cores(cfg, device):
         return None
     import torch
 
@@ -49,7 +54,8 @@ def engine_options(cfg: StageConfig) -> EngineOptions:
     return EngineOptions(device=device, dtype=resolve_dtype(cfg.dtype, device, threads, log), capacity=cfg.max_batch,
                          torch_threads=threads, cpu_offload=cfg.cpu_offload,
                          max_forward_tokens=cfg.max_forward_tokens, cuda_graphs=cfg.cuda_graphs,
-                         graph_buckets=tuple(cfg.graph_buckets), batch_invariant=cfg.batch_invariant)
+                         graph_buckets=tuple(cfg.graph_buckets), batch_invariant=cfg.batch_invariant,
+                         shared_threads=shares_cores(cfg, device))
 
 
 def load_engine(stage: str, cfg: BarkConfig, options: EngineOptions):

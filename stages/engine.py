@@ -53,6 +53,9 @@ class EngineOptions:
     # it shares a step with (stages/invariance.py); costs a lone request its GEMV speed. Off: the same
     # tokens except where a draw falls within rounding of a token boundary (rare, see invariance.py).
     batch_invariant: bool = False
+    # The replica runs each CPU step on the cores it is lent then, 1 to ``torch_threads`` (``torch_threads:
+    # shared``, cluster/cores.py): batch_invariant's probe then runs at each of those thread counts.
+    shared_threads: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         return parse_dtype(self.dtype)
@@ -181,7 +184,9 @@ class StageEngine(abc.ABC, Generic[RequestT]):
             return None
         from .invariance import apply_row_floor
 
-        return apply_row_floor(model, max_rows)
+        threads = range(1, (self.options.torch_threads or torch.get_num_threads()) + 1) \
+            if self.options.shared_threads and self.device.type == "cpu" else ()
+        return apply_row_floor(model, max_rows, threads)
 
     def forward_token_budget(self, hidden: int) -> int:
         """Rows one forward may hold (see ``EngineOptions.max_forward_tokens``)."""

@@ -14,6 +14,12 @@ def test_bench_prints_floors_steps_and_forks(tmp_path, monkeypatch, capsys):
     assert report["benchmark"] == "batch_invariance" and report["device"] == "cpu"
     floor = report["floors"]["semantic"]
     assert isinstance(floor, int) and floor >= 1 and isinstance(report["floors"]["coarse"], int)
+    import torch
+
+    by_threads = report["floors_by_threads"]  # each thread count, and all of them (torch_threads: shared)
+    assert set(by_threads) == {*map(str, range(1, torch.get_num_threads() + 1)), "shared"}
+    assert by_threads[str(torch.get_num_threads())] == floor
+    assert by_threads["shared"] is None or by_threads["shared"] >= max(f or 0 for f in by_threads.values())
     steps = {(s["batch_invariant"], s["batch"]): s for s in report["steps"]}
     assert set(steps) == {(inv, b) for inv in (False, True) for b in sorted({1, floor})}
     assert all(s["median_ms"] > 0 and s["steps"] == 2 for s in steps.values())

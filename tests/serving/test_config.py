@@ -20,12 +20,16 @@ def test_profiles_load(name):
 def test_torch_threads_auto_and_shared_start_from_every_core_of_the_process():
     """local-cpu shares the host's cores among its stage replicas (leased per step on CPU, cluster/cores.py);
     an engine starts on every core either way."""
-    from bark_serve.serving.stage_server import core_budget
+    from bark_serve.serving.stage_server import core_budget, shares_cores
 
     cores = len(os.sched_getaffinity(0))
     cfg = load_config("local-cpu")
     assert cfg.stage("fine").torch_threads == "shared"
     assert engine_options(cfg.stage("fine")).torch_threads == cores
+    # batch_invariant's probe then runs at every thread count a step may get (stages/invariance.py)
+    assert engine_options(cfg.stage("fine")).shared_threads
+    assert not engine_options(parse_config({"fine": {"torch_threads": "auto"}}).stage("fine")).shared_threads
+    assert shares_cores(cfg.stage("fine"), "cpu") and not shares_cores(cfg.stage("fine"), "cuda:0")
     assert resolve_threads("auto") == cores and resolve_threads(3) == 3 and resolve_threads(None) is None
     budget = core_budget(cfg.stage("fine"), "cpu")
     assert budget is not None and budget.cores == cores

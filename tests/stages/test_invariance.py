@@ -5,6 +5,8 @@
   for a GEMM whose rows keep changing with the batch;
 - with ``batch_invariant`` a semantic/coarse prefill and decode, and a fine pass, give row 0 the same
   logits alone and beside other rows, at every batch size up to the engine's;
+- a replica whose thread count changes per step (``torch_threads: shared``) probes at every count it may
+  get, and a row's logits are then the same at any batch and any of those counts;
 - seeded requests that took another token beside others than alone on a 2-core EPYC (before this
   option existed) take the same tokens with it, on the eager and fixed-shape paths.
 """
@@ -73,6 +75,28 @@ def test_row_floor_is_none_for_a_gemm_whose_rows_change_with_the_batch():
     assert row_floor(layer.weight, layer.bias, max_rows=16) is not None
 
 
+def test_row_floor_over_thread_counts_holds_at_each_of_them():
+    layer = _linear(768, 3072)
+    floor = row_floor(layer.weight, layer.bias, max_rows=24, threads=(1, 2))
+    assert floor is not None, "no row count computes a row alike at 1 and 2 threads on this CPU"
+    assert floor >= max(row_floor(layer.weight, layer.bias, max_rows=24, threads=(t,)) or 0 for t in (1, 2))
+    layer.min_rows = floor
+    x = torch.randn(24, 768)
+    with torch.inference_mode():
+        torch.set_num_threads(2)
+        ref = layer(x)
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n in range(1, 25):
+                assert torch.equal(layer(x[:n]), ref[:n]), (threads, n)
+
+    def by_threads(x, w, b):  # a GEMM whose rows move with the thread count, whatever the batch
+        return F.linear(x, w, b) + torch.get_num_threads() * 1e-6
+
+    assert row_floor(layer.weight, layer.bias, max_rows=16, fn=by_threads, threads=(1,)) is not None
+    assert row_floor(layer.weight, layer.bias, max_rows=16, fn=by_threads, threads=(1, 2)) is None
+
+
 def test_apply_sets_every_layer_and_the_attention(eager_pair):
     plain, inv = eager_pair
     model = inv.engines["semantic"].model
@@ -108,10 +132,34 @@ def test_prefill_and_decode_logits_of_a_row_do_not_depend_on_the_batch(eager_pai
             lengths = torch.full((n,), t)
             first = model.prefill(embeds[:n], lengths, cache, torch.arange(n))  # (n, V)
             step = model.decode(tokens[:n], lengths, cache)  # (n, V)
-            got[n] = (first[0], step[0])
-    for n in (2, 3, 5, 8):
-        assert torch.equal(got[n][0], got[1][0]), f"prefill row 0, batch {n}"
-        assert torch.equal(got[n][1], got[1][1]), f"decode row 0, batch {n}"
+            got[n] = (first, step)
+    for n in (1, 2, 3, 5):  # every row of a smaller batch as in the batch of 8 (a tail row rounds otherwise)
+        assert torch.equal(got[n][0], got[8][0][:n]), f"prefill, batch {n}"
+        assert torch.equal(got[n][1], got[8][1][:n]), f"decode, batch {n}"
+
+
+def test_a_shared_threads_engine_gives_a_row_its_logits_at_any_batch_and_thread_count(tiny_ckpt, preset_dir):
+    """torch_threads: shared lends a replica 1 to all of the host's cores per step (cluster/cores.py)."""
+    pipe = BarkPipeline.from_pretrained(str(tiny_ckpt), EngineOptions(capacity=8, torch_threads=2, shared_threads=True,
+                                                                      batch_invariant=True),
+                                        preset_dirs=[preset_dir])
+    model = pipe.engines["semantic"].model
+    assert pipe.engines["semantic"].row_floor is not None
+    hidden, n_layers, heads = model.input_embeds_layer.weight.shape[1], len(model.layers), model.n_heads
+    gen = torch.Generator().manual_seed(3)
+    embeds, tokens = torch.randn((8, 30, hidden), generator=gen), torch.randint(0, 100, (8,), generator=gen)
+    got = {}
+    with torch.inference_mode():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for n in (1, 3, 5, 6, 8):
+                cache = SlotKVCache(n_layers, n, heads, 31, hidden // heads, torch.float32, "cpu")
+                lengths = torch.full((n,), 30)
+                first = model.prefill(embeds[:n], lengths, cache, torch.arange(n))
+                got[threads, n] = (first, model.decode(tokens[:n], lengths, cache))
+    for (threads, n), (first, step) in got.items():  # every row, not only the first: a tail row rounds otherwise
+        ref_first, ref_step = got[2, 8]
+        assert torch.equal(first, ref_first[:n]) and torch.equal(step, ref_step[:n]), (threads, n)
 
 
 def test_fine_logits_of_a_row_do_not_depend_on_the_batch(eager_pair):
