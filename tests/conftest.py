@@ -26,16 +26,62 @@ LONGEST_FIRST = (
     "tests/serving/test_node_death.py", "tests/serving/test_overload.py", "tests/cli/test_synth_cli.py",
 )
 
+# Modules whose tests share one running app (tests/serving/conftest.py's ``served``: the default e2e config,
+# nothing killed or reconfigured): they run one after another in one worker, and the app starts once (an app
+# start is 30-120 s on 2 cores). It stops when a module outside this group starts there, or at the end.
+SHARED_APP = ("tests/serving/test_app.py", "tests/serving/test_audio_out.py", "tests/serving/test_openai_inputs.py")
+
+
+def work_unit(path) -> str:
+    """What one xdist worker takes whole: a module, or the SHARED_APP group."""
+    rel = Path(os.path.relpath(path, REPO)).as_posix()
+    return "shared-app" if rel in SHARED_APP else rel
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """xdist's --dist loadfile, with the SHARED_APP modules as one unit. (Its own --dist loadgroup cannot be
+    used: it renames test ids, which pytest 9.2 no longer lets a plugin do.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(REPO / nodeid.split("::", 1)[0])
+
+    return WorkUnitScheduling(config, log)
+
 
 def pytest_collection_modifyitems(config, items):
-    """Modules of LONGEST_FIRST first, in its order; every other module after them, in collection order (a
-    stable sort: the tests of a module keep their order)."""
+    """Work units (modules, and the SHARED_APP group as one) of LONGEST_FIRST first, in its order; every other
+    unit after them, where its first test was collected (a stable sort: the tests of a unit keep their order):
+    xdist hands the units to its workers in that order."""
     rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    units = {id(item): work_unit(item.path) for item in items}
+    first: dict[str, int] = {}
+    for i, item in enumerate(items):
+        first.setdefault(units[id(item)], i)
+    items.sort(key=lambda item: (rank.get(units[id(item)], len(rank)), first[units[id(item)]]))
 
-    def key(item) -> int:
-        return rank.get(Path(os.path.relpath(item.path, REPO)).as_posix(), len(rank))
 
-    items.sort(key=key)
+@pytest.fixture(scope="module", autouse=True)
+def _shared_app_only_in_its_group(request):
+    """Stop the SHARED_APP group's app before a module outside the group (one Ray per test process), and at the
+    end of the session."""
+    import sys
+
+    helpers = sys.modules.get("tests.serving.e2e_helpers")
+    if helpers is not None and work_unit(request.path) != "shared-app":
+        helpers.stop_shared_app()
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_app_stopped_at_the_end():
+    import sys
+
+    yield
+    helpers = sys.modules.get("tests.serving.e2e_helpers")
+    if helpers is not None:
+        helpers.stop_shared_app()
 
 
 @pytest.fixture(scope="session")

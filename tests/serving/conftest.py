@@ -44,9 +44,14 @@ def e2e_config(model: str, port: int, **overrides) -> dict:
 
 @pytest.fixture(scope="module")
 def served(tiny_ckpt):
-    """Start Ray + Serve with the app; yields (base_url, metrics_url). Torn down after the module."""
-    from tests.serving.e2e_helpers import running_app
+    """Ray + Serve with the app on ``e2e_config``; (base_url, metrics_url). Shared by the modules of
+    tests/conftest.py's SHARED_APP, which run one after another in one worker: started by the first (or again
+    if it stopped answering), stopped when a module outside the group starts in that worker, or at the end."""
+    from tests.serving.e2e_helpers import running_app, shared_app
 
-    metrics_port = free_port()
-    with running_app(e2e_config(str(tiny_ckpt), free_port()), metrics_port=metrics_port) as url:
-        yield url, f"http://127.0.0.1:{metrics_port}/metrics"
+    def start(stack):
+        metrics_port = free_port()
+        url = stack.enter_context(running_app(e2e_config(str(tiny_ckpt), free_port()), metrics_port=metrics_port))
+        return url, f"http://127.0.0.1:{metrics_port}/metrics"
+
+    return shared_app(("e2e", str(tiny_ckpt)), start)

@@ -8,7 +8,9 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 
@@ -16,6 +18,8 @@ from tests.serving.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_ERROR_BYTES = 4096  # no error answer may be bigger than this, whatever was sent
+T = TypeVar("T")
+_SHARED: dict[str, Any] = {}  # this test process's shared app: its key, ExitStack and (url, ...) value
 
 
 @contextlib.contextmanager
@@ -30,6 +34,8 @@ def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: flo
     from ray import serve
 
     from bark_serve.serving.app import build_app
+
+    stop_shared_app()  # one Ray instance per test process
     from bark_serve.serving.config import parse_config
     from bark_serve.serving.serve_config import pool_resources
 
@@ -51,6 +57,36 @@ def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: flo
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def shared_app(key: tuple, start: Callable[[contextlib.ExitStack], T]) -> T:
+    """The app ``start(stack)`` started for ``key`` (its first element a base URL, or the URL itself) while it
+    still runs and answers /healthz in this process; else the running one is stopped and ``start`` called.
+    ``start`` enters the app's context managers on ``stack``; :func:`stop_shared_app` closes them."""
+    if _SHARED.get("key") == key and _answers(_SHARED["value"]):
+        return _SHARED["value"]
+    stop_shared_app()
+    stack = contextlib.ExitStack()
+    with stack:
+        value = start(stack)
+        _SHARED.update(key=key, value=value, stack=stack.pop_all())
+    return value
+
+
+def stop_shared_app() -> None:
+    """Stop the shared app of this process, if one runs (tests/conftest.py calls it between groups)."""
+    stack = _SHARED.pop("stack", None)
+    _SHARED.clear()
+    if stack is not None:
+        stack.close()
+
+
+def _answers(value) -> bool:
+    url = value[0] if isinstance(value, tuple) else value
+    try:
+        return httpx.get(url + "/healthz", timeout=10).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def replica_pids() -> dict[str, int]:
