@@ -42,8 +42,9 @@ def _config(model_dir: str, dtype: str, max_batch: int, **overrides):
 def _ray_init(cfg, tmp: str) -> None:
     import ray
 
-    from bark_serve.serving.serve_config import pool_resources
+    from bark_serve.serving.serve_config import patient_proxy_start, pool_resources
 
+    patient_proxy_start()
     ray.init(address="local", resources=pool_resources(cfg), include_dashboard=False, log_to_driver=False,
              configure_logging=False, _temp_dir=tmp)
 

@@ -41,7 +41,7 @@ class ServedApp:
 
         from bark_serve.serving.app import make_app
         from bark_serve.serving.config import DEPLOYMENT_NAMES, load_config
-        from bark_serve.serving.serve_config import pool_resources
+        from bark_serve.serving.serve_config import patient_proxy_start, pool_resources
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = free_port()
@@ -65,6 +65,7 @@ class ServedApp:
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
         self.thread_setting = {s: self.cfg.stage(s).torch_threads for s in STAGES}
         self.max_batch = {s: self.cfg.stage(s).max_batch for s in STAGES}
+        patient_proxy_start()
         ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")

@@ -297,7 +297,7 @@ def _start_ray(args, cfg, state: dict) -> str:
 
     from ray._private.worker import RayContext
 
-    from bark_serve.serving.serve_config import pool_resources
+    from bark_serve.serving.serve_config import patient_proxy_start, pool_resources
 
     level = logging.INFO if args.verbose else logging.ERROR
     if args.address:
@@ -305,6 +305,7 @@ def _start_ray(args, cfg, state: dict) -> str:
         return args.address
     state["ray_tmp"] = ray_temp_dir("bark-serve up")
     state["local_ray"] = True
+    patient_proxy_start()
     ctx = ray.init(address="local", num_cpus=args.num_cpus, resources=pool_resources(cfg),
                    include_dashboard=False, log_to_driver=args.verbose, logging_level=level,
                    _temp_dir=state["ray_tmp"], _node_ip_address=node_ip or None)

@@ -10,6 +10,8 @@ structure from its ``bark:`` values (tests/helm checks that both agree).
 
 from __future__ import annotations
 
+import os
+
 from bark_serve.cluster.placement import POOL_RESOURCE_UNITS, pool_resource_map
 from bark_serve.stages.constants import STAGES
 
@@ -64,6 +66,20 @@ def render_serve_config(cfg: BarkConfig) -> dict:
             "deployments": deployment_entries(cfg),
         }],
     }
+
+
+# Serve checks a new HTTP proxy's readiness 3 times, each given RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S (5 s by
+# default), then kills and restarts it. On a host whose cores are all busy the proxy takes longer than that to
+# import and answer, so it is restarted over and over and serve.start gives up after its fixed 60 s (measured
+# on 2 cores beside a 2-thread GEMM loop: never up in two tries; with 30 s, up in 60 s and 65 s).
+PROXY_READY_ENV = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+PROXY_READY_S = "30"
+
+
+def patient_proxy_start() -> None:
+    """Before ``ray.init`` starts a local instance: its processes (which inherit this environment) give a
+    starting Serve proxy PROXY_READY_S to answer, unless the variable is set already."""
+    os.environ.setdefault(PROXY_READY_ENV, PROXY_READY_S)
 
 
 def pool_resources(cfg: BarkConfig, units_per_pool: int = 64) -> dict[str, float]:

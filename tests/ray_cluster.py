@@ -15,6 +15,9 @@ def local_cluster(num_cpus: float = 2, resources: dict[str, float] | None = None
     """Yields the Cluster with its head (``num_cpus``, ``resources``); add worker nodes with ``add_node``."""
     from ray.cluster_utils import Cluster
 
+    from bark_serve.serving.serve_config import patient_proxy_start
+
+    patient_proxy_start()  # as every local instance the project starts (a test may start Serve on it)
     tmp = tempfile.mkdtemp(prefix="bark-cl-", dir="/tmp")  # short: Ray's socket paths must stay < 108 bytes
     old = os.environ.get("RAY_TMPDIR")
     os.environ["RAY_TMPDIR"] = tmp  # Cluster writes the cluster's address file under RAY_TMPDIR/ray

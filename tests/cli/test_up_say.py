@@ -28,11 +28,18 @@ def _assert_clean_stop(stopped) -> None:
     assert not stopped.leftovers, f"left behind: {stopped.leftovers}"
 
 
-def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path):
+def test_up_say_and_ctrl_c(tiny_ckpt, tmp_path, monkeypatch):
+    import psutil
+
+    from bark_serve.serving.serve_config import PROXY_READY_ENV
+
     port = free_port()
+    monkeypatch.delenv(PROXY_READY_ENV, raising=False)  # up sets it for its own instance (serve_config.py)
     up = UpProcess(["--model", tiny_ckpt, "--port", port, "--num-cpus", "2"], tmp_path / "up.log")
     try:
         ready = up.wait_ready(300)
+        raylets = [p for p in psutil.Process(up.proc.pid).children(recursive=True) if p.name() == "raylet"]
+        assert raylets and all(p.environ().get(PROXY_READY_ENV) == "30" for p in raylets)
         assert ready["url"] == f"http://127.0.0.1:{port}" and ready["app"] == "bark"
         assert "/v1/batches" not in ready["routes"] and "POST /v1/tts" in ready["routes"]
         log = up.log()

@@ -37,7 +37,7 @@ def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: flo
 
     stop_shared_app()  # one Ray instance per test process
     from bark_serve.serving.config import parse_config
-    from bark_serve.serving.serve_config import pool_resources
+    from bark_serve.serving.serve_config import patient_proxy_start, pool_resources
 
     os.environ["BARK_E2E_API_KEYS"] = f"{API_KEY},second-key"  # inherited by the Ray workers started below
     cfg = parse_config(raw_config)
@@ -45,6 +45,7 @@ def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: flo
     extra = {"_metrics_export_port": metrics_port} if metrics_port else {}
     if num_gpus is not None:  # GPUs the node advertises (fake ones on a CPU machine: Ray only counts them)
         extra["num_gpus"] = num_gpus
+    patient_proxy_start()
     ray.init(address="local", num_cpus=num_cpus, resources=pool_resources(cfg), include_dashboard=False,
              configure_logging=False, log_to_driver=False, _temp_dir=tmp, **extra)
     try:

@@ -211,6 +211,22 @@ def test_health_readiness_voices_models(served, tiny_ckpt):
     assert httpx.get(url + "/").json()["model"] == tiny_ckpt.name
 
 
+def test_the_local_instance_gives_a_starting_proxy_time_to_answer(served):
+    """A local instance's processes inherit serve_config.patient_proxy_start's setting (Serve's 5 s readiness
+    check restarted a proxy over and over on a host with every core busy, and serve.start gave up)."""
+    import os
+
+    import ray
+
+    from bark_serve.serving.serve_config import PROXY_READY_ENV
+
+    @ray.remote(num_cpus=0)
+    def setting() -> str | None:
+        return os.environ.get(PROXY_READY_ENV)
+
+    assert os.environ.get(PROXY_READY_ENV) and ray.get(setting.remote(), timeout=60) == os.environ[PROXY_READY_ENV]
+
+
 def test_stages_work_on_different_requests_at_once(served):
     """Timestamps from the stage servers: some stage works on one request while another stage works on another."""
     url, _ = served

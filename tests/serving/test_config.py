@@ -95,3 +95,14 @@ def test_placement_problems_name_the_deployment_its_ask_and_what_the_cluster_has
 
 
 STAGE_POOLS = ("semantic", "coarse", "fine", "codec")
+
+
+def test_a_local_instance_gives_a_starting_proxy_30_s_unless_told_otherwise(monkeypatch):
+    from bark_serve.serving.serve_config import PROXY_READY_ENV, patient_proxy_start
+
+    monkeypatch.delenv(PROXY_READY_ENV, raising=False)
+    patient_proxy_start()
+    assert os.environ[PROXY_READY_ENV] == "30"
+    monkeypatch.setenv(PROXY_READY_ENV, "7")
+    patient_proxy_start()
+    assert os.environ[PROXY_READY_ENV] == "7"
