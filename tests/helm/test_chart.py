@@ -282,6 +282,20 @@ def secret_env(container: dict, var: str) -> dict:
     return entry["valueFrom"]["secretKeyRef"]
 
 
+def test_every_ray_container_gives_a_starting_proxy_30_s_unless_extra_env_says_otherwise(tmp_path):
+    """As serving/serve_config.patient_proxy_start does for local instances; extraEnv replaces the value."""
+    var = "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"
+    for c in ray_containers("default"):
+        assert [e["value"] for e in c["env"] if e["name"] == var] == ["30"], c["name"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(yaml.safe_dump({"extraEnv": [{"name": var, "value": "12"}, {"name": "OTHER", "value": "1"}]}))
+    cluster = rayservice((mine,))["spec"]["rayClusterConfig"]
+    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+                  for c in g["template"]["spec"]["containers"]]
+    for c in containers:
+        assert [e["value"] for e in c["env"] if e["name"] == var] == ["12"], c["name"]
+
+
 def test_security_defaults():
     docs, rs = rendered("default"), rayservice("default")
     cluster = rs["spec"]["rayClusterConfig"]

@@ -46,6 +46,15 @@ def test_off_by_default():
     assert not [d for d in render() if d["kind"] == "RayJob"]
 
 
+def test_rayjob_containers_give_a_starting_proxy_30_s():
+    job, _ = rayjob(*JOB_SETS)
+    spec = job["spec"]["rayClusterSpec"]
+    groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    containers = [c for g in groups for c in g["template"]["spec"]["containers"]]
+    assert containers and all([e["value"] for e in c["env"] if e["name"] == "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"]
+                              == ["30"] for c in containers)
+
+
 def test_rayjob_cluster_matches_the_kuberay_crd():
     job, _ = rayjob(*JOB_SETS)
     assert set(job["spec"]) <= RAYJOB_SPEC_FIELDS

@@ -42,6 +42,17 @@ runtime_env would write them into the RayService spec in clear text.
       name: {{ . }}
       key: {{ $.Values.weights.hfToken.secretKey }}
 {{- end }}
+{{- /* Serve's proxy gets 30 s, not 5, to answer its readiness check: on a node whose cores are busy a
+proxy that takes longer to start is restarted over and over (serving/serve_config.py, patient_proxy_start).
+extraEnv may set another value. */}}
+{{- $proxyReadySet := false }}
+{{- range .Values.extraEnv }}
+{{- if eq (toString .name) "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S" }}{{ $proxyReadySet = true }}{{ end }}
+{{- end }}
+{{- if not $proxyReadySet }}
+- name: RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S
+  value: "30"
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
