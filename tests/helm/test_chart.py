@@ -271,7 +271,7 @@ def test_kuberay_admission_rules(name):
 
 # --- what the defaults promise ------------------------------------------------------------------
 
-def ray_containers(name: str) -> list[dict]:
+def ray_containers(name: str | tuple[Path, ...]) -> list[dict]:
     cluster = rayservice(name)["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     return [c for g in groups for c in g["template"]["spec"]["containers"]]
@@ -289,10 +289,7 @@ def test_every_ray_container_gives_a_starting_proxy_30_s_unless_extra_env_says_o
         assert [e["value"] for e in c["env"] if e["name"] == var] == ["30"], c["name"]
     mine = tmp_path / "mine.yaml"
     mine.write_text(yaml.safe_dump({"extraEnv": [{"name": var, "value": "12"}, {"name": "OTHER", "value": "1"}]}))
-    cluster = rayservice((mine,))["spec"]["rayClusterConfig"]
-    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-                  for c in g["template"]["spec"]["containers"]]
-    for c in containers:
+    for c in ray_containers((mine,)):
         assert [e["value"] for e in c["env"] if e["name"] == var] == ["12"], c["name"]
 
 

@@ -10,7 +10,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 
@@ -18,7 +18,6 @@ from tests.serving.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 MAX_ERROR_BYTES = 4096  # no error answer may be bigger than this, whatever was sent
-T = TypeVar("T")
 _SHARED: dict[str, Any] = {}  # this test process's shared app: its key, ExitStack and (url, ...) value
 
 
@@ -60,9 +59,9 @@ def running_app(raw_config: dict, metrics_port: int | None = None, num_cpus: flo
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def shared_app(key: tuple, start: Callable[[contextlib.ExitStack], T]) -> T:
-    """The app ``start(stack)`` started for ``key`` (its first element a base URL, or the URL itself) while it
-    still runs and answers /healthz in this process; else the running one is stopped and ``start`` called.
+def shared_app(key: tuple, start: Callable[[contextlib.ExitStack], tuple]) -> tuple:
+    """What ``start(stack)`` returned for ``key`` (a tuple, the app's base URL first) while that app still runs
+    and answers /healthz in this process; else the running one is stopped and ``start`` called.
     ``start`` enters the app's context managers on ``stack``; :func:`stop_shared_app` closes them."""
     if _SHARED.get("key") == key and _answers(_SHARED["value"]):
         return _SHARED["value"]
@@ -82,10 +81,9 @@ def stop_shared_app() -> None:
         stack.close()
 
 
-def _answers(value) -> bool:
-    url = value[0] if isinstance(value, tuple) else value
+def _answers(value: tuple) -> bool:
     try:
-        return httpx.get(url + "/healthz", timeout=10).status_code == 200
+        return httpx.get(value[0] + "/healthz", timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
 

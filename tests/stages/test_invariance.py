@@ -116,23 +116,26 @@ def eager_pair(tiny_ckpt, preset_dir):
                                               preset_dirs=[preset_dir]) for inv in (False, True))
 
 
+@torch.inference_mode()
+def _prefill_and_decode(model, embeds: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A causal model's logits (n, V) for a prefill of ``embeds`` (n, t, C) into a fresh cache, then for one
+    decode step of ``tokens`` (n,)."""
+    n, t, hidden = embeds.shape
+    cache = SlotKVCache(len(model.layers), n, model.n_heads, t + 1, hidden // model.n_heads, torch.float32, "cpu")
+    lengths = torch.full((n,), t)
+    first = model.prefill(embeds, lengths, cache, torch.arange(n))
+    return first, model.decode(tokens, lengths, cache)
+
+
 @pytest.mark.parametrize("stage", ["semantic", "coarse"])
 def test_prefill_and_decode_logits_of_a_row_do_not_depend_on_the_batch(eager_pair, stage):
     model = eager_pair[1].engines[stage].model
-    hidden, vocab = model.input_embeds_layer.weight.shape[1], model.input_embeds_layer.weight.shape[0]
-    n_layers, heads = len(model.layers), model.n_heads
+    vocab, hidden = model.input_embeds_layer.weight.shape
     gen = torch.Generator().manual_seed(1)
     t = 40
     embeds = torch.randn((8, t, hidden), generator=gen)
     tokens = torch.randint(0, vocab, (8,), generator=gen)
-    with torch.inference_mode():
-        got = {}
-        for n in (1, 2, 3, 5, 8):
-            cache = SlotKVCache(n_layers, n, heads, t + 1, hidden // heads, torch.float32, "cpu")
-            lengths = torch.full((n,), t)
-            first = model.prefill(embeds[:n], lengths, cache, torch.arange(n))  # (n, V)
-            step = model.decode(tokens[:n], lengths, cache)  # (n, V)
-            got[n] = (first, step)
+    got = {n: _prefill_and_decode(model, embeds[:n], tokens[:n]) for n in (1, 2, 3, 5, 8)}
     for n in (1, 2, 3, 5):  # every row of a smaller batch as in the batch of 8 (a tail row rounds otherwise)
         assert torch.equal(got[n][0], got[8][0][:n]), f"prefill, batch {n}"
         assert torch.equal(got[n][1], got[8][1][:n]), f"decode, batch {n}"
@@ -145,18 +148,14 @@ def test_a_shared_threads_engine_gives_a_row_its_logits_at_any_batch_and_thread_
                                         preset_dirs=[preset_dir])
     model = pipe.engines["semantic"].model
     assert pipe.engines["semantic"].row_floor is not None
-    hidden, n_layers, heads = model.input_embeds_layer.weight.shape[1], len(model.layers), model.n_heads
     gen = torch.Generator().manual_seed(3)
-    embeds, tokens = torch.randn((8, 30, hidden), generator=gen), torch.randint(0, 100, (8,), generator=gen)
+    embeds = torch.randn((8, 30, model.input_embeds_layer.weight.shape[1]), generator=gen)
+    tokens = torch.randint(0, 100, (8,), generator=gen)
     got = {}
-    with torch.inference_mode():
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            for n in (1, 3, 5, 6, 8):
-                cache = SlotKVCache(n_layers, n, heads, 31, hidden // heads, torch.float32, "cpu")
-                lengths = torch.full((n,), 30)
-                first = model.prefill(embeds[:n], lengths, cache, torch.arange(n))
-                got[threads, n] = (first, model.decode(tokens[:n], lengths, cache))
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        for n in (1, 3, 5, 6, 8):
+            got[threads, n] = _prefill_and_decode(model, embeds[:n], tokens[:n])
     for (threads, n), (first, step) in got.items():  # every row, not only the first: a tail row rounds otherwise
         ref_first, ref_step = got[2, 8]
         assert torch.equal(first, ref_first[:n]) and torch.equal(step, ref_step[:n]), (threads, n)
