@@ -10,15 +10,17 @@
 #   bash bench/device_check.sh PACKDIR [OUTDIR]                     # there (OUTDIR default: $OUT, else ./out)
 # With the device tool: run(command="bash bench/device_check.sh .cache/device-pack-out",
 #                           carry=[".cache/device-pack-out"], timeout_s=600, kind="nvidia-h200")
+# DEVICE=cpu SIZE=tiny GRAPHS_TIMEOUT=900 BUDGET_S=1800: the whole call rehearsed on a CPU, as
+# bench/device_rehearsal.sh runs it (in an environment like the device image's).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PACK="${1:?usage: bench/device_check.sh PACKDIR [OUTDIR]}"
 OUTDIR="${2:-${OUT:-out}}"
 mkdir -p "$OUTDIR"
 START=$SECONDS
-HF_BATCHES=64 timeout 330 bash bench/device_graphs.sh "$OUTDIR"
+HF_BATCHES=64 timeout "${GRAPHS_TIMEOUT:-330}" bash bench/device_graphs.sh "$OUTDIR"
 echo "issue 21's check: exit $?, $((SECONDS - START)) s"
-LEFT=$((575 - (SECONDS - START)))
+LEFT=$((${BUDGET_S:-575} - (SECONDS - START)))
 GRAPHS="$OUTDIR/bench-$(bash bench/gpu_tag.sh)-graphs.json"   # as device_graphs.sh names it
 if [ -s "$GRAPHS" ]; then
   export REUSE="$GRAPHS"

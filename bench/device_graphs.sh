@@ -7,6 +7,7 @@
 #   bash bench/device_graphs.sh [OUTDIR]      (OUTDIR default: $OUT, else ./out)
 # HF_BATCHES=64 leaves out transformers' static batch of 16 (45 s; 2.25x slower than 64 on the H200 run of
 # 2026-12-04), as bench/device_check.sh does to fit issue 22's check into the same call.
+# DEVICE=cpu SIZE=tiny: the same runs on a CPU and a tiny checkpoint (bench/device_rehearsal.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR="${1:-${OUT:-out}}"
@@ -14,7 +15,7 @@ mkdir -p "$OUTDIR"
 source bench/checkout_on_path.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 NAME="bench-$(bash bench/gpu_tag.sh)-graphs"   # bench-h200-graphs.json on an H200
-python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 --skip served,offline \
+python3 -m bark_serve.bench.cli --device "${DEVICE:-cuda}" --size "${SIZE:-small}" --dtype bfloat16 --skip served,offline \
   --hf-requests 2 --hf-batches "${HF_BATCHES:-16,64}" --engine-batches 1,16,64 --engine-requests 1=2,16=16,64=64 \
   --cuda-graphs off,on --decode-steps 20 --gemm-seconds 1 \
   --out "$OUTDIR/$NAME.json" 2> >(tee "$OUTDIR/$NAME.log" >&2) >/dev/null

@@ -8,6 +8,7 @@
 # with the plots. The code runs from the checkout on PYTHONPATH (torch and transformers are the machine's).
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once: at most 50 MiB (37 MiB)
 #   bash bench/device_served.sh PACKDIR [OUTDIR]                    # there (OUTDIR default: $OUT, else ./out)
+# DEVICE=cpu SIZE=tiny: the same runs on a CPU and a tiny checkpoint (bench/device_rehearsal.sh).
 # With the device tool: run(command="bash bench/device_served.sh .cache/device-pack-out",
 #                           carry=[".cache/device-pack-out"], timeout_s=600, kind="nvidia-h200")
 set -euo pipefail
@@ -29,7 +30,8 @@ if [ -n "${REUSE:-}" ]; then
 else
   FIRST=(--skip offline --hf-requests 2 --hf-batches 64 --engine-batches 64 --engine-requests 64)
 fi
-timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device cuda --size small --dtype bfloat16 \
+timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device "${DEVICE:-cuda}" --size "${SIZE:-small}" \
+  --dtype bfloat16 \
   --profile single-gpu "${FIRST[@]}" \
   --concurrency 1,16,64 --served-requests 32,1=4,64=64 --rate-fractions 0.5,0.7,0.9 --gemm-seconds 1 \
   --plots "$OUTDIR/img" --out "$OUTDIR/$NAME.json" 2> >(tee "$OUTDIR/$NAME.log" >&2) \

@@ -31,6 +31,33 @@ from .workload import (
 )
 
 
+def served_config(model_dir: str, dtype: str, max_batch: dict[str, int], profile: str = "local-cpu",
+                  stage_threads: dict[str, int] | None = None, device: str | None = None, port: int = 8000):
+    """The bench's config of the served app: ``profile`` with the bench's dtype, batches and threads, room for
+    every request the bench sends, and on ``device="cpu"`` no GPU share anywhere (the voice encoder's too: a
+    share on a host without GPUs is never placed)."""
+    from bark_serve.serving.config import load_config
+
+    stage_over = {"dtype": dtype, "max_ongoing_requests": 1024,
+                  "max_queued_requests": 4096, **({"device": device} if device else {})}
+    # Every sentence of the workload is one segment (workload.SEGMENT_TOKENS), so all
+    # configurations see the same segments; the first-segment cut would change that.
+    overrides: dict = {"model": model_dir, "http_host": "127.0.0.1", "http_port": port,
+                       "orchestrator": {"num_cpus": 0.1, "max_active_requests": 1024, "max_ongoing_requests": 2048,
+                                        "request_timeout_s": 7200, "segment_max_tokens": SEGMENT_TOKENS,
+                                        "first_segment_max_tokens": None}}
+    base = load_config(profile)
+    for stage in STAGES:
+        threads = (stage_threads or {}).get(stage, base.stage(stage).torch_threads)
+        gpus = base.stage(stage).num_gpus if device != "cpu" else 0
+        overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
+                            "torch_threads": threads, "num_gpus": gpus,
+                            "max_batch": max_batch.get(stage, base.stage(stage).max_batch)}
+    if device == "cpu":
+        overrides["voice_cloning"] = {"num_gpus": 0, "device": "cpu"}
+    return load_config(profile, overrides)
+
+
 class ServedApp:
     """Ray + Serve with the bark app on this machine, started and stopped by the benchmark."""
 
@@ -40,33 +67,23 @@ class ServedApp:
         from ray import serve
 
         from bark_serve.serving.app import make_app
-        from bark_serve.serving.config import DEPLOYMENT_NAMES, load_config
-        from bark_serve.serving.serve_config import patient_proxy_start, pool_resources
+        from bark_serve.serving.config import DEPLOYMENT_NAMES
+        from bark_serve.serving.serve_config import patient_proxy_start, placement_problems, pool_resources
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = free_port()
-        stage_over = {"dtype": dtype, "max_ongoing_requests": 1024,
-                      "max_queued_requests": 4096, **({"device": device} if device else {})}
-        # Every sentence of the workload is one segment (workload.SEGMENT_TOKENS), so all
-        # configurations see the same segments; the first-segment cut would change that.
-        overrides = {"model": model_dir, "http_host": "127.0.0.1", "http_port": self.port,
-                     "orchestrator": {"num_cpus": 0.1, "max_active_requests": 1024, "max_ongoing_requests": 2048,
-                                      "request_timeout_s": 7200, "segment_max_tokens": SEGMENT_TOKENS,
-                                      "first_segment_max_tokens": None}}
-        base = load_config(profile)
-        for stage in STAGES:
-            threads = (stage_threads or {}).get(stage, base.stage(stage).torch_threads)
-            gpus = base.stage(stage).num_gpus if device != "cpu" else 0
-            overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
-                                "torch_threads": threads, "num_gpus": gpus,
-                                "max_batch": max_batch.get(stage, base.stage(stage).max_batch)}
-        self.cfg = load_config(profile, overrides)
+        self.cfg = served_config(model_dir, dtype, max_batch, profile, stage_threads, device, self.port)
         self.dtype = dtype
         self.threads = {s: resolve_threads(self.cfg.stage(s).torch_threads) for s in STAGES}
         self.thread_setting = {s: self.cfg.stage(s).torch_threads for s in STAGES}
         self.max_batch = {s: self.cfg.stage(s).max_batch for s in STAGES}
         patient_proxy_start()
         ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
+        # serve.run waits forever for a replica Ray cannot place: say why and stop instead
+        problems = placement_problems(self.cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        if problems:
+            ray.shutdown()
+            raise SystemExit("bench: the served app cannot start on this machine: " + "; ".join(problems))
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         serve.run(make_app(self.cfg), name=self.cfg.app_name, route_prefix="/")
         self.url = f"http://127.0.0.1:{self.port}"

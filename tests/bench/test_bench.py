@@ -174,3 +174,37 @@ def test_bench_offline_row_runs_dataset_and_batches(tiny_ckpt, tmp_path):
         assert runs[name]["audio_s"] > 0 and runs[name]["throughput_audio_s_per_s"] > 0
         assert f"{name}_vs_transformers_sequential" in report["ratios"]
     assert all(v > 0 for v in runs["dataset_batch2_float32"]["stages_busy_s"].values())
+
+
+@pytest.mark.parametrize("profile", ["local-cpu", "single-gpu", "pipelined-gpu"])
+def test_the_served_bench_config_on_cpu_asks_for_no_gpu_and_places_on_a_gpu_less_node(profile):
+    """`bench --device cpu --profile single-gpu` (the device script rehearsed on CPU) once hung in serve.run:
+    the voice encoder kept its GPU share. On a CPU every deployment asks for no GPU and fits one 2-core node;
+    on the GPU the profile's shares stay."""
+    from bark_serve.bench.served_runs import served_config
+    from bark_serve.serving.serve_config import placement_problems, pool_resources, replica_asks
+
+    cfg = served_config("ckpt", "float32", {"fine": 4}, profile, device="cpu", port=9)
+    asks = replica_asks(cfg)
+    assert asks and not [name for name, _, ask in asks if "GPU" in ask]
+    devices = {cfg.stage(s).device for s in ("semantic", "coarse", "fine", "codec")} | {cfg.voice_cloning.device}
+    assert devices == {"cpu"}
+    assert cfg.stage("fine").max_batch == 4 and cfg.http_port == 9
+    assert placement_problems(cfg, [{"CPU": 2.0, **pool_resources(cfg)}]) == []
+    if profile == "single-gpu":
+        on_gpu = served_config("ckpt", "float32", {}, profile, device="cuda")
+        shares = {name: ask.get("GPU", 0.0) for name, _, ask in replica_asks(on_gpu)}
+        assert shares["VoiceEncoder"] > 0 and 0.99 < sum(shares.values()) <= 1.0 + 1e-9
+        assert placement_problems(on_gpu, [{"CPU": 2.0, **pool_resources(on_gpu)}])  # no GPU: refused, not hung
+
+
+def test_the_device_scripts_parse():
+    """The device call is one shot on a lent machine: its scripts (bench/*.sh) at least parse as bash here."""
+    from pathlib import Path
+
+    scripts = sorted((Path(__file__).resolve().parents[2] / "bench").glob("*.sh"))
+    assert {p.name for p in scripts} >= {"device_check.sh", "device_graphs.sh", "device_served.sh",
+                                         "device_rehearsal.sh"}
+    for script in scripts:
+        res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, (script.name, res.stderr)
