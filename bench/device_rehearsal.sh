@@ -19,6 +19,7 @@ if [ ! -x "$VENV/bin/python3" ]; then
     if "$py" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then PY312="$py"; break; fi
   done  # (a pyenv shim may exist and refuse to run)
   [ -n "$PY312" ] || { echo "device_rehearsal: no Python 3.12 (set PYTHON312)" >&2; exit 2; }
+  echo "rehearsal: building $VENV with $PY312 (torch 2.11 is several GB: minutes)" >&2
   "$PY312" -m venv "$VENV"
   # The image's versions of torch and transformers, and those of its packages the code or Ray imports
   # (/work/.library/device/KINDS.md lists the image); never ray, fastapi, pydantic, redis, soundfile, av.

@@ -82,3 +82,31 @@ def test_the_single_gpu_profile_gives_each_stage_its_own_pool_and_a_share_of_the
         for stage in STAGES:
             [line] = [line for line in lines if f'stage="{stage}"' in line]
             assert 'gpu_ids="0"' in line and f'gpu_share="{shares[stage]:g}"' in line and 'device="cpu"' in line
+
+
+def test_a_cuda_replica_reports_its_gpus_name_and_memory(monkeypatch):
+    """The CUDA branch of the device report (only a GPU machine takes it; no CUDA here, so torch.cuda's
+    queries answer as one H200 would): what a stage replica logs at start and exports."""
+    import torch
+
+    from bark_serve.serving.stage_server import _describe
+    from bark_serve.stages.engine import device_report
+
+    gib = 2**30
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (asked.append(i), (100 * gib, 140 * gib))[1])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda i: 3 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda i: 4 * gib)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    report = device_report("cuda")  # a replica's engine device: "cuda", index None
+    assert report["index"] == 0 and asked == [0] and report["name"] == "NVIDIA H200"
+    assert (report["free_bytes"], report["total_bytes"]) == (100 * gib, 140 * gib)
+    assert (report["allocated_bytes"], report["reserved_bytes"]) == (3 * gib, 4 * gib)
+    assert device_report("cuda:1")["index"] == 1 and asked[-1] == 1
+    line = _describe({**report, "assigned_resources": {"GPU": 0.3, "bark_pool_semantic": 1.0}, "gpu_ids": ["0"]})
+    assert line == ("cuda; NVIDIA H200, 3.00 GiB allocated, 4.00 GiB reserved, 100.0 of 140.0 GiB free; "
+                    "CUDA_VISIBLE_DEVICES=0; Ray resources {'GPU': 0.3, 'bark_pool_semantic': 1.0}, GPU ids ['0']")
+    assert "name" not in device_report("cpu") and _describe(device_report("cpu")).startswith("cpu; CUDA_VISIBLE")
