@@ -7,7 +7,7 @@
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out     # the pack, once
 #   bash bench/device_rehearsal.sh .cache/device-pack-out [OUTDIR]    # OUTDIR default: .cache/rehearsal
 # The first run builds the venv (REHEARSAL_VENV, default .cache/device-image-venv): torch 2.11 from PyPI is
-# the CUDA build, several GB with its nvidia-* wheels. On 2 cores the call takes about 12 minutes.
+# the CUDA build, several GB with its nvidia-* wheels (about 4 minutes). On 2 cores the call then takes 10 minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PACK="${1:?usage: bench/device_rehearsal.sh PACKDIR [OUTDIR]}"
