@@ -53,8 +53,8 @@ def served_config(model_dir: str, dtype: str, max_batch: dict[str, int], profile
         overrides[stage] = {**base.stage(stage).model_dump(), **stage_over, "num_cpus": 0.1,
                             "torch_threads": threads, "num_gpus": gpus,
                             "max_batch": max_batch.get(stage, base.stage(stage).max_batch)}
-    if device == "cpu":
-        overrides["voice_cloning"] = {"num_gpus": 0, "device": "cpu"}
+    if device == "cpu":  # an override replaces a whole block: the profile's pool and CPU share stay
+        overrides["voice_cloning"] = {**base.voice_cloning.model_dump(), "num_gpus": 0, "device": "cpu"}
     return load_config(profile, overrides)
 
 
@@ -68,7 +68,7 @@ class ServedApp:
 
         from bark_serve.serving.app import make_app
         from bark_serve.serving.config import DEPLOYMENT_NAMES
-        from bark_serve.serving.serve_config import patient_proxy_start, placement_problems, pool_resources
+        from bark_serve.serving.serve_config import live_placement_problems, patient_proxy_start, pool_resources
         from bark_serve.serving.stage_server import resolve_threads
 
         self.port = free_port()
@@ -80,7 +80,7 @@ class ServedApp:
         patient_proxy_start()
         ray.init(address="local", resources=pool_resources(self.cfg), include_dashboard=False, log_to_driver=False)
         # serve.run waits forever for a replica Ray cannot place: say why and stop instead
-        problems = placement_problems(self.cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        problems = live_placement_problems(self.cfg)
         if problems:
             ray.shutdown()
             raise SystemExit("bench: the served app cannot start on this machine: " + "; ".join(problems))

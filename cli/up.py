@@ -83,12 +83,9 @@ def _catch_signals() -> None:
 def _check_placement(cfg, local: bool) -> None:
     """Deployments that certainly cannot be placed on this cluster: an error for a local instance (nothing
     will add a node), a warning on a cluster given with --address (an autoscaler may add nodes)."""
-    import ray
+    from bark_serve.serving.serve_config import live_placement_problems
 
-    from bark_serve.serving.serve_config import placement_problems
-
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-    problems = placement_problems(cfg, nodes)
+    problems = live_placement_problems(cfg)
     if problems and local:
         raise CliError("cannot start: " + "; ".join(problems) + ". Lower num_cpus / num_gpus / num_replicas in "
                        "the config (or start from a profile: `profile: local-cpu`), or give Ray more CPUs with "

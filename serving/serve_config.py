@@ -133,3 +133,10 @@ def placement_problems(cfg: BarkConfig, nodes: list[dict[str, float]]) -> list[s
             problems.append(f"the deployments ask {need:g} {k} in all ({who}), the cluster has "
                             f"{totals.get(k, 0.0):g}")
     return problems
+
+
+def live_placement_problems(cfg: BarkConfig) -> list[str]:
+    """:func:`placement_problems` on the live nodes of the Ray cluster this process is connected to."""
+    import ray
+
+    return placement_problems(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])

@@ -182,6 +182,7 @@ def test_the_served_bench_config_on_cpu_asks_for_no_gpu_and_places_on_a_gpu_less
     the voice encoder kept its GPU share. On a CPU every deployment asks for no GPU and fits one 2-core node;
     on the GPU the profile's shares stay."""
     from bark_serve.bench.served_runs import served_config
+    from bark_serve.serving.config import load_config
     from bark_serve.serving.serve_config import placement_problems, pool_resources, replica_asks
 
     cfg = served_config("ckpt", "float32", {"fine": 4}, profile, device="cpu", port=9)
@@ -190,6 +191,8 @@ def test_the_served_bench_config_on_cpu_asks_for_no_gpu_and_places_on_a_gpu_less
     devices = {cfg.stage(s).device for s in ("semantic", "coarse", "fine", "codec")} | {cfg.voice_cloning.device}
     assert devices == {"cpu"}
     assert cfg.stage("fine").max_batch == 4 and cfg.http_port == 9
+    profile_encoder = load_config(profile).voice_cloning  # only its GPU share and device change
+    assert cfg.voice_cloning.model_dump() == {**profile_encoder.model_dump(), "num_gpus": 0, "device": "cpu"}
     assert placement_problems(cfg, [{"CPU": 2.0, **pool_resources(cfg)}]) == []
     if profile == "single-gpu":
         on_gpu = served_config("ckpt", "float32", {}, profile, device="cuda")
