@@ -20,6 +20,7 @@ SITE="$(mktemp -d /tmp/bark-site-XXXX)"
 bash "$PACK/install.sh" "$SITE" "$PWD"   # the pack, and this checkout linked in as $SITE/bark_serve
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
+trap 'rm -rf "$SITE" "$RAY_TMPDIR"' EXIT   # the unpacked pack (188 MB) and Ray's session files
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 NAME="bench-$(bash bench/gpu_tag.sh)-served"   # bench-h200-served.json on an H200
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"

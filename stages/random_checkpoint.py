@@ -156,18 +156,58 @@ def _probe(semantic, spec: BarkSpec, clock: int, n_text: int = 8) -> tuple[float
             seen["y"][0, -1, clock].item())
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    """Train a cased multilingual BERT WordPiece tokenizer and save it in HF format."""
-    from tokenizers import BertWordPieceTokenizer
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
-    tok = BertWordPieceTokenizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
-    lines = CORPUS.read_text(encoding="utf-8").splitlines()
-    tok.train_from_iterator(lines, vocab_size=vocab_size, min_frequency=1, limit_alphabet=2000,
-                            special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+
+def wordpiece_vocab(lines: list[str], vocab_size: int) -> list[str]:
+    """A cased multilingual BERT WordPiece vocabulary learnt from ``lines``, the same for the same lines.
+
+    The words are split as the BERT tokenizer splits them (its normalizer and pre-tokenizer), then pieces
+    are merged as WordPiece training does (a word starts as its first character and ``##``-prefixed
+    continuations; the most frequent adjacent pair is merged, over and over) until ``vocab_size`` tokens or
+    no pair is left. Ties go to the pair that sorts first. (The ``tokenizers`` trainer breaks ties in hash
+    order, so it learnt a different vocabulary in each process, and a seed did not give one checkpoint.)
+    """
+    from collections import Counter
+
+    from tokenizers.normalizers import BertNormalizer
+    from tokenizers.pre_tokenizers import BertPreTokenizer
+
+    norm = BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=False, lowercase=False)
+    split = BertPreTokenizer()
+    counts = Counter(w for line in lines for w, _ in split.pre_tokenize_str(norm.normalize_str(line)))
+    words = {w: [w[0], *("##" + c for c in w[1:])] for w in counts}
+    vocab = [*SPECIAL_TOKENS, *sorted({c for w in counts for c in w}),  # every character can start a word
+             *sorted({p for pieces in words.values() for p in pieces[1:]})]
+    known = set(vocab)
+    while len(vocab) < vocab_size:
+        pairs: Counter = Counter()
+        for w, pieces in words.items():
+            for pair in zip(pieces, pieces[1:]):
+                pairs[pair] += counts[w]
+        if not pairs:
+            break
+        a, b = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merged = a + b[2:]
+        for pieces in words.values():
+            i = 0
+            while i < len(pieces) - 1:
+                if pieces[i] == a and pieces[i + 1] == b:
+                    pieces[i:i + 2] = [merged]
+                i += 1
+        if merged not in known:
+            known.add(merged)
+            vocab.append(merged)
+    return vocab
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A cased multilingual BERT WordPiece tokenizer (:func:`wordpiece_vocab` on the corpus) in HF format."""
     from transformers import BertTokenizer  # the tokenizers-backed BERT tokenizer in transformers 5
 
-    fast = BertTokenizer(vocab=tok.get_vocab(), do_lower_case=False, strip_accents=False,
-                         tokenize_chinese_chars=True, model_max_length=512)
+    vocab = wordpiece_vocab(CORPUS.read_text(encoding="utf-8").splitlines(), vocab_size)
+    fast = BertTokenizer(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=False,
+                         strip_accents=False, tokenize_chinese_chars=True, model_max_length=512)
     fast.save_pretrained(str(directory))
 
 
@@ -234,7 +274,11 @@ def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dt
     spec = BarkSpec()
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     gen = torch.Generator().manual_seed(seed)
-    model = BarkModel(bark_config(size, spec))
+    # transformers initialises the codec (and what _randomize leaves alone) from torch's global generator:
+    # seeded here, so that a seed always writes the same checkpoint whatever the process drew before
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = BarkModel(bark_config(size, spec))
     _randomize(model, spec, gen)
     if eos:
         with torch.no_grad():

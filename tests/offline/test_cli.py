@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -75,8 +76,16 @@ def _ray_pids(marker: str) -> list[int]:
     return pids
 
 
+@pytest.fixture
+def short_ray_tmp():
+    """A RAY_TMPDIR short enough for Ray's socket paths (tmp_path is too long), removed after the test."""
+    path = tempfile.mkdtemp(prefix="bark-dsr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.mark.slow
-def test_a_killed_run_resumes_without_doing_a_row_twice(tiny_ckpt, tmp_path):
+def test_a_killed_run_resumes_without_doing_a_row_twice(tiny_ckpt, tmp_path, short_ray_tmp):
     n = 24  # enough that the first rows are out long before the last (each stage takes one row per call)
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"id": f"row{i}", "text": f"Sentence number {i}.", "seed": i,
@@ -85,7 +94,7 @@ def test_a_killed_run_resumes_without_doing_a_row_twice(tiny_ckpt, tmp_path):
     config = tmp_path / "bark.yaml"
     config.write_text(yaml.safe_dump({**offline_config(str(tiny_ckpt)), **stages}))
     out = tmp_path / "out"
-    ray_tmp = tempfile.mkdtemp(prefix="bark-dsr-", dir="/tmp")  # short: Ray's socket paths
+    ray_tmp = short_ray_tmp
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}
     env.pop("RAY_ADDRESS", None)
     args = [*CLI, str(src), "--out", str(out), "--config", str(config), "--num-cpus", "4", "--no-progress",

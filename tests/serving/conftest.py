@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
 import tempfile
 
 import pytest
@@ -9,6 +11,17 @@ import pytest
 from bark_serve.cluster.ports import free_port
 
 API_KEY = "test-key-123"
+
+_voice_stores: list[str] = []  # this test process's parent folder of every e2e app's voice store
+
+
+def voice_store_dir() -> str:
+    """A fresh, empty voice-store folder under one parent per test process, removed when the process exits
+    (an app's store must not outlive its tests in /tmp)."""
+    if not _voice_stores:
+        _voice_stores.append(tempfile.mkdtemp(prefix="bark-voices-", dir="/tmp"))
+        atexit.register(shutil.rmtree, _voice_stores[0], True)
+    return tempfile.mkdtemp(dir=_voice_stores[0])
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +48,7 @@ def e2e_config(model: str, port: int, **overrides) -> dict:
         # registered voices in a folder of this app's own (never ~/.cache); cloning weights that do not exist
         # (POST /v1/voices answers 503, tests/serving/test_app.py); a test that clones passes its own block, whose
         # weights default to the checkpoint's voice_cloning/ (make_checkpoint writes them)
-        "voice_cloning": {"num_cpus": 0.1, "store_dir": tempfile.mkdtemp(prefix="bark-voices-", dir="/tmp"),
+        "voice_cloning": {"num_cpus": 0.1, "store_dir": voice_store_dir(),
                           "hubert": "/nonexistent/hubert", "quantizer": "/nonexistent/no-quantizer.pth"},
     }
     cfg.update(overrides)
