@@ -116,9 +116,10 @@ def _log(msg: str) -> None:
 def _checkpoint(args) -> str:
     if args.model:
         return args.model
-    from bark_serve.stages.random_checkpoint import make_checkpoint
+    from bark_serve.stages.random_checkpoint import CHECKPOINT_REVISION, make_checkpoint
 
-    path = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve")) / f"bench-{args.size}"
+    cache = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve"))
+    path = cache / f"bench-{args.size}-r{CHECKPOINT_REVISION}"
     if not (path / "model.safetensors").exists():
         _log(f"writing a random {args.size} checkpoint to {path}")
         make_checkpoint(path, args.size, seed=0, eos=False)  # full length: every request makes the same audio

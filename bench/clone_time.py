@@ -37,11 +37,12 @@ def synthetic_clip(seconds: float, rate: int = 24_000, seed: int = 0) -> np.ndar
 
 def random_models(size: str) -> tuple[Path, dict[str, Path]]:
     """A random Bark checkpoint and cloning weights of ``size``, made once under the cache directory."""
-    from bark_serve.stages.random_checkpoint import make_checkpoint
+    from bark_serve.stages.random_checkpoint import CHECKPOINT_REVISION, make_checkpoint
     from bark_serve.stages.random_cloning import make_cloning_weights
 
     cache = Path(os.environ.get("BARK_BENCH_CACHE", Path.home() / ".cache" / "bark-serve"))
-    ckpt, cloning = cache / f"bench-{size}", cache / f"bench-cloning-{size}"  # the checkpoint `bench` makes too
+    ckpt = cache / f"bench-{size}-r{CHECKPOINT_REVISION}"  # the checkpoint `bench` makes too
+    cloning = cache / f"bench-cloning-{size}"
     if not (ckpt / "model.safetensors").exists():
         print(f"making a random {size} Bark checkpoint in {ckpt} ...", file=sys.stderr)
         make_checkpoint(ckpt, size, seed=0, eos=False)

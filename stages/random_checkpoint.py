@@ -46,6 +46,9 @@ EOS_TEXT_GAIN = 10.0      # how far back the share of text tokens sets the clock
 EOS_TARGET_TOKENS = 180   # where P(EOS) should cross min_eos_p for a short (8-token) text
 EOS_MIN_P = 0.2           # Bark's default min_eos_p, the threshold the tuning aims at
 CORPUS = Path(__file__).parent / "data" / "tokenizer_corpus.txt"
+# Bumped whenever a seed starts to write other files (2: the codec's draws seeded and the vocabulary learnt
+# the same in every process), so that caches of made checkpoints (bench/cli.py) are made again.
+CHECKPOINT_REVISION = 2
 
 
 def bark_config(size: str, spec: BarkSpec):

@@ -12,6 +12,10 @@ def test_bench_prints_floors_steps_and_forks(tmp_path, monkeypatch, capsys):
     assert batch_invariance.main(["--size", "tiny", "--requests", "6", "--steps", "2", "--device", "cpu"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["benchmark"] == "batch_invariance" and report["device"] == "cpu"
+    from bark_serve.stages.random_checkpoint import CHECKPOINT_REVISION
+
+    # made once in the cache, under a name that changes when a seed starts to write other files
+    assert [p.name for p in tmp_path.iterdir()] == [f"bench-tiny-r{CHECKPOINT_REVISION}"]
     floor = report["floors"]["semantic"]
     assert isinstance(floor, int) and floor >= 1 and isinstance(report["floors"]["coarse"], int)
     import torch
