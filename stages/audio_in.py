@@ -137,10 +137,13 @@ def _decode_av(av: ModuleType, data: bytes, max_s: float) -> tuple[np.ndarray, i
         if not container.streams.audio:
             raise InvalidRequestError("the upload has no audio stream")
         stream = container.streams.audio[0]
-        rate = int(stream.codec_context.sample_rate or 0)
+        codec = stream.codec_context  # None where FFmpeg has no decoder for what the header says (e.g. 0-bit PCM)
+        if codec is None:
+            raise InvalidRequestError("the audio could not be decoded (its header names no codec that can be read)")
+        rate = int(codec.sample_rate or 0)
         if rate:
             _check_rate(rate)
-        _check_channels(int(stream.codec_context.channels or 0))
+        _check_channels(int(codec.channels or 0))
         chunks: list[np.ndarray] = []
         total = 0
         try:
