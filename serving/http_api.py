@@ -192,10 +192,11 @@ def full_answer(reply: Reply, chunks: list[AudioChunk], fmt: str, meta: dict, po
         return {**meta, "audio": audio}
     if reply.kind == "msgpack":
         body = msgpack.packb({**meta, "format": "pcm", "audio": A.to_pcm16(audio)}, use_bin_type=True)
-        return Response(body, media_type="application/msgpack")
+        return Response(body, media_type="application/msgpack", headers=_meta_headers(meta))
     encoded = A.encode(audio, sr, fmt)
     if reply.kind == "json":
-        return JSONResponse({**meta, "format": fmt, "audio_base64": base64.b64encode(encoded).decode()})
+        return JSONResponse({**meta, "format": fmt, "audio_base64": base64.b64encode(encoded).decode()},
+                            headers=_meta_headers(meta))
     return Response(encoded, media_type=A.media_type(fmt), headers=_meta_headers(meta))
 
 

@@ -160,7 +160,7 @@ class Orchestrator:
             t0 = time.time()
             own = await asyncio.wait_for(self.voices_reg.own_voices(req.named_voices(), owner), H.remaining(deadline))
             plan = await asyncio.wait_for(self.synth.plan_request(req, own_voices=own), H.remaining(deadline))
-            meta = {"seed": plan.seed, "request_id": plan.request_id}
+            meta = {"seed": plan.seed, "request_id": plan.request_id, "segments": plan.n_segments}
             chunks = self.synth.stream(plan)
             try:
                 first = await asyncio.wait_for(anext(chunks, None), H.remaining(deadline))

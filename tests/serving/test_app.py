@@ -59,6 +59,8 @@ def test_msgpack_in_and_out_with_timings_and_inline_voice(served, pipe):
     assert r.status_code == 200 and r.headers["content-type"] == "application/msgpack"
     out = msgpack.unpackb(r.content)
     assert out["sample_rate"] == 24000 and out["format"] == "pcm"
+    assert r.headers["x-bark-request-id"] == out["request_id"] and len(out["request_id"]) == 32
+    assert r.headers["x-bark-segments"] == "1" and r.headers["x-bark-seed"] == str(out["seed"])
     assert set(out["timings"]["stages"]) == {"semantic", "coarse", "fine", "codec"}
     np.testing.assert_allclose(from_pcm16(out["audio"]), expected(pipe, "Hello there.", "announcer", 15), atol=QUANT)
 
@@ -76,6 +78,7 @@ def test_streaming_pcm_and_msgpack_chunks(served, pipe):
     parts = list(msgpack.Unpacker(io.BytesIO(r.content)))
     chunks, done = parts[:-1], parts[-1]
     assert done["done"] is True and len(chunks) == chunks[0]["n_segments"] >= 3
+    assert r.headers["x-bark-segments"] == str(len(chunks)) and len(r.headers["x-bark-request-id"]) == 32
     assert [c["index"] for c in chunks] == list(range(len(chunks)))
     np.testing.assert_allclose(np.concatenate([from_pcm16(c["audio"]) for c in chunks]), ref, atol=QUANT)
 
@@ -141,6 +144,7 @@ def test_long_text_is_split_and_joined(served, pipe):
              headers={**AUTH, "Accept": "application/json"})
     out = r.json()
     assert r.status_code == 200 and out["segments"] >= 6
+    assert r.headers["x-bark-request-id"] == out["request_id"] and r.headers["x-bark-segments"] == str(out["segments"])
     import base64
 
     audio = from_pcm16(base64.b64decode(out["audio_base64"]))
