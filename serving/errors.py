@@ -6,7 +6,9 @@ import asyncio
 import logging
 
 from fastapi.responses import JSONResponse
+from redis.exceptions import OutOfMemoryError, RedisError
 
+from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.stages.audio_in import MissingPackage
 from bark_serve.stages.plan import TextTooLarge
 from bark_serve.stages.text import TextTooLongError
@@ -28,6 +30,21 @@ class APIError(Exception):
         headers = {"Retry-After": str(self.retry_after)} if self.retry_after else None
         body = {"error": {"message": self.message, "type": self.type, "code": self.code}}
         return JSONResponse(body, status_code=self.status, headers=headers)
+
+
+def store_failure(exc: BaseException, store: str) -> APIError | None:
+    """A store's failure (a Redis that is full, hung or away; a folder that cannot be written) as the API's 503
+    with ``Retry-After``, ``store_full`` or ``store_unavailable``; None for any other exception. ``store``
+    names it in the message ("the batch job store")."""
+    if isinstance(exc, OutOfMemoryError):  # maxmemory with noeviction: writes are refused, nothing is lost
+        log.warning("%s is full: %s", store, exc)
+        return APIError(503, f"{store} is full (maxmemory reached); retry later", "store_full",
+                        "server_error", retry_after=30)
+    if isinstance(exc, (RedisError, RedisUnavailable, OSError)):
+        log.warning("%s unavailable: %s", store, exc)
+        return APIError(503, f"{store} is unavailable; retry later", "store_unavailable", "server_error",
+                        retry_after=2)
+    return None
 
 
 def overloaded(message: str, retry_after: int, status: int = 503) -> APIError:

@@ -16,6 +16,7 @@ keys, ``dataset`` rows and ``synth`` (``own_voices``).
 
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations at runtime.
 import asyncio
+import functools
 import logging
 from collections.abc import Iterable
 
@@ -29,7 +30,7 @@ from bark_serve.schema.untrusted import short_repr
 from bark_serve.stages.types import InvalidRequestError, VoicePrompt
 from bark_serve.stages.voices import voice_from_npz_bytes
 
-from .errors import APIError, overloaded, to_api_error, unwrap
+from .errors import APIError, overloaded, store_failure, to_api_error, unwrap
 from .http_api import check_api_key, key_owner, read_limited
 
 log = logging.getLogger("ray.serve")
@@ -130,6 +131,23 @@ def _store_down() -> APIError:
     return overloaded("the voice store is unavailable; retry shortly", 5)
 
 
+def _store_guard(endpoint):
+    """A route whose voice store fails (Redis full, hung or away; the folder unwritable) answers 503
+    ``store_full`` / ``store_unavailable`` with ``Retry-After``, as the batch routes do, never a 500."""
+
+    @functools.wraps(endpoint)
+    async def wrapper(*args, **kwargs):
+        try:
+            return await endpoint(*args, **kwargs)
+        except Exception as exc:
+            failure = store_failure(exc, "the voice store")
+            if failure is None:
+                raise
+            raise failure from None
+
+    return wrapper
+
+
 async def _form(request: Request, max_bytes: int) -> tuple[bytes, str]:
     """The upload's file bytes and name, from a multipart body read bounded; 4xx for anything else."""
     ctype = request.headers.get("content-type", "")
@@ -176,6 +194,7 @@ def voice_router(orch) -> APIRouter:
             raise APIError(404, CLONING_DISABLED, "voice_cloning_disabled")
 
     @router.get("")
+    @_store_guard
     async def list_voices(request: Request):
         owner = owner_of(request)
         out = {"voices": orch.synth.voices.names(), "aliases": orch.synth.planner.aliases}
@@ -185,6 +204,7 @@ def voice_router(orch) -> APIRouter:
         return out
 
     @router.post("", status_code=201)
+    @_store_guard
     async def add_voice(request: Request):
         owner = owner_of(request)
         enabled()
@@ -226,11 +246,13 @@ def voice_router(orch) -> APIRouter:
         return owner, store, voice
 
     @router.get("/{voice_id}")
+    @_store_guard
     async def get_voice(voice_id: str, request: Request):
         _, _, voice = await owned(request, voice_id)
         return voice.to_public()
 
     @router.get("/{voice_id}/npz")
+    @_store_guard
     async def get_voice_npz(voice_id: str, request: Request):
         owner, store, voice = await owned(request, voice_id)
         data = await store.npz(owner, voice.id)
@@ -240,6 +262,7 @@ def voice_router(orch) -> APIRouter:
                         headers={"Content-Disposition": f'attachment; filename="{voice.id}.npz"'})
 
     @router.delete("/{voice_id}")
+    @_store_guard
     async def delete_voice(voice_id: str, request: Request):
         owner, store, voice = await owned(request, voice_id)
         await store.delete(owner, voice.id)

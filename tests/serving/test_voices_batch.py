@@ -85,3 +85,41 @@ def test_the_cli_adds_lists_and_removes_voices_on_a_server(app, tmp_path):
     assert run_cli("voice", "rm", "from cli", env=env).returncode == 2  # 404 now
     down = run_cli("voice", "list", env={**env, "BARK_URL": f"http://127.0.0.1:{free_port()}"})
     assert down.returncode == 1 and "cannot reach the server" in down.stderr
+
+
+def test_a_full_or_absent_voice_store_answers_503_and_the_routes_recover(app, redis_srv):
+    """The voice routes on a Redis that refuses writes (maxmemory, noeviction) or is gone: 503 `store_full` /
+    `store_unavailable` with Retry-After, as the batch routes answer, never a 500; the same routes work again
+    once Redis has room or is back. (Was a 500 internal_error from redis-py's exceptions.)"""
+    import redis
+
+    url = app
+    client = redis.Redis.from_url(redis_srv.url)
+    clip = wav(tones(2.0))
+    try:
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            client.config_set("maxmemory", str(client.info("memory")["used_memory"] + 2**20))
+            for n in range(64):  # fill it to the cap: Redis refuses the write that finds it full
+                client.set(f"ballast{n}", b"x" * 2**18)
+        client.config_set("maxmemory", "1mb")  # and well past it, so that any write is refused
+        full = add(url, clip, "when full")
+        assert full.status_code == 503 and full.json()["error"]["code"] == "store_full", full.text
+        assert full.headers["retry-after"] and "Traceback" not in full.text
+        assert httpx.get(url + "/v1/voices", headers=A, timeout=60).status_code == 200  # reads still answer
+    finally:
+        client.config_set("maxmemory", "0")
+        client.delete(*[f"ballast{n}" for n in range(64)])
+    assert add(url, clip, "when full").status_code == 201
+
+    redis_srv.stop()
+    try:
+        for call in (lambda: httpx.get(url + "/v1/voices", headers=A, timeout=120),
+                     lambda: httpx.get(url + "/v1/voices/when%20full", headers=A, timeout=120),
+                     lambda: httpx.delete(url + "/v1/voices/when%20full", headers=A, timeout=120)):
+            r = call()
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable", r.text
+            assert r.headers["retry-after"]
+    finally:
+        redis_srv.start()  # same port, same data (AOF)
+    assert "when full" in [v["name"] for v in custom(url)]
+    assert httpx.delete(url + "/v1/voices/when%20full", headers=A, timeout=60).status_code == 200
