@@ -57,6 +57,7 @@ import logging
 import math
 import re
 import time
+import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -65,7 +66,7 @@ from typing import Any
 import msgpack
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from redis.exceptions import OutOfMemoryError, RedisError
+from redis.exceptions import RedisError
 
 from bark_serve.cluster.batch_types import (
     JOB_ID_RE,
@@ -80,12 +81,11 @@ from bark_serve.cluster.batch_types import (
 )
 from bark_serve.cluster.jobs import JobCancelled, JobNotFound, JobStore, ResultRecord
 from bark_serve.cluster.quotas import Quota, QuotaExceeded
-from bark_serve.cluster.redis_conn import RedisUnavailable
 from bark_serve.schema.request import item_request
 from bark_serve.schema.untrusted import clip
 from bark_serve.stages.types import InvalidRequestError
 
-from .errors import APIError, to_api_error
+from .errors import APIError, store_failure, to_api_error
 from .http_api import MSGPACK_TYPES, read_limited
 
 log = logging.getLogger("bark.batch.api")
@@ -128,16 +128,8 @@ def _guard(endpoint):
             return await endpoint(*args, **kwargs)
         except QuotaExceeded as exc:
             return APIError(429, str(exc), "quota_exceeded", "rate_limit_error", retry_after=30).response()
-        except OutOfMemoryError as exc:  # maxmemory with noeviction: writes are refused, nothing is lost
-            log.warning("batch API: the job store is full: %s", exc)
-            return APIError(503, "the batch job store (Redis) is full (maxmemory reached); retry later",
-                            "store_full", "server_error", retry_after=30).response()
-        except (RedisError, RedisUnavailable, OSError) as exc:
-            log.warning("batch API: job store unavailable: %s", exc)
-            return APIError(503, "the batch job store (Redis) is unavailable; retry later", "store_unavailable",
-                            "server_error", retry_after=2).response()
         except Exception as exc:  # APIError as it is; a bug is logged by to_api_error and answered without a trace
-            return to_api_error(exc).response()
+            return (store_failure(exc, "the batch job store (Redis)") or to_api_error(exc)).response()
 
     return wrapper
 
@@ -255,10 +247,12 @@ async def _result_dict(rec: ResultRecord) -> dict:
 
 
 def _is_cursor(text: str) -> bool:
-    """A Redis stream id as Redis takes it: ``ms`` or ``ms-seq``, each below 2**64 (else Redis errs: a 503)."""
+    """A Redis stream id as Redis takes it: ``ms`` or ``ms-seq``, each below 2**64, and not the largest id of
+    all (nothing comes after it: Redis refuses an exclusive range from there). Else Redis errs: a 503."""
     if not CURSOR_RE.match(text):
         return False
-    return all(int(part) < 2**64 for part in text.split("-"))
+    parts = [int(part) for part in text.split("-")]
+    return all(part < 2**64 for part in parts) and parts != [2**64 - 1, 2**64 - 1]
 
 
 def _query(request: Request) -> tuple[str, int, bool, float]:
@@ -349,17 +343,35 @@ def batch_router(store_factory: StoreFactory, *, limits: BatchLimits = BatchLimi
     stores = _StoreCache(store_factory)
     following: dict[str, int] = {}  # tenant -> its open follow=true streams on this replica
 
-    async def counted(owner: str, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-        """A follow stream, counted against its tenant from its first byte until it ends or is dropped."""
+    def release(owner: str) -> None:
+        following[owner] -= 1
+        if not following[owner]:
+            del following[owner]
+
+    def counted(owner: str, stream: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """A follow stream, counted against its tenant from the moment it is granted (in the same event-loop
+        step as the cap check, so a burst of requests cannot pass the cap together) until it ends, is
+        dropped, or is discarded without ever being read."""
         following[owner] = following.get(owner, 0) + 1
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            following[owner] -= 1
-            if not following[owner]:
-                del following[owner]
-            await stream.aclose()
+        released = False
+
+        def release_once() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                release(owner)
+
+        async def body() -> AsyncGenerator[bytes, None]:
+            try:
+                async for chunk in stream:
+                    yield chunk
+            finally:
+                release_once()
+                await stream.aclose()
+
+        gen = body()
+        weakref.finalize(gen, release_once)  # a response never sent: its generator never runs its finally
+        return gen
 
     async def owned(store: JobStore, job_id: str, request: Request):
         """The caller's job, else 404 (another tenant's job is answered as if it did not exist)."""

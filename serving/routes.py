@@ -34,7 +34,10 @@ BATCH_DISABLED = ("batch jobs are disabled on this server: set `batch.enabled: t
 
 def build_http_app(orch) -> FastAPI:
     """The app of one Orchestrator replica: its routes, the batch routes, and the error handlers."""
-    app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.")
+    # redirect_slashes off: a path with a trailing slash is a JSON 404 like any unknown path, not a bare 307 whose
+    # Location Starlette builds from the client's Host header
+    app = FastAPI(title="bark-serve", description="Bark text-to-speech, served stage by stage on Ray Serve.",
+                  redirect_slashes=False)
     install_error_handlers(app)
     app.add_middleware(ErrorCounter, on_error=orch.metrics.error)
     app.add_api_route("/", _index(orch), methods=["GET"])

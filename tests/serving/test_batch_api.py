@@ -163,6 +163,11 @@ def test_bad_requests(redis_server, prefix):
         assert_error(api.get("/v1/batches/b_" + "1" * 32 + "/results"), 404, "job_not_found")
         job = api.post("/v1/batches", content=ok, headers=JSONL).json()
         assert_error(api.get(f"/v1/batches/{job['id']}/results?after=abc"), 400, "invalid_cursor")
+        top = 2**64 - 1  # the largest stream id has nothing after it (was a 200 saying "store unavailable")
+        assert_error(api.get(f"/v1/batches/{job['id']}/results?after={top}-{top}"), 400, "invalid_cursor")
+        for near in (f"{top}", f"{top}-{top - 1}", f"{top - 1}-{top}"):  # ids Redis takes: past every result
+            lines = api.get(f"/v1/batches/{job['id']}/results?after={near}").text.splitlines()
+            assert [json.loads(x)["type"] for x in lines] == ["end"], (near, lines)
         assert_error(api.get(f"/v1/batches/{job['id']}/results?limit=x"), 400, "invalid_parameter")
 
 

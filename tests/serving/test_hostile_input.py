@@ -230,8 +230,12 @@ def route_cases() -> list[tuple[str, str, str, dict]]:
     job = "b_" + "0" * 32
     wrong = [("GET", "/v1/tts"), ("PUT", "/v1/tts"), ("DELETE", "/v1/audio/speech"), ("GET", "/nope"),
              ("POST", "/v1"), ("GET", "/v1/voices/x"), ("PUT", "/v1/batches"), ("PATCH", f"/v1/batches/{job}"),
-             ("GET", f"/v1/batches/{job}/nope"), ("POST", "/healthz"), ("GET", "/v1/" + "x" * 3000)]
-    return [(f"route-{m}-{p[:30]}", m, p, {"headers": AUTH}) for m, p in wrong]
+             ("GET", f"/v1/batches/{job}/nope"), ("POST", "/healthz"), ("GET", "/v1/" + "x" * 3000),
+             # a trailing slash: a JSON 404, never a 307 to the client's Host header
+             ("GET", f"/v1/batches/{job}/"), ("GET", "/v1/voices/"), ("GET", "/v1/voices/x/npz/"),
+             ("POST", "/v1/audio/speech/"), ("GET", "/v1/models/")]
+    evil = {"headers": {**AUTH, "Host": "evil.example"}}
+    return [(f"route-{m}-{p[:30]}", m, p, evil if p.endswith("/") else {"headers": AUTH}) for m, p in wrong]
 
 
 def batch_body_cases() -> list[tuple[str, dict]]:
@@ -331,7 +335,8 @@ def results_query_cases() -> list[str]:
     """Query strings of GET /v1/batches/{job}/results that must be refused."""
     return ["wait_s=nan", "wait_s=NaN", "wait_s=inf", "wait_s=-inf", "wait_s=-1", "wait_s=abc", "wait_s=1e999",
             "limit=-1", "limit=x", "limit=1.5", "after=abc", "after=-1", "after=5-", "after=" + "9" * 30,
-            "after=18446744073709551616-0", "after=1-2-3"]
+            "after=18446744073709551616-0", "after=1-2-3",
+            "after=18446744073709551615-18446744073709551615"]  # the largest id: nothing is after it
 
 
 HTTP_CASES = ([("POST", "/v1/audio/speech", *c) for c in field_cases("speech", SPEECH)]
