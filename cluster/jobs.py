@@ -63,6 +63,7 @@ for i = 6, #ARGV, 3 do
     else conflicts[#conflicts + 1] = iid end
   else
     redis.call('HINCRBY', h, 'total', 1)
+    redis.call('HINCRBY', h, 'request_bytes', #spec)  -- a tenant's quota counts the requests its jobs keep
     if err ~= '' then
       redis.call('HINCRBY', h, 'queued', 1)
       fail_item(jid, iid, 'queued', 0, err, 'invalid_item')
@@ -88,7 +89,10 @@ if redis.call('HGET', h, 'status') == 'cancelled' then return 1 end
 local v = redis.call('HMGET', h, 'queued', 'running', 'jobkey')
 local open = tonumber(v[1]) + tonumber(v[2])
 if open == 0 then return 2 end
-redis.call('HSET', h, 'status', 'cancelled', 'queued', 0, 'running', 0, 'finished_at', NOW)
+-- the item requests go at once: no item of a cancelled job runs again, and it takes no more items. First, so
+-- that a full Redis (maxmemory) still runs the script (a script that has written may go on writing).
+redis.call('UNLINK', jk(jid, 'items'))
+redis.call('HSET', h, 'status', 'cancelled', 'queued', 0, 'running', 0, 'finished_at', NOW, 'request_bytes', 0)
 redis.call('HINCRBY', h, 'cancelled', open)
 -- the key is released: resubmitting with it starts a new job instead of reviving a cancelled one
 if v[3] and v[3] ~= '' and redis.call('GET', P .. ':jobkey:' .. v[3]) == jid then
@@ -327,7 +331,8 @@ class JobStore:
         return stages
 
     async def cancel(self, job_id: str) -> JobInfo | None:
-        """Cancel a job: queued items will not run, in-flight results are discarded. None if unknown.
+        """Cancel a job: queued items will not run, in-flight results are discarded, and the item requests are
+        dropped from Redis at once (its results so far stay until the job expires). None if unknown.
 
         Cancelling a finished job changes nothing (its status stays completed).
         """

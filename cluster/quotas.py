@@ -1,5 +1,6 @@
 """Per-tenant quotas of batch jobs: what one API key holds (open jobs, queued or running items, result bytes
-kept), read from its job index in Redis, and the check a submission passes before the job store writes it.
+kept, item request bytes kept), read from its job index in Redis, and the check a submission passes before the
+job store writes it.
 
 A tenant is the owner a job stores (a hash of its API key, "-" without keys; cluster/jobs.py). Usage is
 summed over the owner's unexpired jobs in one pipelined read; submissions of one owner that arrive at the
@@ -26,6 +27,7 @@ class Quota:
     max_jobs_in_flight: int | None = None  # jobs with queued or running items
     max_items_queued: int | None = None  # items queued or running, over all its jobs
     max_result_bytes: int | None = None  # audio kept (in Redis and results_dir) until the jobs expire
+    max_request_bytes: int | None = None  # item requests kept in Redis by jobs not cancelled, until they expire
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,7 @@ class Usage:
     jobs_in_flight: int = 0
     items_queued: int = 0
     result_bytes: int = 0
+    request_bytes: int = 0
 
 
 class QuotaExceeded(Exception):
@@ -46,32 +49,35 @@ class QuotaExceeded(Exception):
 
 
 async def tenant_usage(redis: aioredis.Redis, keys: BatchKeys, owner: str = "") -> Usage:
-    """What ``owner``'s unexpired jobs hold: open jobs, queued or running items, result bytes."""
+    """What ``owner``'s unexpired jobs hold: open jobs, queued or running items, result and request bytes."""
     ids = cast(list[bytes], await redis.zrange(keys.owner_jobs(owner), 0, -1))  # bytes: see cluster/redis_conn.py
     if not ids:
         return Usage()
     pipe = redis.pipeline(transaction=False)
     for raw in ids:
-        pipe.hmget(keys.job(raw.decode()), "queued", "running", "status", "result_bytes", "owner")
-    jobs = items = size = 0
-    for queued, running, status, result_bytes, job_owner in await pipe.execute():
+        pipe.hmget(keys.job(raw.decode()), "queued", "running", "status", "result_bytes", "request_bytes", "owner")
+    jobs = items = size = requests = 0
+    for queued, running, status, result_bytes, request_bytes, job_owner in await pipe.execute():
         if job_owner is None or job_owner.decode() != (owner or "-"):  # expired
             continue
         open_items = int(queued or 0) + int(running or 0)
         jobs += open_items > 0 and status != b"cancelled"
         items += open_items
         size += int(result_bytes or 0)
-    return Usage(jobs, items, size)
+        requests += int(request_bytes or 0)  # 0 once cancelled: the script drops the requests
+    return Usage(jobs, items, size, requests)
 
 
-async def _new_items(redis: aioredis.Redis, keys: BatchKeys, job_id: str, records: Sequence[ItemRecord]) -> int:
-    """How many of ``records`` the job does not hold yet."""
-    new = 0
+async def _new_records(redis: aioredis.Redis, keys: BatchKeys, job_id: str,
+                       records: Sequence[ItemRecord]) -> list[ItemRecord]:
+    """Those of ``records`` the job does not hold yet."""
+    new: list[ItemRecord] = []
     for start in range(0, len(records), PIPELINE_CHUNK):
+        chunk = records[start:start + PIPELINE_CHUNK]
         pipe = redis.pipeline(transaction=False)
-        for r in records[start:start + PIPELINE_CHUNK]:
+        for r in chunk:
             pipe.hexists(keys.job(job_id, "items"), r.id)
-        new += sum(not held for held in await pipe.execute())
+        new += [r for r, held in zip(chunk, await pipe.execute()) if not held]
     return new
 
 
@@ -84,14 +90,24 @@ async def check_quota(redis: aioredis.Redis, keys: BatchKeys, records: Sequence[
         jid = cast(bytes | None, await redis.get(keys.jobkey(scoped_key)))
         if jid is not None and await redis.exists(keys.job(jid.decode())):
             existing = jid.decode()
-    valid = [r for r in records if r.error is None]
-    new = len(valid) if existing is None else await _new_items(redis, keys, existing, valid)
+    fresh = list(records) if existing is None else await _new_records(redis, keys, existing, records)
+    new = sum(r.error is None for r in fresh)  # a malformed item fails at once: it holds no place in the queue
     usage = await tenant_usage(redis, keys, owner)
     if existing is None and quota.max_jobs_in_flight is not None and usage.jobs_in_flight >= quota.max_jobs_in_flight:
         raise QuotaExceeded("max_jobs_in_flight", quota.max_jobs_in_flight,
                             f"quota max_jobs_in_flight ({quota.max_jobs_in_flight} per API key) reached: "
                             f"{usage.jobs_in_flight} of your jobs are queued or running; wait for one to "
                             "finish, cancel one, or add to one with its Idempotency-Key")
+    if not fresh:
+        return
+    if quota.max_request_bytes is not None:
+        adds = sum(len(r.pack()) for r in fresh)  # as the job stores them (a malformed item's too)
+        if usage.request_bytes + adds > quota.max_request_bytes:
+            raise QuotaExceeded("max_request_bytes", quota.max_request_bytes,
+                                f"quota max_request_bytes ({quota.max_request_bytes} per API key) exceeded: your "
+                                f"jobs keep {usage.request_bytes} bytes of item requests until they expire and "
+                                f"this submission adds {adds}; cancel a job (which drops its requests at once), "
+                                "submit less, or wait for jobs to expire")
     if new == 0:
         return
     if quota.max_result_bytes is not None and usage.result_bytes >= quota.max_result_bytes:

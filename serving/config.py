@@ -142,13 +142,16 @@ class BatchQuota(_Strict):
     max_jobs_in_flight: int | None = Field(64, ge=1)  # jobs with items queued or running
     max_items_queued: int | None = Field(1_000_000, ge=1)  # items queued or running, over all its jobs
     max_result_bytes: int | None = Field(20 * 2**30, ge=1)  # results kept until their jobs expire
+    # item requests kept in Redis by its jobs (cancelling drops them), until they expire; keep the sum over the
+    # keys that submit below Redis's maxmemory (local_redis_maxmemory: 1gb), or one key can fill it for all
+    max_request_bytes: int | None = Field(256 * 2**20, ge=1)
     max_follow_streams: int | None = Field(8, ge=1)  # concurrent `follow=true` result streams, per API replica
 
     def store_quota(self):
         """The part the job store checks at submission (cluster/quotas.py Quota)."""
         from bark_serve.cluster.quotas import Quota
 
-        return Quota(self.max_jobs_in_flight, self.max_items_queued, self.max_result_bytes)
+        return Quota(self.max_jobs_in_flight, self.max_items_queued, self.max_result_bytes, self.max_request_bytes)
 
 
 class BatchConfig(_Strict):

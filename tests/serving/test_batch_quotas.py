@@ -72,6 +72,57 @@ def test_result_bytes_kept_per_key(redis_server, prefix):
         assert [json.loads(x)["type"] for x in lines] == ["result"] * 3 + ["end"]  # kept results stay readable
 
 
+
+def long_items(n: int, chars: int, tag: str = "") -> str:
+    return "".join(json.dumps({"id": f"{tag}{i}", "text": "w" * chars}) + "\n" for i in range(n))
+
+
+def test_request_bytes_kept_per_key_and_a_cancel_gives_them_back(redis_server, prefix):
+    """Submitting and cancelling big jobs held their item requests in Redis until the jobs expired (7 days),
+    counted by no quota: one key filled the shared Redis, and every other key's submissions were refused as
+    `store_full`. Now a key's requests count against max_request_bytes, and a cancel drops them at once."""
+    limit = 40_000
+    with make_client(redis_server.url, prefix, limits=BatchLimits(quota=Quota(max_request_bytes=limit))) as api:
+        first = api.post("/v1/batches", content=long_items(3, 10_000), headers=A)
+        assert first.status_code == 202, first.text
+        job = first.json()["id"]
+        error = refused(api.post("/v1/batches", content=long_items(2, 10_000, "more"), headers=A), "max_request_bytes")
+        assert "bytes of item requests" in error["message"] and "adds" in error["message"]
+        assert api.post("/v1/batches", content=long_items(3, 10_000), headers=B).status_code == 202  # B's own
+        client = redis.Redis.from_url(redis_server.url)
+        items_key = f"{prefix}:job:{job}:items"
+        assert client.exists(items_key) and int(client.hget(f"{prefix}:job:{job}", "request_bytes")) > 30_000
+        assert api.delete(f"/v1/batches/{job}", headers=A).status_code == 200
+        assert not client.exists(items_key)  # the requests are gone from Redis, not kept until the job expires
+        assert int(client.hget(f"{prefix}:job:{job}", "request_bytes")) == 0
+        again = api.post("/v1/batches", content=long_items(3, 10_000, "again"), headers=A)
+        assert again.status_code == 202, again.text  # the cancelled job's bytes were given back
+        assert api.get(f"/v1/batches/{job}", headers=A).json()["status"] == "cancelled"
+
+
+def test_a_cancel_frees_a_full_redis(tmp_path, prefix):
+    """On a Redis at maxmemory (noeviction) a cancel still runs and frees the job's requests, so submissions
+    are taken again."""
+    from bark_serve.cluster.local_redis import LocalRedis
+
+    server = LocalRedis.start(tmp_path / "state", maxmemory="4mb")
+    try:
+        client = redis.Redis.from_url(server.url)
+        with make_client(server.url, prefix) as api:
+            big = api.post("/v1/batches", content=long_items(100, 15_000), headers=A)
+            assert big.status_code == 202, big.text
+            for size in (2**17, 2**10):  # fill the rest, to the brim: Redis refuses the write that finds it full
+                with pytest.raises(redis.exceptions.OutOfMemoryError):
+                    for n in range(10_000):
+                        client.set(f"ballast{size}-{n}", b"x" * size)
+            full = api.post("/v1/batches", content=body("b1"), headers=B)
+            assert full.status_code == 503 and full.json()["error"]["code"] == "store_full", full.text
+            cancel = api.delete(f"/v1/batches/{big.json()['id']}", headers=A)
+            assert cancel.status_code == 200 and cancel.json()["status"] == "cancelled", cancel.text
+            assert api.post("/v1/batches", content=body("b1"), headers=B).status_code == 202
+    finally:
+        server.stop()
+
 def test_follow_streams_per_key(redis_server, prefix):
     limits = BatchLimits(max_follow_streams=1, follow_max_s=30)
     with make_client(redis_server.url, prefix, limits=limits) as api:
@@ -103,6 +154,25 @@ def test_follow_streams_per_key(redis_server, prefix):
                 break
         assert resp.status_code == 200, resp.text
 
+
+
+def test_a_burst_of_follow_streams_is_held_to_the_cap(redis_server, prefix):
+    """Many follow requests at once: at most the cap are granted (each counted in the event-loop step that
+    checked the cap; they were counted from their first byte, so a burst passed the check together: 13 of 60
+    with a cap of 8), and every place is given back when they end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = BatchLimits(max_follow_streams=2, follow_max_s=30)
+    with make_client(redis_server.url, prefix, limits=limits) as api:
+        a = submit(api, A, "f1")["id"]
+
+        def follow(_):
+            return api.get(f"/v1/batches/{a}/results?follow=true&wait_s=1.5", headers=A).status_code
+
+        for _ in range(2):  # and again, once the first burst has given its places back
+            with ThreadPoolExecutor(16) as pool:
+                codes = list(pool.map(follow, range(16)))
+            assert set(codes) <= {200, 429} and 1 <= codes.count(200) <= 2, codes
 
 def test_big_results_go_to_results_dir_small_ones_stay_in_redis(redis_server, prefix, tmp_path):
     from bark_serve.cluster.jobs import JobStore

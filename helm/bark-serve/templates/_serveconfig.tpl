@@ -29,7 +29,7 @@ fine: [pool, autoscaling, torch_threads]
 codec: [pool, autoscaling, torch_threads]
 batch: [redis_url, redis_password_env, redis_tls_ca_file, results_dir]
 batch.worker: [pool, autoscaling]
-batch.quota: [max_jobs_in_flight, max_items_queued, max_result_bytes, max_follow_streams]
+batch.quota: [max_jobs_in_flight, max_items_queued, max_result_bytes, max_request_bytes, max_follow_streams]
 voice_cloning: [pool, autoscaling, hubert, quantizer, max_voices_per_key, store_dir]
 {{- end -}}
 
