@@ -43,6 +43,11 @@ def _read(out: OutDir, rel: str) -> pa.Table | None:
         return None
 
 
+def readable_manifest(out: OutDir) -> bool:
+    """Whether the compacted manifest reads as one (with the manifest's columns)."""
+    return _read(out, MANIFEST) is not None
+
+
 def part_files(out: OutDir) -> list[str]:
     return out.list("manifest", ".parquet")
 
@@ -62,7 +67,7 @@ def latest(records: pa.Table) -> pa.Table:
         prev = keep.get(rid)
         if prev is None or status == Status.OK.value or statuses[prev] != Status.OK.value:
             keep[rid] = i
-    return records.take(sorted(keep.values()))
+    return records.take(pa.array(sorted(keep.values()), pa.int64()))  # typed: an empty run has no rows
 
 
 def done_ids(out: OutDir) -> frozenset[str]:

@@ -24,7 +24,7 @@ from bark_serve.schema.untrusted import clip
 from bark_serve.serving.config import BarkConfig
 from bark_serve.stages.constants import STAGES
 
-from .manifest import MANIFEST, ManifestWriter, compact, done_ids
+from .manifest import MANIFEST, ManifestWriter, compact, done_ids, readable_manifest
 from .outdir import OutDir, absolute, is_uri
 from .rows import Status, declared_ids
 from .settings import MapSpec, plan_spec, stage_specs
@@ -132,7 +132,31 @@ def check_input(opts: RunOptions) -> tuple[str, str]:
     path = opts.input if is_uri(opts.input) else absolute(opts.input)
     if not is_uri(path) and not os.path.exists(path):
         raise DatasetInputError(f"input {opts.input!r} not found")
-    return path, input_kind(opts.input, opts.input_kind)
+    kind = input_kind(opts.input, opts.input_kind)
+    if kind == "parquet" and not is_uri(path):
+        _check_parquet(path, opts.input)
+    return path, kind
+
+
+def _check_parquet(path: str, given: str) -> None:
+    """A local Parquet input whose footers can be read (a file, or a folder of them), else DatasetInputError."""
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    try:
+        pds.dataset(path, format="parquet").schema  # noqa: B018  (reads every file's footer)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise DatasetInputError(f"input {given!r} cannot be read as Parquet: {' '.join(str(exc).split())[:200]}") \
+            from None
+
+
+def check_out(opts: RunOptions) -> None:
+    """An output folder whose manifest.parquet, if it has one, is a manifest this command wrote (else a
+    DatasetInputError: a run would take none of its rows as done and replace it at the end)."""
+    out = OutDir(opts.out)
+    if out.exists(MANIFEST) and not readable_manifest(out):
+        raise DatasetInputError(f"--out {opts.out!r} holds a {MANIFEST} that is not a bark-serve dataset manifest "
+                                "(or is damaged): use another --out, or move that file away")
 
 
 def csv_convert_options():
@@ -179,6 +203,10 @@ def _map(ds, fn, spec: MapSpec, **constructor):
 def build_dataset(cfg: BarkConfig, opts: RunOptions, skip: frozenset[str]):
     """The lazy pipeline: input rows in, result rows (manifest columns and stage accounting) out."""
     ds, kind = read_input(opts)
+    if kind == "parquet":
+        # Ray Data lists Parquet files in a task of one whole CPU, a figure no option changes; once the stage
+        # actors hold a small machine's CPUs that task never starts (2 CPUs: the run hung). Read first, then.
+        ds = ds.materialize()
     config = cfg.model_dump(mode="json")
     ds = _map(ds, RowPlanner, plan_spec(cfg), config=config, source="jsonl" if kind == "jsonl" else "table",
               default_format=opts.default_format, done_ids=skip)

@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -128,3 +129,20 @@ def test_a_killed_run_resumes_without_doing_a_row_twice(tiny_ckpt, tmp_path, sho
     assert len({r["run"] for r in records.values()}) == 2
     assert sorted(p.name for p in (out / "audio").iterdir()) == sorted(f"{rid}.wav" for rid in records)
     assert list((out / "manifest").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_parquet_input_on_two_cpus_with_the_default_profile(tiny_ckpt, tmp_path, short_ray_tmp):
+    """The local-cpu profile's stage actors take both CPUs of a 2-CPU instance; Ray Data lists Parquet files in a
+    task of one whole CPU, which then never started: the run hung (JSONL and CSV ran). The input is now read
+    before the stage actors start."""
+    rows = [{"id": f"p{i}", "text": f"Parquet row {i}.", "options": {"max_semantic_tokens": 8}} for i in range(2)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "in.parquet")
+    env = {**os.environ, "RAY_TMPDIR": short_ray_tmp}
+    env.pop("RAY_ADDRESS", None)
+    out = tmp_path / "out"
+    res = subprocess.run([*CLI, str(tmp_path / "in.parquet"), "--out", str(out), "--model", str(tiny_ckpt),
+                          "--num-cpus", "2", "--no-progress"], env=env, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "rows: 2 ok, 0 failed" in res.stdout, res.stdout
+    assert sorted(manifest(out)) == ["p0", "p1"]

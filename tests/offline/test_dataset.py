@@ -164,3 +164,15 @@ def test_duplicate_ids_are_refused_before_any_synthesis(ray_local, tmp_path, kin
     with pytest.raises(DatasetInputError, match=r"2 id\(s\) appear more than once.*'7', 'a'"):
         run_dataset(ray_local, RunOptions(str(src), str(out), progress=False))
     assert not list((out / "audio").glob("*")) and not (out / "manifest.parquet").exists()
+
+
+@pytest.mark.parametrize("content", ["", "\n\n", "id,text\n"], ids=["empty", "blank-lines", "csv-header-only"])
+def test_an_input_without_rows_ends_with_zero_rows(ray_local, tmp_path, content):
+    """No rows (an empty file, blank lines, a CSV header alone): a run of zero rows and an empty manifest. It
+    crashed in compaction (pyarrow's take of an untyped empty index)."""
+    src = tmp_path / ("in.csv" if content.startswith("id,") else "in.jsonl")
+    src.write_text(content)
+    out = tmp_path / "out"
+    summary = run_dataset(ray_local, RunOptions(str(src), str(out), progress=False))
+    assert (summary.rows_ok, summary.rows_failed) == (0, 0)
+    assert manifest(out) == {} and json.loads((out / "summary.json").read_text())["rows_ok"] == 0
