@@ -45,7 +45,7 @@ from .batch_client import (
     Retrier,
     ServerBusy,
 )
-from .common import DEFAULT_URL, URL_ENV, CliError, server_url
+from .common import DEFAULT_URL, URL_ENV, CliError, number, server_url
 
 STATE_FILE = ".bark-batch.json"
 FAILED_FILE = "failed.jsonl"
@@ -130,14 +130,21 @@ class OutputDir:
 
     def __init__(self, path: Path):
         self.path = path
+        if path.exists() and not path.is_dir():
+            raise CliError(f"--out {str(path)!r} exists and is not a directory")
         path.mkdir(parents=True, exist_ok=True)
         self.state = self._load_json(path / STATE_FILE) or {}
         self.failed: dict[str, dict] = {}
         if (path / FAILED_FILE).exists():
-            for line in (path / FAILED_FILE).read_text().splitlines():
-                if line.strip():
+            for n, line in enumerate((path / FAILED_FILE).read_text(errors="replace").splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
                     rec = json.loads(line)
-                    self.failed[rec["id"]] = rec
+                    self.failed[str(rec["id"])] = rec
+                except (ValueError, KeyError, TypeError):
+                    raise CliError(f"{path / FAILED_FILE}:{n} is not a record this command wrote (an object with "
+                                   "an id); move the file away, or use another --out") from None
 
     @staticmethod
     def _load_json(path: Path) -> dict | None:
@@ -265,7 +272,8 @@ def cmd_submit(args) -> int:
     if args.no_wait:
         print(s.job_id or "nothing to submit")
         return EXIT_OK
-    line = f"{s.job_id}: {s.status}; {s.present}/{s.total} items in {args.out}, {len(s.failed_ids)} failed"
+    line = (f"{s.job_id or 'no job yet'}: {s.status}; {s.present}/{s.total} items in {args.out}, "
+            f"{len(s.failed_ids)} failed")
     if not s.complete:
         print(f"{line}; not finished, re-run the same command to resume", file=sys.stderr)
         return EXIT_TIMEOUT
@@ -324,7 +332,8 @@ def add_batch_commands(subparsers) -> argparse.ArgumentParser:
     p.add_argument("items", help="JSONL file: one {id?, text or script, voice?, seed?, format?, options?} a line")
     p.add_argument("--out", required=True, help="directory for <id>.<format>, <id>.json and failed.jsonl")
     p.add_argument("--job-key", help="idempotency key of the job (default: a hash of the file)")
-    p.add_argument("--timeout", type=float, help="stop waiting after this many seconds (exit 3; re-run resumes)")
+    p.add_argument("--timeout", type=number(float, 0, above=True),
+                   help="stop waiting after this many seconds (exit 3; re-run resumes)")
     p.add_argument("--no-wait", action="store_true", help="submit, print the job id and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     common(p)

@@ -10,7 +10,7 @@ import yaml
 
 from bark_serve.stages.types import GenerationParams, InvalidRequestError
 
-from .common import CliError
+from .common import CliError, check_output_path, check_text, write_output
 
 
 def _engine_options(args, capacity: int = 4):
@@ -90,13 +90,18 @@ def synth(args) -> int:
     from bark_serve.stages.audio import join_segments
     from bark_serve.stages.encoders import encode
     from bark_serve.stages.pipeline import BarkPipeline
-    from bark_serve.stages.voices import save_npz
+    from bark_serve.stages.voices import voice_npz_bytes
 
     fmt = format_for_path(args.output)
+    check_output_path(args.output)
     params = _generation_params(args)
     post = _post_process(args)
     if args.save_voice and not args.save_voice.endswith(".npz"):
         raise InvalidRequestError("--save-voice must name a .npz file")
+    if args.save_voice:
+        check_output_path(args.save_voice, "--save-voice")
+    if args.text is not None:
+        check_text(args.text)
     if (args.text is None) == (args.script is None):
         raise InvalidRequestError("give the text to speak or --script FILE.json, not both" if args.script
                                   else "give the text to speak (or --script FILE.json)")
@@ -124,9 +129,9 @@ def synth(args) -> int:
                                   own_voices=own)
     segments = np.split(gen.audio, np.cumsum(gen.segment_samples)[:-1]) if gen.segment_samples else [gen.audio]
     audio = join_segments(segments, gen.sample_rate, post)
-    Path(args.output).write_bytes(encode(audio, gen.sample_rate, fmt))
+    write_output(args.output, encode(audio, gen.sample_rate, fmt))
     if args.save_voice:
-        save_npz(gen.as_voice(), args.save_voice)
+        write_output(args.save_voice, voice_npz_bytes(gen.as_voice()), "--save-voice")
     seconds = len(audio) / gen.sample_rate
     print(f"wrote {args.output}: {seconds:.2f} s of audio at {gen.sample_rate} Hz, seed {gen.seed} "
           f"(load {t_load:.1f} s, generate {time.perf_counter() - t0 - t_load:.1f} s)"
@@ -147,8 +152,15 @@ def _registered_voices(pipe, names: set[str]) -> dict:
 
 
 def make_checkpoint(args) -> int:
+    from bark_serve.stages.random_checkpoint import is_random_checkpoint
     from bark_serve.stages.random_checkpoint import make_checkpoint as make
 
+    target = Path(args.directory)
+    if target.exists() and not target.is_dir():
+        raise CliError(f"{args.directory!r} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not is_random_checkpoint(target):
+        raise CliError(f"{args.directory!r} is not empty and holds no random checkpoint of bark-serve: writing "
+                       "there would replace what it holds (a real checkpoint?); name a new or empty directory")
     path = make(args.directory, args.size, seed=args.seed, dtype=args.dtype, eos=not args.full_length,
                 cloning=args.cloning)
     ending = "requests run to the semantic cap" if args.full_length else "requests end after about 1-4 s of audio"

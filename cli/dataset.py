@@ -12,7 +12,7 @@ import os
 import shutil
 import sys
 
-from .common import CliError, ray_temp_dir
+from .common import CliError, number, ray_temp_dir
 
 
 def register(sub) -> None:
@@ -29,12 +29,12 @@ def register(sub) -> None:
     p.add_argument("--model", help="hub id or local checkpoint directory (overrides the config)")
     p.add_argument("--address", help="Ray cluster to run on: auto, HOST:PORT, ray://HOST:10001, or local for a new "
                                      "local instance (default: $RAY_ADDRESS, else a new local instance)")
-    p.add_argument("--num-cpus", type=int, help="CPUs of a new local Ray instance (default: all)")
+    p.add_argument("--num-cpus", type=number(int, 1), help="CPUs of a new local Ray instance (default: all)")
     p.add_argument("--format", default="wav", help="audio format of rows that name none (wav, flac, mp3, opus, pcm)")
     p.add_argument("--input-format", default="auto", choices=["auto", "jsonl", "csv", "parquet"],
                    help="how to read INPUT (default: from its extension)")
     p.add_argument("--limit", type=int, help="read only the first N rows of INPUT")
-    p.add_argument("--manifest-flush-s", type=float, default=10.0,
+    p.add_argument("--manifest-flush-s", type=number(float, 0), default=10.0,
                    help="write finished rows to the manifest at least this often (seconds, default 10)")
     p.add_argument("--block-bytes", type=int, default=64 << 10,
                    help="Ray Data block size (default 64 KiB); smaller blocks hand rows on sooner, at more overhead")
@@ -44,7 +44,7 @@ def register(sub) -> None:
 
 def dataset(args) -> int:
     from bark_serve.offline.outdir import OutDir
-    from bark_serve.offline.run import DatasetInputError, RunOptions, check_input, run_dataset
+    from bark_serve.offline.run import DatasetInputError, RunOptions, check_input, check_out, run_dataset
     from bark_serve.schema.formats import check_format
     from bark_serve.serving.config import load_config
     from bark_serve.stages.weights import Checkpoint
@@ -60,6 +60,7 @@ def dataset(args) -> int:
     try:
         check_input(opts)
         OutDir(opts.out).makedirs()
+        check_out(opts)
     except DatasetInputError as exc:
         raise CliError(str(exc)) from None
     except OSError as exc:
@@ -84,6 +85,7 @@ def _start_ray(args, cfg) -> str | None:
 
     address = args.address or os.environ.get("RAY_ADDRESS")
     if address and address != "local":
+        _check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -99,6 +101,22 @@ def _start_ray(args, cfg) -> str | None:
         raise CliError(f"could not start a local Ray instance: {exc}") from None
     print(f"bark-serve dataset: started a local Ray instance ({tmp})", file=sys.stderr)
     return tmp
+
+
+def _check_reachable(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT address (not auto, not ray://) whose port answers, else a CliError at once: ray.init would
+    wait on an unreachable GCS for many minutes."""
+    import socket
+
+    if address == "auto" or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--address {address!r} is not HOST:PORT (or auto, local, ray://HOST:PORT)")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise CliError(f"cannot reach Ray at {address!r}: {exc.strerror or exc}") from None
 
 
 def _stop_ray(tmp: str | None) -> None:

@@ -14,7 +14,7 @@ import argparse
 import os
 import sys
 
-from .common import EXIT_USAGE, CliError
+from .common import EXIT_USAGE, CliError, number
 
 __all__ = ["EXIT_USAGE", "CliError", "build_parser", "main"]
 
@@ -104,7 +104,8 @@ def _add_checkpoint_commands(sub, cmd) -> None:
     p.add_argument("directory", help="where to write the checkpoint (created if missing)")
     p.add_argument("--size", choices=["tiny", "small", "large"], default="tiny",
                    help="tiny for tests; small/large have the shapes of suno/bark-small and suno/bark")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and presets (default 0)")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
+                   help="seed of the random weights and presets (default 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                    help="dtype the weights are stored in (default float32)")
     p.add_argument("--full-length", "--no-eos", dest="full_length", action="store_true",
@@ -156,9 +157,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bark-serve {args.command}: interrupted", file=sys.stderr)
         code = 130
+    except Exception as exc:  # never a stack trace: one line, and the trace on demand
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"bark-serve {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        code = EXIT_USAGE if isinstance(exc, OSError) and exc.filename else 1
     if getattr(args, "exit_at_once", False):
         _exit_at_once(code)
     return code
+
+
+DEBUG_ENV = "BARK_DEBUG"
+
+
+def _one_line(exc: Exception) -> str:
+    """An error no command turned into a message of its own: a file the system refused (disk full, not a
+    directory, no permission: the path the user gave), or a failure inside (its type, and how to see more)."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{exc.filename}: {exc.strerror or exc}"
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text} (set {DEBUG_ENV}=1 for the traceback)"
 
 
 def _exit_at_once(code: int) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from pathlib import Path
 
-from .common import CliError, ray_temp_dir, server_url
+from .common import CliError, check_output_path, check_text, number, ray_temp_dir, server_url, write_output
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -43,14 +43,15 @@ def _register_up(sub) -> None:
     p.add_argument("--config", help="YAML config or profile name (local-cpu, pipelined-gpu, single-gpu)")
     p.add_argument("--model", help="hub id or local checkpoint directory (overrides the config)")
     p.add_argument("--host", help="HTTP host (overrides the config; default 127.0.0.1 in local-cpu)")
-    p.add_argument("--port", type=int, help="HTTP port (overrides the config)")
+    p.add_argument("--port", type=number(int, 1, 65535), help="HTTP port (overrides the config)")
     p.add_argument("--address", help="an existing Ray cluster to deploy to (e.g. 10.0.0.5:6379); "
                                      "without it a new local Ray instance is started")
-    p.add_argument("--num-cpus", type=int, help="CPUs of the local Ray instance (default: all)")
+    p.add_argument("--num-cpus", type=number(int, 1), help="CPUs of the local Ray instance (default: all)")
     p.add_argument("--batch", action="store_true",
                    help="enable batch jobs (/v1/batches); without batch.redis_url a local redis-server is "
                         "started, with its data in $BARK_STATE_DIR or ~/.cache/bark-serve/redis")
-    p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds to wait for all stages")
+    p.add_argument("--ready-timeout", type=number(float, 0, above=True), default=900.0,
+                   help="seconds to wait for all stages")
     p.add_argument("--verbose", action="store_true", help="show Ray's and Serve's own logs in this terminal")
     p.set_defaults(func=up, exit_at_once=True)  # see cli.main._exit_at_once
 
@@ -65,9 +66,10 @@ def _register_say(sub) -> None:
     p.add_argument("--url", help="server URL (default: $BARK_URL, else http://127.0.0.1:8000)")
     p.add_argument("--voice", help="voice preset or alias (GET /v1/voices lists them)")
     p.add_argument("--seed", type=int, help="random seed (same seed, same audio)")
-    p.add_argument("--temperature", type=float, help="temperature of every stage; 0 is greedy")
+    p.add_argument("--temperature", type=number(float, 0), help="temperature of every stage; 0 is greedy")
     p.add_argument("--api-key", default=os.environ.get("BARK_API_KEY"), help="Bearer key (default: $BARK_API_KEY)")
-    p.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for the answer (default 900)")
+    p.add_argument("--timeout", type=number(float, 0, above=True), default=900.0,
+                   help="seconds to wait for the answer (default 900)")
     p.set_defaults(func=say)
 
 
@@ -437,7 +439,8 @@ def say(args) -> int:
 
     url = server_url(args.url)
     fmt = format_for_path(args.output)
-    body = {"text": args.text, "voice": args.voice, "format": fmt, "seed": args.seed}
+    check_output_path(args.output)
+    body = {"text": check_text(args.text), "voice": args.voice, "format": fmt, "seed": args.seed}
     if args.temperature is not None:
         body["temperature"] = args.temperature
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
@@ -451,6 +454,6 @@ def say(args) -> int:
         except (ValueError, KeyError, TypeError):
             message = r.text[:200]
         raise CliError(f"server answered {r.status_code}: {message}")
-    Path(args.output).write_bytes(r.content)
+    write_output(args.output, r.content)
     print(f"wrote {args.output} ({len(r.content)} bytes, seed {r.headers.get('x-bark-seed')})", file=sys.stderr)
     return 0

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import CliError
+from .common import CliError, number
 
 DEFAULT_MODEL = "suno/bark-small"
 
@@ -40,23 +40,26 @@ def _add_clone(sub) -> None:
     p.add_argument("--model", "--checkpoint", dest="model", default=DEFAULT_MODEL,
                    help=f"Bark checkpoint whose codec encodes the prompts: hub id or directory (default "
                         f"{DEFAULT_MODEL})")
-    p.add_argument("--hubert", help="HuBERT base: a Hugging Face model directory or hub id "
-                                    "(default facebook/hubert-base-ls960)")
-    p.add_argument("--quantizer", help="quantizer checkpoint (.pth, gitmylo's format) or hub owner/repo/file "
-                                       "(default GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth)")
+    p.add_argument("--hubert", help="HuBERT base: a Hugging Face model directory or hub id (default: the "
+                                    "checkpoint's voice_cloning/hubert, else facebook/hubert-base-ls960)")
+    p.add_argument("--quantizer", help="quantizer checkpoint (.pth, gitmylo's format) or hub owner/repo/file (default: "
+                                       "the checkpoint's voice_cloning/quantizer/, else GitMylo/bark-voice-cloning/"
+                                       "quantifier_V1_hubert_base_ls960_23.pth)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
                    help="HuBERT's dtype (default float32; the quantizer and EnCodec always run in float32)")
-    p.add_argument("--max-seconds", type=float, help="refuse recordings longer than this (default 120)")
+    p.add_argument("--max-seconds", type=number(float, 0, above=True),
+                   help="refuse recordings longer than this (default 120)")
     p.set_defaults(func=clone)
 
 
 def clone(args) -> int:
     """The ``voice clone`` handler: every failure is a CliError (one line, exit code 2)."""
     from bark_serve.stages.audio_in import DEFAULT_MAX_BYTES, DEFAULT_MAX_SECONDS, MissingPackage, decode_clip
-    from bark_serve.stages.cloning import DEFAULT_HUBERT, DEFAULT_QUANTIZER, CloningUnavailable, VoiceCloner
+    from bark_serve.stages.cloning import CloningUnavailable, VoiceCloner
     from bark_serve.stages.engine import EngineOptions, resolve_device, resolve_dtype
     from bark_serve.stages.types import CheckpointError, InvalidRequestError
+    from bark_serve.stages.weights import cloning_weights
 
     out = Path(args.output)
     if out.suffix.lower() != ".npz":
@@ -70,8 +73,8 @@ def clone(args) -> int:
         t0 = time.perf_counter()
         device = resolve_device(args.device)
         options = EngineOptions(device=device, dtype=resolve_dtype(args.dtype, device))
-        cloner = VoiceCloner.from_pretrained(args.model, args.hubert or DEFAULT_HUBERT,
-                                             args.quantizer or DEFAULT_QUANTIZER, options)
+        cloner = VoiceCloner.from_pretrained(args.model, *cloning_weights(args.model, args.hubert, args.quantizer),
+                                             options)
         t1 = time.perf_counter()
         voice = cloner.clone(audio, rate, name=out.stem)
     except InvalidRequestError as exc:

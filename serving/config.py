@@ -21,6 +21,7 @@ from bark_serve.cluster.redis_conn import RedisSettings
 from bark_serve.schema.untrusted import validation_message
 from bark_serve.stages.audio import PostProcess
 from bark_serve.stages.constants import STAGES
+from bark_serve.stages.weights import cloning_weights
 
 __all__ = ["POOL_RESOURCE_PREFIX", "AudioConfig", "BarkConfig", "BatchConfig", "ConfigError", "load_config",
            "parse_config"]
@@ -213,10 +214,6 @@ class VoiceCloningConfig(Placement):
     store_dir: str | None = None
 
 
-HUBERT_HUB_ID = "facebook/hubert-base-ls960"
-QUANTIZER_HUB_FILE = "GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth"
-
-
 class BarkConfig(_Strict):
     """The whole deployment."""
 
@@ -247,11 +244,7 @@ class BarkConfig(_Strict):
     def cloning_weights(self) -> tuple[str, str]:
         """(HuBERT, quantizer) as voice_cloning names them, else the checkpoint folder's voice_cloning/ (what
         ``make-checkpoint`` writes), else the hub's."""
-        vc = self.voice_cloning
-        local = Path(self.model).expanduser() / "voice_cloning"
-        hubert = vc.hubert or (str(local / "hubert") if (local / "hubert").is_dir() else HUBERT_HUB_ID)
-        quant = local / "quantizer" / QUANTIZER_HUB_FILE.rsplit("/", 1)[1]
-        return hubert, vc.quantizer or (str(quant) if quant.is_file() else QUANTIZER_HUB_FILE)
+        return cloning_weights(self.model, self.voice_cloning.hubert, self.voice_cloning.quantizer)
 
     def voice_store_redis(self) -> RedisSettings | None:
         """The Redis that keeps registered voices: the batch Redis when the config names one, else None."""
@@ -332,9 +325,16 @@ def _config_path(path: str | Path) -> Path:
 
 def _read_yaml(path: Path) -> dict:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        where = getattr(exc, "problem_mark", None)
+        at = f" (line {where.line + 1}, column {where.column + 1})" if where is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{at}: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a config is UTF-8 YAML)") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a config file is a mapping of settings, not {type(data).__name__}")
     return data

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -51,7 +50,7 @@ from .constants import BarkSpec
 from .engine import EngineOptions
 from .types import CheckpointError, CloningUnavailable, InvalidRequestError, VoicePrompt
 from .voices import validate_voice
-from .weights import Checkpoint, hub_reachable, load_module
+from .weights import HUBERT_HUB_ID, QUANTIZER_HUB_FILE, Checkpoint, hub_reachable, load_module
 
 # fairseq's HubertModel(output_layer=9) runs the encoder with tgt_layer = 9 - 1 and breaks out of its layer
 # loop after layer index 8, the 9th layer (the base model is post-norm: no final layer norm either way).
@@ -63,8 +62,8 @@ HUBERT_SAMPLE_RATE = 16_000
 ENCODEC_BANDWIDTH = 6.0  # kbps: 8 codebooks of 1024 at 75 Hz
 MAX_PROMPT_SECONDS = 13.0
 MIN_CLONE_SECONDS = 0.1  # enough frames for a valid prompt; uploads are held to decode_clip's min_s (1 s)
-DEFAULT_HUBERT = "facebook/hubert-base-ls960"
-DEFAULT_QUANTIZER = "GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth"  # hub repo + file
+DEFAULT_HUBERT = HUBERT_HUB_ID
+DEFAULT_QUANTIZER = QUANTIZER_HUB_FILE  # hub repo + file
 V0_SIZES = {"input_size": 768, "hidden_size": 1024, "output_size": 10_000}  # a checkpoint without .info
 V1_INTERMEDIATE = 4096  # their version 1's fixed width (random tiny quantizers use less; read from the weights)
 WEIGHTS_HINT = ("give a local HuBERT directory and quantizer file, or random ones with the same layout "
@@ -111,7 +110,7 @@ def load_quantizer(path: str | os.PathLike) -> Quantizer:
     try:
         sizes = _quantizer_info(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except Exception as exc:  # any file at all may be named here: whatever the reader trips on (an IndexError too)
         raise CloningUnavailable(f"quantizer {str(path)!r} is not a readable quantizer checkpoint: "
                                  f"{str(exc)[:200]}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

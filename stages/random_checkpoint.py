@@ -248,12 +248,23 @@ def write_readme(directory: Path, size: str, seed: int, eos: bool) -> None:
         ending = ("The semantic stage never ends by itself: every request runs to `max_semantic_tokens` "
                   "(768 by default, 15 s of audio). Made with `--full-length` (benchmarks need full-length requests).")
     (directory / "README.md").write_text(
-        f"# Random Bark checkpoint ({size}, seed {seed})\n\n"
+        f"{README_TITLE}{size}, seed {seed})\n\n"
         "Written by `bark-serve make-checkpoint`. The weights are random: the audio is noise, not speech, but "
         "every path of bark-serve (and transformers' BarkModel) runs on it.\n\n"
         f"{ending}\n\nVoice presets: {', '.join(PRESETS)}.\n\nVoice cloning (`voice_cloning/`, unless made with "
         "`--no-voice-cloning`): a random HuBERT in the Hugging Face layout and random quantizers of both published "
         "versions; a cloned voice is as random as the rest.\n")
+
+
+README_TITLE = "# Random Bark checkpoint ("
+
+
+def is_random_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` holds a checkpoint this module wrote (its README says so): one it may write again."""
+    try:
+        return (directory / "README.md").read_text(encoding="utf-8").startswith(README_TITLE)
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 def make_checkpoint(directory: str | Path, size: str = "tiny", seed: int = 0, dtype: str = "float32",

@@ -117,7 +117,12 @@ class VoiceLibrary:
         path = self.checkpoint.file("speaker_embeddings_path.json", required=False)
         if path is None:
             return {}
-        index = json.loads(path.read_text())
+        try:
+            index = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+            raise CheckpointError(f"{path} is not a voice index (JSON): {str(exc)[:200]}") from None
+        if not isinstance(index, dict):
+            raise CheckpointError(f"{path} is not a voice index: a JSON object of voices, not {type(index).__name__}")
         index.pop("repo_or_path", None)
         return index
 

@@ -38,6 +38,19 @@ SUBMODEL_CONFIG = {
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
+HUBERT_HUB_ID = "facebook/hubert-base-ls960"  # voice cloning's HuBERT base, on the hub
+QUANTIZER_HUB_FILE = "GitMylo/bark-voice-cloning/quantifier_V1_hubert_base_ls960_23.pth"  # hub repo + file
+
+
+def cloning_weights(model: str, hubert: str | None = None, quantizer: str | None = None) -> tuple[str, str]:
+    """(HuBERT, quantizer) for voice cloning with checkpoint ``model``: those given, else the checkpoint folder's
+    ``voice_cloning/`` (what ``make-checkpoint`` writes), else the hub's. The served VoiceEncoder and
+    ``voice clone`` both resolve them here."""
+    local = Path(model).expanduser() / "voice_cloning"
+    found_hubert = str(local / "hubert") if (local / "hubert").is_dir() else HUBERT_HUB_ID
+    quant = local / "quantizer" / QUANTIZER_HUB_FILE.rsplit("/", 1)[1]
+    return hubert or found_hubert, quantizer or (str(quant) if quant.is_file() else QUANTIZER_HUB_FILE)
+
 @dataclass
 class Checkpoint:
     """A resolved Bark checkpoint. Files are fetched from the hub lazily, one by one."""
@@ -86,8 +99,8 @@ class Checkpoint:
         if self._config is None:
             path = self.file("config.json")
             try:
-                self._config = json.loads(path.read_text())
-            except json.JSONDecodeError as exc:
+                self._config = json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
             missing = [k for k in SUBMODEL_CONFIG.values() if k not in self._config]
             if missing:
@@ -102,7 +115,10 @@ class Checkpoint:
         path = self.file("generation_config.json", required=False)
         if path is None:
             return BarkSpec()
-        return BarkSpec.from_generation_config(json.loads(path.read_text()))
+        try:
+            return BarkSpec.from_generation_config(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, RecursionError, AttributeError, TypeError) as exc:
+            raise CheckpointError(f"{path} is not a Bark generation config: {str(exc)[:200]}") from None
 
     def state_dict(self, stage: str) -> dict[str, torch.Tensor]:
         """Only the tensors of one sub-model, with its prefix removed (on CPU)."""
