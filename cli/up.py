@@ -207,6 +207,7 @@ def up(args) -> int:
 
     cfg = _config(args)
     Checkpoint.open(cfg.model)  # a wrong model is a one-line error now, not a failing deployment later
+    _no_auto_init()
     _catch_signals()
     _quiet_ray(args.verbose)
     state: dict = {}
@@ -235,6 +236,24 @@ def up(args) -> int:
         _stop(cfg, state)
     print("bark-serve: stopped", flush=True)
     return 0
+
+
+def _no_auto_init() -> None:
+    """No Ray call of this process may start a Ray instance by itself. When a start is abandoned (not ready in
+    time, Ctrl-C), the deploying thread may still be inside serve.run after ray.shutdown; Ray's auto-init then
+    started a second, default instance under $RAY_TMPDIR/ray that outlived the stop and left its session
+    folder behind. Only _start_ray starts (or joins) Ray: a call that would auto-init raises instead, in that
+    thread, where run() keeps it. (RAY_ENABLE_AUTO_CONNECT=0 is no answer: the call then reaches Ray's shut
+    down core worker, which ends the whole process.)"""
+    import ray._private.auto_init_hook as hook
+
+    def refuse() -> None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("bark-serve up: Ray was stopped; no new instance is started")
+
+    hook.auto_init_ray = refuse  # the wrapper of every public Ray API looks this name up at each call
 
 
 def _quiet_ray(verbose: bool) -> None:

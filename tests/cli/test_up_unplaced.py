@@ -54,9 +54,9 @@ def crowded(tiny_ckpt):
     ray.get(hog.ping.remote())
     address = ray.get_runtime_context().gcs_address
     up = UpProcess(["--config", path, "--address", address, "--ready-timeout", READY_TIMEOUT_S],
-                   tmp / "up.log", env={"RAY_AUTH_MODE": "token"})
+                   tmp / "up.log", env={"RAY_AUTH_MODE": "token", "RAY_TMPDIR": str(tmp / "up-tmp")})
     try:
-        yield cfg, up, f"http://127.0.0.1:{cfg.http_port}"
+        yield cfg, up, f"http://127.0.0.1:{cfg.http_port}", tmp / "up-tmp"
     finally:
         up.kill()
         from ray import serve
@@ -67,13 +67,13 @@ def crowded(tiny_ckpt):
 
 
 def test_up_names_the_deployment_it_waits_for_and_what_the_cluster_has(crowded):
-    _, up, _ = crowded
+    _, up, _ = crowded[:3]
     up.wait_for(WAITING, timeout_s=120)
     assert "deployment CoarseServer" not in up.log()  # placed: loading is not waiting
 
 
 def test_readyz_answers_503_at_once_while_a_stage_has_no_replica(crowded):
-    _, up, url = crowded
+    _, up, url = crowded[:3]
     up.wait_for(WAITING, timeout_s=120)
     deadline = time.time() + 120
     while True:  # until the orchestrator runs (before, the proxy answers 408 when asked to, see docs/CONFIGURATION.md)
@@ -91,7 +91,7 @@ def test_readyz_answers_503_at_once_while_a_stage_has_no_replica(crowded):
 
 def test_a_local_instance_gives_up_at_the_second_sight(crowded):
     """The same wait as `up` without --address (nothing will add a node): exit 1 within two checks."""
-    cfg, up, url = crowded
+    cfg, up, url = crowded[:3]
     up.wait_for(WAITING, timeout_s=120)
     t0 = time.monotonic()
     with pytest.raises(CliError) as err:
@@ -103,7 +103,7 @@ def test_a_local_instance_gives_up_at_the_second_sight(crowded):
 
 
 def test_up_with_an_address_gives_up_at_its_ready_timeout(crowded):
-    _, up, _ = crowded
+    _, up, _, up_tmp = crowded
     try:
         rc = up.proc.wait(READY_TIMEOUT_S + 60)
     except Exception:
@@ -112,4 +112,6 @@ def test_up_with_an_address_gives_up_at_its_ready_timeout(crowded):
     assert rc == 2, log[-3000:]
     assert f"did not become ready within {READY_TIMEOUT_S} s" in log and "Traceback" not in log, log[-3000:]
     assert "bark-serve: stopping" in log
+    # the deploying thread, still in serve.run after the stop, once auto-started a second Ray instance here
+    assert not list(up_tmp.rglob("session_*")) and "SIGTERM handler is not set" not in log, log[-3000:]
     print(log)
