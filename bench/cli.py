@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
     p.add_argument("--hf-requests", type=int, default=4, help="requests for the transformers baselines")
     p.add_argument("--hf-batches", default="4,16", help="static batch sizes tried for baseline (2)")
+    p.add_argument("--hf-orders", type=_hf_orders, default="given",
+                   help="comma list of the segment orders of baseline (2): given (workload order) and/or sorted "
+                        "(by length, longest first: batches of like lengths; named ..._sorted). The best of all "
+                        "static batches is the baseline of the ratios and floors (default given)")
     p.add_argument("--engine-batches", default="16",
                    help="comma list of batch sizes for the in-process engines, configuration (3)")
     p.add_argument("--engine-requests", type=per_batch, default={"*": 16},
@@ -102,6 +106,15 @@ def _decode_stages(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names or any(n not in allowed for n in names):
         raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
+    return names
+
+
+def _hf_orders(text: str) -> list[str]:
+    from .hf_runs import HF_ORDERS
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in HF_ORDERS for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(HF_ORDERS)} (got {text!r})")
     return names
 
 
@@ -194,8 +207,9 @@ def _bench(args) -> dict:
         _log("(1) transformers, one at a time, float32")
         runs.append(hf_sequential(model, work, args.hf_requests, device=device).summary())
         for b in _ints(args.hf_batches):
-            _log(f"(2) transformers, static batch {b}, {dtype}")
-            runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype, device=device).summary())
+            for order in args.hf_orders:
+                _log(f"(2) transformers, static batch {b}, {dtype}, segments in {order} order")
+                runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype, device, order).summary())
     if "served" not in skip:
         _served(args, model, work, dtype, device, peaks, runs, report)
     if "offline" not in skip:
@@ -371,6 +385,14 @@ def _floors(report: dict) -> dict:
         best = max(engine_runs, key=lambda r: r["throughput_audio_s_per_s"])
         out["engines_best"] = best["name"]
         out["engines_vs_transformers_best_batch"] = round(best["throughput_audio_s_per_s"] / best_hf, 2)
+        by_order: dict[str, float] = {}  # the best static batch of each segment order (--hf-orders)
+        for r in runs:
+            if r["name"].startswith("transformers_batch"):
+                order = r.get("order", "given")
+                by_order[order] = max(by_order.get(order, 0.0), r["throughput_audio_s_per_s"])
+        if len(by_order) > 1:
+            out["engines_vs_transformers_best_batch_by_order"] = {
+                o: round(best["throughput_audio_s_per_s"] / v, 2) for o, v in sorted(by_order.items())}
     steps = report.get("decode_steps") or []
     top = max((r["batch"] for r in steps), default=None)
     graphed = {r["stage"]: r["wall_over_gpu"] for r in steps if r["cuda_graphs"] and r["batch"] == top}

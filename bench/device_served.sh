@@ -3,7 +3,7 @@
 # device pack (Ray, Serve and what the served app imports beyond the machine's image), starts a local Ray
 # with the `single-gpu` profile (four stage pools on the one GPU, CUDA graphs on) and runs `bark-serve bench`
 # on bark-mix-v1 with a random bark-small checkpoint in bfloat16: transformers sequential fp32 and a static
-# batch of 64 (the best one in the issue-21 run), the engines at batch 64, the served app closed loop at
+# batch of 64 (the best size in the issue-21 run) of the segments sorted by length, the engines at batch 64, the served app closed loop at
 # concurrency 1, 16 and 64, and Poisson arrivals at 0.5, 0.7 and 0.9 of saturation (32 requests each),
 # with the plots. The code runs from the checkout on PYTHONPATH (torch and transformers are the machine's).
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once: at most 50 MiB (37 MiB)
@@ -29,7 +29,7 @@ python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version
 if [ -n "${REUSE:-}" ]; then
   FIRST=(--skip hf,engines,offline --reuse-runs "$REUSE")
 else
-  FIRST=(--skip offline --hf-requests 2 --hf-batches 64 --engine-batches 64 --engine-requests 64)
+  FIRST=(--skip offline --hf-requests 2 --hf-batches 64 --hf-orders sorted --engine-batches 64 --engine-requests 64)
 fi
 timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device "${DEVICE:-cuda}" --size "${SIZE:-small}" \
   --dtype bfloat16 \

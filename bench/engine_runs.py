@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from bark_serve.stages.engine import EngineOptions
@@ -36,4 +37,19 @@ def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peak
                                    for s, t in totals.items() if t.get("decode_only_steps")}
     run.extra["graphs"] = {s: g for s, e in pipe.engines.items()
                            if (g := getattr(e, "graph_stats", lambda: None)()) is not None}
+    run.extra["steps_bound"] = steps_bound(totals, gens, batch)
     return run
+
+
+def steps_bound(totals: dict[str, dict], gens, batch: int) -> dict:
+    """Per causal stage: the steps it ran against the fewest any admission order could (the longest
+    request's own steps, or every row-step at a full batch, whichever is more). A run at its bound is
+    limited by its longest request (the drain), not by how the engine batches."""
+    rows = {"semantic": [len(g.semantic) for g in gens], "coarse": [g.coarse.size for g in gens]}
+    out = {}
+    for stage, lengths in rows.items():
+        if lengths and stage in totals:
+            bound = max(max(lengths), math.ceil(sum(lengths) / batch))
+            out[stage] = {"steps": int(totals[stage].get("steps", 0)), "longest_request": max(lengths),
+                          "full_batch": math.ceil(sum(lengths) / batch), "bound": bound}
+    return out

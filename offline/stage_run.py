@@ -6,12 +6,17 @@ history rule makes segment i of a row need, in stage s, only stage <= s outputs 
 earlier segments: so within one stage a row's segments run in order (segment i+1 is admitted when
 segment i finishes here), while segments of different rows batch together. The codec needs no
 history: all segments of all rows are admitted at once, as far as the engine holds them.
+
+Admission order: the segment whose row has the most steps left in this stage first (its own and its
+later segments', ``StageEngine.expected_steps``), so that the longest chains start at once and the
+batch drains on short rows instead of finishing on one long row running alone.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -60,7 +65,12 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict], cores=None) -> 
     """Run ``stage`` for every pending row of ``rows`` (updated in place); returns the engine's busy seconds.
     ``cores``: a cluster.cores.CoreBudget (``torch_threads: shared``) each step leases its cores from."""
     works: dict[int, RowWork] = {}
-    queue: deque[tuple[int, int]] = deque()
+    left: dict[int, list[int]] = {}  # per row: the steps its segments i.. have left in this stage
+    queue: list[tuple[int, int, int]] = []  # a heap of (-steps left, row, segment): the longest chain first
+
+    def enqueue(k: int, i: int) -> None:
+        heapq.heappush(queue, (-left[k][i], k, i))
+
     for k, row in enumerate(rows):
         if row["status"] != Status.PENDING.value:
             continue
@@ -69,7 +79,9 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict], cores=None) -> 
         except InvalidRequestError as exc:
             rows[k] = failed_row(row, str(exc))
             continue
-        queue.extend((k, i) for i in (range(len(work.upstream)) if stage == "codec" else range(1)))
+        left[k] = _steps_left(engine, stage, work)
+        for i in (range(len(work.upstream)) if stage == "codec" else range(1)):
+            enqueue(k, i)
     busy = 0.0
     failed: set[int] = set()
     segment_of: dict[str, tuple[int, int]] = {}  # engine request id -> (row, segment)
@@ -80,7 +92,7 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict], cores=None) -> 
 
     while queue or engine.num_active:
         while queue and engine.free > 0:
-            k, i = queue.popleft()
+            _, k, i = heapq.heappop(queue)
             if k in failed:
                 continue
             w = works[k]
@@ -108,13 +120,22 @@ def run_stage(engine: StageEngine, stage: str, rows: list[dict], cores=None) -> 
                 continue
             works[k].outputs[i] = res.output
             if stage != "codec" and i + 1 < len(works[k].upstream):
-                queue.append((k, i + 1))
+                enqueue(k, i + 1)
     if cores is not None:
         cores.idle()
     for k, w in works.items():
         if k not in failed:
             _finish(stage, rows[k], w.outputs)
     return busy
+
+
+def _steps_left(engine: StageEngine, stage: str, work: RowWork) -> list[int]:
+    """Per segment i of a row: the steps segments i.. will take in ``stage`` (the codec's segments are
+    independent: each its own). Estimated without the history prompt, which the lengths do not depend on."""
+    own = [engine.steps_estimate(work.plan.stage_request(stage, i, up, None)) for i, up in enumerate(work.upstream)]
+    if stage == "codec":
+        return own
+    return list(itertools.accumulate(reversed(own)))[::-1]
 
 
 def _finish(stage: str, row: dict, segments: list[np.ndarray | None]) -> None:

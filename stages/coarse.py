@@ -55,6 +55,9 @@ class CoarseEngine(CausalEngine[CoarseRequest]):
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("coarse"))
         return cls(options, model, ckpt.spec)
 
+    def expected_steps(self, request: CoarseRequest) -> int:
+        return T.coarse_output_length(len(request.semantic_tokens), self.spec)
+
     def _new_slot(self, req: CoarseRequest) -> CoarseSlot | None:
         spec = self.spec
         sem = check_int_array("semantic_tokens", req.semantic_tokens, 1, 0, spec.semantic_vocab_size, min_len=0,

@@ -71,6 +71,9 @@ class CodecEngine(StageEngine[CodecRequest]):
     def modules_for_accounting(self):
         return [self.model]
 
+    def expected_steps(self, request: CodecRequest) -> int:
+        return int(request.fine_codes.shape[-1])  # one step each; longest first groups like lengths in a decode
+
     def admit(self, req: CodecRequest) -> None:
         check_int_array("fine_codes", req.fine_codes, 2, 0, self.spec.codebook_size, rows=self.spec.n_fine_codebooks,
                         min_len=0)

@@ -99,6 +99,9 @@ class FineEngine(StageEngine[FineRequest]):
         """Captured graphs, capture seconds and graph memory (None when passes run eagerly)."""
         return self.graphs.stats() if self.graphs is not None else None
 
+    def expected_steps(self, request: FineRequest) -> int:
+        return int(request.coarse_codes.shape[-1])  # frames: its windows, and so its passes, grow with them
+
     def admit(self, req: FineRequest) -> None:
         spec = self.spec
         codes = check_int_array("coarse_codes", req.coarse_codes, 2, 0, spec.codebook_size,

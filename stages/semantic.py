@@ -51,6 +51,9 @@ class SemanticEngine(CausalEngine[SemanticRequest]):
         model = load_for(options, lambda: CausalLM(cfg), ckpt.state_dict("semantic"))
         return cls(options, model, ckpt.spec)
 
+    def expected_steps(self, request: SemanticRequest) -> int:
+        return int(request.max_new_tokens)  # at most: EOS may come sooner
+
     def _new_slot(self, req: SemanticRequest) -> SemanticSlot:
         spec = self.spec
         check_int_array("text_ids", req.text_ids, 1, 0, self.text_vocab, max_len=spec.max_input_semantic_length)

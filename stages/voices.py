@@ -84,6 +84,8 @@ def load_npz(path: str | os.PathLike, spec: BarkSpec, name: str | None = None) -
     path = Path(path)
     if not path.is_file():
         raise UnknownVoiceError(f"voice file {str(path)!r} does not exist")
+    if not zipfile.is_zipfile(path):  # else numpy takes any other bytes for a pickle and says so
+        raise InvalidRequestError(f"voice file {str(path)!r} is not an .npz (a zip archive of .npy arrays)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             data = {k: npz[k] for k in npz.files}

@@ -305,3 +305,28 @@ def test_same_audio_allows_rounding_but_not_other_audio():
         assert_same_audio(np.concatenate([audio[:12_000], rng.uniform(-0.5, 0.5, 12_000)]), audio)  # half wrong
     with pytest.raises(AssertionError):
         assert_same_audio(audio[:-1], audio)  # a sample short
+
+
+def test_the_row_with_the_longest_chain_goes_first(config):
+    """Two places; two one-segment rows given before a three-segment row. Its segments run one after the
+    other, so it is the critical path: admitted first, the short rows run beside it and each stage takes
+    as many steps as that chain (in the given order it would start only after a short row ended)."""
+    from bark_serve.stages.tokens import coarse_output_length
+
+    greedy = {"temperature": 0, "max_semantic_tokens": 10}
+    lines = [json.dumps({"id": "a", "text": "Hello there.", "options": {**greedy, "max_semantic_tokens": 4}}),
+             json.dumps({"id": "b", "text": "Hi.", "options": {**greedy, "max_semantic_tokens": 5}}),
+             json.dumps({"id": "c", "text": GOOD_ROWS[0]["text"], "options": greedy})]
+    cfg = parse_config(config)
+    rows = RowPlanner(config, "jsonl", "wav")(jsonl_batch(lines)).to_pylist()
+    assert [r["segments"] for r in rows] == [1, 1, 3] and cfg.stage("semantic").max_batch == 2
+    engines = _run_stages(cfg, rows)
+    assert all(r["status"] == Status.PENDING.value for r in rows), [r["error"] for r in rows]
+    from bark_serve.offline.rows import unpack_arrays
+
+    sem = {r["id"]: [len(s) for s in unpack_arrays(r["semantic"])] for r in rows}
+    spec = engines["coarse"].spec
+    coarse = {k: [coarse_output_length(n, spec) for n in v] for k, v in sem.items()}
+    assert sum(sem["a"] + sem["b"]) < sum(sem["c"]) and sum(coarse["a"] + coarse["b"]) < sum(coarse["c"])
+    assert engines["semantic"].totals["steps"] == sum(sem["c"])
+    assert engines["coarse"].totals["steps"] == sum(coarse["c"])

@@ -256,3 +256,52 @@ def test_coarse_window_length_is_the_prefill_length(ckpt, n_coarse):
     plan = T.coarse_window_plan(0, 0, 60, spec)
     ids = T.coarse_window_input(np.arange(300) % 10, np.arange(n_coarse) % 1024, plan, spec)
     assert T.coarse_window_length(n_coarse, spec) == len(ids)
+
+
+def _fifo_steps(engine, requests) -> tuple[int, dict]:
+    """Admit in the given order whenever a place frees up (iter_run before it admitted the longest first).
+    -> (steps, {id: output})"""
+    out, pending, steps = {}, list(requests), 0
+    while pending or engine.num_active:
+        while pending and engine.free > 0:
+            engine.admit(pending.pop(0))
+        steps += 1
+        for res in engine.step():
+            assert res.ok, res.error
+            out[res.request_id] = res.output
+    return steps, out
+
+
+@pytest.mark.parametrize("stage", ["semantic", "coarse"])
+def test_run_admits_the_longest_first_and_keeps_the_given_order(ckpt, pipe, stage):
+    """Two places, two short requests given before a long one: in the given order the long one starts
+    when the short ones end and runs alone; longest first it starts at once and the short ones run
+    beside it, one after the other. Same tokens, results in the given order, fewer steps."""
+    [eng] = load_engines(ckpt, EngineOptions(capacity=2, torch_threads=1, batch_invariant=True), [stage]).values()
+    if stage == "semantic":
+        text = pipe.text.encode("Hello there.")
+        reqs = [SemanticRequest(f"s{i}", text, None, SAMPLED, None, n, seed=i) for i, n in enumerate([6, 7, 30])]
+    else:
+        rng = np.random.default_rng(1)
+        reqs = [CoarseRequest(f"c{i}", rng.integers(0, 10_000, n).astype(np.int32), None, SAMPLED, seed=i)
+                for i, n in enumerate([20, 22, 90])]
+    assert sum(eng.steps_estimate(r) for r in reqs[:2]) < eng.steps_estimate(reqs[2])
+    fifo_steps, fifo = _fifo_steps(eng, reqs)
+    before = eng.totals["steps"]
+    results = eng.run(reqs)
+    steps = eng.totals["steps"] - before
+    assert [r.request_id for r in results] == [r.request_id for r in reqs]
+    for r in results:
+        np.testing.assert_array_equal(r.output, fifo[r.request_id])
+    short_a, short_b, long = (eng.steps_estimate(r) for r in reqs)
+    assert fifo_steps >= min(short_a, short_b) + long  # the long one waited for a place, then ran alone
+    assert steps == long < fifo_steps  # the short ones ran one after the other beside it (6 + 7 < 30)
+
+
+def test_a_malformed_request_is_estimated_as_zero_and_refused_by_admit(ckpt, pipe):
+    [eng] = load_engines(ckpt, EngineOptions(capacity=2, torch_threads=1), ["coarse"]).values()
+    bad = CoarseRequest("bad", None, None, SAMPLED, seed=0)  # type: ignore[arg-type]
+    good = CoarseRequest("good", np.arange(12, dtype=np.int32), None, SAMPLED, seed=0)
+    assert eng.steps_estimate(bad) == 0 and eng.steps_estimate(good) > 0
+    bad_res, good_res = eng.run([bad, good])
+    assert "semantic_tokens" in str(bad_res.error) and good_res.ok
