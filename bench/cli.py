@@ -55,6 +55,10 @@ def register(sub) -> None:
     p.add_argument("--engine-requests", type=per_batch, default={"*": 16},
                    help="requests per engine batch size (at least the batch size): a number, and/or per batch "
                         "size, e.g. 1=2,16=16,64=64 (default 16)")
+    p.add_argument("--engine-orders", type=_engine_orders, default="longest",
+                   help="comma list of the engines' admission orders, each a configuration of (3): longest "
+                        "(longest requests first, as StageEngine.run does) and/or given (workload order; named "
+                        "..._given) (default longest)")
     p.add_argument("--cuda-graphs", default="auto",
                    help="comma list of the engines' cuda_graphs settings to run, each a configuration of (3) and "
                         "of --decode-steps: auto, on, off (default auto)")
@@ -109,13 +113,23 @@ def _decode_stages(text: str) -> list[str]:
     return names
 
 
+def _names(text: str, allowed: tuple[str, ...]) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names or any(n not in allowed for n in names):
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
+    return names
+
+
 def _hf_orders(text: str) -> list[str]:
     from .hf_runs import HF_ORDERS
 
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names or any(n not in HF_ORDERS for n in names):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(HF_ORDERS)} (got {text!r})")
-    return names
+    return _names(text, HF_ORDERS)
+
+
+def _engine_orders(text: str) -> list[str]:
+    from .engine_runs import ENGINE_ORDERS
+
+    return _names(text, ENGINE_ORDERS)
 
 
 def _ints(text: str) -> list[int]:
@@ -194,8 +208,11 @@ def _bench(args) -> dict:
         for setting in graph_settings:
             for b in _ints(args.engine_batches):
                 n = max(args.engine_requests.get(b, args.engine_requests.get("*", 16)), b)
-                _log(f"(3) engines in process, batch {b}, {dtype}, cuda_graphs {setting}, {n} requests")
-                runs.append(engines(model, work, n, b, dtype, peaks, device, setting).summary())
+                for order in args.engine_orders:
+                    admitted = "longest first" if order == "longest" else f"in {order} order"
+                    _log(f"(3) engines in process, batch {b}, {dtype}, cuda_graphs {setting}, {n} requests, "
+                         f"admitted {admitted}")
+                    runs.append(engines(model, work, n, b, dtype, peaks, device, setting, order).summary())
     if args.decode_steps:
         from .decode_steps import measure
 

@@ -12,20 +12,26 @@ from bark_serve.stages.types import GenerationParams
 from .hf_runs import segments_of
 from .workload import Run, Workload, counted_flops, roofline, stage_efficiency
 
+ENGINE_ORDERS = ("longest", "given")
+
 
 def engines(model_dir: str, work: Workload, n: int, batch: int, dtype: str, peaks: dict, device: str = "cpu",
-            cuda_graphs: str = "auto") -> Run:
-    """``cuda_graphs`` other than auto is named in the run's name (engines_batch16_bfloat16_graphs-on)."""
+            cuda_graphs: str = "auto", order: str = "longest") -> Run:
+    """``cuda_graphs`` other than auto is named in the run's name (engines_batch16_bfloat16_graphs-on), and so
+    is an admission ``order`` other than longest first (``_given``: in workload order, StageEngine.run)."""
+    if order not in ENGINE_ORDERS:
+        raise ValueError(f"order must be one of {', '.join(ENGINE_ORDERS)}, got {order!r}")
     opts = EngineOptions(device=device, capacity=batch, dtype=dtype, cuda_graphs=cuda_graphs)
     pipe = BarkPipeline.from_pretrained(model_dir, opts)
     items = segments_of(work, n)  # every segment its own generation, as transformers' baselines do
     params = [GenerationParams.greedy(max_semantic_tokens=cap, min_eos_p=None) for _, _, cap in items]
     t0 = time.perf_counter()
-    gens = pipe.generate([t for t, _, _ in items], [v for _, v, _ in items], params)
+    gens = pipe.generate([t for t, _, _ in items], [v for _, v, _ in items], params,
+                         longest_first=order == "longest")
     wall = time.perf_counter() - t0
-    suffix = "" if cuda_graphs == "auto" else f"_graphs-{cuda_graphs}"
+    suffix = ("" if cuda_graphs == "auto" else f"_graphs-{cuda_graphs}") + ("" if order == "longest" else f"_{order}")
     run = Run(f"engines_batch{batch}_{dtype}{suffix}", wall_s=wall,
-              extra={"dtype": dtype, "batch": batch, "cuda_graphs": cuda_graphs})
+              extra={"dtype": dtype, "batch": batch, "cuda_graphs": cuda_graphs, "order": order})
     run.latencies = [wall] * n  # stage by stage: every request finishes with the last one
     run.ttfa = [wall] * n
     run.audio_s = sum(len(g.audio) for g in gens) / pipe.spec.sample_rate

@@ -75,10 +75,11 @@ class BarkPipeline:
 
     def generate(self, texts: str | Sequence[str], voices=None,
                  params: GenerationParams | Sequence[GenerationParams] = GenerationParams(),
-                 on_step=None) -> list[Generation]:
+                 on_step=None, longest_first: bool = True) -> list[Generation]:
         """Synthesize each text (one generation each: split long text first). Voices/params: one or one per text.
 
-        ``on_step(stage_name)`` is called after every engine step (progress display).
+        ``on_step(stage_name)`` is called after every engine step (progress display). Each stage admits
+        the longest requests first unless ``longest_first`` is False (``StageEngine.run``).
         """
         texts = [texts] if isinstance(texts, str) else list(texts)
         n = len(texts)
@@ -92,15 +93,16 @@ class BarkPipeline:
         outputs: list[list[np.ndarray]] = [[self.text.encode(t) for t in texts]]
         for stage in STAGES:
             outputs.append(self._run(stage, on_step, [
-                stage_request(stage, ids[i], outputs[-1][i], prompts[i], params[i], seeds[i]) for i in range(n)]))
+                stage_request(stage, ids[i], outputs[-1][i], prompts[i], params[i], seeds[i]) for i in range(n)],
+                longest_first))
         _, sem, coarse, fine, audio = outputs
         return [Generation(ids[i], sem[i], coarse[i], fine[i], audio[i], self.spec.sample_rate, seeds[i])
                 for i in range(n)]
 
-    def _run(self, stage: str, on_step, requests: list) -> list[np.ndarray]:
+    def _run(self, stage: str, on_step, requests: list, longest_first: bool = True) -> list[np.ndarray]:
         outputs = []
         step = None if on_step is None else (lambda: on_step(stage))
-        for res in self.engines[stage].run(requests, step):
+        for res in self.engines[stage].run(requests, step, longest_first):
             if not res.ok:
                 raise StageFailed(stage, res)
             assert res.output is not None, "an engine's ok result carries its output"

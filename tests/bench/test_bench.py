@@ -17,7 +17,8 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     out, plots = tmp_path / "bench.json", tmp_path / "plots"
     cmd = [sys.executable, "-m", "bark_serve.cli", "bench", "--model", str(tiny_ckpt), "--mix", "ci-tiny",
            "--hf-requests", "2", "--hf-batches", "2", "--hf-orders", "given,sorted", "--engine-batches", "2",
-           "--engine-requests", "2", "--cuda-graphs", "off,on", "--decode-steps", "3",
+           "--engine-requests", "2", "--engine-orders", "longest,given", "--cuda-graphs", "off,on",
+           "--decode-steps", "3",
            "--concurrency", "1,2", "--served-requests", "3", "--rate-fractions", "0.5,0.7",
            "--gemm-seconds", "0.2", "--skip", "offline", "--max-batch", "2,fine=1",
            "--out", str(out), "--plots", str(plots)]
@@ -28,15 +29,19 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert report["gemm_peak_tflops"]["float32"] > 0
     assert report["workload"]["mix"] == "ci-tiny" and "lognormal" in report["workload"]["distribution"]
     names = [r["name"] for r in report["runs"]]
-    # the engines first (a run cut short keeps them), once per --cuda-graphs setting, then transformers
+    # the engines first (a run cut short keeps them), once per --cuda-graphs setting and admission order,
+    # then transformers
     assert names[0].startswith("engines_batch2_") and names[0].endswith("_graphs-off")
-    assert names[1].startswith("engines_batch2_") and names[1].endswith("_graphs-on")
-    assert names[2] == "transformers_sequential_float32" and names[3].startswith("transformers_batch2_")
-    given, by_length = report["runs"][3], report["runs"][4]  # the same segments, batched in two orders
+    assert names[1].startswith("engines_batch2_") and names[1].endswith("_graphs-off_given")
+    assert names[2].startswith("engines_batch2_") and names[2].endswith("_graphs-on")
+    assert names[3].startswith("engines_batch2_") and names[3].endswith("_graphs-on_given")
+    assert [r["order"] for r in report["runs"][:4]] == ["longest", "given"] * 2
+    assert names[4] == "transformers_sequential_float32" and names[5].startswith("transformers_batch2_")
+    given, by_length = report["runs"][5], report["runs"][6]  # the same segments, batched in two orders
     assert (given["order"], by_length["order"]) == ("given", "sorted") and by_length["name"].endswith("_sorted")
     assert by_length["audio_s"] == pytest.approx(given["audio_s"], rel=1e-3)
     assert set(report["floors"]["engines_vs_transformers_best_batch_by_order"]) == {"given", "sorted"}
-    for run in report["runs"][:2]:  # no admission order runs fewer steps than the bound
+    for run in report["runs"][:4]:  # no admission order runs fewer steps than the bound
         assert set(run["steps_bound"]) == {"semantic", "coarse"}
         assert all(b["steps"] >= b["bound"] >= b["longest_request"] > 0 for b in run["steps_bound"].values())
     steps = report["decode_steps"]  # CPU: wall time only; the fixed-shape path runs eagerly ("on")
@@ -112,12 +117,15 @@ def test_bad_per_stage_values_are_usage_errors(flag, value):
     assert flag in res.stderr and ("stage" in res.stderr or "number" in res.stderr or "at least 1" in res.stderr)
 
 
-@pytest.mark.parametrize("value", ["", "random", "given,longest"])
-def test_bad_hf_orders_are_usage_errors(value):
-    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "bench", "--hf-orders", value], capture_output=True,
+@pytest.mark.parametrize("flag,value,choices", [("--hf-orders", "", "given, sorted"),
+                                                ("--hf-orders", "given,longest", "given, sorted"),
+                                                ("--engine-orders", "sorted", "longest, given"),
+                                                ("--engine-orders", ",", "longest, given")])
+def test_bad_orders_are_usage_errors(flag, value, choices):
+    res = subprocess.run([sys.executable, "-m", "bark_serve.cli", "bench", flag, value], capture_output=True,
                          text=True, timeout=120)
     assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "--hf-orders" in res.stderr and "given, sorted" in res.stderr
+    assert flag in res.stderr and choices in res.stderr
 
 
 def test_per_stage_values_parse_with_a_default():

@@ -296,6 +296,10 @@ def test_run_admits_the_longest_first_and_keeps_the_given_order(ckpt, pipe, stag
     short_a, short_b, long = (eng.steps_estimate(r) for r in reqs)
     assert fifo_steps >= min(short_a, short_b) + long  # the long one waited for a place, then ran alone
     assert steps == long < fifo_steps  # the short ones ran one after the other beside it (6 + 7 < 30)
+    before = eng.totals["steps"]
+    in_order = eng.run(reqs, longest_first=False)
+    assert eng.totals["steps"] - before == fifo_steps
+    assert [r.request_id for r in in_order] == [r.request_id for r in reqs]
 
 
 def test_a_malformed_request_is_estimated_as_zero_and_refused_by_admit(ckpt, pipe):
