@@ -226,13 +226,16 @@ class WorkQueue:
 
     def __init__(self, client: aioredis.Redis, *, keys: BatchKeys = BatchKeys(), max_attempts: int = 3,
                  result_ttl_s: int = 7 * 24 * 3600, results_dir: str | None = None,
-                 inline_result_max_bytes: int = 0, clock=time.time):
+                 inline_result_max_bytes: int = 0, inline_results_max_fraction: float = 1.0, clock=time.time):
         self.redis = client
         self.keys = keys
         self.max_attempts = max_attempts
         self.ttl = int(result_ttl_s)
         self.results_dir = Path(results_dir) if results_dir else None
         self.inline_max = inline_result_max_bytes  # with a results_dir, results past this size go there
+        # ... and every result, once Redis holds more than this fraction of its maxmemory
+        self.inline_fraction = inline_results_max_fraction
+        self._info_refused = False
         self.clock = clock
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
@@ -244,7 +247,8 @@ class WorkQueue:
     def from_config(cls, client: aioredis.Redis, cfg, keys: BatchKeys = BatchKeys()) -> "WorkQueue":
         """From a :class:`serving.config.BatchConfig` (max_attempts, result_ttl_s, results_dir, inline size)."""
         return cls(client, keys=keys, max_attempts=cfg.max_attempts, result_ttl_s=cfg.result_ttl_s,
-                   results_dir=cfg.results_dir, inline_result_max_bytes=cfg.inline_result_max_bytes)
+                   results_dir=cfg.results_dir, inline_result_max_bytes=cfg.inline_result_max_bytes,
+                   inline_results_max_fraction=cfg.inline_results_max_fraction)
 
     def _base(self) -> list:
         return [self.keys.prefix, self.ttl, repr(self.clock())]
@@ -298,9 +302,26 @@ class WorkQueue:
                 e.entry_id, lease.attempt, mode, self.max_attempts, *extra]
         return Outcome((await self._finish(args=args)).decode())
 
+    async def _room_inline(self, size: int) -> bool:
+        """Whether a result of ``size`` bytes may go into Redis: Redis would then hold at most
+        ``inline_fraction`` of its maxmemory (no maxmemory, or a Redis that refuses INFO: always). Small
+        results of one busy key would otherwise fill a capped Redis, and a full one refuses every key's
+        writes (store_full); with this they go to results_dir instead."""
+        if self.inline_fraction >= 1.0 or self._info_refused:
+            return True
+        try:
+            info = await self.redis.info("memory")
+        except ResponseError as exc:  # a managed Redis may rename or forbid INFO
+            self._info_refused = True
+            log.warning("Redis refused INFO (%s): results up to inline_result_max_bytes stay in Redis "
+                        "whatever its memory", exc)
+            return True
+        cap = int(info.get("maxmemory", 0) or 0)
+        return cap == 0 or int(info.get("used_memory", 0)) + size <= self.inline_fraction * cap
+
     async def complete(self, lease: Lease, result: SynthesisResult, worker: str = "") -> Outcome:
-        """Write the item's result once (audio in Redis, or, past ``inline_max`` bytes with a results_dir,
-        a file there) and ack it."""
+        """Write the item's result once (audio in Redis, or, past ``inline_max`` bytes or with Redis past
+        ``inline_fraction`` of its memory, with a results_dir, a file there) and ack it."""
         r = lease.record
         meta = {"index": r.index, "format": r.format, "voice": r.voice, "seed": r.seed,
                 "media_type": str(result.media_type), "sample_rate": int(result.sample_rate),
@@ -308,7 +329,7 @@ class WorkQueue:
                 "bytes": len(result.audio),
                 "worker": worker, "finished_at": self.clock()}
         size = len(result.audio)
-        if self.results_dir is None or size <= self.inline_max:
+        if self.results_dir is None or (size <= self.inline_max and await self._room_inline(size)):
             return await self._run_finish(lease, "ok", msgpack.packb(meta, use_bin_type=True), "audio", result.audio,
                                           size)
         path = await asyncio.to_thread(self._write_file, lease, result.audio)

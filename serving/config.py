@@ -169,6 +169,9 @@ class BatchConfig(_Strict):
     # are deleted. None: every result lives in Redis. `up` with its own Redis uses $BARK_STATE_DIR/results.
     results_dir: str | None = None
     inline_result_max_bytes: int = Field(256 * 1024, ge=0)  # 0: every result to results_dir
+    # With a results_dir: once Redis holds more than this fraction of its maxmemory, results of any size go
+    # there too, so that small results (mp3, opus) cannot fill Redis for every key. 1: off.
+    inline_results_max_fraction: float = Field(0.5, gt=0, le=1)
     # The redis-server `up` starts itself (no redis_url): its memory cap. Policy noeviction: a full Redis
     # refuses writes (the API answers 503 store_full) instead of dropping queue state.
     local_redis_maxmemory: str = Field("1gb", pattern=r"^[0-9]+(b|kb|mb|gb|k|m|g)?$")

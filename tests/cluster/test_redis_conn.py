@@ -131,12 +131,17 @@ def test_open_store_and_queue_from_config(redis_server):
     from bark_serve.cluster.jobs import open_store
     from bark_serve.cluster.queue import open_queue
 
-    cfg = BatchConfig(enabled=True, redis_url=redis_server.url, max_attempts=5, result_ttl_s=600)
+    cfg = BatchConfig(enabled=True, redis_url=redis_server.url, max_attempts=5, result_ttl_s=600,
+                      inline_results_max_fraction=0.25)
+    for bad in (0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="inline_results_max_fraction"):
+            BatchConfig(inline_results_max_fraction=bad)
 
     async def main():
         keys = BatchKeys("cfgtest")
         store, queue = await open_store(cfg, keys), await open_queue(cfg, keys)
         assert (store.ttl, queue.max_attempts, queue.ttl, queue.results_dir) == (600, 5, 600, None)
+        assert (queue.inline_max, queue.inline_fraction) == (256 * 1024, 0.25)
         assert await store.redis.ping() and await queue.backlog() == (0, 0)
         await store.redis.aclose()
         await queue.redis.aclose()

@@ -130,6 +130,49 @@ def test_a_cancel_frees_a_full_redis(tmp_path, prefix):
     finally:
         server.stop()
 
+def test_small_results_go_to_results_dir_once_redis_is_half_full(tmp_path, prefix):
+    """With a results_dir, a result small enough to stay inline goes to the folder instead once Redis holds
+    more than inline_results_max_fraction of its maxmemory: one key's many small (mp3, opus) results cannot
+    fill a capped Redis for every key. Both kinds read back the same through the API."""
+    from bark_serve.cluster.batch_worker import BatchWorkerLoop
+    from bark_serve.cluster.jobs import JobStore
+    from bark_serve.cluster.local_redis import LocalRedis
+    from tests.cluster.helpers import FakeSynth, build, wait_finished
+
+    server = LocalRedis.start(tmp_path / "state", maxmemory="16mb")
+    try:
+        client = redis.Redis.from_url(server.url)
+        with make_client(server.url, prefix) as api:
+            async def run(job: str) -> dict:
+                _, store, queue = build(server.url, prefix, results_dir=str(tmp_path / "results"))
+                queue.inline_max, queue.inline_fraction = 2**20, 0.5  # every result of this test is small
+                worker = BatchWorkerLoop(queue, FakeSynth(), max_in_flight=2, claim_timeout_s=5)
+                task = asyncio.create_task(worker.run())
+                await wait_finished(store, job)
+                await worker.stop(grace_s=1)
+                await task
+                assert isinstance(store, JobStore)
+                return {r.item_id: r for r in await store.results(job)}
+
+            roomy = submit(api, A, "before")["id"]
+            assert asyncio.run(run(roomy))["before"].audio is not None  # Redis nearly empty: inline
+            n = 0
+            while client.info("memory")["used_memory"] < 0.6 * 16 * 2**20:  # past half, with room to write
+                client.set(f"ballast{n}", b"x" * 2**18)
+                n += 1
+            assert client.info("memory")["used_memory"] < 0.8 * 16 * 2**20
+            tight = submit(api, B, "after", "after-2")["id"]
+            recs = asyncio.run(run(tight))
+            for item_id, rec in recs.items():
+                assert rec.audio is None and rec.path and rec.path.startswith(str(tmp_path / "results")), item_id
+            lines = api.get(f"/v1/batches/{tight}/results", headers=B).text.splitlines()[:-1]
+            got = {json.loads(x)["id"]: json.loads(x) for x in lines}
+            for item_id in recs:
+                assert base64.b64decode(got[item_id]["audio"]) == expected_audio(item_id, f"text {item_id}")
+    finally:
+        server.stop()
+
+
 def test_follow_streams_per_key(redis_server, prefix):
     limits = BatchLimits(max_follow_streams=1, follow_max_s=30)
     with make_client(redis_server.url, prefix, limits=limits) as api:
