@@ -130,39 +130,50 @@ def test_a_cancel_frees_a_full_redis(tmp_path, prefix):
     finally:
         server.stop()
 
+def work_off(url: str, prefix: str, job: str, results_dir, **queue_attrs) -> dict:
+    """Run a batch worker (FakeSynth) with a results_dir until ``job`` is finished; its results by item id.
+    ``queue_attrs`` are set on the WorkQueue first (inline_max, inline_fraction)."""
+    from bark_serve.cluster.batch_worker import BatchWorkerLoop
+    from bark_serve.cluster.jobs import JobStore
+    from tests.cluster.helpers import FakeSynth, build, wait_finished
+
+    async def run() -> dict:
+        _, store, queue = build(url, prefix, results_dir=str(results_dir))
+        for name, value in queue_attrs.items():
+            setattr(queue, name, value)
+        worker = BatchWorkerLoop(queue, FakeSynth(), max_in_flight=2, claim_timeout_s=5)
+        task = asyncio.create_task(worker.run())
+        await wait_finished(store, job)
+        await worker.stop(grace_s=1)
+        await task
+        assert isinstance(store, JobStore)
+        return {r.item_id: r for r in await store.results(job)}
+
+    return asyncio.run(run())
+
+
 def test_small_results_go_to_results_dir_once_redis_is_half_full(tmp_path, prefix):
     """With a results_dir, a result small enough to stay inline goes to the folder instead once Redis holds
     more than inline_results_max_fraction of its maxmemory: one key's many small (mp3, opus) results cannot
     fill a capped Redis for every key. Both kinds read back the same through the API."""
-    from bark_serve.cluster.batch_worker import BatchWorkerLoop
-    from bark_serve.cluster.jobs import JobStore
     from bark_serve.cluster.local_redis import LocalRedis
-    from tests.cluster.helpers import FakeSynth, build, wait_finished
 
     server = LocalRedis.start(tmp_path / "state", maxmemory="16mb")
     try:
         client = redis.Redis.from_url(server.url)
         with make_client(server.url, prefix) as api:
-            async def run(job: str) -> dict:
-                _, store, queue = build(server.url, prefix, results_dir=str(tmp_path / "results"))
-                queue.inline_max, queue.inline_fraction = 2**20, 0.5  # every result of this test is small
-                worker = BatchWorkerLoop(queue, FakeSynth(), max_in_flight=2, claim_timeout_s=5)
-                task = asyncio.create_task(worker.run())
-                await wait_finished(store, job)
-                await worker.stop(grace_s=1)
-                await task
-                assert isinstance(store, JobStore)
-                return {r.item_id: r for r in await store.results(job)}
+            def run(job: str) -> dict:  # every result of this test is small
+                return work_off(server.url, prefix, job, tmp_path / "results", inline_max=2**20, inline_fraction=0.5)
 
             roomy = submit(api, A, "before")["id"]
-            assert asyncio.run(run(roomy))["before"].audio is not None  # Redis nearly empty: inline
+            assert run(roomy)["before"].audio is not None  # Redis nearly empty: inline
             n = 0
             while client.info("memory")["used_memory"] < 0.6 * 16 * 2**20:  # past half, with room to write
                 client.set(f"ballast{n}", b"x" * 2**18)
                 n += 1
             assert client.info("memory")["used_memory"] < 0.8 * 16 * 2**20
             tight = submit(api, B, "after", "after-2")["id"]
-            recs = asyncio.run(run(tight))
+            recs = run(tight)
             for item_id, rec in recs.items():
                 assert rec.audio is None and rec.path and rec.path.startswith(str(tmp_path / "results")), item_id
             lines = api.get(f"/v1/batches/{tight}/results", headers=B).text.splitlines()[:-1]
@@ -225,28 +236,9 @@ def test_a_burst_of_follow_streams_is_held_to_the_cap(redis_server, prefix):
             assert set(codes) <= {200, 429} and 1 <= codes.count(200) <= 2, codes
 
 def test_big_results_go_to_results_dir_small_ones_stay_in_redis(redis_server, prefix, tmp_path):
-    from bark_serve.cluster.jobs import JobStore
-    from tests.cluster.helpers import build
-
     with make_client(redis_server.url, prefix) as api:
         job = submit(api, A, "s", "a-much-longer-item-id")["id"]
-        inline_max = len(expected_audio("s", "text s"))
-
-        async def run() -> dict:
-            from bark_serve.cluster.batch_worker import BatchWorkerLoop
-            from tests.cluster.helpers import FakeSynth, wait_finished
-
-            client, store, queue = build(redis_server.url, prefix, results_dir=str(tmp_path))
-            queue.inline_max = inline_max
-            worker = BatchWorkerLoop(queue, FakeSynth(), max_in_flight=2, claim_timeout_s=5)
-            task = asyncio.create_task(worker.run())
-            await wait_finished(store, job)
-            await worker.stop(grace_s=1)
-            await task
-            assert isinstance(store, JobStore)
-            return {r.item_id: r for r in await store.results(job)}
-
-        recs = asyncio.run(run())
+        recs = work_off(redis_server.url, prefix, job, tmp_path, inline_max=len(expected_audio("s", "text s")))
         assert recs["s"].audio is not None and recs["s"].path is None
         big = recs["a-much-longer-item-id"]
         assert big.audio is None and big.path and big.path.startswith(str(tmp_path / prefix / job))
