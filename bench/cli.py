@@ -417,14 +417,14 @@ def _floors(report: dict) -> dict:
         out[f"decode_wall_over_gpu_batch{top}_graphs"] = graphed
     if closed:
         # makespan against makespan: the whole run (it ends with its longest request, as the engine and
-        # transformers runs end with theirs); the steady window's figures beside it
+        # transformers runs end with theirs); the steady figures (Little's law) beside it
         top = max(closed, key=lambda r: r["throughput_audio_s_per_s"])
         out["served_at_saturation"] = top["name"]
         out.update(_served_ratios(top["throughput_audio_s_per_s"], top, runs, best_hf, engine_runs))
         steady = [r for r in closed if r.get("steady")]
         if steady:
             best = max(steady, key=lambda r: r["steady"]["throughput_audio_s_per_s"])
-            out["served_steady_window"] = {"run": best["name"], **_served_ratios(
+            out["served_steady"] = {"run": best["name"], **_served_ratios(
                 best["steady"]["throughput_audio_s_per_s"], best, runs, best_hf, engine_runs)}
     rates = (report.get("slo") or {}).get("rates") or []
     if rates:
@@ -454,12 +454,12 @@ def _served_ratios(served: float, run: dict, runs: list[dict], best_hf: float | 
 
 
 def saturation_figures(run: dict) -> tuple[float, float, str]:
-    """A closed-loop run's (audio-s/s, requests/s, measure): over its steady window when it had one (more
-    requests than clients: served_runs.steady_window), else over the whole run, which ends with the longest
+    """A closed-loop run's (audio-s/s, requests/s, measure): its steady figures when it had them (more
+    requests than clients: served_runs.steady_window), else the whole run's, which ends with the longest
     request alone and so understates what the server sustains."""
     steady = run.get("steady")
     if steady:
-        return steady["throughput_audio_s_per_s"], steady["requests_per_s"], "steady window"
+        return steady["throughput_audio_s_per_s"], steady["requests_per_s"], "steady"
     return run["throughput_audio_s_per_s"], run["requests_per_s"], "whole run"
 
 

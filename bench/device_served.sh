@@ -4,8 +4,8 @@
 # with the `single-gpu` profile (four stage pools on the one GPU, CUDA graphs on) and runs `bark-serve bench`
 # on bark-mix-v1 with a random bark-small checkpoint in bfloat16: transformers sequential fp32 and a static
 # batch of 64 (the best size in the issue-21 run) of the segments sorted by length, the engines at batch 64, the served app closed loop at
-# concurrency 1, 16 and 64 (4, 32 and 192 requests: more than the clients, so that each run has a steady
-# window, see bench/served_runs.steady_window), and Poisson arrivals at 0.5, 0.7 and 0.9 of saturation (32 requests each),
+# concurrency 1, 16 and 64 (4, 32 and 192 requests: more than the clients, so that each run has steady
+# figures, see bench/served_runs.steady_window), and Poisson arrivals at 0.5, 0.7 and 0.9 of saturation (32 requests each),
 # with the plots. The code runs from the checkout on PYTHONPATH (torch and transformers are the machine's).
 #   python -m bark_serve.bench.device_pack .cache/device-pack-out   # here, once: at most 50 MiB (37 MiB)
 #   bash bench/device_served.sh PACKDIR [OUTDIR]                    # there (OUTDIR default: $OUT, else ./out)

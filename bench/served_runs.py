@@ -110,8 +110,6 @@ class Outcome:
     audio_s: float
     sent_at: float  # epoch seconds
     segments: list[dict] = field(default_factory=list)  # per chunk: stage -> queued_at/started/finished
-    started: float = 0.0  # time.perf_counter() when it was sent
-    chunks: list[tuple[float, float]] = field(default_factory=list)  # per audio chunk: (perf_counter, audio s)
 
 
 def _one(url: str, req: BenchRequest) -> Outcome | None:
@@ -128,7 +126,7 @@ def _stream(url: str, req: BenchRequest) -> Outcome:
             # the model's raw samples, as the other configurations count them (no trim, crossfade or loudness)
             "trim_silence": False, "crossfade_ms": 0, "normalize_loudness": False}
     sent_at, t0 = time.time(), time.perf_counter()
-    first, samples, segments, chunks = None, 0, [], []
+    first, samples, segments = None, 0, []
     with httpx.stream("POST", url + "/v1/tts", content=msgpack.packb(body), timeout=7200,
                       headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"}) as r:
         r.raise_for_status()
@@ -137,42 +135,40 @@ def _stream(url: str, req: BenchRequest) -> Outcome:
             unpacker.feed(data)
             for msg in unpacker:
                 if "audio" in msg:
-                    now = time.perf_counter()
-                    first = first or now - t0
+                    first = first or time.perf_counter() - t0
                     samples += len(msg["audio"]) // 2
                     segments.append(msg.get("timings", {}))
-                    chunks.append((now, len(msg["audio"]) / 2 / 24_000))
                 elif "error" in msg:
                     raise httpx.HTTPError(f"stream ended with {msg['error']}")
-    return Outcome(time.perf_counter() - t0, first or 0.0, samples / 24_000, sent_at, segments, t0, chunks)
+    return Outcome(time.perf_counter() - t0, first or 0.0, samples / 24_000, sent_at, segments)
 
 
-def steady_window(outcomes: list[Outcome], t0: float, concurrency: int) -> dict | None:
-    """A closed loop's throughput while it was saturated: from its start until its last request was sent.
+def steady_window(outcomes: list[Outcome], concurrency: int) -> dict | None:
+    """What a closed loop of ``concurrency`` clients sustains with every client's request in flight, by
+    Little's law: requests/s = concurrency / mean latency, audio-s/s = concurrency x audio / summed latency.
 
-    Until then every one of the ``concurrency`` clients has a request in flight; after it they run out of
-    work one by one, and the run ends with its longest request alone (a long text's segments follow one
-    another, each continuing the previous one's voice: on bark-mix-v1 a 7-segment request takes several
-    times any other). Audio counts as its chunks arrive; requests per second count the requests sent after
-    the first wave (each sent when one finished). None when every request was sent at once (requests <=
-    concurrency): then no part of the run is a steady state."""
+    The whole run's figure (audio over wall time) is lower: the clients start together (the first wave
+    fills the pipeline in lockstep) and run out of work one by one, and the run ends with its longest
+    request alone (on bark-mix-v1 a long text, whose 4-8 segments follow one another, each continuing the
+    previous one's voice, several times any other request). The law needs each latency to have been
+    measured with the loop full, which holds for all but the last ``concurrency`` requests (those ran with
+    fewer beside them, a little faster): so only a run with more requests than clients gets a figure, and
+    the more requests per client, the closer. None for a run of one wave or with a failed request."""
     if len(outcomes) <= concurrency:
         return None
-    starts = sorted(o.started for o in outcomes)
-    end = starts[-1]
-    window = end - t0
-    if window <= 0:
+    latency = sum(o.latency_s for o in outcomes)
+    if latency <= 0:
         return None
-    audio = sum(a for o in outcomes for t, a in o.chunks if t <= end)
-    return {"window_s": round(window, 3), "audio_s": round(audio, 3),
-            "throughput_audio_s_per_s": round(audio / window, 4),
-            "requests_per_s": round((len(outcomes) - concurrency) / window, 4)}
+    audio = sum(o.audio_s for o in outcomes)
+    return {"requests": len(outcomes), "concurrency": concurrency,
+            "throughput_audio_s_per_s": round(concurrency * audio / latency, 4),
+            "requests_per_s": round(concurrency * len(outcomes) / latency, 4)}
 
 
 def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dict, submit,
              concurrency: int | None = None) -> Run:
     """Run ``submit(requests) -> outcomes`` and turn the outcomes and the replicas' counters into a Run
-    (a closed loop's, given its ``concurrency``, also with its ``steady`` window)."""
+    (a closed loop's, given its ``concurrency``, also with its ``steady`` figures)."""
     before = app.stats()
     t0 = time.perf_counter()
     outcomes = submit(requests)
@@ -194,7 +190,7 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     run.extra["cores"] = core_leases(before, after)
     run.timeline = [{"sent_at": o.sent_at, "ttfa_s": o.ttfa_s, "segments": o.segments} for o in ok]  # not in summary
     if concurrency is not None and len(ok) == len(outcomes):  # a failed request would leave a client idle
-        run.extra["steady"] = steady_window(ok, t0, concurrency)
+        run.extra["steady"] = steady_window(ok, concurrency)
     return run
 
 

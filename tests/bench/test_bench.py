@@ -69,15 +69,15 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert {row["fraction"] for row in report["slo"]["rates"]} == {0.5, 0.7}
     assert set(report["floors"]) >= {"served_frac_of_roofline", "served_vs_transformers_best_batch",
                                      "ttfa_p95_vs_lone_near_70pct"}
-    for run in report["runs"]:  # 3 requests, 1 or 2 clients: each closed loop has a steady window
+    for run in report["runs"]:  # 3 requests, 1 or 2 clients: each closed loop has steady figures
         if run.get("mode") == "closed":
             steady = run["steady"]
-            assert 0 < steady["window_s"] < run["wall_s"] and 0 < steady["audio_s"] < run["audio_s"], steady
+            assert (steady["requests"], steady["concurrency"]) == (run["requests"], run["concurrency"])
             assert steady["throughput_audio_s_per_s"] > 0 and steady["requests_per_s"] > 0
     closed = [r for r in report["runs"] if r.get("mode") == "closed"]
-    floors = report["floors"]  # whole runs (makespan, as the engines and transformers), the steady window beside
+    floors = report["floors"]  # whole runs (makespan, as the engines and transformers), the steady figures beside
     assert floors["served_audio_s_per_s"] == max(r["throughput_audio_s_per_s"] for r in closed)
-    steady = floors["served_steady_window"]
+    steady = floors["served_steady"]
     assert steady["served_audio_s_per_s"] == max(r["steady"]["throughput_audio_s_per_s"] for r in closed)
     assert steady["served_vs_transformers_best_batch"] > 0 and 0 < steady["served_frac_of_roofline"] < 1
     assert report["saturation_rps"] == max(r["steady"]["requests_per_s"] for r in closed)
@@ -140,25 +140,24 @@ def test_bad_orders_are_usage_errors(flag, value, choices):
     assert flag in res.stderr and choices in res.stderr
 
 
-def test_a_closed_loops_steady_window_ends_when_its_last_request_is_sent():
-    """Two clients, four requests: the last is sent at 7 s, so audio counts until then (the long request that
-    ends the run at 20 s is mostly outside it), and two requests were sent after the first wave."""
+def test_a_closed_loops_steady_figures_follow_littles_law():
+    """Two clients, four requests: with both clients always busy, requests/s = 2 / mean latency and
+    audio-s/s = 2 x audio / summed latency, whatever the run's start and end (here a 20 s request ends it)."""
     from bark_serve.bench.cli import saturation_figures
     from bark_serve.bench.served_runs import Outcome, steady_window
 
-    def sent(at: float, *chunks: tuple[float, float]) -> Outcome:
-        return Outcome(latency_s=0.0, ttfa_s=0.0, audio_s=sum(a for _, a in chunks), sent_at=0.0, started=100 + at,
-                       chunks=[(100 + t, a) for t, a in chunks])
-
-    outcomes = [sent(0, (3, 1.0), (5, 1.0)), sent(0, (4, 2.0), (6, 1.0), (7, 1.0), (20, 9.0)),
-                sent(5, (6.5, 0.5), (9, 2.0)), sent(7, (10, 3.0))]
-    steady = steady_window(outcomes, 100.0, concurrency=2)
-    assert steady == {"window_s": 7.0, "audio_s": 6.5, "throughput_audio_s_per_s": round(6.5 / 7, 4),
-                      "requests_per_s": round(2 / 7, 4)}
-    assert steady_window(outcomes[:2], 100.0, concurrency=2) is None  # all sent at once: no steady state
+    outcomes = [Outcome(latency_s=w, ttfa_s=1.0, audio_s=a, sent_at=0.0) for w, a in
+                [(5, 2.0), (20, 14.0), (4, 2.5), (3, 3.0)]]
+    steady = steady_window(outcomes, concurrency=2)
+    assert steady == {"requests": 4, "concurrency": 2, "throughput_audio_s_per_s": round(2 * 21.5 / 32, 4),
+                      "requests_per_s": round(2 * 4 / 32, 4)}
+    one = [Outcome(latency_s=w, ttfa_s=1.0, audio_s=a, sent_at=0.0) for w, a in [(3, 1.0), (5, 1.0), (4, 2.0)]]
+    assert steady_window(one, concurrency=1)["throughput_audio_s_per_s"] == round(4.0 / 12, 4)  # = audio / wall
+    assert steady_window(outcomes[:2], concurrency=2) is None  # one wave: never a full loop to speak of
     whole = {"throughput_audio_s_per_s": 0.5, "requests_per_s": 0.2}
     assert saturation_figures(whole) == (0.5, 0.2, "whole run")
-    assert saturation_figures({**whole, "steady": steady}) == (round(6.5 / 7, 4), round(2 / 7, 4), "steady window")
+    assert saturation_figures({**whole, "steady": steady}) == (steady["throughput_audio_s_per_s"],
+                                                               steady["requests_per_s"], "steady")
 
 
 def test_per_stage_values_parse_with_a_default():
