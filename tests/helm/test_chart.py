@@ -324,7 +324,7 @@ def test_worker_probes_use_the_serve_port():
         assert {"name": "serve", "containerPort": 8000} in c["ports"]
     (c,) = worker_groups("edge-cases")[0]["template"]["spec"]["containers"]
     assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "serve"}
-    assert {"name": "serve", "containerPort": 8080} in c["ports"]
+    assert {"name": "serve", "containerPort": 8081} in c["ports"]
 
 
 def test_default_layout_is_one_gpu_group_per_stage():
@@ -396,6 +396,35 @@ def test_auth_can_be_turned_off_explicitly():
     (["pools.semantic.replicas=9"], "minReplicas <= replicas <= maxReplicas"),
     (["bark.semantic.max_batchs=3"], "max_batchs"),  # values.schema.json: BarkConfig forbids extra keys
     (["bark.codec.dtype=int8"], "dtype"),
+    # a password env with no Redis Secret to fill it (the pods would reference a Secret nobody renders)
+    (["bark.batch.redis_url=redis://redis.data:6379/0", "bark.batch.redis_password_env=BARK_REDIS_PASSWORD"],
+     "set redis.auth.existingSecret (or redis.auth.password)"),
+    (["bark.batch.redis_password_env=BARK_REDIS_PASSWORD"], "set redis.auth.existingSecret (or redis.auth.password)"),
+    # the in-chart Redis asks for a password the replicas would not have (NOAUTH)
+    (["bark.batch.enabled=true", "bark.batch.redis_url=redis://rel-bark-serve-redis:6379/0",
+      "redis.internal.enabled=true"], "set bark.batch.redis_password_env=BARK_REDIS_PASSWORD"),
+    (["bark.batch.redis_url=redis://rel-bark-serve-redis.bark.svc.cluster.local:6379/0",  # voices only, batch off
+      "redis.internal.enabled=true"], "set bark.batch.redis_password_env=BARK_REDIS_PASSWORD"),
+    (["bark.batch.redis_url=redis://redis.data:6379/0", "redis.auth.existingSecret=shared-redis",
+      "redis.external.address=redis.data:6379"], "set bark.batch.redis_password_env=BARK_REDIS_PASSWORD"),
+    # Ray's own ports in KubeRay pods
+    (["bark.http_port=6379"], "collides with the GCS port"),
+    (["bark.http_port=8265"], "collides with the dashboard port"),
+    (["bark.http_port=10001"], "collides with the Ray Client port"),
+    (["bark.http_port=8080"], "collides with Ray's metrics export port"),
+    (["bark.http_port=52365"], "collides with the dashboard agent's port"),
+    (["bark.http_port=9000", "head.rayStartParams.dashboard-port=9000"], "(dashboard-port 9000)"),
+    # bark.batch.redis_url_env is checked like the other env var names
+    (["bark.batch.enabled=true", "bark.batch.redis_url_env=1BAD", "redis.auth.enabled=false"],
+     'bark.batch.redis_url_env="1BAD" is not a valid environment variable name'),
+    # replica capacity of pools: num_replicas or autoscaling.max_replicas x num_gpus, summed per pool
+    (["bark.fine.num_replicas=2"], "pool fine cannot hold its replicas: up to 2 GPUs for FineServer"),
+    (["bark.semantic.autoscaling.max_replicas=5"], "pools.semantic has maxReplicas (4) x gpu.count (1) = 4"),
+    (["bark.codec.num_replicas=2", "pools.codec.maxReplicas=2", "bark.voice_cloning.pool=codec",
+      "bark.voice_cloning.num_gpus=1", "bark.voice_cloning.num_replicas=2"],
+     "up to 3 GPUs for CodecServer (2 replicas x num_gpus 0.5), VoiceEncoder (2 replicas x num_gpus 1)"),
+    (["bark.voice_cloning.pool=fine", "bark.voice_cloning.num_replicas=17"],
+     "pools.fine has maxReplicas (1) x resourceUnits (16) = 16"),
 ])
 def test_misconfiguration_fails_with_a_clear_message(sets, message):
     proc = helm("template", RELEASE, str(CHART), *[a for s in sets for a in ("--set", s)], check=False)

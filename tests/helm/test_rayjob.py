@@ -18,7 +18,16 @@ import yaml
 
 from bark_serve.serving.config import parse_config
 from bark_serve.stages.constants import STAGES
-from tests.helm.test_chart import CHART, K8S_VERSIONS, RELEASE, crd_schema, helm, pool_resources, unknown_fields
+from tests.helm.test_chart import (
+    CHART,
+    CRD,
+    K8S_VERSIONS,
+    RELEASE,
+    crd_schema,
+    helm,
+    pool_resources,
+    unknown_fields,
+)
 
 # KubeRay ray.io/v1 RayJobSpec (ray-operator/apis/ray/v1/rayjob_types.go).
 RAYJOB_SPEC_FIELDS = {"activeDeadlineSeconds", "backoffLimit", "rayClusterSpec", "submitterPodTemplate", "metadata",
@@ -107,3 +116,40 @@ def test_entrypoint_config_and_pools():
 def test_misconfigured_job_fails_with_a_clear_message(sets, message):
     proc = helm("template", RELEASE, str(CHART), *[a for s in sets for a in ("--set", s)], check=False)
     assert proc.returncode != 0 and message in proc.stderr, proc.stderr
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policy_lets_the_submitter_reach_the_dashboard():
+    """K8sJobMode: the submitter pod runs `ray job submit` against the head's dashboard (8265)."""
+    docs = render(*JOB_SETS, "networkPolicy.enabled=true")
+    (job,) = [d for d in docs if d["kind"] == "RayJob"]
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith("-ray")]
+    submitter = job["spec"]["submitterPodTemplate"]["metadata"]["labels"]
+    head = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert selects(policy["spec"]["podSelector"], head), "the policy guards the job's head"
+    assert not selects(policy["spec"]["podSelector"], submitter), "the submitter is no Ray pod"
+    allowed = [rule for rule in policy["spec"]["ingress"]
+               if any(set(peer) == {"podSelector"} and selects(peer["podSelector"], submitter)
+                      for peer in rule.get("from", []))]
+    assert allowed and all({"port": 8265, "protocol": "TCP"} in rule.get("ports", [{"port": 8265, "protocol": "TCP"}])
+                           for rule in allowed)
+    # without the dataset job no rule mentions the submitter
+    (plain,) = [d for d in render("networkPolicy.enabled=true") if d["kind"] == "NetworkPolicy"]
+    assert "dataset-submitter" not in yaml.safe_dump(plain)
+
+
+def test_submitter_pod_template_matches_the_rayjob_crd():
+    crd_path = CRD.parent / "ray.io_rayjobs.yaml"
+    if not crd_path.exists():
+        pytest.skip(f"no RayJob CRD at {crd_path}")
+    (v1,) = [v for v in yaml.safe_load(crd_path.read_text())["spec"]["versions"] if v["name"] == "v1"]
+    schema = v1["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["submitterPodTemplate"]
+    job, _ = rayjob(*JOB_SETS)
+    template = job["spec"]["submitterPodTemplate"]
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(template))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    assert unknown_fields(template, schema) == []
+    assert template["metadata"]["labels"]["app.kubernetes.io/component"] == "dataset-submitter"

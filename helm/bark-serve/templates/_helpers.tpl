@@ -39,6 +39,12 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/component: ray
 {{- end -}}
 
+{{/* Labels of the dataset RayJob's submitter pod (K8sJobMode: `ray job submit` to the head's dashboard). */}}
+{{- define "bark-serve.submitterPodLabels" -}}
+{{ include "bark-serve.selectorLabels" . }}
+app.kubernetes.io/component: dataset-submitter
+{{- end -}}
+
 {{- define "bark-serve.image" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
@@ -56,13 +62,74 @@ app.kubernetes.io/component: ray
 {{- default (printf "%s-redis" (include "bark-serve.fullname" .)) .Values.redis.auth.existingSecret -}}
 {{- end -}}
 
-{{- define "bark-serve.redisName" -}}
-{{- printf "%s-redis" (include "bark-serve.fullname" .) -}}
+{{/*
+<fullname>-<suffix>, the fullname cut so that the whole stays within a limit (trimSuffix "-"): short
+release names keep <fullname>-<suffix> unchanged. Args: (list $ suffix maxLength).
+*/}}
+{{- define "bark-serve.suffixedName" -}}
+{{- $suffix := index . 1 -}}
+{{- $base := include "bark-serve.fullname" (index . 0) | trunc (int (sub (index . 2) (add1 (len $suffix)))) | trimSuffix "-" -}}
+{{- printf "%s-%s" $base $suffix -}}
 {{- end -}}
 
-{{/* Whether anything in this release talks to Redis ("true" or ""). */}}
+{{/* The in-chart Redis (StatefulSet and Service): at most 52 characters, so that the StatefulSet's
+controller-revision-hash label (<name>-<hash>) stays within 63. */}}
+{{- define "bark-serve.redisName" -}}
+{{- include "bark-serve.suffixedName" (list . "redis" 52) -}}
+{{- end -}}
+
+{{/* The dataset RayJob: KubeRay rejects RayJob names over 47 characters. */}}
+{{- define "bark-serve.datasetJobName" -}}
+{{- include "bark-serve.suffixedName" (list . "dataset" 47) -}}
+{{- end -}}
+
+{{/*
+Whether the app itself talks to Redis ("true" or ""): batch jobs, and registered voices whenever
+bark.batch names a Redis (serving/config.py, BarkConfig.voice_store_redis), batch on or not.
+*/}}
+{{- define "bark-serve.appRedisUsed" -}}
+{{- $b := .Values.bark.batch -}}
+{{- if or $b.enabled $b.redis_url $b.redis_url_env -}}true{{- end -}}
+{{- end -}}
+
+{{/* Whether anything in this release talks to Redis or reads its password ("true" or ""). */}}
 {{- define "bark-serve.redisUsed" -}}
-{{- if or .Values.bark.batch.enabled .Values.gcsFaultTolerance.enabled .Values.redis.internal.enabled -}}true{{- end -}}
+{{- if or (include "bark-serve.appRedisUsed" .) .Values.bark.batch.redis_password_env .Values.gcsFaultTolerance.enabled .Values.redis.internal.enabled -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+The host of bark.batch.redis_url when it is a Redis that redis.auth protects (the in-chart Redis, or
+redis.external.address), else "". Such a Redis asks for the password, so the app needs redis_password_env.
+*/}}
+{{- define "bark-serve.appRedisHostNeedingAuth" -}}
+{{- $url := toString (default "" .Values.bark.batch.redis_url) -}}
+{{- /* redis[s]://[user[:password]@]host[:port][/db]: no password in the URL */ -}}
+{{- if and $url (regexMatch "^rediss?://" $url) (not (regexMatch "^rediss?://[^/@]*:[^/@]*@" $url)) -}}
+{{- $host := regexReplaceAll "^rediss?://([^/@]*@)?([^:/?]*).*$" $url "${2}" -}}
+{{- $protected := list -}}
+{{- if .Values.redis.internal.enabled }}{{ $protected = append $protected (include "bark-serve.redisName" .) }}{{ end -}}
+{{- with .Values.redis.external.address }}{{ $protected = append $protected (regexReplaceAll ":[0-9]+$" . "") }}{{ end -}}
+{{- range $protected -}}
+{{- /* the same name, or one of them a longer form of the other (svc.namespace, svc.namespace.svc...) */ -}}
+{{- if or (eq $host .) (hasPrefix (printf "%s." .) $host) (and (contains "." $host) (hasPrefix (printf "%s." $host) .)) }}{{ $host }}{{ break }}{{ end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+A warning for NOTES.txt ("" when none): voice cloning on, but registered voices live in each replica's own
+folder (~/.cache/bark-serve/voices, an emptyDir), lost on restart and not shared between replicas.
+*/}}
+{{- define "bark-serve.voiceStoreWarning" -}}
+{{- $b := .Values.bark -}}
+{{- if and $b.voice_cloning.enabled (not (or $b.batch.redis_url $b.batch.redis_url_env $b.voice_cloning.store_dir)) -}}
+WARNING: voice cloning is on (bark.voice_cloning.enabled) but registered voices have no durable store:
+each Orchestrator replica keeps the voices registered through it in its own pod's emptyDir
+(~/.cache/bark-serve/voices), so they are lost when the pod restarts and the other replicas do not see
+them. Set bark.batch.redis_url (or bark.batch.redis_url_env), or bark.voice_cloning.store_dir on a
+ReadWriteMany volume mounted with extraVolumes/extraVolumeMounts (chart README, "Registered voices");
+or set bark.voice_cloning.enabled=false.
+{{- end -}}
 {{- end -}}
 
 {{/* Redis host:port for GCS fault tolerance. */}}
