@@ -209,3 +209,13 @@ def test_readme_tells_how_to_make_voices_durable():
     for words in ("bark.batch.redis_url", "bark.voice_cloning.store_dir", "ReadWriteMany", "extraVolumes",
                   "extraVolumeMounts"):
         assert words in section, words
+
+
+def test_notes_warn_when_gcs_and_batch_results_share_the_in_chart_redis():
+    shared = ["gcsFaultTolerance.enabled=true", "redis.internal.enabled=true", "bark.batch.enabled=true",
+              "bark.batch.redis_url=redis://rel-bark-serve-redis:6379/0",
+              "bark.batch.redis_password_env=BARK_REDIS_PASSWORD"]
+    assert "WARNING: GCS fault tolerance and batch jobs share the in-chart Redis" in notes(*shared)
+    for apart in (["bark.batch.results_dir=/results"], ["gcsFaultTolerance.redisAddress=gcs-redis.data:6379"]):
+        assert "share the in-chart Redis" not in notes(*shared, *apart), apart
+    assert "share the in-chart Redis" not in notes()  # neither on

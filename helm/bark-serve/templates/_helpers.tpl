@@ -132,6 +132,17 @@ or set bark.voice_cloning.enabled=false.
 {{- end -}}
 {{- end -}}
 
+{{/* A warning when GCS fault tolerance and batch jobs share the in-chart Redis and batch results are all kept there. */}}
+{{- define "bark-serve.sharedRedisWarning" -}}
+{{- $v := .Values -}}
+{{- if and $v.gcsFaultTolerance.enabled $v.bark.batch.enabled (not $v.gcsFaultTolerance.redisAddress) (not $v.redis.external.address) $v.redis.internal.enabled (not $v.bark.batch.results_dir) -}}
+WARNING: GCS fault tolerance and batch jobs share the in-chart Redis, and with bark.batch.results_dir null
+every batch result is kept in it: results can fill its maxmemory (noeviction), and then the head cannot
+write its cluster metadata either. Give GCS its own Redis (gcsFaultTolerance.redisAddress), or set
+bark.batch.results_dir on a shared volume (chart README, "One Redis for both").
+{{- end -}}
+{{- end -}}
+
 {{/* Redis host:port for GCS fault tolerance. */}}
 {{- define "bark-serve.gcsRedisAddress" -}}
 {{- if .Values.gcsFaultTolerance.redisAddress -}}
