@@ -106,14 +106,11 @@ def register(sub) -> None:
 
 def _decode_stages(text: str) -> list[str]:
     """--decode-stages: a comma list of the stages that have decode steps (every one but the codec)."""
-    allowed = [s for s in STAGES if s != "codec"]
-    names = [x.strip() for x in text.split(",") if x.strip()]
-    if not names or any(n not in allowed for n in names):
-        raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
-    return names
+    return _names(text, tuple(s for s in STAGES if s != "codec"))
 
 
 def _names(text: str, allowed: tuple[str, ...]) -> list[str]:
+    """A comma list of some of ``allowed`` (argparse type: anything else is a usage error, exit 2)."""
     names = [x.strip() for x in text.split(",") if x.strip()]
     if not names or any(n not in allowed for n in names):
         raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (got {text!r})")
