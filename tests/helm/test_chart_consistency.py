@@ -1,7 +1,8 @@
 """What an outside audit of the chart found, each checked on the rendered objects: Secrets the pods
 reference are rendered (or named as existing ones), GPUs reach Ray whatever the resource's name, pools
-hold their deployments, names fit KubeRay's and Kubernetes' limits for long release names, and NOTES warn
-about registered voices that would not last. (Validator messages: test_chart.py's misconfiguration table.)
+hold their deployments, names fit KubeRay's and Kubernetes' limits for long release names, the API keys
+reach only the pods that can run an Orchestrator, and NOTES warn about registered voices that would not
+last and about a Redis or Ray open to every pod. (Validator messages: test_chart.py's misconfiguration table.)
 """
 
 from __future__ import annotations
@@ -219,3 +220,43 @@ def test_notes_warn_when_gcs_and_batch_results_share_the_in_chart_redis():
     for apart in (["bark.batch.results_dir=/results"], ["gcsFaultTolerance.redisAddress=gcs-redis.data:6379"]):
         assert "share the in-chart Redis" not in notes(*shared, *apart), apart
     assert "share the in-chart Redis" not in notes()  # neither on
+
+
+# --- The API keys reach only the pods that can run an Orchestrator replica --------------------------
+
+def _key_holders(docs: list[dict]) -> dict[str, list[str]]:
+    """Per RayService/RayJob: the head and worker groups whose container env holds BARK_API_KEYS."""
+    out: dict[str, list[str]] = {}
+    for d in docs:
+        if d["kind"] not in ("RayService", "RayJob"):
+            continue
+        spec = d["spec"].get("rayClusterConfig") or d["spec"]["rayClusterSpec"]
+        groups = [("head", spec["headGroupSpec"])] + [(w["groupName"], w) for w in spec["workerGroupSpecs"]]
+        out[d["kind"]] = [name for name, g in groups
+                          if any(e["name"] == "BARK_API_KEYS" for c in g["template"]["spec"]["containers"]
+                                 for e in c.get("env", []))]
+    return out
+
+
+def test_api_keys_reach_only_the_orchestrators_pool_and_never_the_dataset_job():
+    # orchestrator.pool null (the default): a replica may land on any node, so every RayService pod has them
+    default = _key_holders(template(*JOB))
+    assert default["RayService"] == ["head", "coarse", "codec", "fine", "semantic"]
+    assert default["RayJob"] == []  # the dataset job runs no Orchestrator
+    pinned = _key_holders(template("bark.orchestrator.pool=semantic", *JOB))
+    assert pinned == {"RayService": ["semantic"], "RayJob": []}
+    assert _key_holders(template("bark.orchestrator.api_keys_env=null")) == {"RayService": []}
+
+
+# --- NOTES warn when Redis or Ray is open to the whole cluster ---------------------------------------
+
+def test_notes_warn_when_redis_or_ray_is_open_to_every_pod():
+    open_redis = ["redis.internal.enabled=true", "redis.auth.enabled=false"]
+    text = notes(*open_redis)
+    assert "WARNING: networkPolicy.enabled is false" in text
+    assert "rel-bark-serve-redis:6379" in text and "has no password" in text and "dashboard on 8265" not in text
+    both = notes(*open_redis, "rayAuth.enabled=false", "gcsFaultTolerance.enabled=true")
+    assert "the GCS metadata" in both and "dashboard on 8265 accepts job submissions" in both
+    for closed in ([], ["redis.internal.enabled=true"], [*open_redis, "networkPolicy.enabled=true"],
+                   ["rayAuth.enabled=false", "networkPolicy.enabled=true"]):
+        assert "networkPolicy.enabled is false" not in notes(*closed), closed

@@ -143,6 +143,25 @@ bark.batch.results_dir on a shared volume (chart README, "One Redis for both").
 {{- end -}}
 {{- end -}}
 
+{{/* Warnings for what anyone in the cluster can reach when networkPolicy is off and a password is off too. */}}
+{{- define "bark-serve.openWarning" -}}
+{{- $v := .Values -}}
+{{- if not $v.networkPolicy.enabled -}}
+{{- $open := list -}}
+{{- if and $v.redis.internal.enabled (not $v.redis.auth.enabled) -}}
+{{- $open = append $open (printf "the in-chart Redis (%s:6379: batch jobs, their results, registered voices%s) has no password (redis.auth.enabled=false)" (include "bark-serve.redisName" .) (ternary ", the GCS metadata" "" $v.gcsFaultTolerance.enabled)) -}}
+{{- end -}}
+{{- if not $v.rayAuth.enabled -}}
+{{- $open = append $open "Ray has no token (rayAuth.enabled=false): the dashboard on 8265 accepts job submissions, which run any code in the cluster" -}}
+{{- end -}}
+{{- if $open -}}
+WARNING: networkPolicy.enabled is false, so every pod in the cluster can reach the Ray and Redis ports, and
+{{ join ";\nand " $open }}.
+Set networkPolicy.enabled=true (your CNI must enforce NetworkPolicies), or turn the password on.
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Redis host:port for GCS fault tolerance. */}}
 {{- define "bark-serve.gcsRedisAddress" -}}
 {{- if .Values.gcsFaultTolerance.redisAddress -}}

@@ -4,8 +4,15 @@
 Env of Ray containers. Secrets reach the replicas this way because Ray worker
 processes inherit the raylet's environment; putting them in the serve config's
 runtime_env would write them into the RayService spec in clear text.
+Called with (list $ WHERE): WHERE is "@head", a pool name, or "@job" (the dataset
+RayJob's cluster). The API keys reach only the containers that can run an
+Orchestrator replica (the only reader): the pods of bark.orchestrator.pool, or,
+when it is null (any node with free CPU), the head and every pool; never the RayJob.
 */}}
 {{- define "bark-serve.rayEnv" -}}
+{{- $where := index . 1 -}}
+{{- $root := index . 0 -}}
+{{- with $root -}}
 - name: RAY_AUTH_MODE
   value: {{ ternary "token" "disabled" .Values.rayAuth.enabled | quote }}
 {{- if .Values.rayAuth.enabled }}
@@ -15,12 +22,15 @@ runtime_env would write them into the RayService spec in clear text.
       name: {{ include "bark-serve.rayTokenSecret" . }}
       key: auth_token
 {{- end }}
+{{- $orchPool := .Values.bark.orchestrator.pool -}}
+{{- if and .Values.bark.orchestrator.api_keys_env (ne $where "@job") (or (not $orchPool) (eq (toString $orchPool) $where)) }}
 {{- with .Values.bark.orchestrator.api_keys_env }}
 - name: {{ . }}
   valueFrom:
     secretKeyRef:
-      name: {{ include "bark-serve.apiKeysSecret" $ }}
-      key: {{ $.Values.apiKeys.secretKey }}
+      name: {{ include "bark-serve.apiKeysSecret" $root }}
+      key: {{ $root.Values.apiKeys.secretKey }}
+{{- end }}
 {{- end }}
 {{- if and .Values.bark.batch.redis_password_env .Values.redis.auth.enabled }}
 - name: {{ .Values.bark.batch.redis_password_env }}
@@ -40,7 +50,7 @@ runtime_env would write them into the RayService spec in clear text.
   valueFrom:
     secretKeyRef:
       name: {{ . }}
-      key: {{ $.Values.weights.hfToken.secretKey }}
+      key: {{ $root.Values.weights.hfToken.secretKey }}
 {{- end }}
 {{- /* Serve's proxy gets 30 s, not 5, to answer its readiness check: on a node whose cores are busy a
 proxy that takes longer to start is restarted over and over (serving/serve_config.py, patient_proxy_start).
@@ -55,6 +65,7 @@ extraEnv may set another value. */}}
 {{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
