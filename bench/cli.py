@@ -75,8 +75,12 @@ def register(sub) -> None:
                    help="requests per served run: a number, and/or per closed-loop concurrency, e.g. 16,1=4 "
                         "(at least the concurrency; the Poisson runs take the bare number, default 16)")
     p.add_argument("--rate-fractions", default="0.3,0.5,0.7,0.9",
-                   help="open-loop Poisson rates as fractions of the measured saturation rate ('' for none)")
+                   help="open-loop Poisson rates as fractions of the measured saturation throughput in audio-s/s, "
+                        "run in this order ('' for none)")
     p.add_argument("--rates", default="", help="open-loop Poisson rates in requests/s (instead of --rate-fractions)")
+    p.add_argument("--deadline-s", type=float, default=None,
+                   help="seconds the served runs may take in all: a run expected to end later is skipped and "
+                        "listed under the report's skipped (a device call with a hard limit; default none)")
     p.add_argument("--ttfa-slo", type=float, default=3.0,
                    help="goodput SLO: time-to-first-audio p95 within this multiple of a lone request's (default 3)")
     p.add_argument("--max-batch", type=per_stage, default={},
@@ -196,11 +200,13 @@ def _bench(args) -> dict:
     report: dict[str, Any] = {"machine": _machine(device, torch),
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
               "workload": {"model": model, **work.describe()}, "runs": []}
-    runs = _Runs(report, args.out)
+    runs = _Runs(report, args.out, args.ttfa_slo)
     if args.reuse_runs:
         for run in _reusable_runs(args.reuse_runs, report):
             runs.append(run)
     graph_settings = _graph_settings(args.cuda_graphs)
+    # Each configuration is attempted on its own: one that fails (a capture error on a new GPU, say) is
+    # recorded under "failures" with its error and the others still run, so one call keeps what it can.
     if "engines" not in skip:
         for setting in graph_settings:
             for b in _ints(args.engine_batches):
@@ -209,30 +215,38 @@ def _bench(args) -> dict:
                     admitted = "longest first" if order == "longest" else f"in {order} order"
                     _log(f"(3) engines in process, batch {b}, {dtype}, cuda_graphs {setting}, {n} requests, "
                          f"admitted {admitted}")
-                    runs.append(engines(model, work, n, b, dtype, peaks, device, setting, order).summary())
+                    runs.attempt(f"engines batch {b} cuda_graphs {setting} {order}",
+                                 engines, model, work, n, b, dtype, peaks, device, setting, order)
+    # transformers before the decode-step profile: the baselines every floor needs come first
+    if "hf" not in skip:
+        _log("(1) transformers, one at a time, float32")
+        runs.attempt("transformers sequential", hf_sequential, model, work, args.hf_requests, device=device)
+        for b in _ints(args.hf_batches):
+            for order in args.hf_orders:
+                _log(f"(2) transformers, static batch {b}, {dtype}, segments in {order} order")
+                runs.attempt(f"transformers batch {b} {order}", hf_batched,
+                             model, work, max(b, args.hf_requests), b, dtype, device, order)
     if args.decode_steps:
         from .decode_steps import measure
 
         _log(f"decode steps: {args.decode_steps} per stage, batch and cuda_graphs setting")
-        report["decode_steps"] = measure(model, _ints(args.engine_batches), graph_settings, dtype, device,
-                                         args.decode_steps, args.decode_stages, log=_log)
-        runs.save()
-    if "hf" not in skip:
-        _log("(1) transformers, one at a time, float32")
-        runs.append(hf_sequential(model, work, args.hf_requests, device=device).summary())
-        for b in _ints(args.hf_batches):
-            for order in args.hf_orders:
-                _log(f"(2) transformers, static batch {b}, {dtype}, segments in {order} order")
-                runs.append(hf_batched(model, work, max(b, args.hf_requests), b, dtype, device, order).summary())
+        rows = report.setdefault("decode_steps", [])
+
+        def keep(row: dict) -> None:  # saved row by row: a run cut short keeps the rows it measured
+            rows.append(row)
+            runs.save()
+
+        measure(model, _ints(args.engine_batches), graph_settings, dtype, device, args.decode_steps,
+                args.decode_stages, log=_log, on_row=keep)
     if "served" not in skip:
-        _served(args, model, work, dtype, device, peaks, runs, report)
+        runs.attempt("served", _served, args, model, work, dtype, device, peaks, runs, report)
     if "offline" not in skip:
         from .offline_runs import batches_run, dataset_run
 
         batch = max(_ints(args.engine_batches))
         for name, fn in (("dataset", dataset_run), ("/v1/batches", batches_run)):
             _log(f"(5) {name}, {args.offline_requests} items, batch {batch}")
-            runs.append(fn(model, work, args.offline_requests, dtype, batch).summary())
+            runs.attempt(name, fn, model, work, args.offline_requests, dtype, batch)
     report["ratios"] = _ratios(runs)
     report["floors"] = _floors(report)
     return report
@@ -337,8 +351,12 @@ def _for_stages(values: dict, default: int | None) -> dict:
 
 
 def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
+    """The served app's runs, in the order the floors need them (a run cut short loses the least): the lone
+    closed loop, the saturating one, the Poisson rates as given, then the other closed-loop levels. With
+    ``--deadline-s``, a run expected to end past the deadline is skipped (listed under ``skipped``)."""
     from .served_runs import ServedApp, served_closed, served_poisson
 
+    deadline = Deadline(args.deadline_s, report.setdefault("skipped", []), runs.save)
     levels = _ints(args.concurrency)
     counts = args.served_requests
     n = counts.get("*", 16)
@@ -347,29 +365,91 @@ def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
     profile = args.profile or ("single-gpu" if device.startswith("cuda") else "local-cpu")
     app = ServedApp(model, dtype, max_batch=_for_stages(args.max_batch, max(levels)), stage_threads=threads,
                     device=device, profile=profile)
-    timelines = report.setdefault("timelines", {})
     try:
-        closed = []
-        for c in levels:
-            _log(f"(4) served, closed loop, concurrency {c}, {max(counts.get(c, n), c)} requests")
-            run = served_closed(app, work, c, max(counts.get(c, n), c), peaks)
-            closed.append(run.summary())
-            runs.append(closed[-1])
-        timelines[closed[-1]["name"]] = run.timeline
-        saturation = max(saturation_figures(r)[1] for r in closed)
-        report["saturation_rps"] = saturation
-        rates = [float(x) for x in args.rates.split(",") if x.strip()] or \
-            [round(f * saturation, 4) for f in (float(x) for x in args.rate_fractions.split(",") if x.strip())]
-        for rate in rates:
-            _log(f"(4) served, Poisson arrivals at {rate:g} requests/s, {n} requests")
-            run = served_poisson(app, work, rate, n, peaks, seed=args.seed)
-            summary = run.summary()
-            summary["rate_fraction_of_saturation"] = round(rate / saturation, 3) if saturation else None
-            runs.append(summary)
-            timelines[summary["name"]] = run.timeline
+        report["served_app"] = app.describe()
+        runs.save()
+        timelines = report.setdefault("timelines", {})
+        fits = deadline.fits
+
+        def capacity() -> float | None:  # audio-s/s the saturating closed loop sustained, once it ran
+            closed = [r for r in runs if r.get("mode") == "closed" and r.get("concurrency") == max(levels)]
+            return saturation_figures(closed[-1])[0] if closed else None
+
+        def closed_run(c: int) -> None:
+            k = max(counts.get(c, n), c)
+            audio = sum(r.audio_s for r in work.requests(k))
+            cap = capacity()  # below saturation a GPU step costs about the same at c rows as at max(levels):
+            expected = audio / (cap * c / max(levels)) if cap and c < max(levels) else None  # throughput ~ c
+            if not fits(f"closed loop at concurrency {c}", expected):
+                return
+            _log(f"(4) served, closed loop, concurrency {c}, {k} requests")
+            run = served_closed(app, work, c, k, peaks)
+            timelines[run.name] = run.timeline
+            runs.append(run.summary())
+
+        order = sorted(set(levels))
+        for c in [order[0], order[-1]] if len(order) > 1 else order:
+            closed_run(c)
+        best = [r for r in runs if r.get("mode") == "closed"]
+        if best:
+            # the Poisson rates are fractions of the capacity in audio-s/s, turned into requests/s with the mean
+            # audio of the requests the Poisson runs send (the saturating run's requests may be longer or shorter)
+            sat_audio, sat_rps, measure = max((saturation_figures(r) for r in best), key=lambda f: f[0])
+            poisson_reqs = work.requests(n)
+            mean_audio = sum(r.audio_s for r in poisson_reqs) / len(poisson_reqs)
+            report["saturation_rps"] = sat_rps
+            report["saturation_audio_s_per_s"] = sat_audio
+            report["saturation_measure"] = measure
+            fractions = [float(x) for x in args.rate_fractions.split(",") if x.strip()]
+            if args.rates:
+                rates = [(float(x), None) for x in args.rates.split(",") if x.strip()]
+            else:
+                rates = [(round(f * sat_audio / mean_audio, 4), f) for f in fractions]
+            lone = [r for r in best if r.get("concurrency") == 1]
+            # one stream's audio-s/s: alone if measured, else its share at saturation (slower: a safe guess)
+            stream = lone[0]["throughput_audio_s_per_s"] if lone else sat_audio / max(levels)
+            for rate, fraction in rates:
+                # about n/rate seconds of arrivals, then the last ones finish (at most one more run of the longest)
+                expected = n / rate + max(r.audio_s for r in poisson_reqs) / max(stream, 1e-9)
+                if not fits(f"Poisson at {rate:g} requests/s", expected):
+                    continue
+                _log(f"(4) served, Poisson arrivals at {rate:g} requests/s, {n} requests")
+                run = served_poisson(app, work, rate, n, peaks, seed=args.seed)
+                summary = run.summary()
+                summary["offered_audio_s_per_s"] = round(rate * mean_audio, 4)
+                summary["rate_fraction_of_saturation"] = (fraction if fraction is not None
+                                                          else round(rate * mean_audio / sat_audio, 3))
+                timelines[summary["name"]] = run.timeline
+                runs.append(summary)
+        for c in order[1:-1]:
+            closed_run(c)
         report["slo"] = _slo(runs, args.ttfa_slo)
     finally:
         app.close()
+
+
+class Deadline:
+    """``--deadline-s``: seconds from now that the served runs may take. ``fits(name, expected_s)`` says
+    whether a run expected to take ``expected_s`` ends in time; one that does not is logged and listed in
+    ``skipped`` (then ``on_skip()``). No deadline, or no estimate (None), always fits."""
+
+    def __init__(self, seconds: float | None, skipped: list, on_skip=lambda: None, clock=None):
+        import time
+
+        self.clock = clock or time.monotonic
+        self.seconds, self.skipped, self.on_skip, self.start = seconds, skipped, on_skip, self.clock()
+
+    def fits(self, name: str, expected_s: float | None) -> bool:
+        if self.seconds is None or expected_s is None:
+            return True
+        left = self.seconds - (self.clock() - self.start)
+        if expected_s <= left:
+            return True
+        _log(f"(4) skipping {name}: expected to take about {expected_s:.0f} s, {left:.0f} s left "
+             "before --deadline-s")
+        self.skipped.append({"run": name, "expected_s": round(expected_s, 1), "left_s": round(left, 1)})
+        self.on_skip()
+        return False
 
 
 def _slo(runs: list[dict], multiple: float) -> dict:
@@ -407,8 +487,14 @@ def _floors(report: dict) -> dict:
         if len(by_order) > 1:
             out["engines_vs_transformers_best_batch_by_order"] = {
                 o: round(best["throughput_audio_s_per_s"] / v, 2) for o, v in sorted(by_order.items())}
-    steps = report.get("decode_steps") or []
+        # issue 21's floor names a batch (64): every engine run at the largest batch measured, by name
+        top_batch = max((r.get("batch") or 0 for r in engine_runs), default=0)
+        out[f"engines_batch{top_batch}_vs_transformers_best_batch"] = {
+            r["name"]: round(r["throughput_audio_s_per_s"] / best_hf, 2)
+            for r in engine_runs if r.get("batch") == top_batch}
+    steps = [r for r in report.get("decode_steps") or [] if "error" not in r]
     top = max((r["batch"] for r in steps), default=None)
+    # only rows whose every measured step replayed a graph (a failed capture runs those steps eagerly)
     graphed = {r["stage"]: r["wall_over_gpu"] for r in steps if r["cuda_graphs"] and r["batch"] == top}
     if graphed:
         out[f"decode_wall_over_gpu_batch{top}_graphs"] = graphed
@@ -446,7 +532,8 @@ def _served_ratios(served: float, run: dict, runs: list[dict], best_hf: float | 
     if same:
         best_same = max(same, key=lambda r: r["throughput_audio_s_per_s"])
         out["served_vs_engines_same_batch"] = {
-            "engines": best_same["name"], "ratio": round(served / best_same["throughput_audio_s_per_s"], 3)}
+            "engines": best_same["name"], "ratio": round(served / best_same["throughput_audio_s_per_s"], 3),
+            "served_max_batch": run.get("max_batch")}
     return out
 
 
@@ -463,9 +550,9 @@ def saturation_figures(run: dict) -> tuple[float, float, str]:
 class _Runs(list):
     """The runs so far; each one is saved at once, so a crash late in a long benchmark loses nothing."""
 
-    def __init__(self, report: dict, out: str | None):
+    def __init__(self, report: dict, out: str | None, ttfa_slo: float = 3.0):
         super().__init__()
-        self.report, self.out = report, out
+        self.report, self.out, self.ttfa_slo = report, out, ttfa_slo
         report["runs"] = self
 
     def append(self, run: dict) -> None:
@@ -473,9 +560,28 @@ class _Runs(list):
         _log(json.dumps(run))
         self.save()
 
+    def attempt(self, what: str, fn, *args, **kwargs) -> None:
+        """``fn(*args, **kwargs)``: a Run, whose summary is appended, or None; an exception is logged with its traceback
+        and kept in the report's ``failures`` instead of ending the benchmark."""
+        import traceback
+
+        try:
+            run = fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of one configuration: record it and go on
+            _log(f"FAILED {what}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            self.report.setdefault("failures", []).append({"what": what, "error": f"{type(exc).__name__}: {exc}"})
+            self.save()
+            return
+        if run is not None:
+            self.append(run.summary())
+
     def save(self) -> None:
+        """The report as it stands, ratios, SLO and floors included: a run cut short keeps its summaries."""
         if self.out:
             self.report["ratios"] = _ratios(self)
+            if any(r.get("mode") == "poisson" for r in self):
+                self.report["slo"] = _slo(self, self.ttfa_slo)
+            self.report["floors"] = _floors(self.report)
             Path(self.out).write_text(json.dumps(self.report, indent=2) + "\n")
 
 

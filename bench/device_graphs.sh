@@ -28,7 +28,10 @@ r = json.load(open(sys.argv[1]))
 for run in r["runs"]:
     print(f'{run["name"]:48s} {run.get("throughput_audio_s_per_s", 0):9.3f} audio-s/s')
 for row in r.get("decode_steps", []):
+    if "error" in row:
+        print(f'{row["stage"]:8s} graphs {row["setting"]}: FAILED {row["error"]}')
+        continue
     print(f'{row["stage"]:8s} b{row["batch"]:<3d} graphs={row["cuda_graphs"]!s:5s} wall {row["wall_ms"]:8.3f} ms '
           f'gpu {row["gpu_ms"]} ms ratio {row["wall_over_gpu"]} events {row["device_events_per_step"]}')
-print(json.dumps(r.get("floors"), indent=1))
+print(json.dumps({k: r.get(k) for k in ("floors", "failures")}, indent=1))
 PY

@@ -21,21 +21,39 @@ SITE="$(mktemp -d /tmp/bark-site-XXXX)"
 bash "$PACK/install.sh" "$SITE" "$PWD"   # the pack, and this checkout linked in as $SITE/bark_serve
 export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export BARK_BENCH_CACHE="${BARK_BENCH_CACHE:-/tmp/bark-bench}" RAY_TMPDIR="$(mktemp -d /tmp/bark-ray-XXXX)"
-trap 'rm -rf "$SITE" "$RAY_TMPDIR"' EXIT   # the unpacked pack (188 MB) and Ray's session files
+# On exit: Ray's and the replicas' logs (placement, graph capture, errors) kept as one file, then the unpacked
+# pack (188 MB) and Ray's session files removed.
+keep_logs() {
+  ( cd "$RAY_TMPDIR" && find . -path '*/logs/*' -type f -size -20M -print0 \
+      | tar --null -T - -cJf "$OUTDIR/ray-logs.tar.xz" ) 2>/dev/null || true
+  rm -rf "$SITE" "$RAY_TMPDIR"
+}
+trap keep_logs EXIT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 NAME="bench-$(bash bench/gpu_tag.sh)-served"   # bench-h200-served.json on an H200
 python3 -c "import ray, ray.serve, fastapi, pydantic; print('ray', ray.__version__)"
 # REUSE=FILE (bench/device_check.sh sets it): the transformers and engine runs come from issue 21's report,
 # written minutes before in the same call on the same machine (--reuse-runs), instead of being run again.
+# MISSING=hf,engines (device_check.sh, from that report): the parts it lacks, run here instead.
+BASELINES=(--hf-requests 2 --hf-batches 64 --hf-orders sorted --engine-batches 64 --engine-requests 64)
 if [ -n "${REUSE:-}" ]; then
-  FIRST=(--skip hf,engines,offline --reuse-runs "$REUSE")
+  SKIP=offline
+  for part in hf engines; do
+    case ",${MISSING:-}," in *",$part,"*) ;; *) SKIP="$SKIP,$part" ;; esac
+  done
+  FIRST=(--skip "$SKIP" --reuse-runs "$REUSE" "${BASELINES[@]}")
 else
-  FIRST=(--skip offline --hf-requests 2 --hf-batches 64 --hf-orders sorted --engine-batches 64 --engine-requests 64)
+  FIRST=(--skip offline "${BASELINES[@]}")
 fi
-timeout "${SERVED_TIMEOUT:-560}" python3 -m bark_serve.bench.cli --device "${DEVICE:-cuda}" --size "${SIZE:-small}" \
+# The served runs come in the order the floors need them (c1, c64, Poisson 0.7, 0.5, 0.9, then c16), and
+# --deadline-s skips a run expected to end past the timeout (the bench's start, GEMM peaks and app stop take
+# the other 60 s); timeout -k: a bench that ignores SIGTERM is killed 20 s later, well inside the call.
+TIMEOUT="${SERVED_TIMEOUT:-560}"
+timeout -k 20 "$TIMEOUT" python3 -m bark_serve.bench.cli --device "${DEVICE:-cuda}" --size "${SIZE:-small}" \
   --dtype bfloat16 \
   --profile single-gpu "${FIRST[@]}" \
-  --concurrency 1,16,64 --served-requests 32,1=4,64=192 --rate-fractions 0.5,0.7,0.9 --gemm-seconds 1 \
+  --concurrency 1,16,64 --served-requests 32,1=4,64=192 --rate-fractions 0.7,0.5,0.9 --gemm-seconds 1 \
+  --deadline-s $((TIMEOUT - 60)) \
   --plots "$OUTDIR/img" --out "$OUTDIR/$NAME.json" 2> >(tee "$OUTDIR/$NAME.log" >&2) \
   >/dev/null
 python3 - "$OUTDIR/$NAME.json" <<'PY'
@@ -44,5 +62,5 @@ r = json.load(open(sys.argv[1]))
 for run in r["runs"]:
     print(f'{run["name"]:48s} n={run.get("requests")} {run.get("throughput_audio_s_per_s", 0):9.3f} audio-s/s '
           f'ttfa p95 {run.get("ttfa_p95_s")}')
-print(json.dumps({"slo": r.get("slo"), "floors": r.get("floors")}, indent=1))
+print(json.dumps({k: r.get(k) for k in ("slo", "floors", "skipped", "failures")}, indent=1))
 PY

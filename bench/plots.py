@@ -47,9 +47,13 @@ def _series(report: dict) -> dict[str, list[tuple[float, dict]]]:
         if r.get("mode") == "closed":
             fams.setdefault("served (closed loop)", []).append((r["concurrency"], r))
         elif r["name"].startswith("engines_"):
-            fams.setdefault("engines in process", []).append((r["batch"], r))
+            # one line per cuda_graphs setting and admission order: mixed, the line would zigzag at each batch
+            graphs = {"on": ", CUDA graphs", "off": ", eager"}.get(str(r.get("cuda_graphs")), "")
+            order = f", {r['order']} order" if r.get("order") not in (None, "longest") else ""
+            fams.setdefault(f"engines in process{graphs}{order}", []).append((r["batch"], r))
         elif r["name"].startswith("transformers_batch"):
-            fams.setdefault("transformers static batch", []).append((r["batch"], r))
+            sorted_ = ", sorted segments" if r.get("order") == "sorted" else ""
+            fams.setdefault(f"transformers static batch{sorted_}", []).append((r["batch"], r))
         elif r["name"].startswith("transformers_sequential"):
             fams.setdefault("transformers sequential", []).append((1, r))
     return {k: sorted(v, key=lambda p: p[0]) for k, v in fams.items()}

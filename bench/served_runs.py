@@ -89,6 +89,18 @@ class ServedApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.handles = {s: serve.get_deployment_handle(DEPLOYMENT_NAMES[s], app_name=self.cfg.app_name)
                         for s in STAGES}
+        # one unmeasured request through every stage: a device's lazy set-up (cuBLAS handles, the codec's
+        # first kernels, which no graph capture warmed) falls on it, not on the lone run's first request
+        self.warmup_s = _warm_up(self.url)
+
+    def describe(self) -> dict:
+        """What the runs were measured on, per stage: the config block it ran with and, from each replica,
+        its device and memory, Ray placement (pool, GPU share, GPU ids), capacity and CUDA graph capture."""
+        stats = self.stats()
+        return {"warmup_request_s": self.warmup_s,
+                "stages": {s: {"config": self.cfg.stage(s).model_dump(mode="json"),
+                               **{k: stats[s].get(k) for k in ("device", "graphs", "capacity", "weight_bytes", "pid")}}
+                           for s in STAGES}}
 
     def stats(self) -> dict[str, dict]:
         return {s: h.stats.remote().result() for s, h in self.handles.items()}
@@ -110,6 +122,15 @@ class Outcome:
     audio_s: float
     sent_at: float  # epoch seconds
     segments: list[dict] = field(default_factory=list)  # per chunk: stage -> queued_at/started/finished
+
+
+def _warm_up(url: str) -> float | None:
+    """Seconds one short request took (None if it failed: the runs will say why)."""
+    try:
+        return round(_stream(url, BenchRequest(("Warm up.",), None, 16)).latency_s, 3)
+    except httpx.HTTPError as exc:
+        print(f"[bench] warm-up request failed: {exc}", flush=True)
+        return None
 
 
 def _one(url: str, req: BenchRequest) -> Outcome | None:
@@ -165,6 +186,36 @@ def steady_window(outcomes: list[Outcome], concurrency: int) -> dict | None:
             "requests_per_s": round(concurrency * len(outcomes) / latency, 4)}
 
 
+def hops(outcomes: list[Outcome]) -> dict:
+    """Where a served segment's time goes between the stages' steps, from the timestamps each chunk carries:
+    per stage the wait in its queue (started - queued_at) and, from one stage to the next, the hop (the next
+    stage's queued_at - this one's finished: the Ray call, the orchestrator and the transfer); p50, p95 and
+    mean in ms over every segment of the run."""
+    import numpy as np
+
+    waits: dict[str, list[float]] = {s: [] for s in STAGES}
+    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STAGES, STAGES[1:])}
+    for o in outcomes:
+        for seg in o.segments:
+            for s in STAGES:
+                t = seg.get(s)
+                if t:
+                    waits[s].append(t["started"] - t["queued_at"])
+            for a, b in zip(STAGES, STAGES[1:]):
+                if seg.get(a) and seg.get(b):
+                    gaps[f"{a}->{b}"].append(seg[b]["queued_at"] - seg[a]["finished"])
+
+    def figures(values: list[float]) -> dict | None:
+        if not values:
+            return None
+        ms = np.asarray(values) * 1e3
+        return {"p50_ms": round(float(np.percentile(ms, 50)), 2), "p95_ms": round(float(np.percentile(ms, 95)), 2),
+                "mean_ms": round(float(ms.mean()), 2), "n": len(values)}
+
+    return {"queue_wait": {s: figures(v) for s, v in waits.items()},
+            "hop": {k: figures(v) for k, v in gaps.items()}}
+
+
 def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dict, submit,
              concurrency: int | None = None) -> Run:
     """Run ``submit(requests) -> outcomes`` and turn the outcomes and the replicas' counters into a Run
@@ -188,6 +239,7 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     run.extra["peak_rss_mb_per_replica"] = {s: round(after[s]["peak_rss_bytes"] / 2**20, 1) for s in STAGES}
     run.extra["kv"] = {s: after[s]["kv"] for s in STAGES if after[s].get("kv")}
     run.extra["cores"] = core_leases(before, after)
+    run.extra["hops"] = hops(ok)
     run.timeline = [{"sent_at": o.sent_at, "ttfa_s": o.ttfa_s, "segments": o.segments} for o in ok]  # not in summary
     if concurrency is not None and len(ok) == len(outcomes):  # a failed request would leave a client idle
         run.extra["steady"] = steady_window(ok, concurrency)

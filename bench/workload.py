@@ -173,6 +173,7 @@ def stage_efficiency(totals: dict[str, dict], peaks: dict[str, float], dtypes: d
         row = {"busy_s": round(t.get("step_s", 0.0), 3), "steps": int(t.get("steps", 0)), "dtype": dtypes.get(stage)}
         if wall_s:
             row["busy_frac"] = round(t.get("step_s", 0.0) / wall_s, 3)
+        row.update(step_figures(t))
         for part, flops_key, time_key in (("prefill", "prefill_flops", "prefill_s"),
                                           ("decode", "decode_flops", "decode_s"),
                                           ("window", "window_flops", "step_s")):
@@ -183,6 +184,20 @@ def stage_efficiency(totals: dict[str, dict], peaks: dict[str, float], dtypes: d
                 row[f"{part}_tflops"] = round(tflops, 4)
                 row[f"{part}_frac_of_peak_{dtypes.get(stage)}"] = round(tflops / peaks[dtypes[stage]], 3)
         out[stage] = row
+    return out
+
+
+def step_figures(t: dict) -> dict:
+    """Where a stage's step time goes, from its engine's totals: mean wall ms per step (host time included),
+    mean rows per step (how full its batches ran), mean ms of a decode-only step (no prefill or window
+    re-prefill rows in it) and the share of steps that replayed a CUDA graph."""
+    steps = t.get("steps", 0.0)
+    if not steps:
+        return {}
+    out = {"step_ms": round(1e3 * t.get("step_s", 0.0) / steps, 3), "mean_rows": round(t.get("batch", 0.0) / steps, 2),
+           "graph_step_frac": round(t.get("graph_steps", 0.0) / steps, 3)}
+    if t.get("decode_only_steps"):
+        out["decode_only_ms"] = round(1e3 * t.get("decode_only_s", 0.0) / t["decode_only_steps"], 3)
     return out
 
 

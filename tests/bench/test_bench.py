@@ -48,6 +48,8 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert {(r["stage"], r["setting"]) for r in steps} == {(s, g) for s in ("semantic", "coarse", "fine")
                                                            for g in ("off", "on")}
     assert all(r["batch"] == 2 and r["wall_ms"] > 0 and r["gpu_ms"] is None and not r["cuda_graphs"] for r in steps)
+    assert all(r["replayed_steps"] == 0 and r["copy_ms"] is None and "error" not in r for r in steps)
+    assert "failures" not in report
     assert report["floors"]["engines_vs_transformers_best_batch"] > 0
     assert any(n.startswith("served_concurrency2") for n in names)
     for run in report["runs"]:
@@ -59,6 +61,22 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     assert set(served["stages"]) == {"semantic", "coarse", "fine", "codec"}
     assert served["stages"]["fine"]["window_tflops"] > 0 and served["stages"]["coarse"]["prefill_tflops"] > 0
     assert 0 < served["stages"]["coarse"]["busy_frac"] <= 1.5  # step time / wall (two replicas may overlap)
+    for stage, row in served["stages"].items():  # where the time goes: step length, batch fill, graph replays
+        assert row["step_ms"] > 0 and 1 <= row["mean_rows"] <= served["max_batch"][stage], (stage, row)
+        assert row["graph_step_frac"] == 0.0  # CPU: no graph replays
+    assert served["hops"]["hop"]["semantic->coarse"]["n"] == served["segments"]
+    assert all(v["p95_ms"] >= v["p50_ms"] >= 0 for v in served["hops"]["queue_wait"].values())
+    app = report["served_app"]  # what the served runs ran on, per stage
+    assert app["warmup_request_s"] > 0
+    assert set(app["stages"]) == {"semantic", "coarse", "fine", "codec"}
+    assert app["stages"]["fine"]["config"]["max_batch"] == 1 and app["stages"]["semantic"]["capacity"] == 2
+    assert app["stages"]["semantic"]["device"]["device"] == "cpu"
+    # the served runs in the order the floors need: the lone loop, the saturating one, then the Poisson rates
+    served_names = [n for n in names if n.startswith("served_")]
+    assert served_names[0].startswith("served_concurrency1_") and served_names[1].startswith("served_concurrency2_")
+    assert all(n.startswith("served_poisson") for n in served_names[2:])
+    assert set(report["timelines"]) == set(served_names)  # every served run keeps its timeline
+    assert report["skipped"] == []
     assert 0 < served["roofline"]["frac_of_roofline"] < 1 and served["roofline"]["roofline_audio_s_per_s"] > 0
     assert all(v > 0 for v in served["peak_rss_mb_per_replica"].values())
     kv = served["kv"]["semantic"]
@@ -80,7 +98,12 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     steady = floors["served_steady"]
     assert steady["served_audio_s_per_s"] == max(r["steady"]["throughput_audio_s_per_s"] for r in closed)
     assert steady["served_vs_transformers_best_batch"] > 0 and 0 < steady["served_frac_of_roofline"] < 1
-    assert report["saturation_rps"] == max(r["steady"]["requests_per_s"] for r in closed)
+    saturating = max(closed, key=lambda r: r["steady"]["throughput_audio_s_per_s"])
+    assert report["saturation_audio_s_per_s"] == saturating["steady"]["throughput_audio_s_per_s"]
+    assert report["saturation_rps"] == saturating["steady"]["requests_per_s"]
+    for run in poisson:  # the rates are fractions of that audio throughput, offered as the runs' own requests
+        assert run["offered_audio_s_per_s"] == pytest.approx(
+            run["rate_fraction_of_saturation"] * report["saturation_audio_s_per_s"], rel=2e-3)
     assert report["dtype"] in report["gemm_peak_tflops"]  # auto: the dtype with the faster measured peak
     assert f"served_concurrency2_{report['dtype']}_vs_transformers_sequential" in report["ratios"]
     drawn = sorted(p.name for p in plots.iterdir())
@@ -158,6 +181,70 @@ def test_a_closed_loops_steady_figures_follow_littles_law():
     assert saturation_figures(whole) == (0.5, 0.2, "whole run")
     assert saturation_figures({**whole, "steady": steady}) == (steady["throughput_audio_s_per_s"],
                                                                steady["requests_per_s"], "steady")
+
+
+def test_hops_say_how_long_segments_waited_in_queues_and_between_stages():
+    from bark_serve.bench.served_runs import Outcome, hops
+
+    def seg(t0: float, wait: float, hop: float) -> dict:  # each stage: queued, waits, runs 1 s, then a hop
+        out, t = {}, t0
+        for stage in ("semantic", "coarse", "fine", "codec"):
+            out[stage] = {"queued_at": t, "started": t + wait, "finished": t + wait + 1.0}
+            t += wait + 1.0 + hop
+        return out
+
+    outcomes = [Outcome(9.0, 1.0, 3.0, 0.0, [seg(0.0, 0.1, 0.01), seg(5.0, 0.3, 0.03)]),
+                Outcome(9.0, 1.0, 3.0, 0.0, [seg(2.0, 0.2, 0.02)])]
+    h = hops(outcomes)
+    assert set(h["queue_wait"]) == {"semantic", "coarse", "fine", "codec"}
+    assert h["queue_wait"]["coarse"] == {"p50_ms": 200.0, "p95_ms": pytest.approx(290.0), "mean_ms": 200.0, "n": 3}
+    assert set(h["hop"]) == {"semantic->coarse", "coarse->fine", "fine->codec"}
+    assert h["hop"]["fine->codec"]["p50_ms"] == pytest.approx(20.0) and h["hop"]["fine->codec"]["n"] == 3
+    assert hops([])["hop"]["semantic->coarse"] is None  # no segment: no figure, not a zero
+
+
+def test_step_figures_say_how_full_and_how_long_a_stages_steps_were():
+    from bark_serve.bench.workload import step_figures
+
+    totals = {"steps": 10.0, "step_s": 0.5, "batch": 320.0, "graph_steps": 8.0, "decode_only_steps": 8.0,
+              "decode_only_s": 0.32}
+    assert step_figures(totals) == {"step_ms": 50.0, "mean_rows": 32.0, "graph_step_frac": 0.8,
+                                    "decode_only_ms": 40.0}
+    assert step_figures({}) == {}
+
+
+def test_a_failing_configuration_is_recorded_and_the_others_still_run(tmp_path):
+    import json
+
+    from bark_serve.bench.cli import _Runs
+    from bark_serve.bench.workload import Run
+
+    report: dict = {"runs": []}
+    runs = _Runs(report, str(tmp_path / "r.json"))
+
+    def boom():
+        raise RuntimeError("CUDA graph capture failed")
+
+    runs.attempt("engines batch 64", boom)
+    runs.attempt("engines batch 16", lambda: Run("engines_batch16_x", [1.0], [0.5], 2.0, 1.0))
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["failures"] == [{"what": "engines batch 64", "error": "RuntimeError: CUDA graph capture failed"}]
+    assert [r["name"] for r in saved["runs"]] == ["engines_batch16_x"]
+    assert "floors" in saved and "ratios" in saved  # saved after each run: a run cut short keeps its summaries
+
+
+def test_a_deadline_skips_runs_that_would_end_past_it():
+    from bark_serve.bench.cli import Deadline
+
+    now = [100.0]
+    skipped: list = []
+    saves = []
+    d = Deadline(60.0, skipped, lambda: saves.append(1), clock=lambda: now[0])
+    assert d.fits("c1", None)  # no estimate: run it
+    now[0] = 130.0  # 30 s left
+    assert d.fits("c64", 25.0) and not d.fits("Poisson 0.9", 45.0)
+    assert skipped == [{"run": "Poisson 0.9", "expected_s": 45.0, "left_s": 30.0}] and saves == [1]
+    assert Deadline(None, [], clock=lambda: now[0]).fits("anything", 1e9)
 
 
 def test_per_stage_values_parse_with_a_default():
