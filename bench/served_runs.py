@@ -240,6 +240,13 @@ def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dic
     run.extra["kv"] = {s: after[s]["kv"] for s in STAGES if after[s].get("kv")}
     run.extra["cores"] = core_leases(before, after)
     run.extra["hops"] = hops(ok)
+    if ok:  # did the run end on one long request? (a long text's segments follow one another)
+        t0 = min(o.sent_at for o in ok)
+        last = max(ok, key=lambda o: o.sent_at + o.latency_s)
+        run.extra["last_request"] = {"latency_s": round(last.latency_s, 3), "audio_s": round(last.audio_s, 3),
+                                     "segments": len(last.segments),
+                                     "share_of_wall": round(last.latency_s / wall, 3) if wall else None,
+                                     "sent_after_s": round(last.sent_at - t0, 3)}
     run.timeline = [{"sent_at": o.sent_at, "ttfa_s": o.ttfa_s, "segments": o.segments} for o in ok]  # not in summary
     if concurrency is not None and len(ok) == len(outcomes):  # a failed request would leave a client idle
         run.extra["steady"] = steady_window(ok, concurrency)

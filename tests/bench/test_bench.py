@@ -66,6 +66,8 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
         assert row["graph_step_frac"] == 0.0  # CPU: no graph replays
     assert served["hops"]["hop"]["semantic->coarse"]["n"] == served["segments"]
     assert all(v["p95_ms"] >= v["p50_ms"] >= 0 for v in served["hops"]["queue_wait"].values())
+    last = served["last_request"]  # the request the run ended with: its share of the wall time
+    assert 0 < last["share_of_wall"] <= 1.0 and last["segments"] >= 1 and last["latency_s"] > 0
     app = report["served_app"]  # what the served runs ran on, per stage
     assert app["warmup_request_s"] > 0
     assert set(app["stages"]) == {"semantic", "coarse", "fine", "codec"}
