@@ -45,7 +45,11 @@ reports = {kind: glob.glob(f"{sys.argv[1]}/bench-*-{kind}.json") for kind in ("g
 missing = [kind for kind, found in reports.items() if not found]
 if missing:
     sys.exit(f"device_rehearsal: no {' or '.join(missing)} report in {sys.argv[1]}: see the logs there")
-runs = [run for path in reports["served"] for run in json.load(open(path))["runs"] if run["name"].startswith("served")]
+loaded = {path: json.load(open(path)) for found in reports.values() for path in found}
+broken = {path: r.get("failures") or r.get("skipped") for path, r in loaded.items() if r.get("failures") or r.get("skipped")}
+if broken:  # a configuration that failed or was skipped for time: the device call would lose it too
+    sys.exit(f"device_rehearsal: failed or skipped configurations: {json.dumps(broken)}")
+runs = [run for path in reports["served"] for run in loaded[path]["runs"] if run["name"].startswith("served")]
 failed = sum(run.get("failed_requests", 0) for run in runs)
 if not runs or failed:
     sys.exit(f"device_rehearsal: {len(runs)} served runs, {failed} failed requests")
