@@ -187,23 +187,33 @@ def steady_window(outcomes: list[Outcome], concurrency: int) -> dict | None:
 
 
 def hops(outcomes: list[Outcome]) -> dict:
-    """Where a served segment's time goes between the stages' steps, from the timestamps each chunk carries:
-    per stage the wait in its queue (started - queued_at) and, from one stage to the next, the hop (the next
-    stage's queued_at - this one's finished: the Ray call, the orchestrator and the transfer); p50, p95 and
-    mean in ms over every segment of the run."""
+    """Where a served segment's time goes between the stages' steps, from the timestamps each chunk carries
+    (p50, p95 and mean in ms, and n):
+
+    - ``queue_wait``: per stage, every segment's wait in that stage's queue (started - queued_at);
+    - ``hop``: from one stage to the next, the next stage's queued_at - this one's finished, over each
+      request's *first* segment: the Ray call, the orchestrator and the transfer, nothing else (a later
+      segment of a long text also waits there for the previous segment's tokens, its voice history, and for
+      a place in the request's window of segments in flight);
+    - ``handoff``: the same over every segment, those waits included."""
     import numpy as np
 
     waits: dict[str, list[float]] = {s: [] for s in STAGES}
-    gaps: dict[str, list[float]] = {f"{a}->{b}": [] for a, b in zip(STAGES, STAGES[1:])}
+    pairs = [f"{a}->{b}" for a, b in zip(STAGES, STAGES[1:])]
+    first: dict[str, list[float]] = {k: [] for k in pairs}
+    every: dict[str, list[float]] = {k: [] for k in pairs}
     for o in outcomes:
-        for seg in o.segments:
+        for i, seg in enumerate(o.segments):
             for s in STAGES:
                 t = seg.get(s)
                 if t:
                     waits[s].append(t["started"] - t["queued_at"])
-            for a, b in zip(STAGES, STAGES[1:]):
+            for key, (a, b) in zip(pairs, zip(STAGES, STAGES[1:])):
                 if seg.get(a) and seg.get(b):
-                    gaps[f"{a}->{b}"].append(seg[b]["queued_at"] - seg[a]["finished"])
+                    gap = seg[b]["queued_at"] - seg[a]["finished"]
+                    every[key].append(gap)
+                    if i == 0:
+                        first[key].append(gap)
 
     def figures(values: list[float]) -> dict | None:
         if not values:
@@ -213,7 +223,8 @@ def hops(outcomes: list[Outcome]) -> dict:
                 "mean_ms": round(float(ms.mean()), 2), "n": len(values)}
 
     return {"queue_wait": {s: figures(v) for s, v in waits.items()},
-            "hop": {k: figures(v) for k, v in gaps.items()}}
+            "hop": {k: figures(v) for k, v in first.items()},
+            "handoff": {k: figures(v) for k, v in every.items()}}
 
 
 def _measure(app: ServedApp, name: str, requests: list[BenchRequest], peaks: dict, submit,

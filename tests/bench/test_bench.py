@@ -64,7 +64,8 @@ def test_bench_runs_every_configuration_and_draws_its_plots(tiny_ckpt, tmp_path)
     for stage, row in served["stages"].items():  # where the time goes: step length, batch fill, graph replays
         assert row["step_ms"] > 0 and 1 <= row["mean_rows"] <= served["max_batch"][stage], (stage, row)
         assert row["graph_step_frac"] == 0.0  # CPU: no graph replays
-    assert served["hops"]["hop"]["semantic->coarse"]["n"] == served["segments"]
+    assert served["hops"]["handoff"]["semantic->coarse"]["n"] == served["segments"]
+    assert served["hops"]["hop"]["semantic->coarse"]["n"] == served["requests"]
     assert all(v["p95_ms"] >= v["p50_ms"] >= 0 for v in served["hops"]["queue_wait"].values())
     last = served["last_request"]  # the request the run ended with: its share of the wall time
     assert 0 < last["share_of_wall"] <= 1.0 and last["segments"] >= 1 and last["latency_s"] > 0
@@ -195,13 +196,17 @@ def test_hops_say_how_long_segments_waited_in_queues_and_between_stages():
             t += wait + 1.0 + hop
         return out
 
-    outcomes = [Outcome(9.0, 1.0, 3.0, 0.0, [seg(0.0, 0.1, 0.01), seg(5.0, 0.3, 0.03)]),
+    # request 1: two segments, the second one's hops long (it waited for the first one's tokens)
+    outcomes = [Outcome(9.0, 1.0, 3.0, 0.0, [seg(0.0, 0.1, 0.01), seg(5.0, 0.3, 2.0)]),
                 Outcome(9.0, 1.0, 3.0, 0.0, [seg(2.0, 0.2, 0.02)])]
     h = hops(outcomes)
     assert set(h["queue_wait"]) == {"semantic", "coarse", "fine", "codec"}
     assert h["queue_wait"]["coarse"] == {"p50_ms": 200.0, "p95_ms": pytest.approx(290.0), "mean_ms": 200.0, "n": 3}
-    assert set(h["hop"]) == {"semantic->coarse", "coarse->fine", "fine->codec"}
-    assert h["hop"]["fine->codec"]["p50_ms"] == pytest.approx(20.0) and h["hop"]["fine->codec"]["n"] == 3
+    assert set(h["hop"]) == set(h["handoff"]) == {"semantic->coarse", "coarse->fine", "fine->codec"}
+    # hop: first segments only (the Ray call alone); handoff: every segment, the chained one's wait included
+    assert h["hop"]["fine->codec"]["n"] == 2 and h["hop"]["fine->codec"]["mean_ms"] == pytest.approx(15.0)
+    assert h["handoff"]["fine->codec"]["n"] == 3 and h["handoff"]["fine->codec"]["p50_ms"] == pytest.approx(20.0)
+    assert h["handoff"]["fine->codec"]["mean_ms"] == pytest.approx((10 + 2000 + 20) / 3, rel=1e-3)
     assert hops([])["hop"]["semantic->coarse"] is None  # no segment: no figure, not a zero
 
 
