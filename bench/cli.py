@@ -401,6 +401,7 @@ def _served(args, model, work, dtype, device, peaks, runs, report) -> None:
             report["saturation_audio_s_per_s"] = sat_audio
             report["saturation_measure"] = measure
             fractions = [float(x) for x in args.rate_fractions.split(",") if x.strip()]
+            rates: list[tuple[float, float | None]]  # (requests/s, fraction of the capacity when asked as one)
             if args.rates:
                 rates = [(float(x), None) for x in args.rates.split(",") if x.strip()]
             else:

@@ -15,7 +15,7 @@ from bark_serve.stages.text import TextTooLongError
 from bark_serve.stages.types import CheckpointError, CloningUnavailable, InvalidRequestError, RequestCrashedStage
 from bark_serve.stages.voices import UnknownVoiceError
 
-from .scheduler import QueueFull, StageError
+from .scheduler import QueueFull, ReplicaPoisoned, StageError
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
 
@@ -94,6 +94,9 @@ def to_api_error(exc: BaseException, retry_after: int = 2) -> APIError:
     if isinstance(exc, (RayActorError, ReplicaUnavailableError)):  # a stage replica died (Serve restarts it)
         log.warning("stage replica lost: %s", type(exc).__name__)
         return overloaded("a pipeline stage replica was lost and is restarting; retry shortly", retry_after)
+    if isinstance(exc, ReplicaPoisoned):  # a stage replica's GPU broke (Serve replaces it): the retries hit it
+        log.warning("stage replica unusable: %s", exc)
+        return overloaded("a pipeline stage replica failed and is being replaced; retry shortly", retry_after)
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
         return APIError(504, "the request took longer than the server's timeout", "timeout", "server_error")
     if isinstance(exc, CheckpointError):  # a broken deployment, not a bad request: never a 4xx

@@ -14,7 +14,12 @@ How this works:
   ``batch_wait_s`` so that a burst is admitted together;
 - a bad request fails alone (``admit`` raises, or its result carries an
   error); if a whole step fails, the requests it held fail and the loop goes
-  on: the replica never dies for a request;
+  on: the replica never dies for a request. Unless the device is gone: after
+  a failed step the engine's device is probed (in the step thread), and if
+  the probe fails too (a sticky CUDA error) the scheduler is ``poisoned``: it
+  admits nothing more, queued and new requests fail with ``ReplicaPoisoned``
+  (retryable elsewhere), and the replica's health check fails so that Serve
+  replaces it;
 - a caller that goes away (cancelled await) has its request dropped from the
   queue or cancelled in the engine between two steps.
 """
@@ -45,6 +50,12 @@ class StageError(RuntimeError):
     """The engine failed while it held this request (not the request's fault)."""
 
 
+class ReplicaPoisoned(StageError):
+    """This replica's device is unusable (a step failed and so did the device probe after it: a sticky CUDA
+    error, which fails every later call of the process). The request did not run here; another replica can
+    run it, and Serve replaces this one (its health check fails)."""
+
+
 @dataclass(frozen=True)
 class StageOutput:
     """A finished request: the engine's output and when the stage worked on it (wall-clock seconds)."""
@@ -68,8 +79,12 @@ class _Entry:
 
 class StageScheduler:
     def __init__(self, engine, max_queue: int = 1024, batch_wait_s: float = 0.002,
-                 metrics: NullStageMetrics = NullStageMetrics(), alone_hook=None, cores=None):
+                 metrics: NullStageMetrics = NullStageMetrics(), alone_hook=None, cores=None, probe=None):
         self.engine = engine
+        # probe() raises if the engine's device can no longer run anything; run in the step thread after a
+        # failed step. Default: the engine's ``probe_device`` (stages/engine.py: CUDA only), if it has one.
+        self.probe = probe if probe is not None else getattr(engine, "probe_device", None)
+        self.poisoned: str | None = None  # why the device is unusable (then nothing more is admitted)
         self.cores = cores  # a cluster.cores.CoreBudget, or None: steps run on the engine's own threads
         # alone_hook(request_id, True) when an isolated request goes into the engine alone, (request_id, False)
         # once it is out: what tells a caller whose replica died whether its request was the one running
@@ -124,6 +139,8 @@ class StageScheduler:
             priority = Priority(priority)
         except ValueError:
             raise InvalidRequestError(f"priority must be one of {', '.join(p.value for p in Priority)}") from None
+        if self.poisoned:
+            raise self._poisoned_error()
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.engine.name} queue is full ({self.max_queue} waiting)")
         self.start()
@@ -159,9 +176,12 @@ class StageScheduler:
             t0 = time.perf_counter()
             try:
                 results = await loop.run_in_executor(self._executor, self._step)
-            except Exception as exc:  # the engine broke: fail what it held, keep serving
+            except Exception as exc:  # the engine broke: fail what it held, keep serving (if its device works)
                 log.exception("%s step failed; failing %d held requests", self.engine.name, len(self._held))
+                await self._probe_device(loop, exc)
                 self._fail_held(exc)
+                if self.poisoned:
+                    self._fail_queued()
                 continue
             finally:
                 self.busy_s += time.perf_counter() - t0
@@ -219,6 +239,34 @@ class StageScheduler:
             entry.future.set_result(StageOutput(res.output, entry.queued_at, started, now))
         else:
             entry.future.set_exception(res.error if isinstance(res.error, Exception) else StageError(str(res.error)))
+
+    async def _probe_device(self, loop: asyncio.AbstractEventLoop, exc: Exception) -> None:
+        """After a failed step: can the device still run work? Asked in the step thread, where the engine's
+        CUDA work runs. A device-side assert, an illegal memory access or a launch failure leaves the process's
+        CUDA context unusable: every later admit and step fails, yet the loop lives on, so without this the
+        replica failed every request ("could not admit") while its health check passed."""
+        if self.probe is None:
+            return
+        try:
+            await loop.run_in_executor(self._executor, self.probe)
+        except Exception as probe_exc:
+            self.poisoned = f"{type(exc).__name__}: {exc} (then the device probe: {type(probe_exc).__name__}: " \
+                            f"{probe_exc})"
+            log.error("%s: the device is unusable after a failed step; refusing requests until Serve replaces "
+                      "this replica: %s", self.engine.name, self.poisoned)
+
+    def _poisoned_error(self) -> ReplicaPoisoned:
+        return ReplicaPoisoned(f"{self.engine.name} replica's device is unusable, the replica is being replaced: "
+                               f"{self.poisoned}")
+
+    def _fail_queued(self) -> None:
+        """A poisoned replica's queue: every waiting request fails at once, retryable elsewhere."""
+        while self._queue:
+            entry = heapq.heappop(self._queue)
+            if not entry.future.done():
+                entry.future.set_exception(self._poisoned_error())
+                self.metrics.request_done(time.time() - entry.queued_at, ok=False)
+        self.metrics.queue_length(0)
 
     def _fail_held(self, exc: Exception) -> None:
         for rid, entry in list(self._held.items()):

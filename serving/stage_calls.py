@@ -5,7 +5,11 @@ again, at most ``STAGE_RETRIES`` times with a short backoff: a stage call is
 idempotent (its tokens come from the request's own seed), and Serve routes
 the retry to a live replica or holds it until the restarted one is up. When
 the retries are spent, the Ray error goes up and the client gets 503 with
-Retry-After (serving/errors.py).
+Retry-After (serving/errors.py). A call refused by a replica whose device
+broke (``ReplicaPoisoned``, serving/scheduler.py) is sent again the same way,
+though not isolated (it never ran); Serve takes that replica out only after
+its health checks fail (3 in a row, 10 s apart by default), so with one
+replica the retries meet it again and the client gets that 503.
 
 Quarantine: a retry runs *isolated*, alone in its replica's engine (every request
 that was in the dead replica's batch is retried that way, one at a time). The replica
@@ -30,6 +34,8 @@ from bark_serve.stages.voices import VoiceLibrary
 from bark_serve.stages.weights import Checkpoint
 
 from .config import BarkConfig
+from .errors import unwrap
+from .scheduler import ReplicaPoisoned
 from .synthesis import Synthesizer
 
 log = logging.getLogger("ray.serve")  # shows in the replica logs
@@ -44,6 +50,12 @@ def replica_lost(exc: BaseException) -> bool:
     from ray.serve.exceptions import ReplicaUnavailableError
 
     return isinstance(exc, (RayActorError, ReplicaUnavailableError))
+
+
+def replica_poisoned(exc: BaseException) -> bool:
+    """Did a replica whose device broke refuse the call (``ReplicaPoisoned``: the request did not run; Serve
+    replaces that replica once its health check fails, and another replica may take the call meanwhile)?"""
+    return isinstance(unwrap(exc), ReplicaPoisoned)
 
 
 KV_NAMESPACE = "bark_serve"
@@ -103,7 +115,8 @@ def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_B
             try:
                 return await handles[stage].run.remote(request, priority, isolated)
             except Exception as exc:
-                if not replica_lost(exc):
+                refused = replica_poisoned(exc)
+                if not (refused or replica_lost(exc)):
                     raise
                 if isolated and died_running(exc) and await was_alone(stage, request.request_id):
                     log.error("%s: request %s was running alone when its replica died, as before; it is "
@@ -112,10 +125,11 @@ def retrying_call(handles: dict, retries: int = STAGE_RETRIES, backoff_s=RETRY_B
                                               "running alone); it is not retried") from None
                 if attempt >= retries:
                     raise
-                isolated = True
+                isolated = isolated or not refused  # a poisoned replica refused it: it ran nowhere, no suspect
                 delay = backoff_s[min(attempt, len(backoff_s) - 1)]
-                log.warning("%s replica lost during %s (%s); retry %d/%d, alone, in %.1f s", stage,
-                            request.request_id, type(exc).__name__, attempt + 1, retries, delay)
+                log.warning("%s replica %s during %s (%s); retry %d/%d%s in %.1f s", stage,
+                            "unusable" if refused else "lost", request.request_id, type(exc).__name__,
+                            attempt + 1, retries, ", alone," if isolated else "", delay)
                 await asyncio.sleep(delay)
 
     return call

@@ -145,9 +145,12 @@ class StageServer:
         return {**device_report(str(self.engine.device)), **ray_placement()}
 
     async def ready(self) -> bool:
-        return True
+        return not self.scheduler.poisoned
 
     async def check_health(self) -> None:
-        """Serve's health check: the replica is unhealthy if its batching loop died."""
+        """Serve's health check: the replica is unhealthy if its batching loop died or its device is unusable
+        (a sticky CUDA error: serving/scheduler.py), so that Serve replaces it."""
+        if self.scheduler.poisoned:
+            raise RuntimeError(f"{self.stage} device unusable: {self.scheduler.poisoned}")
         if self.scheduler.steps and not self.scheduler.alive:
             raise RuntimeError(f"{self.stage} batching loop stopped")

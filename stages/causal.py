@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from .engine import EngineOptions, StageEngine
+from .engine import EngineOptions, PartTimer, StageEngine
 from .flops import Shape, decode_flops, prefill_flops
 from .graphs import StepGraphs, buckets_for, fit, spans_for, use_graphs
 from .modeling import CausalLM, SlotKVCache
@@ -72,6 +72,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
         self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
         self._work: dict[str, float] = {}
+        self._timer = PartTimer(self.device)  # decode_s and prefill_s (CUDA events on a GPU)
         self.decode_graphs: StepGraphs | None = None
         self.prefill_graphs: StepGraphs | None = None
         if self.fixed_shape:
@@ -92,11 +93,11 @@ class CausalEngine(StageEngine[CausalRequestT]):
                                              f"{self.name} decode")
         self.prefill_graphs = StepGraphs.grid(self._prefill_fixed, [self.row_buckets, self.prompt_lengths],
                                               self.device, f"{self.name} prefill")
-        if self.device.type == "cuda":
-            pool = torch.cuda.graph_pool_handle()
+        if self.device.type == "cuda":  # one pool, so one capture stream (StepGraphs.capture)
+            pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
             with torch.inference_mode():
-                self.decode_graphs.capture(pool=pool)
-                self.prefill_graphs.capture(pool=pool)
+                self.decode_graphs.capture(pool=pool, stream=stream)
+                self.prefill_graphs.capture(pool=pool, stream=stream)
 
     # -- interface -------------------------------------------------------------------------------
     @property
@@ -210,8 +211,10 @@ class CausalEngine(StageEngine[CausalRequestT]):
         parts, order = [], []
         work = {"prefill_flops": 0.0, "prefill_s": 0.0, "decode_flops": 0.0, "decode_s": 0.0, "graph_steps": 0.0}
         n = decode_rows[-1] + 1 if decode_rows else 0  # slots 0..n-1; waiting rows among them are inactive
+        timer = self._timer
+        timer.reset()
         if decode_rows:
-            t0 = time.perf_counter()
+            timer.start("decode_s")
             positions = [slots[i].position for i in decode_rows]
             out, replayed, rows = self._decode(n, max(positions) + 1, mode)  # the span: no device sync
             parts.append(out[:n])
@@ -219,17 +222,18 @@ class CausalEngine(StageEngine[CausalRequestT]):
             work["graph_steps"], work["bucket"] = float(replayed), float(rows)
             for i in decode_rows:
                 slots[i].position += 1
-            work["decode_s"] = time.perf_counter() - t0
+            timer.stop("decode_s")
         if prefill_rows:
-            t0 = time.perf_counter()
+            timer.start("prefill_s")
             all_lengths: list[int] = []
             for chunk in self._prefill_chunks(prefill_rows):
                 parts.append(self._prefill(chunk, mode, all_lengths))
                 order += chunk
             work["prefill_flops"] = prefill_flops(self.shape, all_lengths)
-            work["prefill_s"] = time.perf_counter() - t0
-        self._work = work
+            timer.stop("prefill_s")
         tokens = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the step's one device-to-host copy
+        work.update(timer.seconds())  # after that copy: on CUDA the parts' events have completed
+        self._work = work
         return decode_rows + order, [tokens[i] for i in decode_rows] + tokens[n:]
 
     def _decode(self, n: int, span: int, mode: SampleMode) -> tuple[torch.Tensor, bool, int]:
@@ -280,7 +284,8 @@ class CausalEngine(StageEngine[CausalRequestT]):
 
     def _prefill_padded(self, chunk: list[int], ids: np.ndarray, lengths: list[int], mode: SampleMode):
         """The fixed-shape prefill: the chunk's prompts in the static buffers, padded to a captured
-        (rows, length); padding rows repeat row 0 (same slot, same prompt: their writes change nothing)."""
+        (rows, length); padding rows repeat row 0 (same slot, same prompt: their writes change nothing).
+        -> the chunk's tokens, in a tensor of their own"""
         r = len(chunk)
         shape = (fit(self.row_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
         assert self.prefill_graphs is not None, "the fixed-shape path has prefill graphs"
@@ -290,7 +295,9 @@ class CausalEngine(StageEngine[CausalRequestT]):
         self._pf_rows[: shape[0]].copy_(torch.tensor([*chunk, *(chunk[0] for _ in pad)]))
         self._pf_len[: shape[0]].copy_(torch.tensor([*lengths, *(lengths[0] for _ in pad)]))
         out, _ = self.prefill_graphs.run(shape, mode)
-        return out[:r]
+        # A copy: a replay writes the graph's one static output, so the next chunk of this step with the same
+        # shape would overwrite these tokens before the step reads them (one tiny kernel).
+        return out[:r].clone()
 
     def _prefill_fixed(self, shape: tuple[int, ...], mode: SampleMode) -> torch.Tensor:
         """The fixed-shape prefill a graph captures: rows 0..r-1 of the static prompt buffers, every

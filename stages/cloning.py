@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -214,6 +215,39 @@ def load_encodec(ckpt: Checkpoint, device: torch.device) -> Any:
     return load_module(lambda: EncodecModel(config), state, torch.float32, device, on_meta=False)
 
 
+class _ExactConvolutions:
+    """cuDNN convolutions in full float32 while any thread is inside (``with EXACT_CONVOLUTIONS:``).
+
+    On CUDA cuDNN runs float32 convolutions in TF32 by default (a 10-bit mantissa), and EnCodec's codeword
+    search then picks other codes near ties, as in half precision (``load_encodec``): a voice cloned on a GPU
+    differed from the same clip cloned on a CPU. The setting is process-wide and the voice encoder clones in
+    several threads at once (``asyncio.to_thread``), so ``torch.backends.cudnn.flags`` (save, set, restore on
+    exit) could restore TF32 under another thread's encode: here the first thread in turns it off and the last
+    one out restores it. Every other cuDNN setting is left alone; matmuls keep torch's default (no TF32). No
+    effect off CUDA."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._saved = True
+
+    def __enter__(self) -> None:
+        with self._lock:
+            if self._inside == 0:
+                self._saved = torch.backends.cudnn.allow_tf32
+                torch.backends.cudnn.allow_tf32 = False
+            self._inside += 1
+
+    def __exit__(self, *exc) -> None:
+        with self._lock:
+            self._inside -= 1
+            if self._inside == 0:
+                torch.backends.cudnn.allow_tf32 = self._saved
+
+
+EXACT_CONVOLUTIONS = _ExactConvolutions()
+
+
 def coarse_frames(n_semantic: int, spec: BarkSpec) -> int:
     """Coarse frames Bark's generate_coarse pairs with ``n_semantic`` tokens: floor(n * 75 / 49.9)."""
     return int(np.floor(n_semantic * spec.semantic_to_coarse_ratio / spec.n_coarse_codebooks))
@@ -293,7 +327,8 @@ class VoiceCloner:
         features = self.hubert(x16, output_hidden_states=True).hidden_states[HUBERT_HIDDEN_STATE]  # (1, T_h, D)
         tokens = self.quantizer.tokens(features.float())[0]  # (T_h,)
         x24 = torch.from_numpy(wav24)[None, None].to(self.device)  # (1, 1, N24)
-        codes = self.codec.encode(x24, bandwidth=ENCODEC_BANDWIDTH).audio_codes[0, 0]  # (8, T_e)
+        with EXACT_CONVOLUTIONS:
+            codes = self.codec.encode(x24, bandwidth=ENCODEC_BANDWIDTH).audio_codes[0, 0]  # (8, T_e)
         return tokens.cpu().numpy().astype(np.int64), codes.cpu().numpy().astype(np.int64)
 
     def sizes(self) -> dict[str, int]:

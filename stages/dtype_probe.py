@@ -6,6 +6,13 @@ matmul of a transformer block's shape (``rows x hidden`` by ``hidden x 4*hidden`
 candidate dtype and picks the highest rate. The result is cached per host (device name, torch
 version and thread count) in a small JSON file, so later replicas on the same machine skip the
 measurement. An explicit dtype in the config is an override: nothing is measured then.
+
+On a CUDA device that runs bfloat16 natively (compute capability 8.0 and later) bfloat16 is preferred, not
+raced: float16 is not a candidate there, and float32 is picked only if it measured more than
+``PREFER_MARGIN`` faster. A GEMM this small times launch and sync latency as much as the kernel, so on an
+H200 bfloat16 and float16 measured within 2% of each other, and which one a host cached was a coin flip;
+pure float16 has far less range than Bark's reference (bfloat16 autocast) and was never run. On older GPUs
+(float16 tensor cores, bfloat16 emulated) the probe still decides between float32, float16 and bfloat16.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ log = logging.getLogger(__name__)
 PROBE_ROWS, PROBE_HIDDEN = 256, 768
 PROBE_SECONDS = 0.15  # per dtype
 CACHE_ENV = "BARK_DTYPE_PROBE_CACHE"  # a file path, or "off" to measure every time
+PREFER_MARGIN = 1.10  # another candidate must measure this much faster than the preferred dtype to be picked
 
 
 @dataclass(frozen=True)
@@ -40,11 +48,29 @@ class DtypeChoice:
 
 
 def candidates(device: str) -> list[str]:
-    """float32 always; bfloat16 where the device can run it; float16 on CUDA."""
+    """float32 always; bfloat16 where the device can run it; float16 on a CUDA device without native bfloat16."""
     if device.startswith("cuda"):
+        if preferred(device) == "bfloat16":
+            return ["float32", "bfloat16"]
         out = ["float32", "float16"]
         return out + ["bfloat16"] if torch.cuda.is_bf16_supported() else out
     return ["float32", "bfloat16"]
+
+
+def preferred(device: str) -> str | None:
+    """The dtype ``auto`` keeps unless another measures ``PREFER_MARGIN`` faster: bfloat16 on a CUDA device that
+    runs it natively (Bark's reference precision, with float32's range); None (the fastest wins) elsewhere."""
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported(including_emulation=False):
+        return "bfloat16"
+    return None
+
+
+def pick(rates: dict[str, float], prefer: str | None = None) -> str:
+    """The fastest of ``rates``; ``prefer`` unless the fastest beats it by more than ``PREFER_MARGIN``."""
+    best = max(rates, key=rates.__getitem__)
+    if prefer in rates and rates[best] <= rates[prefer] * PREFER_MARGIN:
+        return prefer
+    return best
 
 
 def gemm_rate(dtype: str, device: str, seconds: float = PROBE_SECONDS, clock: Callable[[], float] = time.perf_counter,
@@ -69,7 +95,8 @@ def gemm_rate(dtype: str, device: str, seconds: float = PROBE_SECONDS, clock: Ca
 
 def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cache_file: Path | None = None,
                  ) -> DtypeChoice:
-    """The candidate with the highest measured rate (read from the host cache when it has this key)."""
+    """The candidate with the highest measured rate, or the preferred dtype within ``PREFER_MARGIN`` of it
+    (``pick``; read from the host cache when it has this key)."""
     key = host_key(device)
     path = cache_file if cache_file is not None else default_cache_file()
     with _locked(path):  # replicas starting together: the first measures, the others read its choice
@@ -78,7 +105,7 @@ def choose_dtype(device: str, rate: Callable[[str, str], float] = gemm_rate, cac
             hit = cache[key]
             return DtypeChoice(hit["dtype"], dict(hit.get("tflops", {})), cached=True)
         rates = {name: rate(name, device) for name in candidates(device)}
-        best = max(rates, key=rates.__getitem__)
+        best = pick(rates, preferred(device))
         if path:
             _write(path, {**cache, key: {"dtype": best, "tflops": rates}})
     return DtypeChoice(best, rates, cached=False)

@@ -14,6 +14,7 @@ import ctypes
 import logging
 import os
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -45,8 +46,8 @@ class EngineOptions:
     # forward (bigger chunks add no GEMM efficiency there); on CUDA, no limit.
     max_forward_tokens: int | None = None
     # Fixed-shape steps replayed as CUDA graphs (stages/graphs.py): "auto" (on for CUDA, off on CPU),
-    # "on" (on CPU: the same fixed-shape path, run eagerly) or "off"; and the batch sizes captured
-    # (empty: the defaults up to ``capacity``).
+    # "on" (on CPU: the same fixed-shape path, run eagerly) or "off", always off with cpu_offload; and
+    # the batch sizes captured (empty: the defaults up to ``capacity``).
     cuda_graphs: str = "auto"
     graph_buckets: tuple[int, ...] = ()
     # Pad small batches so that a row's logits, and so a seed's sampled tokens, do not depend on the rows
@@ -89,7 +90,8 @@ def resolve_device(name: str = "auto") -> str:
 
 
 def resolve_dtype(name: str, device: str, torch_threads: int | None = None, logger=None) -> str:
-    """'auto': the dtype whose GEMM measured fastest on this host (stages/dtype_probe.py); else ``name``.
+    """'auto': the dtype whose GEMM measured fastest on this host, bfloat16 on a GPU that runs it natively
+    unless float32 measured much faster (stages/dtype_probe.py); else ``name``.
 
     ``torch_threads`` is the thread count the engine will run with: the probe measures with it. The
     choice and the measured rates are logged at INFO on ``logger`` (a replica passes its own).
@@ -158,6 +160,50 @@ def tune_cpu_malloc() -> bool:
     return _MALLOC_TUNED
 
 
+class PartTimer:
+    """Seconds a step spends on its named parts (a causal step's decode and prefill).
+
+    On CPU the wall clock: every op is done when it returns. On CUDA a launch returns long before the GPU has
+    run it, and the next blocking host-to-device copy waits for all that is queued, so wall-clock parts book
+    one part's GPU time to the next (the decode's to the prefill's). There each part is bracketed by CUDA
+    events on the current stream, and ``seconds`` reads them once the step has synchronised with the device
+    (its one device-to-host copy): a part then runs, on the GPU, from the end of the work queued before it to
+    its own end. The events are made once per part and recorded again every step.
+    """
+
+    def __init__(self, device: torch.device, event: Callable[[], object] | None = None):
+        self.cuda = device.type == "cuda"
+        self._event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self._events: dict[str, tuple] = {}
+        self._marks: dict[str, list] = {}
+
+    def reset(self) -> None:
+        """Forget the parts started so far (a step that failed midway leaves its marks)."""
+        self._marks = {}
+
+    def start(self, name: str) -> None:
+        self._marks[name] = [self._mark(name, 0), None]
+
+    def stop(self, name: str) -> None:
+        self._marks[name][1] = self._mark(name, 1)
+
+    def _mark(self, name: str, end: int):
+        if not self.cuda:
+            return time.perf_counter()
+        if name not in self._events:
+            self._events[name] = (self._event(), self._event())
+        event = self._events[name][end]
+        event.record()
+        return event
+
+    def seconds(self) -> dict[str, float]:
+        """Each part timed since the last call, in seconds; on CUDA only after the step's work has completed."""
+        marks, self._marks = self._marks, {}
+        if not self.cuda:
+            return {name: end - start for name, (start, end) in marks.items()}
+        return {name: start.elapsed_time(end) / 1000.0 for name, (start, end) in marks.items()}
+
+
 class StageEngine(abc.ABC, Generic[RequestT]):
     """A stage that batches the requests it holds (of its own request type, ``RequestT``)."""
 
@@ -187,6 +233,22 @@ class StageEngine(abc.ABC, Generic[RequestT]):
         threads = range(1, (self.options.torch_threads or torch.get_num_threads()) + 1) \
             if self.options.shared_threads and self.device.type == "cpu" else ()
         return apply_row_floor(model, max_rows, threads)
+
+    def _device_sync(self) -> None:
+        """Wait until the engine's device has run what this step queued (on CUDA; nothing on CPU, where every
+        op is done when it returns). A step that launches its GPU work without reading a result back calls
+        this before timing itself: otherwise its ``step_s`` is launch time, and the GPU time lands on whoever
+        synchronises next (an ``admit``'s host-to-device copy, on the replica's event loop)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+
+    def probe_device(self) -> None:
+        """Raise if the engine's device can no longer run work (the serving loop asks after a failed step, in
+        the step thread). A device-side assert, an illegal memory access or a launch failure is sticky on CUDA:
+        every later call of the process fails, so the replica must be replaced. Nothing to probe on CPU."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.zeros(1, device=self.device).add_(1).item()
 
     def forward_token_budget(self, hidden: int) -> int:
         """Rows one forward may hold (see ``EngineOptions.max_forward_tokens``)."""

@@ -141,6 +141,7 @@ class FineEngine(StageEngine[FineRequest]):
         results = [res for job in jobs if (res := self._advance(job)) is not None]
         self.jobs = [j for j in jobs if j.window < len(j.plan.windows)]
         frames = float(sum(win - w.fill_from for w in windows))
+        self._device_sync()  # the pass's tokens are written back on the device: nothing above waited for it
         step_s = time.perf_counter() - t0
         self._record({"batch": float(len(jobs)), "tokens": frames, "step_s": step_s, "decode_only_steps": 1.0,
                       "decode_only_s": step_s, "graph_steps": float(replayed), "bucket": float(self._bucket(len(jobs))),

@@ -120,11 +120,19 @@ def dispatched_ops(fn: Callable[[], object]) -> collections.Counter[str]:
 
 
 def use_graphs(setting: str, device: torch.device, cpu_offload: bool = False) -> bool:
-    """``cuda_graphs``: on, off, or auto (on for CUDA; off on CPU, where nothing is launched per kernel,
-    and with CPU offload, whose per-forward weight copies a graph cannot hold)."""
+    """``cuda_graphs``: on, off, or auto (on for CUDA; off on CPU, where nothing is launched per kernel).
+
+    Always off with CPU offload, "on" included (with a warning): the offloaded weights are meta tensors
+    that accelerate's hooks fill per forward, which a graph cannot hold and the fine stage's stacked heads
+    cannot be built from (every fine pass failed), and a static whole-length KV cache would defeat the
+    point of offloading."""
     if setting not in ("auto", "on", "off"):
         raise ValueError(f"cuda_graphs must be auto, on or off, got {setting!r}")
-    return setting == "on" or (setting == "auto" and device.type == "cuda" and not cpu_offload)
+    if cpu_offload:
+        if setting == "on":
+            log.warning("cuda_graphs: on is ignored with cpu_offload: steps run eagerly")
+        return False
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
 class StepGraphs:
@@ -143,19 +151,22 @@ class StepGraphs:
         """One shape per combination of the axes' sizes (rows x span, rows x length)."""
         return cls(fn, itertools.product(*axes), device, name)
 
-    def capture(self, modes: Iterable[SampleMode] = tuple(SampleMode), pool=None) -> None:
-        """Warm up and capture every (shape, mode) graph into ``pool`` (a new one by default). CUDA only."""
+    def capture(self, modes: Iterable[SampleMode] = tuple(SampleMode), pool=None, stream=None) -> None:
+        """Warm up and capture every (shape, mode) graph into ``pool`` (a new one by default) on ``stream`` (a
+        new side stream by default). CUDA only. Captures that share a pool must share the stream too: the
+        caching allocator reuses a freed block only on the stream that freed it (``torch.cuda.graph``'s docs)."""
         if self.device.type != "cuda":
             return
         try:
-            self._capture(tuple(modes), pool if pool is not None else torch.cuda.graph_pool_handle())
+            self._capture(tuple(modes), pool if pool is not None else torch.cuda.graph_pool_handle(),
+                          stream if stream is not None else torch.cuda.Stream(self.device))
         except Exception as exc:  # a replica that cannot capture still serves, eagerly; say so loudly
             self.graphs.clear()
             self.error = f"{type(exc).__name__}: {exc}"
             log.warning("CUDA graph capture failed (%s), steps run eagerly: %s", self.name, self.error,
                         exc_info=True)
 
-    def _capture(self, modes: tuple[SampleMode, ...], pool) -> None:
+    def _capture(self, modes: tuple[SampleMode, ...], pool, stream) -> None:
         t0 = time.perf_counter()
         torch.cuda.synchronize(self.device)
         # Every capture starts by emptying the allocator's cache (torch.cuda.graph does): measured from a full
@@ -163,7 +174,6 @@ class StepGraphs:
         # transformers runs had left their blocks cached).
         torch.cuda.empty_cache()
         before = torch.cuda.memory_reserved(self.device)
-        stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.inference_mode(), torch.cuda.stream(stream):
             for shape in self.shapes:

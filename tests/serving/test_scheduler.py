@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import types
 
 import numpy as np
 import pytest
 
-from bark_serve.serving.scheduler import QueueFull, StageError, StageScheduler
+from bark_serve.serving.scheduler import QueueFull, ReplicaPoisoned, StageError, StageScheduler
 from bark_serve.stages.engine import EngineOptions
 from bark_serve.stages.pipeline import BarkPipeline
 from bark_serve.stages.types import EngineResult, InvalidRequestError, SamplingParams, SemanticRequest
@@ -196,3 +197,116 @@ def test_an_isolated_request_runs_alone_and_in_its_turn():
     first_s = batches.index(["s"])
     assert all("b0" not in b and "b1" not in b for b in batches[:first_s])  # nothing jumped ahead of it
     assert ["b0", "b1"] in batches[first_s + 2:]
+
+
+class StickyCudaError(CountingEngine):
+    """A fake engine whose device broke: every step raises as a sticky CUDA error does. Records the step thread."""
+
+    def __init__(self, capacity=1):
+        super().__init__(capacity)
+        self.step_threads = set()
+
+    def step(self):
+        self.step_threads.add(threading.get_ident())
+        time.sleep(0.002)
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+
+def test_a_failed_step_on_an_unusable_device_poisons_the_replica():
+    """A sticky CUDA error fails every later step and admit of the process. After a failed step the scheduler
+    probes the device in the step thread; if the probe fails too it admits nothing more: the requests waiting
+    and those that come later fail at once with ReplicaPoisoned (a StageError that the stage calls retry and
+    the API answers 503 + Retry-After), and the replica's health check fails, so Serve replaces it. Before,
+    the replica failed every request ("could not admit") and stayed healthy."""
+    from bark_serve.serving.stage_server import StageServer
+
+    async def main():
+        probed = []
+
+        def probe():
+            probed.append(threading.get_ident())
+            raise RuntimeError("CUDA error: device-side assert triggered")
+
+        eng = StickyCudaError(capacity=1)
+        sched = StageScheduler(eng, batch_wait_s=0.01, probe=probe)
+        server = types.SimpleNamespace(stage="fake", scheduler=sched)
+        await StageServer.func_or_class.check_health(server)  # healthy until the device breaks
+        held = asyncio.create_task(sched.submit(Req("held", 3)))
+        queued = asyncio.create_task(sched.submit(Req("queued", 1)))  # capacity 1: it waits its turn
+        with pytest.raises(StageError, match="device-side assert") as failed:
+            await held
+        assert not isinstance(failed.value, ReplicaPoisoned)  # it was in the step that broke: not retried
+        with pytest.raises(ReplicaPoisoned):
+            await queued
+        with pytest.raises(ReplicaPoisoned, match="unusable"):
+            await sched.submit(Req("later", 1))
+        with pytest.raises(RuntimeError, match="device unusable"):
+            await StageServer.func_or_class.check_health(server)
+        assert not await StageServer.func_or_class.ready(server)
+        await sched.stop()
+        return eng, probed
+
+    eng, probed = run(main())
+    assert eng.admitted == ["held"] and len(probed) == 1 and set(probed) == eng.step_threads
+
+
+def test_a_failed_step_on_a_working_device_only_fails_its_requests():
+    async def main():
+        probed = []
+        eng = CountingEngine(capacity=4, fail_step_when="boom")
+        sched = StageScheduler(eng, batch_wait_s=0.01, probe=lambda: probed.append(True))
+        with pytest.raises(StageError, match="boom"):
+            await sched.submit(Req("boom", 1))
+        after = await sched.submit(Req("after", 1))
+        await sched.stop()
+        return probed, after.output, sched.poisoned
+
+    assert run(main()) == ([True], "AFTER", None)
+
+
+def test_the_device_probe_runs_on_cuda_only(monkeypatch):
+    """Engines probe their device with a sync and a tiny op, which raises after a sticky CUDA error; on CPU
+    there is nothing to probe."""
+    import torch
+
+    from bark_serve.stages.engine import StageEngine
+
+    def broken(device=None):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    StageEngine.probe_device(types.SimpleNamespace(device=torch.device("cpu")))
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        StageEngine.probe_device(types.SimpleNamespace(device=torch.device("cuda")))
+
+
+def test_a_poisoned_replicas_refusal_is_retried_and_answered_503():
+    """The stage call sends a refused request again (not isolated: it ran nowhere); if the retries meet the
+    poisoned replica every time, the client gets 503 with Retry-After, not a 500."""
+    from bark_serve.serving.errors import to_api_error
+    from bark_serve.serving.stage_calls import retrying_call
+
+    calls = []
+
+    class Run:
+        def __init__(self, refusals):
+            self.refusals = refusals
+
+        async def remote(self, request, priority, isolated):
+            calls.append(isolated)
+            if len(calls) <= self.refusals:
+                raise ReplicaPoisoned("fake replica's device is unusable")
+            return "ok"
+
+    def handles(refusals):
+        calls.clear()
+        return {"fake": types.SimpleNamespace(run=Run(refusals))}
+
+    req = Req("r")
+    assert run(retrying_call(handles(1), backoff_s=(0.0,))("fake", req, "interactive")) == "ok"
+    assert calls == [False, False]
+    with pytest.raises(ReplicaPoisoned) as refused:
+        run(retrying_call(handles(5), retries=2, backoff_s=(0.0,))("fake", req, "interactive"))
+    assert calls == [False, False, False]
+    answer = to_api_error(refused.value, retry_after=3)
+    assert answer.status == 503 and answer.retry_after == 3

@@ -377,6 +377,37 @@ def test_clone_batch_equals_one_by_one(cloner):
         cloner.clone_batch([clips[0], (np.full(24_000, np.inf, dtype=np.float32), 24_000)])
 
 
+def test_encodec_encodes_without_tf32_convolutions(cloner, monkeypatch):
+    """On CUDA cuDNN runs float32 convolutions in TF32 by default, and the codeword search then flips codes near
+    ties: a voice cloned on a GPU differed from the same clip cloned on a CPU. The encode runs with cuDNN's TF32
+    off, and the setting is as it was afterwards."""
+    encode, seen = cloner.codec.encode, []
+
+    def spy(*args, **kwargs):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled))
+        return encode(*args, **kwargs)
+
+    before = (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(cloner.codec, "encode", spy)
+    cloner.clone(speechlike(2.0, 24_000, 7), 24_000)
+    assert seen == [(False, before[1])]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cudnn.enabled, torch.backends.cudnn.benchmark) == before
+
+
+def test_overlapping_encodes_keep_tf32_off_until_the_last_one_ends():
+    """Clones run in several threads at once: one encode ending must not turn TF32 back on under another."""
+    from bark_serve.stages.cloning import EXACT_CONVOLUTIONS
+
+    before = torch.backends.cudnn.allow_tf32
+    first, second = EXACT_CONVOLUTIONS, EXACT_CONVOLUTIONS
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    assert torch.backends.cudnn.allow_tf32 is False
+    second.__exit__(None, None, None)
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
 def test_clone_refuses_bad_samples(cloner):
     with pytest.raises(InvalidRequestError, match="NaN"):
         cloner.clone(np.full(24_000, np.nan, dtype=np.float32), 24_000)

@@ -101,3 +101,47 @@ def test_processes_starting_together_measure_once_and_agree(tmp_path):
         t.join()
     assert len({c.dtype for c in picked}) == 1 and len(calls) == len(P.candidates("cpu"))
     assert sum(not c.cached for c in picked) == 1
+
+
+def _gpu(monkeypatch, native_bf16: bool) -> None:
+    """A CUDA device as the probe sees it, without one: its name, and whether it runs bfloat16 natively."""
+    monkeypatch.setattr(P.torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(P.torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def _rates(**tflops: float):
+    asked: list[str] = []
+
+    def rate(name: str, device: str) -> float:
+        asked.append(name)
+        return tflops[name]
+
+    return rate, asked
+
+
+def test_a_gpu_with_native_bfloat16_keeps_it_unless_float32_is_much_faster(tmp_path, monkeypatch):
+    """On the H200 bfloat16 and float16 measured 63 and 62 TFLOP/s: whichever a host cached first was a coin
+    flip, and pure float16 (little range, never run) could serve. There bfloat16 is preferred: float16 is not
+    even measured, and float32 must beat bfloat16 by more than PREFER_MARGIN."""
+    _gpu(monkeypatch, native_bf16=True)
+    rate, asked = _rates(float32=24.0, float16=62.5, bfloat16=62.0)
+    choice = P.choose_dtype("cuda", rate=rate, cache_file=tmp_path / "a.json")
+    assert choice.dtype == "bfloat16" and sorted(asked) == ["bfloat16", "float32"]
+    noisy, _ = _rates(float32=62.0 * P.PREFER_MARGIN, bfloat16=62.0)  # within the margin: still bfloat16
+    assert P.choose_dtype("cuda", rate=noisy, cache_file=tmp_path / "b.json").dtype == "bfloat16"
+    slow, _ = _rates(float32=24.0, bfloat16=5.0)  # a broken bfloat16 path is still ruled out
+    assert P.choose_dtype("cuda", rate=slow, cache_file=tmp_path / "c.json").dtype == "float32"
+    cache = tmp_path / "d.json"  # a float16 cached before is measured over
+    cache.write_text(json.dumps({P.host_key("cuda"): {"dtype": "float16", "tflops": {}}}))
+    again, _ = _rates(float32=24.0, bfloat16=62.0)
+    assert P.choose_dtype("cuda", rate=again, cache_file=cache).dtype == "bfloat16"
+
+
+def test_a_gpu_without_native_bfloat16_takes_the_fastest(tmp_path, monkeypatch):
+    """Older GPUs (float16 tensor cores, bfloat16 emulated): the probe decides, as before."""
+    _gpu(monkeypatch, native_bf16=False)
+    assert P.preferred("cuda") is None and P.candidates("cuda") == ["float32", "float16", "bfloat16"]
+    rate, _ = _rates(float32=14.0, float16=112.0, bfloat16=3.0)
+    assert P.choose_dtype("cuda", rate=rate, cache_file=tmp_path / "probe.json").dtype == "float16"
+    assert P.preferred("cpu") is None  # CPUs: the fastest, whatever it is (test above)

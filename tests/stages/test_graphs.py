@@ -11,18 +11,25 @@ These tests check that this path is exact (its engines batch-invariant, stages/i
 - requests that join and leave mid-flight (the bucket growing and shrinking under them) get the
   tokens they get alone, in the semantic, coarse and fine engines;
 - a cancelled request frees its slot, and the next request in it is unaffected;
+- every step here returns its graph's one output tensor, overwritten by the next run of that graph, as a
+  replay does on CUDA (tests/stages/conftest.py's ``replay_outputs``): prefill chunks of one shape keep
+  their own tokens;
+- the CUDA-only pieces a CPU run can reach: graphs off with cpu_offload, a fine step's device sync, the
+  causal steps' part timing by CUDA events;
 - the pieces: bucket and span choice, the cuda_graphs setting, the sampler's modes and the pre-drawn uniforms.
 """
 
 from __future__ import annotations
 
 import functools
+import time
+import types
 
 import numpy as np
 import pytest
 import torch
 
-from bark_serve.stages.engine import EngineOptions
+from bark_serve.stages.engine import EngineOptions, PartTimer
 from bark_serve.stages.graphs import (
     DEFAULT_BUCKETS,
     StepGraphs,
@@ -104,6 +111,13 @@ def gemv(tiny_ckpt, preset_dir):
     for stage in ("semantic", "coarse"):
         pipe.engines[stage].model.gemv_decode = True
     return pipe
+
+
+@pytest.fixture(autouse=True)
+def _replayed(replay_outputs):
+    """Every fixed-shape step here returns its graph's one output tensor, overwritten by the graph's next run,
+    as a replay on CUDA does (tests/stages/conftest.py)."""
+    return replay_outputs
 
 
 @pytest.fixture(autouse=True)
@@ -329,6 +343,92 @@ def test_fine_joins_on_the_fixed_path(fixed, fixed3, eager, sampling, join_every
             np.testing.assert_array_equal(out[r.request_id], _alone(eager.engines["fine"], r))
 
 
+# -- prefill chunks --------------------------------------------------------------------------------------
+def test_prefill_chunks_of_one_shape_keep_their_own_tokens(tiny_ckpt, replay_outputs):
+    """With ``max_forward_tokens`` set one step's prefill runs in chunks, and chunks of one shape replay one
+    graph, whose output the next replay overwrites: each chunk keeps its own tokens (before, every request
+    of a step's chunks got the last chunk's first token on CUDA, while its decode went on from its own)."""
+    ckpt = Checkpoint.open(tiny_ckpt)
+    reqs = [SemanticRequest(f"r{i}", (np.arange(3 + 7 * i) * (i + 3)) % 50, sampling=sampling, max_new_tokens=6,
+                            seed=i) for i, sampling in enumerate([GREEDY, SAMPLED, GREEDY, SAMPLED])]
+
+    def tokens(**options):
+        eng = load_engines(ckpt, EngineOptions(capacity=4, graph_buckets=(1, 2, 4), batch_invariant=True,
+                                               **options), ("semantic",))["semantic"]
+        return [res.output.tolist() for res in eng.run(reqs)]
+
+    eager = tokens()
+    assert len({out[0] for out in eager}) > 1  # the requests' first tokens differ: a mix-up shows
+    replay_outputs.runs.clear()
+    assert tokens(cuda_graphs="on", max_forward_tokens=257) == eager  # a semantic prompt is 257: one row a chunk
+    prefills = [run for run in replay_outputs.runs if run[0] == "semantic prefill"]
+    assert len(prefills) == len(reqs) and len(set(prefills)) < len(prefills)  # chunks replayed one graph
+    assert tokens(cuda_graphs="on") == eager
+
+
+# -- a fine step ends when its device work does -----------------------------------------------------------
+@pytest.mark.parametrize("path", ["eager", "fixed"])
+def test_a_fine_step_waits_for_its_device_work(request, path, monkeypatch):
+    """A fine pass reads nothing back unless a request finishes, so on CUDA its step returned with the pass in
+    flight: ``step_s`` was launch time and the next ``admit`` (on the replica's event loop) waited for the GPU.
+    Every step now ends with ``_device_sync``, before it times itself."""
+    eng = request.getfixturevalue(path).engines["fine"]
+    steps_before = eng.totals.get("steps", 0.0)
+    synced_at: list[float] = []  # steps recorded when each sync ran
+    monkeypatch.setattr(eng, "_device_sync", lambda: synced_at.append(eng.totals.get("steps", 0.0)))
+    rng = np.random.default_rng(6)
+    reqs = [FineRequest(f"s{i}", rng.integers(0, 1024, (2, n)).astype(np.int32), None, SamplingParams(0.5), seed=i)
+            for i, n in enumerate([100, 700])]
+    assert all(res.ok for res in eng.run(reqs))
+    steps = int(eng.totals["steps"] - steps_before)
+    assert steps > 1 and synced_at == [steps_before + i for i in range(steps)]  # once a step, before its record
+
+
+def test_device_sync_waits_for_the_stream_on_cuda_only(monkeypatch):
+    from bark_serve.stages.engine import StageEngine
+
+    synced = []
+
+    class Stream:
+        def synchronize(self):
+            synced.append(True)
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    StageEngine._device_sync(types.SimpleNamespace(device=torch.device("cpu")))
+    assert synced == []
+    StageEngine._device_sync(types.SimpleNamespace(device=torch.device("cuda")))
+    assert synced == [True]
+
+
+def test_decode_and_prefill_times_come_from_cuda_events_on_cuda(tiny_ckpt):
+    """On CUDA a causal step's parts are timed by CUDA events, read after the step's one device-to-host copy:
+    by the wall clock the decode took its launch time only and its GPU time went to the prefill, whose first
+    host-to-device copy waited for it. A fake event (its elapsed time: its wall-clock span plus one second)
+    stands in for CUDA's here: the parts come from the events, under the keys the benchmark reads."""
+
+    class Event:
+        def record(self):
+            self.t = time.perf_counter()
+
+        def elapsed_time(self, end) -> float:  # milliseconds, as CUDA's
+            return (end.t - self.t) * 1e3 + 1e3
+
+    eng = load_engines(Checkpoint.open(tiny_ckpt), EngineOptions(capacity=2), ("semantic",))["semantic"]
+    eng._timer = PartTimer(torch.device("cuda"), event=Event)
+    eng.admit(SemanticRequest("a", np.arange(5), max_new_tokens=4))
+    eng.step()  # a's prefill alone
+    first = dict(eng.last_step)
+    eng.admit(SemanticRequest("b", np.arange(7), max_new_tokens=4))
+    eng.step()  # a's decode and b's prefill
+    mixed = dict(eng.last_step)
+    while eng.num_active:
+        eng.step()
+    assert first["decode_s"] == 0.0 and first["prefill_s"] > 1.0 and first["decode_only_steps"] == 0.0
+    assert mixed["decode_s"] > 1.0 and mixed["prefill_s"] > 1.0
+    assert eng.last_step["decode_s"] > 1.0 and eng.last_step["prefill_s"] == 0.0  # decode only
+    assert eng.totals["decode_s"] > 3.0 and set(mixed) >= {"decode_s", "prefill_s", "decode_flops", "prefill_flops"}
+
+
 # -- cancel frees the slot ---------------------------------------------------------------------------
 def _causal_requests(pipe, stage: str):
     if stage == "semantic":
@@ -432,11 +532,30 @@ def test_use_graphs():
     assert not use_graphs("auto", cpu) and use_graphs("auto", cuda)
     assert use_graphs("on", cpu) and use_graphs("on", cuda)
     assert not use_graphs("off", cpu) and not use_graphs("off", cuda)
-    assert not use_graphs("auto", cuda, cpu_offload=True)  # offload copies weights per forward: no graphs
-    assert use_graphs("on", cuda, cpu_offload=True)  # asked for: tried, and a failed capture falls back
+    for setting in ("auto", "on"):  # offload copies weights per forward: no graphs, even when asked for
+        assert not use_graphs(setting, cuda, cpu_offload=True) and not use_graphs(setting, cpu, cpu_offload=True)
     for bad in ("true", "ON", "", "1"):
         with pytest.raises(ValueError, match="cuda_graphs"):
             use_graphs(bad, cpu)
+
+
+def test_cuda_graphs_on_with_cpu_offload_runs_eagerly(tiny_ckpt, caplog):
+    """``cuda_graphs: on`` with ``cpu_offload``: the offloaded weights are meta tensors between forwards, so the
+    fine stage's stacked heads could not be built and every fine pass failed; now every stage runs its eager
+    steps (and the causal stages keep a cache sized to their requests, not a static one), with a warning."""
+    with caplog.at_level("WARNING", logger="bark_serve.stages.graphs"):
+        engines = load_engines(Checkpoint.open(tiny_ckpt), EngineOptions(capacity=2, cuda_graphs="on",
+                                                                          cpu_offload=True))
+    fine = engines["fine"]
+    rng = np.random.default_rng(5)
+    [res] = fine.run([FineRequest("f", rng.integers(0, 1024, (2, 30)).astype(np.int32))])
+    assert res.ok, res.error
+    assert res.output.shape == (8, 30)
+    assert fine.graphs is None and fine.graph_stats() is None
+    assert "ignored with cpu_offload" in caplog.text
+    for stage in ("semantic", "coarse"):
+        eng = engines[stage]
+        assert eng.decode_graphs is None and not eng.cache.static
 
 
 def _rows(*params: SamplingParams) -> RowSampling:
