@@ -92,7 +92,9 @@ def register(sub) -> None:
                         "e.g. semantic=1,coarse=2,fine=2,codec=1 (default: the profile's; local-cpu: shared)")
     p.add_argument("--profile", default=None, help="config profile of the served app (default local-cpu, or "
                                                    "single-gpu with --device cuda)")
-    p.add_argument("--dtype", default="auto", help="dtype of (2)-(4); auto: the faster GEMM peak of this machine")
+    p.add_argument("--dtype", default="auto",
+                   help="dtype of (2)-(4); auto: as the engines choose, from this run's GEMM peaks (bfloat16 on a GPU "
+                        "with native bfloat16, else the fastest)")
     p.add_argument("--offline-requests", type=int, default=16,
                    help="items of the dataset and /v1/batches runs, configuration (5)")
     p.add_argument("--skip", default="", help="comma list of hf,engines,served,offline")
@@ -196,7 +198,7 @@ def _bench(args) -> dict:
     work = Workload(mix=f"fixed-{args.semantic_tokens}" if args.semantic_tokens else args.mix, seed=args.seed)
     _log(f"measuring GEMM peaks on {device}")
     peaks = gemm_peaks(device, size=8192 if device.startswith("cuda") else 2048, seconds=args.gemm_seconds)
-    dtype = args.dtype if args.dtype != "auto" else max(peaks, key=peaks.__getitem__)
+    dtype = args.dtype if args.dtype != "auto" else auto_dtype(peaks, device)
     report: dict[str, Any] = {"machine": _machine(device, torch),
               "gemm_peak_tflops": {k: round(v, 4) for k, v in peaks.items()}, "dtype": dtype, "device": device,
               "workload": {"model": model, **work.describe()}, "runs": []}
@@ -250,6 +252,15 @@ def _bench(args) -> dict:
     report["ratios"] = _ratios(runs)
     report["floors"] = _floors(report)
     return report
+
+
+def auto_dtype(peaks: dict[str, float], device: str) -> str:
+    """``--dtype auto``: the engines' rule (stages/dtype_probe.py: among the device's candidates, bfloat16 on a
+    GPU that runs it natively unless float32 measures over 10% faster, else the fastest), applied to the
+    bench's own, larger GEMM peaks."""
+    from bark_serve.stages.dtype_probe import candidates, pick, preferred
+
+    return pick({k: v for k, v in peaks.items() if k in candidates(device)}, preferred(device))
 
 
 def _reusable_runs(path: str, report: dict) -> list[dict]:

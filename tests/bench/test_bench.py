@@ -254,6 +254,20 @@ def test_a_deadline_skips_runs_that_would_end_past_it():
     assert Deadline(None, [], clock=lambda: now[0]).fits("anything", 1e9)
 
 
+def test_dtype_auto_follows_the_engines_rule(monkeypatch):
+    """CPU: the faster measured peak. A GPU with native bfloat16: bfloat16, even where float16 measured a little
+    faster (the engines never run float16 there), unless float32 beats it by more than 10%."""
+    import torch
+
+    from bark_serve.bench.cli import auto_dtype
+
+    assert auto_dtype({"float32": 1.0, "bfloat16": 0.5}, "cpu") == "float32"
+    assert auto_dtype({"float32": 1.0, "bfloat16": 3.0}, "cpu") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert auto_dtype({"float32": 51.0, "bfloat16": 778.0, "float16": 790.0}, "cuda") == "bfloat16"
+    assert auto_dtype({"float32": 900.0, "bfloat16": 778.0, "float16": 790.0}, "cuda") == "float32"
+
+
 def test_per_stage_values_parse_with_a_default():
     import argparse
 
