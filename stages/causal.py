@@ -65,9 +65,12 @@ class CausalEngine(StageEngine[CausalRequestT]):
         self.max_len = min(max_len, model.block_size)
         self.fixed_shape = use_graphs(options.cuda_graphs, self.device, options.cpu_offload)
         # eager: empty until requests come, reserve() sizes it to the held requests' reach; fixed shape:
-        # every slot at max_len from the start (a graph holds its address)
-        self.cache = _new_cache(model, options.capacity, self.max_len, self.dtype, self.device, self.fixed_shape)
-        self.table = SlotTable(options.capacity, max_steps, self.device)
+        # every slot at max_len from the start (a graph holds its address), and one more slot than the
+        # capacity, never admitted or decoded: a padded prefill's padding rows write there (``_prefill_padded``)
+        self.scratch = options.capacity if self.fixed_shape else None
+        n_slots = options.capacity + (1 if self.fixed_shape else 0)
+        self.cache = _new_cache(model, n_slots, self.max_len, self.dtype, self.device, self.fixed_shape)
+        self.table = SlotTable(n_slots, max_steps, self.device)
         self.slots: list[Slot[CausalRequestT, Any]] = []
         self._ready: list[EngineResult] = []
         self.shape = Shape.of(model)
@@ -284,7 +287,10 @@ class CausalEngine(StageEngine[CausalRequestT]):
 
     def _prefill_padded(self, chunk: list[int], ids: np.ndarray, lengths: list[int], mode: SampleMode):
         """The fixed-shape prefill: the chunk's prompts in the static buffers, padded to a captured
-        (rows, length); padding rows repeat row 0 (same slot, same prompt: their writes change nothing).
+        (rows, length). Padding rows repeat row 0's prompt into the scratch slot (one past the capacity, never
+        decoded): had they written row 0's own slot, its cache and table rows would each get two writes of one
+        index, and on CUDA which one lands is undefined (and the GEMMs need not give identical rows identical
+        bits), so the token decoding went on from could differ from the one the host recorded.
         -> the chunk's tokens, in a tensor of their own"""
         r = len(chunk)
         shape = (fit(self.row_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
@@ -292,7 +298,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
         pad = [0] * (shape[0] - r)
         self._pf_ids[: shape[0]].zero_()
         self._pf_ids[: shape[0], : ids.shape[1]].copy_(torch.from_numpy(ids[list(range(r)) + pad]))
-        self._pf_rows[: shape[0]].copy_(torch.tensor([*chunk, *(chunk[0] for _ in pad)]))
+        self._pf_rows[: shape[0]].copy_(torch.tensor([*chunk, *(self.scratch for _ in pad)]))
         self._pf_len[: shape[0]].copy_(torch.tensor([*lengths, *(lengths[0] for _ in pad)]))
         out, _ = self.prefill_graphs.run(shape, mode)
         # A copy: a replay writes the graph's one static output, so the next chunk of this step with the same

@@ -162,7 +162,8 @@ def test_auto_is_eager_on_cpu_and_on_is_the_fixed_shape_path(eager, fixed, fixed
         eng = fixed.engines[stage]
         assert eager.engines[stage].decode_graphs is None and eager.engines[stage].prefill_graphs is None
         assert not eager.engines[stage].cache.static
-        assert eng.cache.static and eng.cache.n_slots == 8 and eng.cache.length == eng.max_len
+        # max_batch slots and the scratch slot a padded prefill's padding rows write (never decoded)
+        assert eng.cache.static and eng.cache.n_slots == 9 and eng.scratch == 8 and eng.cache.length == eng.max_len
         assert eng.spans[-1] == eng.max_len  # every decode span fits a captured one
 
 
@@ -364,6 +365,32 @@ def test_prefill_chunks_of_one_shape_keep_their_own_tokens(tiny_ckpt, replay_out
     prefills = [run for run in replay_outputs.runs if run[0] == "semantic prefill"]
     assert len(prefills) == len(reqs) and len(set(prefills)) < len(prefills)  # chunks replayed one graph
     assert tokens(cuda_graphs="on") == eager
+
+
+# -- padded prefills write no decoded row twice ---------------------------------------------------------
+def test_a_padded_prefills_padding_rows_write_the_scratch_slot(tiny_ckpt, monkeypatch):
+    """Three prompts in a bucket of four: the padding row goes to the scratch slot, so every row a step
+    writes is written once (two writes of one index in one index_put_ are undefined on CUDA, and identical
+    rows of a GEMM need not get identical bits there: the decoded token could differ from the recorded one)."""
+    from bark_serve.stages.graphs import StepGraphs
+
+    ckpt = Checkpoint.open(tiny_ckpt)
+    eng = load_engines(ckpt, EngineOptions(capacity=4, graph_buckets=(1, 2, 4), cuda_graphs="on", batch_invariant=True),
+                       ("semantic",))["semantic"]
+    seen = []
+    run = StepGraphs.run
+
+    def spy(self, shape, mode):
+        if self is eng.prefill_graphs:
+            seen.append(eng._pf_rows[: shape[0]].tolist())
+        return run(self, shape, mode)
+
+    monkeypatch.setattr(StepGraphs, "run", spy)
+    reqs = [SemanticRequest(f"r{i}", np.arange(5 + i) % 50, max_new_tokens=4, seed=i) for i in range(3)]
+    single = load_engines(ckpt, EngineOptions(capacity=1, batch_invariant=True), ("semantic",))["semantic"]
+    alone = [single.run([r])[0].output.tolist() for r in reqs]
+    assert [res.output.tolist() for res in eng.run(reqs)] == alone
+    assert len(seen) == 1 and sorted(seen[0][:3]) == [0, 1, 2] and seen[0][3] == eng.scratch == 4
 
 
 # -- a fine step ends when its device work does -----------------------------------------------------------
