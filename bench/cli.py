@@ -446,8 +446,6 @@ class Deadline:
     ``skipped`` (then ``on_skip()``). No deadline, or no estimate (None), always fits."""
 
     def __init__(self, seconds: float | None, skipped: list, on_skip=lambda: None, clock=None):
-        import time
-
         self.clock = clock or time.monotonic
         self.seconds, self.skipped, self.on_skip, self.start = seconds, skipped, on_skip, self.clock()
 
