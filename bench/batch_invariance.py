@@ -6,8 +6,10 @@ Prints one JSON object (progress on stderr):
   ``--fork-size``, tiny by default) run four at a time and then each alone; how many took other tokens
   beside others than alone, with the option off and on, and the first token where each did.
 - ``steps``: the semantic engine's decode step (a random checkpoint of ``--size``, bark-small's shapes by
-  default) at batch 1 and at the probed row floor, with the option off and on: median ms over ``--steps``.
-- ``floors``: the row floor each causal engine probed (stages/invariance.py).
+  default) at batch 1 and at the probed row floor (at the engines' capacity, 16, where the invariant engines
+  run one shape per step kind), with the option off and on: median ms over ``--steps``.
+- ``floors``: the row floor each causal engine probed (stages/invariance.py); ``single_shape``: whether it
+  keeps the option by one shape per step kind instead (CUDA's fixed-shape path, ``single_shape_for``).
 - ``floors_by_threads`` (CPU): the semantic model's row floor probed at each torch thread count from 1 to
   the bench's, and over all of them (``shared``: what a ``torch_threads: shared`` replica pads to).
 
@@ -93,6 +95,7 @@ def decode_steps(pipe, device: str, invariant: bool, batches: list[int], steps: 
         for slot in list(eng.slots):
             eng.cancel(slot.request.request_id)
         out.append({"batch_invariant": invariant, "batch": batch, "row_floor": eng.row_floor,
+                    "single_shape": eng.single_shape,
                     "median_ms": round(1000 * statistics.median(times), 3), "steps": steps})
     return out
 
@@ -127,7 +130,10 @@ def run(args) -> dict[str, Any]:
         pipe = _pipeline(small, device, invariant, capacity=FLOOR_CAP)
         if invariant:
             report["floors"] = {stage: pipe.engines[stage].row_floor for stage in ("semantic", "coarse")}
-            batches = sorted({1, report["floors"]["semantic"] or 1})
+            report["single_shape"] = {stage: pipe.engines[stage].single_shape for stage in ("semantic", "coarse")}
+            # one-shape engines (CUDA's fixed-shape path) compute every decode at their capacity: time that too
+            second = FLOOR_CAP if report["single_shape"]["semantic"] else report["floors"]["semantic"]
+            batches = sorted({1, second or 1})
             if device == "cpu":
                 report["floors_by_threads"] = floors_by_threads(pipe.engines["semantic"].model, FLOOR_CAP)
         _log(f"decode steps of {small}, batches {batches}, batch_invariant {invariant}")

@@ -15,7 +15,7 @@ from ray import serve
 
 from bark_serve.cluster.cores import CoreBudget, host_cores
 from bark_serve.cluster.placement import ray_placement
-from bark_serve.stages.engine import EngineOptions, device_report, resolve_device, resolve_dtype
+from bark_serve.stages.engine import EngineOptions, device_report, invariance_summary, resolve_device, resolve_dtype
 from bark_serve.stages.types import InvalidRequestError, Priority, StageRequest
 
 from .config import BarkConfig, StageConfig, parse_config
@@ -112,9 +112,7 @@ class StageServer:
         metrics.device(device, self.device_report)
         log.info("%s placed: %s", stage, _describe(device))
         if scfg.batch_invariant:
-            floor = getattr(self.engine, "row_floor", None)
-            log.info("%s batch_invariant: %s", stage, f"batches under {floor} rows padded to {floor}" if floor
-                     else "no padding gives this device batch-invariant GEMMs; sampled tokens may depend on the batch")
+            log.info("%s batch_invariant: %s", stage, invariance_summary(self.engine))
         log.info("%s ready: capacity %d, %s on %s, %s", stage, scfg.max_batch, self.engine.dtype, self.engine.device,
                  "eager steps" if graphs is None else
                  f"{graphs['cuda_graphs']} CUDA graphs captured in {graphs['capture_s']:.2f} s, "

@@ -25,7 +25,7 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 import torch
 
-from .engine import EngineOptions, PartTimer, StageEngine
+from .engine import EngineOptions, PartTimer, StageEngine, single_shape_for
 from .flops import Shape, decode_flops, prefill_flops
 from .graphs import StepGraphs, buckets_for, fit, spans_for, use_graphs
 from .modeling import CausalLM, SlotKVCache
@@ -61,9 +61,11 @@ class CausalEngine(StageEngine[CausalRequestT]):
     def __init__(self, options: EngineOptions, model: CausalLM, max_len: int, max_steps: int):
         super().__init__(options)
         self.model = model
-        self.row_floor = self._batch_invariant(model, max(buckets_for(options.capacity, options.graph_buckets)))
         self.max_len = min(max_len, model.block_size)
         self.fixed_shape = use_graphs(options.cuda_graphs, self.device, options.cpu_offload)
+        self.single_shape = single_shape_for(options, self.device, self.fixed_shape)
+        if not self.single_shape:  # one shape per step kind needs no padding floor
+            self.row_floor = self._batch_invariant(model, max(buckets_for(options.capacity, options.graph_buckets)))
         # eager: empty until requests come, reserve() sizes it to the held requests' reach; fixed shape:
         # every slot at max_len from the start (a graph holds its address), and one more slot than the
         # capacity, never admitted or decoded: a padded prefill's padding rows write there (``_prefill_padded``)
@@ -83,18 +85,29 @@ class CausalEngine(StageEngine[CausalRequestT]):
 
     def _fixed_shapes(self, options: EngineOptions) -> None:
         """Static prompt buffers, the shapes a step is padded to, and (on CUDA) their captured graphs:
-        decode rows x span, prefill rows x prompt length, every sample mode, in one memory pool."""
+        decode rows x span, prefill rows x prompt length, every sample mode, in one memory pool. With
+        ``single_shape`` one of each: every decode at ``capacity`` rows over the whole reach, every prefill one
+        prompt at the longest length (``batch_invariant`` on CUDA: a row then meets the same kernels whatever
+        else is held; a lone request pays a full-batch decode, which on a GPU costs about what one row does)."""
         shortest, longest, width = self._prompt_bounds()
         cap = options.capacity
-        self.row_buckets = buckets_for(cap, options.graph_buckets)
-        self.spans = spans_for(shortest + 1, self.max_len)
-        self.prompt_lengths = spans_for(shortest, longest)
+        self.row_buckets: tuple[int, ...]
+        self.prefill_buckets: tuple[int, ...]
+        self.spans: tuple[int, ...]
+        self.prompt_lengths: tuple[int, ...]
+        if self.single_shape:
+            self.row_buckets, self.prefill_buckets = (cap,), (1,)
+            self.spans, self.prompt_lengths = (self.max_len,), (longest,)
+        else:
+            self.row_buckets = self.prefill_buckets = buckets_for(cap, options.graph_buckets)
+            self.spans = spans_for(shortest + 1, self.max_len)
+            self.prompt_lengths = spans_for(shortest, longest)
         self._pf_ids = torch.zeros((cap, width), dtype=torch.long, device=self.device)
         self._pf_rows = torch.zeros((cap,), dtype=torch.long, device=self.device)
         self._pf_len = torch.full((cap,), longest, dtype=torch.long, device=self.device)
         self.decode_graphs = StepGraphs.grid(self._decode_fixed, [self.row_buckets, self.spans], self.device,
                                              f"{self.name} decode")
-        self.prefill_graphs = StepGraphs.grid(self._prefill_fixed, [self.row_buckets, self.prompt_lengths],
+        self.prefill_graphs = StepGraphs.grid(self._prefill_fixed, [self.prefill_buckets, self.prompt_lengths],
                                               self.device, f"{self.name} prefill")
         if self.device.type == "cuda":  # one pool, so one capture stream (StepGraphs.capture)
             pool, stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(self.device)
@@ -161,7 +174,8 @@ class CausalEngine(StageEngine[CausalRequestT]):
             return None
         d, p = self.decode_graphs.stats(), self.prefill_graphs.stats()
         out = {"cuda_graphs": d["cuda_graphs"] + p["cuda_graphs"], "decode": d, "prefill": p,
-               "row_buckets": list(self.row_buckets), "spans": list(self.spans),
+               "row_buckets": list(self.row_buckets), "prefill_buckets": list(self.prefill_buckets),
+               "spans": list(self.spans), "single_shape": self.single_shape,
                "prompt_lengths": list(self.prompt_lengths), "capture_s": round(d["capture_s"] + p["capture_s"], 4),
                "graph_bytes": d["graph_bytes"] + p["graph_bytes"]}
         return out
@@ -293,7 +307,7 @@ class CausalEngine(StageEngine[CausalRequestT]):
         bits), so the token decoding went on from could differ from the one the host recorded.
         -> the chunk's tokens, in a tensor of their own"""
         r = len(chunk)
-        shape = (fit(self.row_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
+        shape = (fit(self.prefill_buckets, r) or r, fit(self.prompt_lengths, max(lengths)) or max(lengths))
         assert self.prefill_graphs is not None, "the fixed-shape path has prefill graphs"
         pad = [0] * (shape[0] - r)
         self._pf_ids[: shape[0]].zero_()
@@ -319,7 +333,10 @@ class CausalEngine(StageEngine[CausalRequestT]):
         return tokens
 
     def _prefill_chunks(self, rows: list[int]) -> list[list[int]]:
-        """Split waiting slots into prefills of at most ``max_forward_tokens`` padded rows each."""
+        """Split waiting slots into prefills of at most ``max_forward_tokens`` padded rows each (one prompt each
+        with ``single_shape``)."""
+        if self.single_shape:
+            return [[i] for i in rows]
         budget = self.forward_token_budget(self.shape.hidden)
         length = {i: self._prompt_length(self.slots[i]) for i in rows}
         chunks: list[list[int]] = []

@@ -54,6 +54,11 @@ class EngineOptions:
     # it shares a step with (stages/invariance.py); costs a lone request its GEMV speed. Off: the same
     # tokens except where a draw falls within rounding of a token boundary (rare, see invariance.py).
     batch_invariant: bool = False
+    # With batch_invariant on the fixed-shape path: run every step of a kind at one shape (decodes at
+    # ``capacity`` rows over the whole reach, prefills one prompt at a time at the longest length, fine
+    # passes at ``capacity`` windows) instead of probing for a row floor. None: on CUDA, where the GEMM
+    # and attention kernels change with the shape in ways no padding floor covers (``single_shape_for``).
+    single_shape: bool | None = None
     # The replica runs each CPU step on the cores it is lent then, 1 to ``torch_threads`` (``torch_threads:
     # shared``, cluster/cores.py): batch_invariant's probe then runs at each of those thread counts.
     shared_threads: bool = False
@@ -81,6 +86,29 @@ def device_report(device: str) -> dict:
         out.update(index=index, name=torch.cuda.get_device_name(index), free_bytes=free, total_bytes=total,
                    allocated_bytes=torch.cuda.memory_allocated(index), reserved_bytes=torch.cuda.memory_reserved(index))
     return out
+
+
+def single_shape_for(options: EngineOptions, device: torch.device, fixed_shape: bool) -> bool:
+    """Whether ``batch_invariant`` is kept by giving every step of a kind one shape (True) rather than by
+    padding small GEMMs to a probed row floor (stages/invariance.py). Only on the fixed-shape path (there the
+    shapes are the engine's to choose); by default on CUDA: there the decode attention is two cuBLAS batched
+    GEMMs (``modeling.decode_attention``) whose kernels, like the prefill's attention split, follow the row
+    count and span, which a floor for the linear layers does not cover; with one shape per step kind each
+    row is computed by the same kernels whatever else is held."""
+    if not (options.batch_invariant and fixed_shape):
+        return False
+    return options.single_shape if options.single_shape is not None else device.type == "cuda"
+
+
+def invariance_summary(engine) -> str:
+    """How an engine keeps ``batch_invariant`` (the replica logs it at start)."""
+    if getattr(engine, "single_shape", False):
+        return (f"every step of a kind at one shape (decodes and fine passes at {engine.options.capacity} rows, "
+                "prefills one prompt at the longest length); no padding floor probed")
+    floor = getattr(engine, "row_floor", None)
+    if floor:
+        return f"batches under {floor} rows padded to {floor}"
+    return "no padding gives this device batch-invariant GEMMs; sampled tokens may depend on the batch"
 
 
 def resolve_device(name: str = "auto") -> str:
@@ -208,6 +236,8 @@ class StageEngine(abc.ABC, Generic[RequestT]):
     """A stage that batches the requests it holds (of its own request type, ``RequestT``)."""
 
     name: str = "stage"
+    row_floor: int | None = None  # batch_invariant's probed padding floor (stages/invariance.py), if any
+    single_shape: bool = False  # batch_invariant kept by one shape per step kind (``single_shape_for``)
 
     def __init__(self, options: EngineOptions):
         self.options = options
@@ -228,6 +258,10 @@ class StageEngine(abc.ABC, Generic[RequestT]):
         if self.options.cpu_offload:  # the weights live on the host: a probe there says nothing of the device
             log.warning("%s: batch_invariant is ignored with cpu_offload", self.name)
             return None
+        if self.device.type == "cuda":
+            log.warning("%s: batch_invariant on CUDA holds only on the fixed-shape path (cuda_graphs auto or on, "
+                        "single_shape): a floor for the linear layers leaves the decode attention's kernels free to "
+                        "change with the batch", self.name)
         from .invariance import apply_row_floor
 
         threads = range(1, (self.options.torch_threads or torch.get_num_threads()) + 1) \

@@ -29,7 +29,7 @@ import torch
 
 from . import tokens as T
 from .constants import BarkSpec
-from .engine import EngineOptions, StageEngine, check_int_array, load_for
+from .engine import EngineOptions, StageEngine, check_int_array, load_for, single_shape_for
 from .flops import Shape, fine_flops
 from .graphs import StepGraphs, buckets_for, fit, use_graphs
 from .modeling import FineLM, ModelConfig
@@ -65,14 +65,17 @@ class FineEngine(StageEngine[FineRequest]):
     def __init__(self, options: EngineOptions, model: FineLM, spec: BarkSpec):
         super().__init__(options)
         self.model, self.spec = model, spec
-        # a pass holds 1024 rows per request: only the attention changes (stages/invariance.py)
-        self.row_floor = self._batch_invariant(model, options.capacity)
+        fixed = use_graphs(options.cuda_graphs, self.device, options.cpu_offload)
+        self.single_shape = single_shape_for(options, self.device, fixed)  # every pass at capacity windows
+        if not self.single_shape:  # a pass holds 1024 rows per request: only the attention changes (invariance.py)
+            self.row_floor = self._batch_invariant(model, options.capacity)
         self.shape = Shape.of(model)
         self.jobs: list[_FineJob] = []
         self.graphs: StepGraphs | None = None
-        if use_graphs(options.cuda_graphs, self.device, options.cpu_offload):
+        if fixed:
             self._fixed_buffers(options.capacity)
-            self.row_buckets = buckets_for(options.capacity, options.graph_buckets)
+            self.row_buckets = (options.capacity,) if self.single_shape else \
+                buckets_for(options.capacity, options.graph_buckets)
             self.graphs = StepGraphs.grid(self._pass_fixed, [self.row_buckets], self.device, "fine pass")
             with torch.inference_mode():
                 self.graphs.capture()
@@ -97,7 +100,9 @@ class FineEngine(StageEngine[FineRequest]):
 
     def graph_stats(self) -> dict | None:
         """Captured graphs, capture seconds and graph memory (None when passes run eagerly)."""
-        return self.graphs.stats() if self.graphs is not None else None
+        if self.graphs is None:
+            return None
+        return {**self.graphs.stats(), "row_buckets": list(self.row_buckets), "single_shape": self.single_shape}
 
     def expected_steps(self, request: FineRequest) -> int:
         return int(request.coarse_codes.shape[-1])  # frames: its windows, and so its passes, grow with them

@@ -16,7 +16,9 @@ then pads fewer rows to it with zeros, and attention goes through SDPA's math ke
 lone request's speed (a bark-small decode step at batch 1 took 1.6x to 2x as long there); a step
 that already holds that many rows pays only the math attention (not measurable at 12 rows).
 Where no such floor exists up to ``FLOOR_CAP`` rows (a GPU library whose kernels change with every
-tile size), nothing is padded and the engine says so (``row_floor`` is None).
+tile size), nothing is padded and the engine says so (``row_floor`` is None). On CUDA's fixed-shape path
+none of this runs: the engines give every step of a kind one shape instead (``engine.single_shape_for``),
+because there the decode attention's batched GEMMs follow the row bucket and span too.
 
 The floor depends on the thread count too (on that EPYC: 4 rows with one thread, 12 with two, and a
 row of 5-7 or 9-11 rows gets other bits at one thread than at two). A replica with ``torch_threads:

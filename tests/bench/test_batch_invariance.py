@@ -18,6 +18,7 @@ def test_bench_prints_floors_steps_and_forks(tmp_path, monkeypatch, capsys):
     assert [p.name for p in tmp_path.iterdir()] == [f"bench-tiny-r{CHECKPOINT_REVISION}"]
     floor = report["floors"]["semantic"]
     assert isinstance(floor, int) and floor >= 1 and isinstance(report["floors"]["coarse"], int)
+    assert report["single_shape"] == {"semantic": False, "coarse": False}  # CPU, eager: the padding floor
     import torch
 
     by_threads = report["floors_by_threads"]  # each thread count, and all of them (torch_threads: shared)
