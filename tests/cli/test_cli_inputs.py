@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -72,10 +75,55 @@ def test_synth_refuses_what_it_cannot_do_before_loading_the_model(capsys, tmp_pa
     assert "is a directory" in one_line(capsys, "synth", "hi", "-o", tmp_path / "d.wav", *model)
     assert "--save-voice" in one_line(capsys, "synth", "hi", "-o", tmp_path / "a.wav", "--save-voice",
                                       tmp_path / "x" / "v.npz", *model)
-    if os.geteuid() != 0:  # root writes anywhere
-        locked = tmp_path / "locked"
-        locked.mkdir(mode=0o500)
-        assert "not writable" in one_line(capsys, "synth", "hi", "-o", locked / "a.wav", *model)
+
+
+def test_synth_refuses_an_output_folder_this_user_cannot_write(capsys, tmp_path):
+    """A folder the user may not write to. Root may write anywhere (CI runs as root), so the CLI runs in a forked
+    child that is ``nobody`` (as root) or this user (otherwise); its stderr comes back through a pipe."""
+    model = ["--model", str(tmp_path / "no-model-needed")]
+    # the same path up to the check, once here: the child imports nothing (as nobody it could not read /root)
+    assert "no such directory" in one_line(capsys, "synth", "hi", "-o", tmp_path / "x" / "a.wav", *model)
+    folder = Path(tempfile.mkdtemp(prefix="bark-locked-", dir="/tmp"))  # pytest's tmp_path is root-only (0700)
+    try:
+        folder.chmod(0o755)
+        locked = folder / "locked"
+        locked.mkdir(mode=0o555)
+        code, err = _in_child(["synth", "hi", "-o", str(locked / "a.wav"), *model], drop=os.geteuid() == 0)
+        assert code == 2, err
+        assert err.count("\n") == 1 and "not writable" in err and "Traceback" not in err, err
+        assert not (locked / "a.wav").exists()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _in_child(argv: list[str], drop: bool) -> tuple[int, str]:
+    """``main(argv)`` in a forked child (as ``nobody`` if ``drop``). -> (exit code, its stderr)"""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 99
+        try:
+            os.close(read)
+            sys.stderr = sys.stdout = os.fdopen(write, "w", buffering=1)
+            if drop:
+                os.setgroups([])
+                os.setgid(65534)
+                os.setuid(65534)
+            code = main(argv)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 98
+        except BaseException:
+            import traceback
+
+            traceback.print_exc()
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        err = pipe.read()
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), err
 
 
 def test_a_full_disk_after_synthesis_is_one_line(capsys, tiny_ckpt, tmp_path):

@@ -423,7 +423,7 @@ def test_auth_can_be_turned_off_explicitly():
     (["bark.codec.num_replicas=2", "pools.codec.maxReplicas=2", "bark.voice_cloning.pool=codec",
       "bark.voice_cloning.num_gpus=1", "bark.voice_cloning.num_replicas=2"],
      "up to 3 GPUs for CodecServer (2 replicas x num_gpus 0.5), VoiceEncoder (2 replicas x num_gpus 1)"),
-    (["bark.voice_cloning.pool=fine", "bark.voice_cloning.num_replicas=17"],
+    (["bark.voice_cloning.pool=fine", "bark.voice_cloning.num_gpus=0", "bark.voice_cloning.num_replicas=17"],
      "pools.fine has maxReplicas (1) x resourceUnits (16) = 16"),
 ])
 def test_misconfiguration_fails_with_a_clear_message(sets, message):

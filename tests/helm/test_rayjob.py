@@ -2,9 +2,9 @@
 KubeRay's CRD, each pool's worker group offers the resource its stage asks for, and the entrypoint is
 the command the README documents.
 
-Only the RayService CRD is in ../shared/kuberay. A RayJob's ``spec.rayClusterSpec`` is the same
-RayClusterSpec type as a RayService's ``spec.rayClusterConfig``, so it is validated against that
-part of the CRD; the RayJob's own fields are checked against KubeRay's v1 RayJobSpec field names.
+The whole RayJob spec is validated against KubeRay's RayJob CRD (../shared/kuberay/ray.io_rayjobs.yaml,
+beside the RayService CRD), and its ``spec.rayClusterSpec`` also against the RayService CRD's
+``rayClusterConfig`` (the same RayClusterSpec type, which the RayService's tests validate too).
 """
 
 from __future__ import annotations
@@ -141,12 +141,25 @@ def test_network_policy_lets_the_submitter_reach_the_dashboard():
     assert "dataset-submitter" not in yaml.safe_dump(plain)
 
 
-def test_submitter_pod_template_matches_the_rayjob_crd():
+def _rayjob_spec_schema() -> dict:
     crd_path = CRD.parent / "ray.io_rayjobs.yaml"
     if not crd_path.exists():
         pytest.skip(f"no RayJob CRD at {crd_path}")
     (v1,) = [v for v in yaml.safe_load(crd_path.read_text())["spec"]["versions"] if v["name"] == "v1"]
-    schema = v1["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["submitterPodTemplate"]
+    return v1["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+
+def test_the_whole_rayjob_spec_matches_the_rayjob_crd():
+    schema = _rayjob_spec_schema()
+    job, _ = rayjob(*JOB_SETS)
+    errors = list(jsonschema.Draft7Validator(schema).iter_errors(job["spec"]))
+    assert not errors, "\n".join(f"{'.'.join(map(str, e.path))}: {e.message}" for e in errors)
+    assert unknown_fields(job["spec"], schema) == []  # nothing the API server would prune
+    assert set(job["spec"]) <= set(schema["properties"])
+
+
+def test_submitter_pod_template_matches_the_rayjob_crd():
+    schema = _rayjob_spec_schema()["properties"]["submitterPodTemplate"]
     job, _ = rayjob(*JOB_SETS)
     template = job["spec"]["submitterPodTemplate"]
     errors = list(jsonschema.Draft7Validator(schema).iter_errors(template))

@@ -288,10 +288,13 @@ def test_metrics_are_exported_to_prometheus(served):
 def test_without_cloning_weights_adding_a_voice_is_a_503_and_everything_else_works(served):
     """Issue 23: e2e_config names cloning weights that do not exist. POST /v1/voices answers 503 naming what
     is missing, nothing is stored, the VoiceEncoder stays up, and speech (this module's every test) works."""
+    from tests.serving.e2e_helpers import replica_pids
     from tests.serving.test_voices_api import A as KEY_A
     from tests.serving.test_voices_api import add, custom, tones, wav
 
     url, _ = served
+    before = replica_pids()
+    assert any("VoiceEncoder" in name for name in before), before
     for _ in range(2):  # a failed load is remembered for a while: the second answer is the same, at once
         r = add(url, wav(tones(2.0)), "someone", headers=KEY_A)
         assert r.status_code == 503 and r.json()["error"]["code"] == "voice_cloning_unavailable", r.text
@@ -300,3 +303,4 @@ def test_without_cloning_weights_adding_a_voice_is_a_503_and_everything_else_wor
     ok = httpx.post(url + "/v1/tts", headers=AUTH, json={"text": "Still speaking.", "max_semantic_tokens": 4},
                     timeout=300)
     assert ok.status_code == 200 and ok.content[:4] == b"RIFF"
+    assert replica_pids() == before  # the VoiceEncoder (and every other replica) still the same process

@@ -10,11 +10,36 @@ from bark_serve.serving.config import BarkConfig, ConfigError, load_config, pars
 from bark_serve.serving.stage_server import engine_options, resolve_threads
 
 
+def _node(cpus: float, gpus: float, *pools: str) -> dict:
+    return {"CPU": cpus, "GPU": gpus, "memory": 1e11, **{f"bark_pool_{p}": 64.0 for p in pools}}
+
+
+# Each profile on the cluster it is written for (docs/CONFIGURATION.md), and on one it does not fit.
+PROFILE_CLUSTERS = {
+    "local-cpu": ([_node(2, 0, "semantic", "coarse", "fine", "codec")], [_node(0.5, 0, "semantic", "coarse", "fine",
+                                                                                "codec")], "CPU"),
+    "single-gpu": ([_node(16, 1, "semantic", "coarse", "fine", "codec", "voice")],
+                   [_node(16, 0.5, "semantic", "coarse", "fine", "codec", "voice")], "GPU"),
+    "pipelined-gpu": ([_node(4, 1, s) for s in ("semantic", "coarse", "fine", "codec")],
+                      [_node(16, 1, "semantic", "coarse", "fine", "codec")], "GPU"),
+}
+
+
 @pytest.mark.parametrize("name", ["local-cpu", "pipelined-gpu", "single-gpu"])
-def test_profiles_load(name):
+def test_profiles_load_and_place_on_the_cluster_they_are_written_for(name):
+    from bark_serve.serving.serve_config import placement_problems
+
     assert name in profiles()
     cfg = load_config(name)
-    assert {s: cfg.stage(s).pool for s in ("semantic", "coarse", "fine", "codec")}
+    stages = ("semantic", "coarse", "fine", "codec")
+    assert len({cfg.stage(s).pool for s in stages}) == 4  # every stage its own pool (the mission's layout)
+    fits, too_small, short_of = PROFILE_CLUSTERS[name]
+    assert placement_problems(cfg, fits) == []
+    problems = placement_problems(cfg, too_small)
+    assert problems and any("the cluster has" in p and short_of in p for p in problems), problems
+    if name != "local-cpu":  # the GPU profiles: every stage on a GPU share, the orchestrator on none
+        assert all(cfg.stage(s).num_gpus > 0 and cfg.stage(s).device == "cuda" for s in stages)
+        assert cfg.orchestrator.num_gpus == 0
 
 
 def test_torch_threads_auto_and_shared_start_from_every_core_of_the_process():
@@ -90,8 +115,10 @@ def test_placement_problems_name_the_deployment_its_ask_and_what_the_cluster_has
     assert any("deployment SemanticServer cannot be placed" in p and "CPU 64" in p and "CPU 2" in p for p in problems)
     gpu = parse_config({**load_config("local-cpu").model_dump(), "coarse": {"num_gpus": 1, "pool": "coarse"}})
     assert any("CoarseServer" in p and "GPU 1" in p for p in placement_problems(gpu, two_cores))
-    # two nodes: big enough together, and each replica fits one of them
-    assert placement_problems(load_config("local-cpu"), [{"CPU": 1.0, **two_cores[0]}, {"CPU": 1.0}]) == []
+    # two nodes: big enough together, and each replica fits one of them (but neither holds them all)
+    assert placement_problems(load_config("local-cpu"), [{**two_cores[0], "CPU": 1.0}, {"CPU": 1.0}]) == []
+    [short] = placement_problems(load_config("local-cpu"), [{**two_cores[0], "CPU": 1.0}])
+    assert "CPU in all" in short and "the cluster has 1" in short
 
 
 STAGE_POOLS = ("semantic", "coarse", "fine", "codec")

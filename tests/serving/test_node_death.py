@@ -87,14 +87,15 @@ def kill_busiest(cluster, nodes: list):
     return victim, held[victim.node_id]
 
 
-def tts(url: str, i: int) -> tuple[int, float]:
+def tts(url: str, i: int) -> tuple[int, float, str | None]:
+    """-> (status, when it was sent, its Retry-After header)"""
     t0 = time.monotonic()
     try:
         r = httpx.post(url + "/v1/tts", json={"text": f"Node death request {i}.", **OPTS, "seed": i}, headers=AUTH,
                        timeout=180)
-        return r.status_code, t0
+        return r.status_code, t0, r.headers.get("retry-after")
     except httpx.HTTPError:
-        return -1, t0  # a broken connection
+        return -1, t0, None  # a broken connection
 
 
 def test_a_worker_node_dies_under_load_and_during_a_batch_job(tiny_ckpt, tmp_path):
@@ -104,13 +105,16 @@ def test_a_worker_node_dies_under_load_and_during_a_batch_job(tiny_ckpt, tmp_pat
             assert tts(url, 0)[0] == 200
             # --- under interactive load --------------------------------------------------------------
             answers: list[tuple[int, float, float]] = []  # (status, started, finished)
+            refusals: list[str | None] = []  # each 503's Retry-After
             stop = threading.Event()
 
             def client(k: int):
                 i = k * 1000
                 while not stop.is_set():
-                    status, t0 = tts(url, i)
+                    status, t0, retry_after = tts(url, i)
                     answers.append((status, t0, time.monotonic()))
+                    if status == 503:
+                        refusals.append(retry_after)
                     i += 1
 
             threads = [threading.Thread(target=client, args=(k,)) for k in range(3)]
@@ -137,6 +141,7 @@ def test_a_worker_node_dies_under_load_and_during_a_batch_job(tiny_ckpt, tmp_pat
                   f"{recovered:.1f} s after the kill" if recovered is not None else "never recovered")
             assert recovered is not None, statuses
             assert set(statuses) <= {200, 503}, statuses  # retried or refused with Retry-After, never a 500
+            assert all(r is not None and int(r) >= 1 for r in refusals), refusals
             assert statuses[200] > len(in_flight) and in_flight.get(200, 0) >= 1
             # --- during a batch job (a replacement node joined, as an autoscaler would add one) ---------
             nodes.append(work_node(cluster))

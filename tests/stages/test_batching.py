@@ -191,6 +191,12 @@ def test_cpu_offload_gives_the_same_tokens(tiny_ckpt):
     a = plain.generate("Hello there.", "v2/en_speaker_0", params)[0]
     b = offload.generate("Hello there.", "v2/en_speaker_0", params)[0]
     np.testing.assert_array_equal(a.fine, b.fine)
+    # and the weights really were offloaded: accelerate's hooks hold them, the modules keep meta tensors
+    for stage in ("semantic", "coarse", "fine"):
+        model = offload.engines[stage].model
+        assert all(p.device.type == "meta" for p in model.parameters()), stage
+        assert any(getattr(getattr(m, "_hf_hook", None), "offload", False) for m in model.modules()), stage
+        assert all(p.device.type == "cpu" for p in plain.engines[stage].model.parameters()), stage
 
 
 def test_progress_callbacks_follow_the_stages(pipe):

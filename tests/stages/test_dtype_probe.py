@@ -77,9 +77,11 @@ def test_auto_measures_for_real_and_logs_the_rates(tmp_path, monkeypatch, caplog
     assert f"dtype auto -> {picked}" in caplog.text
 
 
-def test_processes_starting_together_measure_once_and_agree(tmp_path):
+def test_probes_starting_together_measure_once_and_agree(tmp_path):
     """Replicas of one run probing at once on a cold cache: the first measures, the others wait for its
-    choice, so noisy timings cannot give one stage float32 and another bfloat16."""
+    choice, so noisy timings cannot give one stage float32 and another bfloat16. Threads stand in for the
+    replicas' processes: the lock is an flock on a file each of them opens itself, which locks between the
+    open files of threads exactly as between processes."""
     import threading
     import time
 

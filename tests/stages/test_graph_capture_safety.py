@@ -43,16 +43,24 @@ def test_every_fixed_shape_step_is_capturable(engines, gemv):
 
 
 def test_capturable_steps_with_requests_held(engines):
-    """The same with live rows (sampled, filtered, mid-window), and the engines still finish them."""
+    """The same with live rows (sampled, filtered, mid-window): the guard then sees the steps' real sampling
+    parameters and positions. The checks run every step once and so advance the held rows past what the host
+    recorded (a CUDA replica captures at start, holding nothing); the requests are cancelled after, and the
+    engines serve the next ones as a fresh engine does."""
     sem, coarse = engines["semantic"], engines["coarse"]
     sampled = SamplingParams(temperature=0.7, top_k=5, top_p=0.9)
-    sem.admit(SemanticRequest("s", np.arange(5), sampling=sampled, max_new_tokens=4, seed=1))
-    coarse.admit(CoarseRequest("c", np.arange(30), sampling=sampled, seed=2))
-    for eng in (sem, coarse):
+    make = {"semantic": lambda rid: SemanticRequest(rid, np.arange(5), sampling=sampled, max_new_tokens=4, seed=1),
+            "coarse": lambda rid: CoarseRequest(rid, np.arange(30), sampling=sampled, seed=2)}
+    before = {name: engines[name].run([make[name]("before")])[0].output for name in make}
+    for name, eng in (("semantic", sem), ("coarse", coarse)):
+        eng.admit(make[name]("held"))
         eng.step()  # the prefill; then every captured step once, as a replay would run it
-        eng.decode_graphs.check_capturable()
-        eng.cancel(eng.slots[0].request.request_id)
-        assert eng.num_active == 0
+        for graphs in (eng.decode_graphs, eng.prefill_graphs):
+            assert graphs.check_capturable() == len(graphs.shapes) * len(SampleMode)
+        assert eng.cancel("held") and eng.num_active == 0
+        [after] = eng.run([make[name]("after")])
+        assert after.ok, after.error
+        np.testing.assert_array_equal(after.output, before[name])  # the checks left nothing behind
 
 
 def test_the_guard_catches_host_data_in_a_step():

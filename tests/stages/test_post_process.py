@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -109,17 +111,40 @@ def test_short_and_empty_segments_join():
 
 
 # -- loudness ----------------------------------------------------------------------------------------------------
+# The reference these tests measure against is not the code's own meter (loudness_lufs, which also picks the
+# gain, so an error in it would cancel out): BS.1770 calibrates its K-weighting so that a full-scale 997 Hz sine,
+# mono, reads -3.01 LUFS, so a 997 Hz sine of peak A reads 20 log10(A) - 3.01 LUFS.
+CAL_HZ = 997.0
+
+
+def sine_lufs(peak: float) -> float:
+    return 20 * math.log10(peak) - 3.01
+
+
+def gain_of(out: np.ndarray, x: np.ndarray) -> float:
+    """The one linear gain that made ``out`` from ``x`` (least squares; asserted to be a pure gain)."""
+    x64, out64 = x.astype(np.float64), out.astype(np.float64)
+    g = float(np.dot(out64, x64) / np.dot(x64, x64))
+    np.testing.assert_allclose(out64, g * x64, atol=1e-5 * max(g, 1.0))
+    return g
+
+
 @pytest.mark.parametrize("amp", [0.01, 0.05, 0.3])
 def test_loudness_reaches_the_target(amp):
-    out = join_segments([tone(1.0, amp=amp)], SR, PostProcess(trim_silence=False, target_lufs=-20.0))
-    assert loudness_lufs(out, SR) == pytest.approx(-20.0, abs=0.2)
+    x = tone(1.0, CAL_HZ, amp=amp)
+    out = join_segments([x], SR, PostProcess(trim_silence=False, target_lufs=-20.0))
+    assert sine_lufs(amp * gain_of(out, x)) == pytest.approx(-20.0, abs=0.2)
+    assert loudness_lufs(x, SR) == pytest.approx(sine_lufs(amp), abs=0.1)  # the meter itself, calibrated
 
 
 def test_one_gain_per_request_keeps_the_segments_relative_levels():
-    first, second = tone(1.0, amp=0.02), tone(1.0, amp=0.04)  # +6 dB
+    first, second = tone(1.0, CAL_HZ, amp=0.02), tone(1.0, CAL_HZ, amp=0.04)  # +6 dB
     out = join_segments([first, second], SR, PostProcess(trim_silence=False, crossfade_ms=0, target_lufs=-24.0))
     a, b = out[:len(first)], out[len(first):]
-    assert loudness_lufs(a, SR) == pytest.approx(-24.0, abs=0.2)
+    # the first segment sets the request's one gain (a stream cannot wait for the rest), the second keeps +6 dB
+    g = gain_of(a, first)
+    assert gain_of(b, second) == pytest.approx(g, rel=1e-6)
+    assert sine_lufs(0.02 * g) == pytest.approx(-24.0, abs=0.2)
     assert loudness_lufs(b, SR) - loudness_lufs(a, SR) == pytest.approx(6.02, abs=0.2)
 
 
@@ -139,7 +164,7 @@ def test_silence_and_near_silence_are_not_amplified():
 
 
 def test_short_segments_are_measured_looped():
-    assert loudness_lufs(tone(0.1), SR) == pytest.approx(loudness_lufs(tone(1.0), SR), abs=0.5)
+    assert loudness_lufs(tone(0.1, CAL_HZ), SR) == pytest.approx(sine_lufs(0.3), abs=0.5)
 
 
 # -- speed -------------------------------------------------------------------------------------------------------
