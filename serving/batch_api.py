@@ -7,7 +7,7 @@ Endpoints (mounted under ``/v1/batches``):
     object a line, blank lines skipped) or msgpack (``application/msgpack``: an
     array of item maps). Item fields: ``id`` (optional, default the 0-based
     line/array index), ``text``, ``voice``, ``seed``, ``format``
-    (wav|flac|pcm|mp3|opus, default wav), ``options`` (dict, passed through).
+    (wav|flac|pcm|mp3|opus|aac, default wav), ``options`` (dict, passed through).
     Idempotency: ``Idempotency-Key`` header (or ``?job_key=``) names the job:
     the same key returns the same job and adds only item ids it lacks; ids
     already there (queued, done or failed) are not enqueued again, and an id

@@ -99,7 +99,8 @@ class StageConfig(Placement):
     # up to max_batch, and max_batch itself
     graph_buckets: list[Annotated[int, Field(ge=1, le=512)]] = Field(default_factory=list, max_length=32)
     # a seed's sampled tokens bit for bit the same whatever requests share the batch (stages/invariance.py):
-    # small batches padded, attention through SDPA's math kernel; a lone request decodes slower
+    # on CPU small batches padded and attention through SDPA's math kernel; on CUDA's fixed-shape path every
+    # step of a kind at one shape (stages/engine.py, single_shape_for); a lone request decodes slower
     batch_invariant: bool = False
 
 

@@ -1,6 +1,6 @@
 {{/*
 The Ray Serve config (spec.serveConfigV2), the Go twin of
-cluster/serve_config.py:render_serve_config. tests/helm checks that both give
+serving/serve_config.py:render_serve_config. tests/helm checks that both give
 the same document for every value set; change them together.
 */}}
 
