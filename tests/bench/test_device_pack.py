@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -174,6 +175,7 @@ def device(pack, tmp_path_factory):
     res = subprocess.run(["bash", str(pack[0] / "install.sh"), str(target), str(REPO)], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr[-3000:]
+    assert f"compiled {target} in " in res.stdout, res.stdout  # bytecode made once, at install
     unpacked = sorted(str(p.relative_to(target)) for p in target.rglob("*"))  # before anything runs from it
     env = device_env(target, base)
     try:  # the device script's first step, there too
@@ -211,7 +213,13 @@ def test_the_pack_is_under_50_mib_and_holds_what_the_app_imports(pack, device):
     assert os.access(target / "ray/core/src/ray/gcs/gcs_server", os.X_OK)
     gone = ("ray/jars", "ray/dashboard/client", "ray/rllib", "ray/tune", "ray/train", "ray/llm", "av", "pedalboard")
     assert not [p for p in gone if (target / p).exists()]
-    assert not [p for p in unpacked if "__pycache__" in p or p.endswith((".pyc", "/RECORD")) or "/tests/" in p]
+    with tarfile.open(out / "site.tar.xz") as archive:  # the pack carries no bytecode; install.sh makes it there
+        packed = archive.getnames()
+    assert "ray/serve/__init__.py" in packed
+    assert not [p for p in packed if "__pycache__" in p or p.endswith((".pyc", "/RECORD")) or "/tests/" in p]
+    assert not [p for p in unpacked if p.endswith("/RECORD") or "/tests/" in p]
+    tag = sys.implementation.cache_tag
+    assert {f"ray/__pycache__/__init__.{tag}.pyc", f"ray/serve/__pycache__/api.{tag}.pyc"} <= set(unpacked)
     # install.sh links the folders that pyproject.toml installs as bark_serve.*
     mapped = re.findall(r'^"bark_serve\.(\w+)" = "(\w+)"$', (REPO / "pyproject.toml").read_text(), re.M)
     assert [a for a, b in mapped if a == b] == list(device_pack.PACKAGES)
