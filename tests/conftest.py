@@ -17,13 +17,15 @@ def voices_dir() -> Path:
     return SHARED_VOICES if (SHARED_VOICES / "v2").is_dir() else TEST_VOICES
 
 
-# The longest test modules (measured by .ci/run's --durations on 2 cores), run first: .ci/run hands whole modules
-# to two pytest-xdist workers in collection order, and a long module taken last leaves one worker idle.
+# The longest work units (a module, or the SHARED_APP group: "shared-app"), by their mean time over three fresh-clone
+# CI runs on 2 cores (2026-12-07/08), run first: .ci/run hands whole units to two pytest-xdist workers in this
+# order, and a long unit taken last leaves one worker idle.
 LONGEST_FIRST = (
-    "tests/test_readme.py", "tests/bench/test_bench.py", "tests/bench/test_device_pack.py",
-    "tests/serving/test_playground.py", "tests/cli/test_up_unplaced.py", "tests/offline/test_cli.py",
-    "tests/offline/test_dataset.py", "tests/serving/test_ray_client.py", "tests/serving/test_hostile_input.py",
-    "tests/serving/test_node_death.py", "tests/serving/test_overload.py", "tests/cli/test_synth_cli.py",
+    "tests/offline/test_dataset.py", "tests/bench/test_bench.py", "shared-app", "tests/offline/test_cli.py",
+    "tests/test_readme.py", "tests/serving/test_playground.py", "tests/bench/test_device_pack.py",
+    "tests/serving/test_hostile_input.py", "tests/serving/test_ray_client.py", "tests/cli/test_up_unplaced.py",
+    "tests/serving/test_overload.py", "tests/serving/test_batch_e2e.py", "tests/cli/test_synth_cli.py",
+    "tests/serving/test_node_death.py",
 )
 
 # Modules whose tests share one running app (tests/serving/conftest.py's ``served``: the default e2e config,
